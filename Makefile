@@ -1,0 +1,38 @@
+# The two commands of the README: `make run` (the whole pipeline on the embedded default) and `make test`.
+# Both go through `make setup`, which builds .venv from requirements/lock.txt with uv (about 30 s).
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+# uv must see the local CPU torch wheel, or it resolves torch to the multi-GB CUDA build.
+FIND_LINKS := $(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS),)
+UV := $(VENV)/bin/uv
+
+export DS_ACCELERATOR ?= cpu
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export DO_NOT_TRACK ?= 1
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup run test lock clean-venv
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements/lock.txt pyproject.toml
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q uv==0.13.9
+	$(UV) pip install --python $(PY) $(FIND_LINKS) --compile-bytecode -q -r requirements/lock.txt
+	$(UV) pip install --python $(PY) --no-deps --compile-bytecode -q -e .
+	touch $@
+
+run: setup
+	$(VENV)/bin/dvc repro
+
+test: setup
+	$(PY) -m pytest -q
+
+lock:
+	uv pip compile --python-version 3.11 $(FIND_LINKS) requirements/requirements.in -o requirements/lock.txt
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,267 @@
+"""Typed configuration: one dataclass per section of `params.yaml`, and one loader.
+
+The same classes serve the CLI (`--set section.key=value` overrides), `dvc.yaml` (which reads `params.yaml`)
+and the Python API (`load_params()` or constructing a section directly). Validation is pydantic's: an unknown
+key, a wrong type or an impossible value fails with a message naming the file, the section and the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import ConfigDict, Field, ValidationError, model_validator
+from pydantic.dataclasses import dataclass
+
+_STRICT = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown, of the wrong type or impossible."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sections
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(config=_STRICT)
+class ModelConfig:
+    """Which backbone VPG-C is attached to, and where VPG-C reads and writes."""
+
+    preset: str = "tiny"
+    """A preset name (`tiny`, `vicuna-7b`, `llama2-7b`, `opt-2.7b`) or a local Hugging Face BLIP-2/InstructBLIP dir."""
+    backbone_dir: str | None = "data/backbone"
+    """Directory holding the backbone's weights and tokenizer. For `tiny` it is written by the base stage."""
+    update_layer: int | None = None
+    """LLM layer whose input VPG-C corrects; None means L/2 (16 for the 32-layer 7B LLMs)."""
+    template: Literal["vicuna", "llama2"] | None = None
+    """Chat template; None takes the preset's default."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    def __post_init__(self) -> None:
+        if self.update_layer is not None and self.update_layer < 1:
+            raise ValueError("update_layer must be >= 1 (VPG-C reads the output of at least one LLM layer)")
+
+
+@dataclass(config=_STRICT)
+class WorldConfig:
+    """The embedded procedural world: the source image-caption corpus and held-out scenes for evaluation."""
+
+    out: str = "data/source"
+    n: int = Field(default=1200, ge=1)
+    seed: int = 0
+    image_size: int = Field(default=64, ge=16, le=1024)
+    heldout_seed: int = 10_000
+    """Held-out scenes (benchmarks, base-model evaluation) are drawn from seeds that training never sees."""
+
+    @model_validator(mode="after")
+    def _heldout_is_disjoint(self) -> "WorldConfig":
+        # Scenes are keyed by (seed, index): equal seeds would make held-out scenes copies of training scenes.
+        if self.heldout_seed == self.seed:
+            raise ValueError("heldout_seed must differ from seed (held-out scenes would repeat training scenes)")
+        return self
+
+
+@dataclass(config=_STRICT)
+class BaseConfig:
+    """Pretraining of the `tiny` backbone on the world's captions and single-image questions (embedded default only)."""
+
+    out: str = "data/backbone"
+    steps: int = Field(default=600, ge=1)
+    batch_size: int = Field(default=32, ge=1)
+    lr: float = Field(default=2e-3, gt=0)
+    weight_decay: float = Field(default=0.01, ge=0)
+    warmup_steps: int = Field(default=50, ge=0)
+    vocab_size: int = Field(default=512, ge=64)
+    seed: int = 0
+    eval_scenes: int = Field(default=64, ge=1)
+
+
+@dataclass(config=_STRICT)
+class SynthesizeConfig:
+    """Attention-guided synthetic discriminative data (paper §2.2), plus caption samples for the joint regulariser."""
+
+    source: str = "data/source"
+    out: str = "data/synthetic"
+    n: int = Field(default=2000, ge=1)
+    """Number of synthetic (original, edited) pairs to produce."""
+    captions: int = Field(default=2000, ge=0)
+    """Number of caption samples for the joint caption regulariser."""
+    seed: int = 0
+    workers: int = Field(default=1, ge=1)
+    edit_types: list[Literal["modify", "swap", "delete", "add"]] = dataclasses.field(
+        default_factory=lambda: ["modify", "swap", "delete", "add"]
+    )
+    selector: Literal["attention", "random"] = "attention"
+    min_changed_fraction: float = Field(default=0.02, gt=0, le=1)
+    """Filter: the fraction of the edit region whose pixels must change for the edit to count as visible."""
+
+
+@dataclass(config=_STRICT)
+class ValidateConfig:
+    """Great Expectations suites: bounds and tolerances."""
+
+    max_text_chars: int = Field(default=2000, ge=1)
+    balance_tolerance: float = Field(default=0.1, ge=0, le=1)
+    """Each edit type's share may differ from the uniform share by at most this fraction (absolute)."""
+    docs_dir: str = "reports/data_docs"
+
+
+@dataclass(config=_STRICT)
+class TrainConfig:
+    """VPG-C training with DeepSpeed. Defaults are the scaled-down `tiny` recipe; 7B presets use the paper's."""
+
+    data: str = "data/synthetic"
+    out: str = "checkpoints/vpgc"
+    steps: int = Field(default=300, ge=1)
+    synthetic_batch: int = Field(default=12, ge=1)
+    caption_batch: int = Field(default=32, ge=0)
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=0.05, ge=0)
+    warmup_steps: int = Field(default=30, ge=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    betas: tuple[float, float] = (0.9, 0.999)
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    gradient_accumulation: int = Field(default=1, ge=1)
+    grad_clip: float = Field(default=1.0, ge=0)
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = Field(default=100, ge=1)
+    keep_checkpoints: int = Field(default=2, ge=1)
+    feature_cache: str | None = None
+    """Directory for cached frozen-ViT features (None: compute them in the step)."""
+    seed: int = 0
+    log_every: int = Field(default=10, ge=1)
+
+
+@dataclass(config=_STRICT)
+class EvaluateConfig:
+    """DEMON and MME evaluation: embedded benchmark sizes, generation and outputs."""
+
+    demon_dir: str = "data/benchmarks/demon"
+    mme_dir: str = "data/benchmarks/mme"
+    out: str = "reports/eval"
+    metrics: str = "metrics/eval.json"
+    demon_per_task: int = Field(default=40, ge=1)
+    mme_per_subtask: int = Field(default=30, ge=2)
+    batch_size: int = Field(default=16, ge=1)
+    max_new_tokens: int = Field(default=32, ge=1)
+    do_sample: bool = False
+    seed: int | None = None
+    """Required when `do_sample` is true: sampling without a seed is refused."""
+
+    @model_validator(mode="after")
+    def _sampling_needs_seed(self) -> "EvaluateConfig":
+        if self.do_sample and self.seed is None:
+            raise ValueError("do_sample=true needs an explicit seed (unseeded sampling is not reproducible)")
+        return self
+
+
+@dataclass(config=_STRICT)
+class RegisterConfig:
+    """MLflow registration and the champion/challenger gate."""
+
+    model_name: str = "cheetah-vpgc"
+    experiment: str = "cheetah"
+    metric: str = "demon_average"
+    """Metric from the evaluation metrics file that decides promotion (higher is better)."""
+    margin: float = Field(default=0.0, ge=0)
+    """The challenger becomes champion only if it beats the champion's metric by more than this."""
+
+
+@dataclass(config=_STRICT)
+class Params:
+    """All of `params.yaml`."""
+
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    world: WorldConfig = dataclasses.field(default_factory=WorldConfig)
+    base: BaseConfig = dataclasses.field(default_factory=BaseConfig)
+    synthesize: SynthesizeConfig = dataclasses.field(default_factory=SynthesizeConfig)
+    validate: ValidateConfig = dataclasses.field(default_factory=ValidateConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = dataclasses.field(default_factory=EvaluateConfig)
+    register: RegisterConfig = dataclasses.field(default_factory=RegisterConfig)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid configuration"]
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        got = f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else ""
+        msg = e["msg"]
+        if e["type"] == "unexpected_keyword_argument" or e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"  {where}: {msg}{got}")
+    return "\n".join(lines)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted!r}: {k!r} is not a section")
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`train.lr=1e-4` -> ("train.lr", 0.0001). Values are parsed as YAML, so lists and booleans work."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw != "" else ""
+    return key.strip(), value
+
+
+def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | None = None) -> Params:
+    """Read `params.yaml` (missing sections take their defaults) and apply `section.key=value` overrides."""
+    tree: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None and Path(path).exists():
+        source = str(path)
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(loaded).__name__}")
+        tree = loaded
+    elif path is not None and str(path) != "params.yaml":
+        raise ConfigError(f"{path}: no such parameters file")
+    for item in overrides or []:
+        key, value = parse_override(item)
+        _set_dotted(tree, key, value)
+    try:
+        return Params(**{k: v for k, v in tree.items()}) if tree else Params()
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source)) from None
+    except TypeError as e:  # a section given as a scalar
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    """A section (or all params) as plain Python data, e.g. for MLflow params."""
+    return dataclasses.asdict(obj)
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """`{"train": {"lr": 1e-3}}` -> `{"train.lr": 1e-3}`."""
+    out: dict[str, Any] = {}
+    for k, v in (to_dict(obj) if dataclasses.is_dataclass(obj) else obj).items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out

@@ -1,0 +1,1 @@
+"""Backbones, VPG-C, prompts, weights and the import of the official checkpoints."""

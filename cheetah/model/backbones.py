@@ -1,0 +1,305 @@
+"""Backbones: Hugging Face BLIP-2 / InstructBLIP models with a decoder-only language model.
+
+A backbone is built from a preset (random weights, or on the `meta` device for counting and planning) or loaded
+from a local directory that holds a `save_pretrained` model plus its tokenizer and image processor. Nothing is
+ever fetched from a hub. Presets:
+
+- `tiny`: the embedded default (ViT + Q-Former + small LLaMA), pretrained here by the base stage;
+- `vicuna-7b`, `llama2-7b`: the official Cheetah shapes (EVA ViT-g/14 as BLIP-2 has it, the BLIP-2 Q-Former with 32
+  queries, a 768->4096 projection, a 32-layer LLaMA-7B);
+- `opt-2.7b`: BLIP-2 OPT-2.7b.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoTokenizer,
+    Blip2Config,
+    Blip2ForConditionalGeneration,
+    BlipImageProcessorPil,
+    InstructBlipConfig,
+    InstructBlipForConditionalGeneration,
+    PreTrainedModel,
+)
+
+from cheetah.model.prompts import IMAGE_TOKEN, TEMPLATES, ChatTemplate
+
+BackboneModel = Blip2ForConditionalGeneration | InstructBlipForConditionalGeneration
+
+# EVA ViT-g/14 as LAVIS builds it for BLIP-2 (39 blocks: the last of the 40 is dropped), 224 px -> 16x16+1 tokens.
+EVA_VIT_G = dict(hidden_size=1408, intermediate_size=6144, num_hidden_layers=39, num_attention_heads=16,
+                 image_size=224, patch_size=14, layer_norm_eps=1e-6, qkv_bias=True)
+# The BLIP-2 Q-Former: BERT-base with cross-attention every second layer.
+BLIP2_QFORMER = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                     cross_attention_frequency=2, encoder_hidden_size=1408, layer_norm_eps=1e-12)
+LLAMA_7B = dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=2048, rms_norm_eps=1e-6,
+                # LLaMA's 32000 tokens + the `<image>` placeholder (its embedding row is never read).
+                vocab_size=32001, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    name: str
+    vision: dict[str, Any]
+    qformer: dict[str, Any]
+    text: dict[str, Any]
+    num_query_tokens: int
+    template: str
+    image_token_index: int | None
+    kind: str = "blip2"  # or "instructblip"
+
+
+PRESETS: dict[str, Preset] = {
+    "tiny": Preset(
+        name="tiny",
+        vision=dict(hidden_size=96, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+                    image_size=64, patch_size=8, layer_norm_eps=1e-6, qkv_bias=True),
+        qformer=dict(hidden_size=96, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
+                     cross_attention_frequency=1, encoder_hidden_size=96, layer_norm_eps=1e-12),
+        # vocab_size and the special-token ids come from the tokenizer trained on the world's language.
+        text=dict(model_type="llama", hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256, rms_norm_eps=1e-6,
+                  vocab_size=512, tie_word_embeddings=True),
+        num_query_tokens=8,
+        template="vicuna",
+        image_token_index=None,
+    ),
+    "vicuna-7b": Preset("vicuna-7b", EVA_VIT_G, BLIP2_QFORMER, LLAMA_7B, 32, "vicuna", 32000),
+    "llama2-7b": Preset("llama2-7b", EVA_VIT_G, BLIP2_QFORMER, {**LLAMA_7B, "max_position_embeddings": 4096},
+                        32, "llama2", 32000),
+    # Salesforce/blip2-opt-2.7b: OPT's 50272 rows padded to 50304, `<image>` at 50265.
+    "opt-2.7b": Preset(
+        "opt-2.7b", EVA_VIT_G, {**BLIP2_QFORMER, "encoder_hidden_size": 1408},
+        dict(model_type="opt", hidden_size=2560, ffn_dim=10240, num_hidden_layers=32, num_attention_heads=32,
+             max_position_embeddings=2048, word_embed_proj_dim=2560, vocab_size=50304, do_layer_norm_before=True,
+             bos_token_id=2, eos_token_id=2, pad_token_id=1),
+        32, "plain", 50265,
+    ),
+}
+
+
+@dataclasses.dataclass
+class Backbone:
+    """A frozen multimodal LLM and everything needed to feed it."""
+
+    model: BackboneModel
+    tokenizer: Any | None
+    image_processor: BlipImageProcessorPil | None
+    template: ChatTemplate
+    source: str
+    """Preset name or directory it came from (recorded in VPG-C weight cards)."""
+
+    @property
+    def config(self) -> Blip2Config | InstructBlipConfig:
+        return self.model.config
+
+    @property
+    def is_instructblip(self) -> bool:
+        return isinstance(self.model, InstructBlipForConditionalGeneration)
+
+    @property
+    def num_query_tokens(self) -> int:
+        return self.model.config.num_query_tokens
+
+    @property
+    def image_token_id(self) -> int:
+        return self.model.config.image_token_index
+
+    @property
+    def num_llm_layers(self) -> int:
+        return self.model.config.text_config.num_hidden_layers
+
+    def fingerprint(self) -> str:
+        """Hash of the architecture (config without volatile fields): two backbones VPG-C weights can move between."""
+        cfg = self.model.config.to_dict()
+        for k in ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "_attn_implementation_autoset"):
+            cfg.pop(k, None)
+        for sub in ("vision_config", "qformer_config", "text_config"):
+            for k in ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "_attn_implementation_autoset"):
+                cfg.get(sub, {}).pop(k, None)
+        return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def preset_config(name: str, *, tokenizer: Any | None = None, image_size: int | None = None,
+                  **text_overrides: Any) -> Blip2Config | InstructBlipConfig:
+    """The Hugging Face config of a preset. For `tiny`, the vocabulary and special ids come from `tokenizer`."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)} or pass a local directory")
+    p = PRESETS[name]
+    vision, text = dict(p.vision), {**p.text, **text_overrides}
+    image_token_index = p.image_token_index
+    if image_size is not None:
+        if image_size % vision["patch_size"]:
+            raise ValueError(f"image_size {image_size} is not a multiple of the patch size {vision['patch_size']}")
+        vision["image_size"] = image_size
+    if tokenizer is not None:
+        image_token_index = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        if image_token_index is None or image_token_index == tokenizer.unk_token_id:
+            raise ValueError(f"the tokenizer has no {IMAGE_TOKEN!r} token")
+        text.update(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    if image_token_index is None:
+        raise ValueError(f"preset {name!r} needs a tokenizer (its vocabulary is trained from the world's language)")
+    cls = InstructBlipConfig if p.kind == "instructblip" else Blip2Config
+    return cls(vision_config=vision, qformer_config=dict(p.qformer), text_config=text,
+               num_query_tokens=p.num_query_tokens, image_token_index=image_token_index)
+
+
+def _image_processor(image_size: int) -> BlipImageProcessorPil:
+    # BLIP's eval transform (`blip_image_eval`): bicubic resize, CLIP mean/std. The PIL implementation needs no
+    # torchvision (whose PyPI build does not import beside the CPU torch wheel).
+    return BlipImageProcessorPil(size={"height": image_size, "width": image_size})
+
+
+def init_random_weights(model: BackboneModel) -> None:
+    """Random init that trains: HF zero-initialises `query_tokens`, which makes the Q-Former's first LayerNorm see
+    zero-variance input (gradient norms of ~1e18). LAVIS uses N(0, 0.02)."""
+    torch.nn.init.normal_(model.query_tokens, std=0.02)
+
+
+def build_backbone(preset: str, *, tokenizer: Any | None = None, image_size: int | None = None,
+                   device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                   template: str | None = None, seed: int | None = None) -> Backbone:
+    """A preset with random weights. `device="meta"` allocates nothing (parameter counts, planning)."""
+    config = preset_config(preset, tokenizer=tokenizer, image_size=image_size)
+    cls = InstructBlipForConditionalGeneration if isinstance(config, InstructBlipConfig) else Blip2ForConditionalGeneration
+    if seed is not None:
+        torch.manual_seed(seed)
+    with torch.device(device):
+        model = cls(config)
+    if str(device) != "meta":
+        init_random_weights(model)
+    if dtype is not None:
+        model.to(dtype)
+    model.eval()
+    return Backbone(
+        model=model,
+        tokenizer=tokenizer,
+        image_processor=_image_processor(config.vision_config.image_size),
+        template=TEMPLATES[template or PRESETS[preset].template],
+        source=preset,
+    )
+
+
+def _read_backbone_meta(path: Path) -> dict[str, Any]:
+    meta_file = path / "cheetah_backbone.json"
+    return json.loads(meta_file.read_text()) if meta_file.exists() else {}
+
+
+def load_backbone(spec: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                  random_init: bool = False, backbone_dir: str | Path | None = None,
+                  template: str | None = None) -> Backbone:
+    """Load a backbone from a local directory, or build a preset.
+
+    `spec` is a preset name or a directory. A preset with `backbone_dir` (or a directory `spec`) loads weights from
+    that directory; `random_init=True` (or `device="meta"`) builds the preset's shapes with random weights instead.
+    """
+    directory: Path | None = None
+    if str(spec) in PRESETS:
+        if random_init or str(device) == "meta":
+            tokenizer = None
+            if backbone_dir is not None and (Path(backbone_dir) / "tokenizer_config.json").exists():
+                tokenizer = AutoTokenizer.from_pretrained(backbone_dir, local_files_only=True)
+            if str(spec) == "tiny" and tokenizer is None:
+                # Counting the tiny preset needs a vocabulary size; the default world tokenizer's is used.
+                return build_backbone("tiny", image_size=None, device=device, dtype=dtype, template=template,
+                                      tokenizer=_placeholder_tokenizer_for_counting())
+            return build_backbone(str(spec), tokenizer=tokenizer, device=device, dtype=dtype, template=template)
+        if backbone_dir is None:
+            raise FileNotFoundError(
+                f"preset {spec!r} has no weights here: pass a local backbone directory (model.backbone_dir), "
+                f"or use random weights (--random / --meta)"
+            )
+        directory = Path(backbone_dir)
+    else:
+        directory = Path(spec)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory}: backbone directory not found")
+    if not (directory / "config.json").exists():
+        raise FileNotFoundError(f"{directory}: no config.json (expected a Hugging Face save_pretrained directory)")
+    config_dict = json.loads((directory / "config.json").read_text())
+    model_type = config_dict.get("model_type")
+    cls: type[PreTrainedModel]
+    if model_type == "blip-2":
+        cls = Blip2ForConditionalGeneration
+    elif model_type == "instructblip":
+        cls = InstructBlipForConditionalGeneration
+    else:
+        raise ValueError(f"{directory}/config.json: model_type {model_type!r} is not a BLIP-2 or InstructBLIP model")
+    if not config_dict.get("use_decoder_only_language_model", True):
+        raise ValueError(f"{directory}: VPG-C needs a decoder-only language model (this one is encoder-decoder)")
+    if str(device) == "meta":
+        config = cls.config_class.from_pretrained(directory, local_files_only=True)
+        with torch.device("meta"):
+            model = cls(config)
+    else:
+        model = cls.from_pretrained(directory, local_files_only=True, dtype=dtype or torch.float32,
+                                    device_map=None).to(device)
+    model.eval()
+    if model.config.image_token_index is None:
+        raise ValueError(f"{directory}/config.json: image_token_index is not set; VPG-C places image tokens by it")
+    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    if tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) != model.config.image_token_index:
+        raise ValueError(
+            f"{directory}: the tokenizer's {IMAGE_TOKEN!r} id ({tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)}) differs "
+            f"from config.image_token_index ({model.config.image_token_index})"
+        )
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.unk_token  # LLaMA has no pad token; the official code pads with <unk>
+    meta = _read_backbone_meta(directory)
+    return Backbone(
+        model=model,
+        tokenizer=tokenizer,
+        image_processor=_load_image_processor(directory, model.config.vision_config.image_size),
+        template=TEMPLATES[template or meta.get("template") or _default_template(model)],
+        source=str(directory),
+    )
+
+
+def _default_template(model: BackboneModel) -> str:
+    return "plain" if model.config.text_config.model_type == "opt" else "vicuna"
+
+
+def _load_image_processor(directory: Path, image_size: int) -> BlipImageProcessorPil:
+    if (directory / "preprocessor_config.json").exists():
+        return BlipImageProcessorPil.from_pretrained(directory, local_files_only=True)
+    return _image_processor(image_size)
+
+
+def save_backbone(backbone: Backbone, directory: str | Path, extra_meta: dict[str, Any] | None = None) -> Path:
+    """Write a backbone directory that `load_backbone` (and plain Hugging Face) reads: weights, tokenizer, image
+    processor, and a small `cheetah_backbone.json` (template, preset). Written atomically."""
+    from cheetah.io import atomic_dir
+
+    with atomic_dir(directory) as tmp:
+        backbone.model.save_pretrained(tmp)
+        if backbone.tokenizer is not None:
+            backbone.tokenizer.save_pretrained(tmp)
+        if backbone.image_processor is not None:
+            backbone.image_processor.save_pretrained(tmp)
+        meta = {"template": backbone.template.name, "preset": backbone.source, **(extra_meta or {})}
+        (tmp / "cheetah_backbone.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return Path(directory)
+
+
+def _placeholder_tokenizer_for_counting() -> Any:
+    """A minimal tokenizer with the tiny preset's default vocabulary size, for `--meta`/`--random` summaries of
+    `tiny` before the base stage has trained the real one. Never used to train or evaluate."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>", IMAGE_TOKEN]
+    vocab = {tok: i for i, tok in enumerate(specials)}
+    for i in range(len(specials), PRESETS["tiny"].text["vocab_size"]):
+        vocab[f"t{i}"] = i
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", additional_special_tokens=[IMAGE_TOKEN])

@@ -1,0 +1,334 @@
+"""VPG-C: the Visual Prompt Generator Complete, attached to a frozen BLIP-2-family backbone.
+
+What it does, for a batch of interleaved image-text prompts (paper §2.1, official `modeling_llama.py` L556-578):
+
+1. Every image runs through the frozen ViT once. The frozen Q-Former turns the ViT features into
+   `num_query_tokens` visual tokens, which replace that image's block of `<image>` tokens in the LLM input.
+2. The LLM runs its first `update_layer` layers (default L/2). There, the hidden state of each sample's last
+   instruction token is the *guide*.
+3. `qformer_proj(guide)` (zero-initialised Linear H->Q) is added to a new set of learnable queries, initialised from
+   the backbone's query tokens. The same frozen Q-Former re-runs, query-only, over each image's (cached) ViT
+   features with its sample's guided queries.
+4. `llm_proj` (zero-initialised Linear Q->H) of the result is added to that image's token positions, out of place,
+   and the remaining layers run on the corrected hidden states.
+
+Because both projections start at zero, the model equals the backbone exactly at initialisation. During generation
+the correction happens only at prefill; the KV cache of the layers above carries it to every decoding step. Only
+the VPG-C parameters (about 6.3M for the 7B shapes) are trainable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from cheetah.model.backbones import Backbone
+
+
+class VPGC(nn.Module):
+    """The trainable module: guided queries and the two projections."""
+
+    def __init__(self, llm_hidden_size: int, qformer_hidden_size: int, init_query_tokens: torch.Tensor):
+        super().__init__()
+        # A *new* set of queries, initialised from the backbone's (official: init_query_tokens_value).
+        self.query_tokens = nn.Parameter(init_query_tokens.detach().clone().float())
+        self.qformer_proj = nn.Linear(llm_hidden_size, qformer_hidden_size, device=init_query_tokens.device)
+        self.llm_proj = nn.Linear(qformer_hidden_size, llm_hidden_size, device=init_query_tokens.device)
+        self.reset_projections()
+
+    def reset_projections(self) -> None:
+        """Zero-init both projections (ControlNet-style): the module is an exact identity before training."""
+        for linear in (self.qformer_proj, self.llm_proj):
+            nn.init.zeros_(linear.weight)
+            nn.init.zeros_(linear.bias)
+
+    def guided_queries(self, guide: torch.Tensor) -> torch.Tensor:
+        """(B, H) guide -> (B, Q_len, Q) queries."""
+        guide = guide.to(self.qformer_proj.weight.dtype)
+        return self.query_tokens + self.qformer_proj(guide).unsqueeze(1)
+
+    def residual(self, qformer_output: torch.Tensor) -> torch.Tensor:
+        return self.llm_proj(qformer_output.to(self.llm_proj.weight.dtype))
+
+
+@dataclasses.dataclass
+class _Injection:
+    """What the hook at `update_layer` needs for one forward pass through the LLM."""
+
+    image_mask: torch.Tensor  # (B, S) bool: image-token positions
+    guide_positions: torch.Tensor  # (B,) index of each sample's last instruction token
+    vision_features: torch.Tensor  # (N_img, P, D_vision), ViT output (post-LayerNorm)
+    image_owner: torch.Tensor  # (N_img,) sample index of each image, in order of appearance
+    qformer_text: dict[str, torch.Tensor] | None  # InstructBLIP's per-image instruction tokens
+
+
+class VPGCModel(nn.Module):
+    """A frozen backbone plus VPG-C. `forward` for training and scoring, `generate` for answers."""
+
+    def __init__(self, backbone: Backbone, update_layer: int | None = None, vpgc: VPGC | None = None):
+        super().__init__()
+        self.backbone_info = backbone  # tokenizer, template, source: not a module
+        self.backbone = backbone.model
+        self.backbone.requires_grad_(False)
+        self.backbone.eval()
+        text_cfg = self.backbone.config.text_config
+        n_layers = text_cfg.num_hidden_layers
+        self.update_layer = n_layers // 2 if update_layer is None else int(update_layer)
+        if not 1 <= self.update_layer < n_layers:
+            raise ValueError(f"update_layer must be in [1, {n_layers - 1}] for a {n_layers}-layer LLM, "
+                             f"got {self.update_layer}")
+        self.num_query_tokens = self.backbone.config.num_query_tokens
+        self.image_token_id = self.backbone.config.image_token_index
+        self.vpgc = vpgc if vpgc is not None else VPGC(
+            text_cfg.hidden_size, self.backbone.config.qformer_config.hidden_size, self.backbone.query_tokens
+        )
+        self._pending: _Injection | None = None
+        # A plain list, not a ModuleList: the layers are already registered under `backbone`.
+        self._layers: list[nn.Module] = list(self.language_model.get_decoder().layers)
+        self._hook = self._layers[self.update_layer].register_forward_pre_hook(self._inject, with_kwargs=True)
+        self.gradient_checkpointing = False
+
+    # -- parts ---------------------------------------------------------------------------------------------------
+
+    @property
+    def language_model(self) -> nn.Module:
+        return self.backbone.language_model
+
+    @property
+    def is_instructblip(self) -> bool:
+        return self.backbone_info.is_instructblip
+
+    def train(self, mode: bool = True) -> "VPGCModel":
+        # The backbone is frozen: it stays in eval mode (no dropout) whatever the trainer asks.
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, backbone: Backbone | None = None,
+                        device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                        check_backbone: bool = True) -> "VPGCModel":
+        """VPG-C weights from `directory`, on `backbone` or on the backbone its card records."""
+        from cheetah.model.backbones import load_backbone
+        from cheetah.model.weights import load_vpgc, read_card
+
+        card = read_card(directory)
+        if backbone is None:
+            location = card["backbone"]
+            if not Path(location).is_dir() and card.get("backbone_abspath") and Path(card["backbone_abspath"]).is_dir():
+                location = card["backbone_abspath"]
+            backbone = load_backbone(location, device=device, dtype=dtype)
+        model = cls(backbone, update_layer=card["update_layer"])
+        load_vpgc(model, directory, check_backbone=check_backbone)
+        return model.to(device)
+
+    def detach_from_backbone(self) -> None:
+        """Remove the hook, leaving the backbone as it was (e.g. to attach another VPG-C)."""
+        self._hook.remove()
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute the layers above `update_layer` in backward instead of storing their activations.
+
+        Hugging Face's own checkpointing only engages in `train()` mode, which would also switch on the frozen LLM's
+        dropout, so the layers are wrapped here. The layers below need no checkpointing: nothing there requires
+        grad, so autograd records nothing. Non-reentrant checkpointing works although the frozen layers' inputs
+        are the only path to the trainable parameters.
+        """
+        if self.gradient_checkpointing:
+            return
+        for layer in self._layers[self.update_layer:]:
+            layer.forward = _checkpointed(layer.forward)
+        self.gradient_checkpointing = True
+
+    def summary(self) -> dict[str, Any]:
+        total = sum(p.numel() for p in self.parameters())
+        trainable = sum(p.numel() for p in self.trainable_parameters())
+        cfg = self.backbone.config
+        return {
+            "backbone": self.backbone_info.source,
+            "backbone_class": type(self.backbone).__name__,
+            "language_model": cfg.text_config.model_type,
+            "total_parameters": total,
+            "trainable_parameters": trainable,
+            "trainable_percent": round(100 * trainable / total, 4),
+            "vpgc_parameters": {n: p.numel() for n, p in self.vpgc.named_parameters()},
+            "update_layer": self.update_layer,
+            "num_llm_layers": cfg.text_config.num_hidden_layers,
+            "num_query_tokens": self.num_query_tokens,
+            "llm_hidden_size": cfg.text_config.hidden_size,
+            "qformer_hidden_size": cfg.qformer_config.hidden_size,
+            "image_size": cfg.vision_config.image_size,
+            "template": self.backbone_info.template.name,
+        }
+
+    # -- images --------------------------------------------------------------------------------------------------
+
+    def vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Frozen ViT output (post-LayerNorm, LAVIS's `ln_vision`), (N_img, P, D). Cacheable: it never changes."""
+        dtype = self.backbone.vision_model.embeddings.patch_embedding.weight.dtype
+        return self.backbone.vision_model(pixel_values=pixel_values.to(dtype)).last_hidden_state
+
+    def _qformer(self, queries: torch.Tensor, features: torch.Tensor,
+                 text: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Query the frozen Q-Former over image features, as Hugging Face's `get_image_features` does."""
+        feature_mask = torch.ones(features.shape[:-1], dtype=torch.long, device=features.device)
+        if not self.is_instructblip:
+            out = self.backbone.qformer(query_embeds=queries, encoder_hidden_states=features,
+                                        encoder_attention_mask=feature_mask, return_dict=True)
+            return out.last_hidden_state
+        if text is None:
+            input_ids, attention_mask = None, None
+        else:
+            query_mask = torch.ones(queries.shape[:-1], dtype=torch.long, device=queries.device)
+            input_ids = text["qformer_input_ids"]
+            attention_mask = torch.cat([query_mask, text["qformer_attention_mask"]], dim=1)
+        out = self.backbone.qformer(input_ids=input_ids, attention_mask=attention_mask, query_embeds=queries,
+                                    encoder_hidden_states=features, encoder_attention_mask=feature_mask,
+                                    return_dict=True)
+        return out.last_hidden_state[:, : queries.shape[1], :]
+
+    def image_embeddings(self, vision_features: torch.Tensor,
+                         qformer_text: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """First pass of the visual prompt generator: (N_img, num_query_tokens, H) LLM-space image tokens."""
+        queries = self.backbone.query_tokens.expand(vision_features.shape[0], -1, -1)
+        query_output = self._qformer(queries, vision_features, qformer_text)
+        if query_output.dtype != vision_features.dtype:  # the Q-Former is kept in fp32
+            query_output = query_output.to(vision_features.dtype)
+        return self.backbone.language_projection(query_output)
+
+    # -- inputs --------------------------------------------------------------------------------------------------
+
+    def _image_layout(self, input_ids: torch.Tensor, num_images: int,
+                      image_counts: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image-token mask and the owning sample of every image; refuses any mismatch with the images given."""
+        mask = input_ids == self.image_token_id
+        per_sample = mask.sum(dim=1)
+        if bool((per_sample % self.num_query_tokens != 0).any()):
+            bad = int(torch.nonzero(per_sample % self.num_query_tokens)[0])
+            raise ValueError(f"sample {bad} has {int(per_sample[bad])} image tokens, not a multiple of "
+                             f"num_query_tokens={self.num_query_tokens}")
+        counts = per_sample // self.num_query_tokens
+        if image_counts is not None and not torch.equal(counts.cpu(), image_counts.cpu()):
+            raise ValueError(f"image placeholders per sample {counts.tolist()} differ from the images given "
+                             f"{image_counts.tolist()}")
+        if int(counts.sum()) != num_images:
+            raise ValueError(f"the prompts hold {int(counts.sum())} image blocks but {num_images} images were given")
+        owner = torch.repeat_interleave(torch.arange(len(counts), device=input_ids.device), counts.to(input_ids.device))
+        return mask, owner
+
+    def prepare_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                       vision_features: torch.Tensor | None = None, image_counts: torch.Tensor | None = None,
+                       guide_positions: torch.Tensor | None = None,
+                       qformer_text: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, _Injection]:
+        """LLM input embeddings with image tokens in place, and what VPG-C needs at `update_layer`."""
+        if vision_features is None:
+            if pixel_values is None:
+                raise ValueError("give pixel_values or precomputed vision_features")
+            with torch.no_grad():
+                vision_features = self.vision_features(pixel_values)
+        mask, owner = self._image_layout(input_ids, vision_features.shape[0], image_counts)
+        if guide_positions is None:
+            raise ValueError("guide_positions (index of each sample's last instruction token) is required")
+        with torch.no_grad():  # the first pass is frozen
+            image_embeds = self.image_embeddings(vision_features, qformer_text)
+            inputs_embeds = self.backbone.get_input_embeddings()(input_ids)
+            inputs_embeds = inputs_embeds.masked_scatter(mask.unsqueeze(-1), image_embeds.to(inputs_embeds.dtype))
+        injection = _Injection(mask, guide_positions.to(input_ids.device), vision_features, owner, qformer_text)
+        return inputs_embeds, injection
+
+    # -- the correction, at `update_layer` -----------------------------------------------------------------------
+
+    def _inject(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        injection, self._pending = self._pending, None
+        if injection is None:  # decoding steps reuse the KV cache, which already carries the correction
+            return None
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        if hidden.shape[:2] != injection.image_mask.shape:
+            raise RuntimeError(f"VPG-C expected hidden states for the whole prompt {tuple(injection.image_mask.shape)}"
+                               f", got {tuple(hidden.shape[:2])}")
+        batch = torch.arange(hidden.shape[0], device=hidden.device)
+        guide = hidden[batch, injection.guide_positions]  # (B, H)
+        queries = self.vpgc.guided_queries(guide)[injection.image_owner]  # (N_img, Q_len, Q)
+        qformer_dtype = self.backbone.qformer.layernorm.weight.dtype
+        reextracted = self._qformer(queries.to(qformer_dtype), injection.vision_features, injection.qformer_text)
+        residual = self.vpgc.residual(reextracted).to(hidden.dtype)  # (N_img, Q_len, H)
+        delta = torch.zeros_like(hidden).masked_scatter(injection.image_mask.unsqueeze(-1), residual)
+        hidden = hidden + delta  # out of place: autograd and checkpointing see a plain function
+        if "hidden_states" in kwargs:
+            return args, {**kwargs, "hidden_states": hidden}
+        return (hidden, *args[1:]), kwargs
+
+    def _run_language_model(self, injection: _Injection, fn: Any, **kwargs: Any) -> Any:
+        self._pending = injection
+        try:
+            out = fn(**kwargs)
+        finally:
+            leftover, self._pending = self._pending, None
+        if leftover is not None:
+            raise RuntimeError(f"VPG-C never ran: LLM layer {self.update_layer} was not reached")
+        return out
+
+    # -- public API ----------------------------------------------------------------------------------------------
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, guide_positions: torch.Tensor,
+                pixel_values: torch.Tensor | None = None, vision_features: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, image_counts: torch.Tensor | None = None,
+                qformer_input_ids: torch.Tensor | None = None, qformer_attention_mask: torch.Tensor | None = None,
+                **kwargs: Any) -> Any:
+        """Logits (and the LM loss on `labels`, -100 elsewhere) with the VPG-C correction applied."""
+        qformer_text = _qformer_text(qformer_input_ids, qformer_attention_mask)
+        inputs_embeds, injection = self.prepare_inputs(input_ids, pixel_values, vision_features, image_counts,
+                                                       guide_positions, qformer_text)
+        return self._run_language_model(
+            injection, self.language_model, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask), labels=labels, use_cache=False, **kwargs,
+        )
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                 vision_features: torch.Tensor | None = None, guide_positions: torch.Tensor | None = None,
+                 image_counts: torch.Tensor | None = None, qformer_input_ids: torch.Tensor | None = None,
+                 qformer_attention_mask: torch.Tensor | None = None, **generate_kwargs: Any) -> torch.Tensor:
+        """New token ids for left-padded prompts. VPG-C fires once, at prefill."""
+        if not bool(attention_mask[:, -1].all()):
+            raise ValueError("generate() needs left-padded prompts (every prompt must end at the last position)")
+        if guide_positions is None:
+            guide_positions = torch.full((input_ids.shape[0],), input_ids.shape[1] - 1, device=input_ids.device)
+        qformer_text = _qformer_text(qformer_input_ids, qformer_attention_mask)
+        inputs_embeds, injection = self.prepare_inputs(input_ids, pixel_values, vision_features, image_counts,
+                                                       guide_positions, qformer_text)
+        generate_kwargs.setdefault("suppress_tokens", [self.image_token_id])
+        return self._run_language_model(
+            injection, self.language_model.generate, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+            **generate_kwargs,
+        )
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions count real tokens only, so left padding does not shift them (what `generate` does too)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _qformer_text(ids: torch.Tensor | None, mask: torch.Tensor | None) -> dict[str, torch.Tensor] | None:
+    if ids is None:
+        return None
+    return {"qformer_input_ids": ids, "qformer_attention_mask": mask if mask is not None else torch.ones_like(ids)}
+
+
+def _checkpointed(forward: Any) -> Any:
+    @functools.wraps(forward)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        if torch.is_grad_enabled():
+            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return forward(*args, **kwargs)
+
+    return run

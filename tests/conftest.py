@@ -1,0 +1,55 @@
+"""Shared fixtures: a tokenizer trained in code and a tiny random backbone (no downloads, no files)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+TEST_CORPUS = [
+    "###Human: <Img></Img> Describe the difference between the images. ###Assistant: ",
+    "In the second image, the small red star at the top left is blue.",
+    "a large red striped circle and a large blue square on a green background",
+    "What colour is the large circle? red. Is there a small star? yes no",
+    "Image 1: Image 2: Image 3: Which image has a small green triangle? image a image b image c",
+    "[INST] <<SYS>>\n\n<</SYS>>\n\n [/INST] Please answer yes or no.",
+]
+
+
+def make_tokenizer(vocab_size: int = 300, with_image_token: bool = True):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"] + (["<image>"] if with_image_token else [])
+    tk = Tokenizer(models.BPE(unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tk.train_from_iterator(TEST_CORPUS * 4, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>",
+                                   additional_special_tokens=["<image>"] if with_image_token else None)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return make_tokenizer()
+
+
+@pytest.fixture()
+def tiny_backbone(tokenizer):
+    from cheetah.model.backbones import build_backbone
+
+    return build_backbone("tiny", tokenizer=tokenizer, image_size=32, seed=0)
+
+
+@pytest.fixture()
+def rng():
+    return torch.Generator().manual_seed(0)

@@ -1,0 +1,263 @@
+"""VPG-C on the tiny backbone: identity at init, what trains, where the guide and residual act, generation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from cheetah.model.backbones import PRESETS, build_backbone, load_backbone, save_backbone
+from cheetah.model.prompts import IGNORE_INDEX, PromptBuilder, PromptError
+from cheetah.model.vpgc import VPGCModel, position_ids_from_mask
+from cheetah.model.weights import IncompatibleWeights, load_vpgc, save_vpgc
+
+PROMPTS = [
+    ("Image 1: <image> Image 2: <image> Describe the difference between the images.", 2,
+     "In the second image, the small red star is blue."),
+    ("<image> What colour is the large circle?", 1, "red"),
+    ("Is there a small star? Image 1: <image> Image 2: <image> Image 3: <image>", 3, "yes"),
+]
+
+
+def _images(n: int, seed: int = 0, size: int = 32) -> torch.Tensor:
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def _train_batch(builder: PromptBuilder, prompts=PROMPTS):
+    batch = builder.collate([builder.encode(t, n, r) for t, n, r in prompts], "right")
+    batch["pixel_values"] = _images(sum(n for _, n, _ in prompts))
+    return batch
+
+
+def _sharpen(model: VPGCModel, seed: int = 1) -> None:
+    """Random LM weights give near-uniform logits (every argmax a near-tie); larger weights and non-zero VPG-C
+    projections make greedy decoding diverse, so equality tests below can fail when they should."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.language_model.parameters():
+            if p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        for p in model.vpgc.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+@pytest.fixture()
+def model(tiny_backbone):
+    return VPGCModel(tiny_backbone)
+
+
+@pytest.fixture()
+def builder(tiny_backbone):
+    return PromptBuilder.for_backbone(tiny_backbone)
+
+
+def test_tiny_preset_summary(model):
+    s = model.summary()
+    assert s["update_layer"] == 2 == PRESETS["tiny"].text["num_hidden_layers"] // 2
+    assert s["num_query_tokens"] == 8
+    # queries (1x8x96) + Linear(128->96) + Linear(96->128)
+    assert s["trainable_parameters"] == 8 * 96 + (128 * 96 + 96) + (96 * 128 + 128)
+    assert s["trainable_parameters"] == sum(p.numel() for p in model.vpgc.parameters())
+
+
+def test_logits_equal_backbone_at_init(model, builder, tiny_backbone):
+    batch = _train_batch(builder)
+    out = model(**batch)
+    ref = tiny_backbone.model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
+                              attention_mask=batch["attention_mask"],
+                              position_ids=position_ids_from_mask(batch["attention_mask"]))
+    assert out.logits.shape == ref.logits.shape
+    assert torch.equal(out.logits, ref.logits)
+
+
+def test_placeholder_image_mismatch_is_refused(builder, model):
+    with pytest.raises(PromptError, match="2 <image> placeholder"):
+        builder.encode("Image 1: <image> Image 2: <image> Describe.", 1)
+    batch = _train_batch(builder)
+    with pytest.raises(ValueError, match="image blocks but 5 images"):
+        model(**{**batch, "pixel_values": _images(5)})
+
+
+def test_labels_cover_only_the_response(builder, tokenizer):
+    enc = builder.encode(*PROMPTS[1])
+    n_target = sum(label != IGNORE_INDEX for label in enc.labels)
+    target = tokenizer("red" + builder.template.end, add_special_tokens=False)["input_ids"]
+    assert n_target == len(target)
+    assert enc.labels[enc.guide_position] == IGNORE_INDEX and enc.labels[enc.guide_position + 1] == target[0]
+    left = builder.collate([builder.encode(t, n) for t, n, _ in PROMPTS], "left")
+    width = left["input_ids"].shape[1]
+    assert torch.all(left["guide_positions"] == width - 1) and torch.all(left["attention_mask"][:, -1] == 1)
+
+
+def test_only_vpgc_trains_and_all_of_it_gets_gradients(model, builder):
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)
+    batch = _train_batch(builder)
+    model.train()
+    for step in range(3):
+        opt.zero_grad()
+        loss = model(**batch).loss
+        loss.backward()
+        if step == 0:
+            # zero-init: llm_proj gets a gradient at once; qformer_proj and the queries only once llm_proj != 0
+            assert model.vpgc.llm_proj.weight.grad.abs().sum() > 0
+        opt.step()
+    grads = {n: p.grad for n, p in model.vpgc.named_parameters()}
+    assert all(g is not None and g.abs().sum() > 0 for g in grads.values()), {n: g is None for n, g in grads.items()}
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {f"vpgc.{n}" for n, _ in model.vpgc.named_parameters()}
+    assert not any(p.requires_grad for p in model.backbone.parameters())
+
+
+def _capture_guides(model):
+    seen = []
+    original = model.vpgc.guided_queries
+
+    def spy(guide):
+        seen.append(guide.detach().clone())
+        return original(guide)
+
+    model.vpgc.guided_queries = spy
+    return seen
+
+
+def test_guide_is_the_last_instruction_token(model, builder, tokenizer):
+    _sharpen(model)
+    guides = _capture_guides(model)
+    text, n, response = PROMPTS[0]
+    base = builder.collate([builder.encode(text, n, response)], "right")
+    px = _images(n)
+    model(**base, pixel_values=px)
+    # change a response token: the guide must not move
+    other_response = builder.collate([builder.encode(text, n, "In the first image the large circle is red.")], "right")
+    model(**other_response, pixel_values=px)
+    assert torch.equal(guides[0], guides[1])
+    # change the last instruction token itself: the guide must move
+    ids = base["input_ids"].clone()
+    g = int(base["guide_positions"][0])
+    ids[0, g] = (ids[0, g] + 7) % tokenizer.vocab_size
+    model(**{**base, "input_ids": ids}, pixel_values=px)
+    assert not torch.allclose(guides[0], guides[2])
+
+
+def test_residual_reaches_only_image_positions(model, builder):
+    _sharpen(model)
+    captured = {}
+    layer_before = model._layers[model.update_layer - 1]
+    layer_at = model._layers[model.update_layer]
+    h1 = layer_before.register_forward_hook(lambda m, a, out: captured.__setitem__("before", out.detach().clone()))
+    # registered after VPG-C's pre-hook, so it sees the corrected hidden states
+    h2 = layer_at.register_forward_pre_hook(lambda m, a: captured.__setitem__("after", a[0].detach().clone()))
+    batch = _train_batch(builder)
+    model(**batch)
+    h1.remove(), h2.remove()
+    changed = (captured["after"] - captured["before"]).abs().amax(-1) > 0
+    image_positions = batch["input_ids"] == model.image_token_id
+    assert changed.any()
+    assert torch.equal(changed, image_positions)
+
+
+def _generation_inputs(builder, prompts):
+    enc = [builder.encode(t, n) for t, n, _ in prompts]
+    return builder.collate(enc, "left")
+
+
+def test_kv_cache_generation_equals_full_recompute(model, builder):
+    _sharpen(model)
+    model.eval()
+    text, n, _ = PROMPTS[0]
+    batch = _generation_inputs(builder, [PROMPTS[0]])
+    px = _images(n)
+    steps = 8
+    cached = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=px,
+                            max_new_tokens=steps, min_new_tokens=steps, do_sample=False, eos_token_id=None)
+    ids = batch["input_ids"]
+    guide = batch["guide_positions"]  # stays the last instruction token while the answer grows
+    recomputed = []
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), guide_positions=guide,
+                           pixel_values=px).logits
+            logits[:, -1, model.image_token_id] = float("-inf")
+            nxt = logits[:, -1].argmax(-1)
+            recomputed.append(int(nxt))
+            ids = torch.cat([ids, nxt[:, None]], dim=1)
+    assert cached[0].tolist() == recomputed
+    assert len(set(recomputed)) > 1  # not a degenerate repetition
+
+
+def test_batched_generation_equals_one_at_a_time(model, builder):
+    _sharpen(model)
+    model.eval()
+    batch = _generation_inputs(builder, PROMPTS)
+    px = _images(sum(n for _, n, _ in PROMPTS))
+    kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, eos_token_id=None)
+    together = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                              pixel_values=px, **kw)
+    start = 0
+    for row, prompt in enumerate(PROMPTS):
+        one = _generation_inputs(builder, [prompt])
+        alone = model.generate(input_ids=one["input_ids"], attention_mask=one["attention_mask"],
+                               pixel_values=px[start:start + prompt[1]], **kw)
+        start += prompt[1]
+        assert alone[0].tolist() == together[row].tolist()
+
+
+def test_vpgc_weights_round_trip_and_refuse_other_backbones(model, builder, tmp_path, tokenizer, tiny_backbone):
+    _sharpen(model)
+    save_backbone(tiny_backbone, tmp_path / "backbone")
+    reloaded_backbone = load_backbone(tmp_path / "backbone")
+    model.backbone_info.source = str(tmp_path / "backbone")
+    save_vpgc(model, tmp_path / "vpgc")
+    card = json.loads((tmp_path / "vpgc" / "vpgc.json").read_text())
+    assert card["update_layer"] == 2 and card["num_query_tokens"] == 8 and len(card["sha256"]) == 64
+
+    restored = VPGCModel.from_pretrained(tmp_path / "vpgc")
+    batch = _train_batch(builder)
+    assert torch.equal(restored(**batch).logits, model(**batch).logits)
+    fresh = VPGCModel(reloaded_backbone)
+    load_vpgc(fresh, tmp_path / "vpgc")
+    assert torch.equal(fresh(**batch).logits, model(**batch).logits)
+
+    wrong_layer = VPGCModel(build_backbone("tiny", tokenizer=tokenizer, image_size=32, seed=0), update_layer=1)
+    with pytest.raises(IncompatibleWeights, match="update_layer: weights were trained with 2"):
+        load_vpgc(wrong_layer, tmp_path / "vpgc")
+    wider = build_backbone("tiny", tokenizer=tokenizer, image_size=48, seed=0)
+    with pytest.raises(IncompatibleWeights, match="backbone_fingerprint"):
+        load_vpgc(VPGCModel(wider), tmp_path / "vpgc")
+
+
+def test_corrupt_weights_file_is_refused(model, tmp_path):
+    save_vpgc(model, tmp_path / "vpgc")
+    path = tmp_path / "vpgc" / "vpgc.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="SHA-256 differs"):
+        load_vpgc(model, tmp_path / "vpgc")
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tokenizer, builder):
+    grads = []
+    for checkpointing in (False, True):
+        m = VPGCModel(build_backbone("tiny", tokenizer=tokenizer, image_size=32, seed=0))
+        _sharpen(m)
+        if checkpointing:
+            m.enable_gradient_checkpointing()
+        m.train()
+        m(**_train_batch(builder)).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in m.vpgc.named_parameters()})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-7)
+
+
+def test_cli_summary_of_the_7b_preset_on_meta(capsys):
+    from cheetah.cli import main
+
+    assert main(["model", "summary", "--preset", "vicuna-7b", "--meta"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["trainable_parameters"] == 6_320_896  # the paper's "0.09%, about 6.3M"
+    assert out["update_layer"] == 16 and out["num_query_tokens"] == 32
+    assert out["total_parameters"] > 7_000_000_000
