@@ -25,8 +25,9 @@ $(VENV)/.installed: requirements/lock.txt pyproject.toml
 	$(UV) pip install --python $(PY) --no-deps --compile-bytecode -q -e .
 	touch $@
 
+# `dvc repro` under one parent MLflow run (each stage logs a child run); a second `make run` reruns nothing.
 run: setup
-	$(VENV)/bin/dvc repro
+	$(VENV)/bin/cheetah pipeline run
 
 test: setup
 	$(PY) -m pytest -q

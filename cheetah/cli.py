@@ -160,10 +160,265 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# training
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _cmd_base(args: argparse.Namespace) -> int:
+    from cheetah.train.base import pretrain_base
+
+    p = _params(args, {"base.steps": args.steps, "base.out": args.out})
+    _print_json(pretrain_base(p))
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from cheetah.train.vpgc import train_vpgc
+
+    p = _params(args, {"train.steps": args.steps, "train.out": args.out, "train.data": args.data,
+                       "train.zero_stage": args.zero_stage, "train.precision": args.precision})
+    from cheetah.train import distributed
+
+    try:
+        metrics = train_vpgc(p)
+    finally:
+        distributed.shutdown()
+    if metrics is not None:
+        _print_json(metrics)
+    return 0
+
+
+def _add_training(sub: argparse._SubParsersAction) -> None:
+    b = sub.add_parser("base", help="pretrain the embedded `tiny` backbone on the world's captions (params: base)")
+    b.add_argument("--steps", type=int)
+    b.add_argument("--out")
+    b.set_defaults(func=_cmd_base)
+
+    t = sub.add_parser("train", help="train VPG-C with DeepSpeed (params: train, model); resumes a killed run",
+                       description="Run as is for one process; under `torchrun --nproc_per_node N` or `deepspeed` "
+                                   "for several (the global batch stays the same).")
+    t.add_argument("--steps", type=int)
+    t.add_argument("--data")
+    t.add_argument("--out")
+    t.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3])
+    t.add_argument("--precision", choices=["fp32", "bf16", "fp16"])
+    t.set_defaults(func=_cmd_train)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# data: world, synthesize, validate
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _cmd_world(args: argparse.Namespace) -> int:
+    from cheetah.world import write_corpus
+
+    p = _params(args, {"world.out": args.out, "world.n": args.n, "world.seed": args.seed,
+                       "world.image_size": args.image_size})
+    out = write_corpus(p.world)
+    _print_json({"out": str(out), "n": p.world.n, "seed": p.world.seed, "image_size": p.world.image_size})
+    return 0
+
+
+def _add_world(sub: argparse._SubParsersAction) -> None:
+    w = sub.add_parser("world", help="write the embedded world's source corpus: images + captions.jsonl (params: world)")
+    w.add_argument("--out", help="corpus folder (default: world.out)")
+    w.add_argument("--n", type=int, help="number of scenes")
+    w.add_argument("--seed", type=int)
+    w.add_argument("--image-size", type=int)
+    w.set_defaults(func=_cmd_world)
+
+
+def _cmd_synthesize(args: argparse.Namespace) -> int:
+    from cheetah.synthesize import synthesize
+
+    p = _params(args, {"synthesize.source": args.source, "synthesize.out": args.out, "synthesize.n": args.n,
+                       "synthesize.captions": args.captions, "synthesize.seed": args.seed,
+                       "synthesize.workers": args.workers, "synthesize.selector": args.selector})
+    backbone = None
+    if p.synthesize.selector == "attention":
+        backbone = args.backbone or p.model.backbone_dir or p.model.preset
+    stats = synthesize(p.synthesize, backbone)
+    _print_json({k: v for k, v in stats.items() if k != "settings"})
+    return 0
+
+
+def _add_synthesize(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser("synthesize", help="attention-guided synthetic pairs + caption samples (params: synthesize)")
+    s.add_argument("--source", help="source corpus folder (captions.jsonl + images)")
+    s.add_argument("--out", help="output folder")
+    s.add_argument("--n", type=int, help="number of (original, edited) pairs")
+    s.add_argument("--captions", type=int, help="number of caption samples")
+    s.add_argument("--seed", type=int)
+    s.add_argument("--workers", type=int, help="parallel processes (output is identical for any number)")
+    s.add_argument("--selector", choices=["attention", "random"])
+    s.add_argument("--backbone", help="backbone directory for attention selection (default: model.backbone_dir)")
+    s.set_defaults(func=_cmd_synthesize)
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from cheetah.validate import run_suite
+
+    p = _params(args, {"validate.docs_dir": args.docs_dir, "validate.image_size": args.image_size})
+    result = run_suite(args.suite, args.path, p.validate, docs=not args.no_docs)
+    print(result.summary())
+    return 0 if result.success else 1
+
+
+def _add_validate(sub: argparse._SubParsersAction) -> None:
+    v = sub.add_parser("validate", help="Great Expectations suites; exits 1 if any expectation fails (params: validate)")
+    v.add_argument("suite", choices=["source", "synthetic", "demon", "mme"])
+    v.add_argument("path", help="source or synthetic folder, DEMON root (<Dataset>/core/core.json) or MME root")
+    v.add_argument("--docs-dir", help="report folder root (default: validate.docs_dir)")
+    v.add_argument("--image-size", type=int, help="expected width and height of every image")
+    v.add_argument("--no-docs", action="store_true", help="skip the HTML data docs (result.json and quarantine only)")
+    v.set_defaults(func=_cmd_validate)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# evaluate, benchmarks
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from cheetah.evaluate.run import evaluate, parse_model_specs
+
+    flags: dict[str, object] = {"evaluate.batch_size": args.batch_size, "evaluate.device": args.device,
+                                "evaluate.out": args.out, "evaluate.metrics": args.metrics}
+    if args.data_dir is not None:
+        if args.benchmark == "all":
+            raise DataError("--data-dir needs --benchmark demon or --benchmark mme (it replaces that one's folder)")
+        flags[f"evaluate.{args.benchmark}_dir"] = args.data_dir
+    p = _params(args, flags)
+    specs = parse_model_specs(args.model) if args.model else None
+    result = evaluate(p, specs, benchmark=args.benchmark, restart=args.restart, track=not args.no_track)
+    _print_json({"metrics": result["metrics"], "paths": result["paths"]})
+    return 0
+
+
+def _cmd_benchmarks(args: argparse.Namespace) -> int:
+    from cheetah.evaluate.embedded import write_embedded_benchmarks
+
+    p = _params(args, {"evaluate.demon_dir": args.demon_dir, "evaluate.mme_dir": args.mme_dir,
+                       "evaluate.demon_per_task": args.demon_per_task,
+                       "evaluate.mme_per_subtask": args.mme_per_subtask})
+    _print_json({k: str(v) for k, v in write_embedded_benchmarks(p.world, p.evaluate).items()})
+    return 0
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    e = sub.add_parser("evaluate", help="generate, score and report DEMON/MME for the base and VPG-C models "
+                                        "(params: evaluate); resumes a killed run")
+    e.add_argument("--benchmark", choices=["demon", "mme", "all"], default="all")
+    e.add_argument("--data-dir", help="data folder of the chosen --benchmark (default: evaluate.demon_dir/mme_dir)")
+    e.add_argument("--model", action="append", metavar="NAME=SPEC",
+                   help="a model to evaluate: a VPG-C weights dir, backbone dir or preset (repeatable; default: "
+                        "base=model.backbone_dir and vpgc=train.out)")
+    e.add_argument("--batch-size", type=int, help="generation batch (answers do not depend on it)")
+    e.add_argument("--device", help="auto, cpu, cuda, cuda:N (default: evaluate.device)")
+    e.add_argument("--out", help="report folder (default: evaluate.out)")
+    e.add_argument("--metrics", help="metrics JSON (default: evaluate.metrics)")
+    e.add_argument("--restart", action="store_true", help="discard saved predictions instead of resuming them")
+    e.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    e.set_defaults(func=_cmd_evaluate)
+
+
+def _add_benchmarks(sub: argparse._SubParsersAction) -> None:
+    b = sub.add_parser("benchmarks", help="write the embedded DEMON- and MME-format benchmarks from held-out world "
+                                          "scenes (params: world, evaluate)")
+    b.add_argument("--demon-dir")
+    b.add_argument("--mme-dir")
+    b.add_argument("--demon-per-task", type=int)
+    b.add_argument("--mme-per-subtask", type=int)
+    b.set_defaults(func=_cmd_benchmarks)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# register, predict, pipeline
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _cmd_register(args: argparse.Namespace) -> int:
+    from cheetah.registry import register
+
+    p = _params(args, {"register.model_name": args.model_name, "register.metric": args.metric,
+                       "register.margin": args.margin})
+    _print_json(register(p, metrics_path=args.metrics, vpgc_dir=args.vpgc_dir, out=args.out))
+    return 0
+
+
+def _add_register(sub: argparse._SubParsersAction) -> None:
+    r = sub.add_parser("register", help="log VPG-C as an MLflow model, register a version with lineage tags, alias "
+                                        "challenger; champion if it wins (params: register)")
+    r.add_argument("--vpgc-dir", help="VPG-C weights + card (default: train.out)")
+    r.add_argument("--metrics", help="evaluation metrics JSON (default: evaluate.metrics)")
+    r.add_argument("--out", default="metrics/register.json", help="registration receipt (default: %(default)s)")
+    r.add_argument("--model-name")
+    r.add_argument("--metric", help="metric that decides promotion, higher is better (dotted for nested)")
+    r.add_argument("--margin", type=float, help="champion moves only if beaten by more than this")
+    r.set_defaults(func=_cmd_register)
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from cheetah.registry import predict
+    from cheetah.tracking import configure
+
+    p = _params(args)
+    configure(p.register.experiment)
+    uri = args.model or f"models:/{p.register.model_name}@champion"
+    print(predict(uri, args.instruction, args.image or [], backbone_dir=args.backbone_dir,
+                  max_new_tokens=args.max_new_tokens))
+    return 0
+
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    pr = sub.add_parser("predict", help="answer an instruction about images with a registered model (default: "
+                                        "models:/<register.model_name>@champion)")
+    pr.add_argument("--model", help="MLflow model URI, e.g. models:/cheetah-vpgc@champion or models:/cheetah-vpgc/3")
+    pr.add_argument("--image", action="append", metavar="PATH", help="an image (repeatable, in order)")
+    pr.add_argument("--instruction", required=True,
+                    help="the instruction; `<image>` marks where each image goes (added in front when absent)")
+    pr.add_argument("--backbone-dir", help="the backbone's directory, if not where the model's card records it")
+    pr.add_argument("--max-new-tokens", type=int)
+    pr.set_defaults(func=_cmd_predict)
+
+
+def _cmd_pipeline_run(args: argparse.Namespace) -> int:
+    from cheetah.pipeline import run_pipeline
+
+    if args.set:
+        raise ConfigError("`cheetah pipeline run` runs params.yaml as it is; edit it, or use "
+                          "`dvc exp run -S section.key=value` for an experiment")
+    return run_pipeline(".", stages=args.stages, force=args.force, params_path=args.params)
+
+
+def _cmd_pipeline_stages(args: argparse.Namespace) -> int:
+    from cheetah.pipeline import stage_order
+
+    print("\n".join(stage_order(".")))
+    return 0
+
+
+def _add_pipeline(sub: argparse._SubParsersAction) -> None:
+    pl = sub.add_parser("pipeline", help="run dvc.yaml under one parent MLflow run (what `make run` does)")
+    psub = pl.add_subparsers(dest="pipeline_command", required=True)
+    r = psub.add_parser("run", help="dvc repro (all stages, or the given ones and what they need) with a parent "
+                                    "MLflow run whose children are the stages; logs dvc.lock, reports, metrics")
+    r.add_argument("stages", nargs="*", metavar="STAGE", help="stages of dvc.yaml (default: all)")
+    r.add_argument("--force", action="store_true", help="rerun even the stages DVC finds up to date")
+    r.set_defaults(func=_cmd_pipeline_run)
+    s = psub.add_parser("stages", help="print the stages of dvc.yaml in the order they run")
+    s.set_defaults(func=_cmd_pipeline_stages)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # entry point
 # ---------------------------------------------------------------------------------------------------------------
 
-_ADDERS: list[Callable[[argparse._SubParsersAction], None]] = [_add_model, _add_score]
+_ADDERS: list[Callable[[argparse._SubParsersAction], None]] = [_add_model, _add_training, _add_score,
+                                                             _add_world, _add_synthesize, _add_validate,
+                                                             _add_evaluate, _add_benchmarks]
+_ADDERS += [_add_register, _add_predict, _add_pipeline]
 
 
 def build_parser() -> argparse.ArgumentParser:

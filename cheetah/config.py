@@ -52,9 +52,9 @@ class WorldConfig:
 
     out: str = "data/source"
     n: int = Field(default=1200, ge=1)
-    seed: int = 0
+    seed: int = Field(default=0, ge=0)
     image_size: int = Field(default=64, ge=16, le=1024)
-    heldout_seed: int = 10_000
+    heldout_seed: int = Field(default=10_000, ge=0)
     """Held-out scenes (benchmarks, base-model evaluation) are drawn from seeds that training never sees."""
 
     @model_validator(mode="after")
@@ -70,7 +70,11 @@ class BaseConfig:
     """Pretraining of the `tiny` backbone on the world's captions and single-image questions (embedded default only)."""
 
     out: str = "data/backbone"
+    metrics: str = "metrics/base.json"
+    vision_steps: int = Field(default=300, ge=0)
+    """Phase 1: ViT (all objects) and Q-Former (caption content) on the world's tags; batches of 2 x batch_size."""
     steps: int = Field(default=600, ge=1)
+    """Phase 2: projection + language model on captions, primary-content questions and text-only instructions."""
     batch_size: int = Field(default=32, ge=1)
     lr: float = Field(default=2e-3, gt=0)
     weight_decay: float = Field(default=0.01, ge=0)
@@ -90,14 +94,66 @@ class SynthesizeConfig:
     """Number of synthetic (original, edited) pairs to produce."""
     captions: int = Field(default=2000, ge=0)
     """Number of caption samples for the joint caption regulariser."""
-    seed: int = 0
+    seed: int = Field(default=0, ge=0)
     workers: int = Field(default=1, ge=1)
+    """Parallel processes; any number gives byte-identical output (one seed per sample, merged in order)."""
     edit_types: list[Literal["modify", "swap", "delete", "add"]] = dataclasses.field(
         default_factory=lambda: ["modify", "swap", "delete", "add"]
     )
+    """Edit types, used in turn (sample i gets edit_types[i % len]), so the set stays balanced."""
     selector: Literal["attention", "random"] = "attention"
+    """Target selection: the backbone Q-Former's least-attended object (the paper), or uniform (ablation)."""
+    masks: Literal["world", "sam"] = "world"
+    """Object masks: the world's ground truth (needs the corpus' scenes.jsonl) or SAM (real images, `sam_dir`)."""
+    apply: Literal["world", "inpaint"] = "world"
+    """How the edit is made: re-render the edited scene graph, or diffusion inpainting (`inpaint_dir`)."""
+    filters: list[Literal["pixel", "clip"]] = dataclasses.field(default_factory=lambda: ["pixel"])
+    """Checks an edited image must pass: pixel (visible inside, unchanged outside the region), clip (`clip_dir`)."""
     min_changed_fraction: float = Field(default=0.02, gt=0, le=1)
     """Filter: the fraction of the edit region whose pixels must change for the edit to count as visible."""
+    max_attempts: int = Field(default=3, ge=1)
+    """Targets tried per sample (least attended first) before the sample is given up and quarantined."""
+    sam_dir: str | None = None
+    """Local Hugging Face SAM directory (SamModel + SamProcessor) for `masks: sam`."""
+    sam_points: int = Field(default=8, ge=1)
+    """SAM automatic masks: prompts on a sam_points x sam_points grid."""
+    sam_min_score: float = Field(default=0.7, ge=0, le=1)
+    """SAM automatic masks: keep masks whose predicted IoU is at least this."""
+    inpaint_dir: str | None = None
+    """Local diffusers inpainting pipeline directory (e.g. a Stable Diffusion inpainting snapshot)."""
+    inpaint_steps: int = Field(default=25, ge=1)
+    inpaint_guidance: float = Field(default=7.5, ge=0)
+    clip_dir: str | None = None
+    """Local Hugging Face CLIP directory: the `clip` filter, and names for SAM's objects."""
+    clip_min_similarity: float = Field(default=0.2, ge=-1, le=1)
+    """CLIP filter: least cosine similarity between the edited region and the text of the edit."""
+    device: str = "cpu"
+    """Where the SAM, CLIP and inpainting models run ("cpu", "cuda", "cuda:1"). Not "cpu": use one worker."""
+    labels: list[str] = dataclasses.field(default_factory=lambda: [
+        "person", "dog", "cat", "bird", "car", "bicycle", "ball", "cup", "bottle", "chair", "tree", "flower",
+        "hat", "bag", "book", "clock",
+    ])
+    """Real images: object names CLIP chooses from for SAM's masks, and what swap/add may put in."""
+
+    @model_validator(mode="after")
+    def _backends_are_usable(self) -> "SynthesizeConfig":
+        if not self.edit_types:
+            raise ValueError("edit_types must name at least one edit type")
+        if len(set(self.edit_types)) != len(self.edit_types):
+            raise ValueError(f"edit_types has repeats: {self.edit_types}")
+        if self.apply == "world" and self.masks != "world":
+            raise ValueError("apply: world re-renders the scene graph, so it needs masks: world")
+        for flag, path, name in ((self.masks == "sam", self.sam_dir, "sam_dir"),
+                                 (self.apply == "inpaint", self.inpaint_dir, "inpaint_dir"),
+                                 ("clip" in self.filters, self.clip_dir, "clip_dir")):
+            if flag and not path:
+                raise ValueError(f"{name} must be set to a local model directory for this backend")
+        if self.device != "cpu" and self.workers > 1:
+            raise ValueError("workers > 1 forks the process, which an initialised GPU does not survive; "
+                             "use workers: 1 with device: " + self.device)
+        if self.masks == "sam" and len(self.labels) < 2:
+            raise ValueError("labels needs at least two names (swap replaces one label with another)")
+        return self
 
 
 @dataclass(config=_STRICT)
@@ -108,6 +164,13 @@ class ValidateConfig:
     balance_tolerance: float = Field(default=0.1, ge=0, le=1)
     """Each edit type's share may differ from the uniform share by at most this fraction (absolute)."""
     docs_dir: str = "reports/data_docs"
+    """Per suite: <docs_dir>/<suite>/ (GX data docs, result.json, quarantine.jsonl) when it passes, and
+    <docs_dir>/<suite>-failed/ when it fails, so a failed run never replaces the last passing report."""
+    image_size: int | None = None
+    """Expected width and height of every image. None: source and synthetic images must all share one size
+    (the most common); benchmark images (real ones vary) are then only checked for being present and decodable."""
+    max_examples: int = Field(default=5, ge=1)
+    """Bad rows shown per failed expectation in the summary."""
 
 
 @dataclass(config=_STRICT)
@@ -116,6 +179,11 @@ class TrainConfig:
 
     data: str = "data/synthetic"
     out: str = "checkpoints/vpgc"
+    """Final VPG-C weights + card (what evaluation and registration read)."""
+    state_dir: str = "checkpoints/vpgc-state"
+    """Resumable training state (weights, optimiser, scheduler, RNG, data position); a killed run resumes here."""
+    metrics: str = "metrics/train.json"
+    curve: str = "plots/train_curve.csv"
     steps: int = Field(default=300, ge=1)
     synthetic_batch: int = Field(default=12, ge=1)
     caption_batch: int = Field(default=32, ge=0)
@@ -131,8 +199,13 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     checkpoint_every: int = Field(default=100, ge=1)
     keep_checkpoints: int = Field(default=2, ge=1)
-    feature_cache: str | None = None
-    """Directory for cached frozen-ViT features (None: compute them in the step)."""
+    feature_cache: str | None = "memory"
+    """Frozen-ViT features: "memory" (computed once per image), a directory (also kept on disk), or None
+    (recomputed in every step)."""
+    heldout_fraction: float = Field(default=0.05, ge=0, lt=1)
+    """Source images held out of training (all their examples), for the held-out difference-description loss."""
+    eval_every: int = Field(default=100, ge=1)
+    max_length: int = Field(default=256, ge=16)
     seed: int = 0
     log_every: int = Field(default=10, ge=1)
 
@@ -146,12 +219,22 @@ class EvaluateConfig:
     out: str = "reports/eval"
     metrics: str = "metrics/eval.json"
     demon_per_task: int = Field(default=40, ge=1)
+    """Samples per embedded DEMON-format task (World_*)."""
     mme_per_subtask: int = Field(default=30, ge=2)
+    """Images per embedded MME-format subtask; each is asked one Yes- and one No-question (MME existence has 30)."""
     batch_size: int = Field(default=16, ge=1)
+    """Generation batch (length-bucketed). Answers do not depend on it in fp32; see cheetah/evaluate/generation.py
+    for what holds in bf16 on a GPU."""
     max_new_tokens: int = Field(default=32, ge=1)
     do_sample: bool = False
     seed: int | None = None
     """Required when `do_sample` is true: sampling without a seed is refused."""
+    temperature: float = Field(default=1.0, gt=0)
+    """Sampling only."""
+    top_p: float = Field(default=0.9, gt=0, le=1)
+    """Sampling only."""
+    device: str = "auto"
+    """`auto` (CUDA when available, else CPU), `cpu`, `cuda`, `cuda:1`, ...; the dtype is `model.dtype`."""
 
     @model_validator(mode="after")
     def _sampling_needs_seed(self) -> "EvaluateConfig":
@@ -222,8 +305,36 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+# The paper's recipe (Appendix C): 18k steps of 24 synthetic + 64 caption samples, AdamW lr 2e-5, weight decay
+# 0.05, 2k warm-up steps, cosine decay. It is the default of the real-scale presets: any `train` key that the
+# parameters file does not set takes these values when `model.preset` is one of them. The dataclass defaults are
+# the scaled-down recipe of the embedded `tiny` preset.
+PAPER_RECIPE: dict[str, Any] = {
+    "steps": 18_000, "synthetic_batch": 24, "caption_batch": 64, "lr": 2e-5, "weight_decay": 0.05,
+    "warmup_steps": 2_000, "schedule": "cosine", "betas": [0.9, 0.999], "precision": "bf16", "zero_stage": 2,
+    "gradient_checkpointing": True, "feature_cache": None, "checkpoint_every": 1_000, "eval_every": 1_000,
+    "max_length": 512, "log_every": 10,
+}
+PRESET_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
+    "vicuna-7b": {"train": PAPER_RECIPE, "model": {"dtype": "bfloat16", "backbone_dir": None}},
+    "llama2-7b": {"train": PAPER_RECIPE, "model": {"dtype": "bfloat16", "backbone_dir": None}},
+    "opt-2.7b": {"train": PAPER_RECIPE, "model": {"dtype": "bfloat16", "backbone_dir": None}},
+}
+
+
+def _apply_preset_defaults(tree: dict[str, Any]) -> None:
+    model = tree.get("model") if isinstance(tree.get("model"), dict) else {}
+    for section, defaults in PRESET_DEFAULTS.get(str(model.get("preset", "tiny")), {}).items():
+        given = tree.setdefault(section, {})
+        if isinstance(given, dict):
+            for key, value in defaults.items():
+                given.setdefault(key, value)
+
+
 def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | None = None) -> Params:
-    """Read `params.yaml` (missing sections take their defaults) and apply `section.key=value` overrides."""
+    """Read `params.yaml` (missing sections take their defaults) and apply `section.key=value` overrides.
+
+    For a real-scale `model.preset`, `train` keys left unset take the paper's recipe (`PAPER_RECIPE`)."""
     tree: dict[str, Any] = {}
     source = "defaults"
     if path is not None and Path(path).exists():
@@ -242,6 +353,7 @@ def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | 
     for item in overrides or []:
         key, value = parse_override(item)
         _set_dotted(tree, key, value)
+    _apply_preset_defaults(tree)
     try:
         return Params(**{k: v for k, v in tree.items()}) if tree else Params()
     except ValidationError as e:

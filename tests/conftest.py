@@ -53,3 +53,36 @@ def tiny_backbone(tokenizer):
 @pytest.fixture()
 def rng():
     return torch.Generator().manual_seed(0)
+
+
+def write_instruction_set(folder, n_synthetic: int = 24, n_captions: int = 24, image_size: int = 32, seed: int = 0):
+    """A small instruction set in the synthesis output format, rendered by the world (independent of the
+    synthesis stage, so training tests do not depend on it): pairs of scenes with the second one's caption as the
+    'difference', and single-image caption examples."""
+    import json
+    from pathlib import Path
+
+    from cheetah.world import caption, generate_scene, png_bytes, render
+
+    folder = Path(folder)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+
+    def image(index: int) -> str:
+        scene = generate_scene(seed, index, image_size=image_size)
+        rel = f"images/{index:05d}.png"
+        (folder / rel).write_bytes(png_bytes(render(scene).image))
+        return rel, caption(scene)
+
+    syn, cap = [], []
+    for i in range(n_synthetic):
+        (a, _), (b, text_b) = image(2 * i), image(2 * i + 1)
+        syn.append({"id": f"syn-{i}", "images": [a, b], "source_id": f"src-{i}",
+                    "instruction": "Image 1: <image> Image 2: <image> Describe the difference between the images.",
+                    "response": text_b})
+    for i in range(n_captions):
+        a, text = image(10_000 + i)
+        cap.append({"id": f"cap-{i}", "images": [a], "source_id": f"src-{i}",
+                    "instruction": "<image> Describe the image briefly.", "response": text})
+    (folder / "synthetic.jsonl").write_text("".join(json.dumps(r) + "\n" for r in syn))
+    (folder / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in cap))
+    return folder

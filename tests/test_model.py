@@ -261,3 +261,15 @@ def test_cli_summary_of_the_7b_preset_on_meta(capsys):
     assert out["trainable_parameters"] == 6_320_896  # the paper's "0.09%, about 6.3M"
     assert out["update_layer"] == 16 and out["num_query_tokens"] == 32
     assert out["total_parameters"] > 7_000_000_000
+
+
+def test_sample_losses_equal_per_sample_cross_entropy_of_full_logits(model, builder):
+    _sharpen(model)
+    batch = _train_batch(builder)
+    per_sample = model(**batch, return_sample_losses=True).sample_losses
+    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    for row in range(logits.shape[0]):
+        targets = batch["labels"][row, 1:]
+        keep = targets != IGNORE_INDEX
+        expected = torch.nn.functional.cross_entropy(logits[row, :-1][keep], targets[keep])
+        torch.testing.assert_close(per_sample[row], expected, rtol=1e-5, atol=1e-6)

@@ -34,8 +34,10 @@ from cheetah.model.prompts import IMAGE_TOKEN, TEMPLATES, ChatTemplate
 BackboneModel = Blip2ForConditionalGeneration | InstructBlipForConditionalGeneration
 
 # EVA ViT-g/14 as LAVIS builds it for BLIP-2 (39 blocks: the last of the 40 is dropped), 224 px -> 16x16+1 tokens.
+# initializer_range: Hugging Face's BLIP-2 vision default (1e-10) assumes pretrained weights are always loaded; a ViT
+# built from scratch with it outputs constant features and never learns to see.
 EVA_VIT_G = dict(hidden_size=1408, intermediate_size=6144, num_hidden_layers=39, num_attention_heads=16,
-                 image_size=224, patch_size=14, layer_norm_eps=1e-6, qkv_bias=True)
+                 image_size=224, patch_size=14, layer_norm_eps=1e-6, qkv_bias=True, initializer_range=0.02)
 # The BLIP-2 Q-Former: BERT-base with cross-attention every second layer.
 BLIP2_QFORMER = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                      cross_attention_frequency=2, encoder_hidden_size=1408, layer_norm_eps=1e-12)
@@ -61,12 +63,12 @@ PRESETS: dict[str, Preset] = {
     "tiny": Preset(
         name="tiny",
         vision=dict(hidden_size=96, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
-                    image_size=64, patch_size=8, layer_norm_eps=1e-6, qkv_bias=True),
+                    image_size=64, patch_size=8, layer_norm_eps=1e-6, qkv_bias=True, initializer_range=0.02),
         qformer=dict(hidden_size=96, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
                      cross_attention_frequency=1, encoder_hidden_size=96, layer_norm_eps=1e-12),
         # vocab_size and the special-token ids come from the tokenizer trained on the world's language.
         text=dict(model_type="llama", hidden_size=128, intermediate_size=384, num_hidden_layers=4,
-                  num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256, rms_norm_eps=1e-6,
+                  num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512, rms_norm_eps=1e-6,
                   vocab_size=512, tie_word_embeddings=True),
         num_query_tokens=8,
         template="vicuna",
@@ -161,8 +163,12 @@ def _image_processor(image_size: int) -> BlipImageProcessorPil:
 
 def init_random_weights(model: BackboneModel) -> None:
     """Random init that trains: HF zero-initialises `query_tokens`, which makes the Q-Former's first LayerNorm see
-    zero-variance input (gradient norms of ~1e18). LAVIS uses N(0, 0.02)."""
+    zero-variance input (gradient norms of ~1e18). LAVIS uses N(0, 0.02). The projection gets variance-preserving
+    init, so visual tokens enter the LLM at the scale of its hidden states instead of ~50x below them (a language
+    model trained from scratch then learns to read them; measured on the tiny preset)."""
     torch.nn.init.normal_(model.query_tokens, std=0.02)
+    proj = model.language_projection
+    torch.nn.init.normal_(proj.weight, std=proj.in_features ** -0.5)
 
 
 def build_backbone(preset: str, *, tokenizer: Any | None = None, image_size: int | None = None,

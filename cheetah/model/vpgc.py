@@ -123,7 +123,7 @@ class VPGCModel(nn.Module):
             location = card["backbone"]
             if not Path(location).is_dir() and card.get("backbone_abspath") and Path(card["backbone_abspath"]).is_dir():
                 location = card["backbone_abspath"]
-            backbone = load_backbone(location, device=device, dtype=dtype)
+            backbone = load_backbone(location, device=device, dtype=dtype, template=card.get("template"))
         model = cls(backbone, update_layer=card["update_layer"])
         load_vpgc(model, directory, check_backbone=check_backbone)
         return model.to(device)
@@ -235,6 +235,9 @@ class VPGCModel(nn.Module):
                 raise ValueError("give pixel_values or precomputed vision_features")
             with torch.no_grad():
                 vision_features = self.vision_features(pixel_values)
+        else:  # cached features (kept in fp32 on the host) take the vision tower's dtype and device
+            ref = self.backbone.vision_model.post_layernorm.weight
+            vision_features = vision_features.to(device=ref.device, dtype=ref.dtype)
         mask, owner = self._image_layout(input_ids, vision_features.shape[0], image_counts)
         if guide_positions is None:
             raise ValueError("guide_positions (index of each sample's last instruction token) is required")
@@ -283,15 +286,23 @@ class VPGCModel(nn.Module):
                 pixel_values: torch.Tensor | None = None, vision_features: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, image_counts: torch.Tensor | None = None,
                 qformer_input_ids: torch.Tensor | None = None, qformer_attention_mask: torch.Tensor | None = None,
-                **kwargs: Any) -> Any:
-        """Logits (and the LM loss on `labels`, -100 elsewhere) with the VPG-C correction applied."""
+                return_sample_losses: bool = False, **kwargs: Any) -> Any:
+        """Logits (and the LM loss on `labels`, -100 elsewhere) with the VPG-C correction applied.
+
+        With `return_sample_losses=True` (training), returns `SampleLosses`: each sample's mean cross-entropy over
+        its target tokens, computing the LM head only at those positions — no (batch x length x vocab) logits.
+        """
         qformer_text = _qformer_text(qformer_input_ids, qformer_attention_mask)
         inputs_embeds, injection = self.prepare_inputs(input_ids, pixel_values, vision_features, image_counts,
                                                        guide_positions, qformer_text)
-        return self._run_language_model(
-            injection, self.language_model, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-            position_ids=position_ids_from_mask(attention_mask), labels=labels, use_cache=False, **kwargs,
-        )
+        lm_inputs = dict(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                         position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+        if not return_sample_losses:
+            return self._run_language_model(injection, self.language_model, labels=labels, **lm_inputs, **kwargs)
+        if labels is None:
+            raise ValueError("return_sample_losses needs labels")
+        hidden = self._run_language_model(injection, self.language_model.get_decoder(), **lm_inputs, **kwargs)[0]
+        return SampleLosses(response_losses(hidden, labels, self.language_model.get_output_embeddings()))
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None = None,
@@ -311,6 +322,30 @@ class VPGCModel(nn.Module):
             injection, self.language_model.generate, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
             **generate_kwargs,
         )
+
+
+@dataclasses.dataclass
+class SampleLosses:
+    sample_losses: torch.Tensor  # (B,)
+
+    @property
+    def loss(self) -> torch.Tensor:
+        return self.sample_losses.mean()
+
+
+def response_losses(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
+    """Mean next-token cross-entropy over each sample's target tokens (labels != -100), (B,).
+
+    The LM head runs only where a token is predicted, and the mean is per sample, so every sample weighs the same
+    whatever its length and the average over data-parallel ranks equals the single-process loss.
+    """
+    targets = labels[:, 1:]
+    selected = targets != -100
+    logits = lm_head(hidden[:, :-1][selected]).float()
+    token_loss = nn.functional.cross_entropy(logits, targets[selected], reduction="none")
+    rows = torch.nonzero(selected, as_tuple=True)[0]
+    totals = torch.zeros(labels.shape[0], dtype=token_loss.dtype, device=labels.device).index_add(0, rows, token_loss)
+    return totals / selected.sum(1).clamp(min=1)
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:

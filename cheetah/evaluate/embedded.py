@@ -1,0 +1,345 @@
+"""Embedded benchmarks: DEMON-format tasks and MME-format subtasks built from held-out scenes of the world.
+
+They are written in the official on-disk formats and read back by the same loaders and scorers as the real
+benchmarks, so the whole evaluation path is exercised offline. Task folders start with `World_` (registered in
+`cheetah.evaluate.demon.TASKS`) and cannot be mistaken for real DEMON tasks.
+
+DEMON categories the world supports (text-rich images and knowledge-grounded QA need text or documents it does
+not draw):
+    visual_relation_inference   World_SpotTheChange       a scene and one edit of it -> the difference sentence
+    multi_image_reasoning       World_WhichImage          which of four images has the "small red star"
+                                World_PropertyCoherence   is there a "large circle" in every image? yes / no
+    multi_modal_cloze           World_ImageCloze          series A B A UNKNOWN: pick B among look-alikes (images)
+                                World_TextCloze           the missing caption among captions one word apart
+    multi_modal_dialogue        World_Dialogue            the last answer of a question-answer dialogue on 2 images
+    visual_story_telling_list   World_Story               three images, two edits: tell what happens last
+MME subtasks: existence, count, position, color (flat layout), one Yes- and one No-question per image.
+
+Everything is drawn from the held-out seed stream (`WorldConfig.heldout_seed`), each task from its own slice of it
+(and with its own random generator), so the output is byte-identical for the same parameters and adding a task
+does not change the others. Both folders are built aside and renamed into place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cheetah.config import EvaluateConfig, WorldConfig
+from cheetah.evaluate.demon import TASKS, write_demon_task
+from cheetah.evaluate.mme import write_mme_subtask
+from cheetah.io import atomic_dir, atomic_write_json
+from cheetah.world import (SHAPES, TEXTURES, Obj, Scene, caption, difference_sentence, heldout_scenes, png_bytes,
+                           questions, render, yes_no_pair)
+from cheetah.world.scene import place, pick_color
+
+# Benchmark scenes come from far into the held-out stream (base-model evaluation reads its start), each task
+# from its own slice.
+_STREAM_START = 1_000_000
+_SLICE = 100_000
+
+Sample = tuple[str, list[Scene], str, list[str] | None]
+"""(context with {image#k} placeholders, the scene of each image, response, choice_list or None)."""
+
+
+class _SceneStream:
+    """Held-out scenes of one task slice, drawn in order; `next(accept)` skips scenes that do not qualify."""
+
+    def __init__(self, world: WorldConfig, slot: int):
+        self._scenes: Iterator[Scene] = heldout_scenes(world, _SLICE, start=_STREAM_START + slot * _SLICE)
+
+    def next(self, accept: Callable[[Scene], bool] = lambda s: True) -> Scene:
+        for scene in self._scenes:
+            if accept(scene):
+                return scene
+        raise RuntimeError("held-out slice exhausted: no scene satisfies the task's condition")
+
+
+def _pick(rng: np.random.Generator, items: list[Any] | tuple[Any, ...]) -> Any:
+    return items[int(rng.integers(len(items)))]
+
+
+def _pixels(scene: Scene) -> np.ndarray:
+    return np.asarray(render(scene).image)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Edits (one object, one visible change, described by the world's difference sentence)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def edit_scene(scene: Scene, rng: np.random.Generator) -> tuple[Scene, str]:
+    """One visible modify / swap / delete / add edit of one object, and the sentence that describes it.
+
+    Small detail objects are the targets: they are what a caption-trained visual prompt generator misses."""
+    before = _pixels(scene)
+    for _ in range(50):
+        kind = _pick(rng, ("modify", "swap", "delete", "add"))
+        target: Obj = _pick(rng, scene.details or scene.objects)
+        objects = list(scene.objects)
+        if kind == "modify":
+            key = _pick(rng, ("color", "texture", "shape"))
+            if key == "color":
+                value = pick_color(rng, {scene.background_color, target.color})
+            else:
+                value = _pick(rng, [v for v in (TEXTURES if key == "texture" else SHAPES) if v != getattr(target, key)])
+            new = dataclasses.replace(target, **{key: value})
+            objects[objects.index(target)] = new
+            sentence = difference_sentence("modify", target.attrs(), new.attrs())
+        elif kind == "swap":
+            new = dataclasses.replace(target, shape=_pick(rng, [s for s in SHAPES if s != target.shape]),
+                                      color=pick_color(rng, {scene.background_color, target.color}),
+                                      texture=_pick(rng, TEXTURES))
+            objects[objects.index(target)] = new
+            sentence = difference_sentence("swap", target.attrs(), new.attrs())
+        elif kind == "delete":
+            if len(objects) < 3:
+                continue
+            objects.remove(target)
+            sentence = difference_sentence("delete", target.attrs(), None)
+        else:
+            cells = scene.empty_cells()
+            if not cells:
+                continue
+            cell = _pick(rng, cells)
+            names = {o.name for o in objects}
+            name = next(f"e{k}" for k in range(len(objects) + 1) if f"e{k}" not in names)
+            new = Obj(name, _pick(rng, SHAPES), pick_color(rng, {scene.background_color}), _pick(rng, TEXTURES),
+                      "small", cell, place(cell, "small", scene.image_size, rng))
+            objects.append(new)
+            sentence = difference_sentence("add", None, new.attrs())
+        edited = dataclasses.replace(scene, id=f"{scene.id}+{kind}", objects=tuple(objects))
+        if not np.array_equal(before, _pixels(edited)):  # e.g. a texture too fine to show on a tiny object
+            return edited, sentence
+    raise RuntimeError(f"no visible edit found for scene {scene.id}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DEMON task builders: one sample each call
+# ---------------------------------------------------------------------------------------------------------------
+
+_ORDINALS = ("first", "second", "third", "fourth")
+
+
+def _images_prefix(n: int) -> str:
+    return " ".join(f"Image {k}: {{image#{k}}}" for k in range(1, n + 1))
+
+
+def _spot_the_change(scenes: _SceneStream, rng: np.random.Generator) -> Sample:
+    scene = scenes.next()
+    edited, sentence = edit_scene(scene, rng)
+    return _images_prefix(2), [scene, edited], sentence, None
+
+
+def _which_image(scenes: _SceneStream, rng: np.random.Generator) -> Sample:
+    target = int(rng.integers(4))
+    while True:
+        group = [scenes.next() for _ in range(4)]
+        others = {(o.size, o.color, o.shape) for i, s in enumerate(group) if i != target for o in s.objects}
+        unique = [o for o in group[target].objects if (o.size, o.color, o.shape) not in others]
+        details = [o for o in unique if o.size == "small"]
+        if unique:
+            break
+    o = _pick(rng, details if details and rng.random() < 0.5 else unique)
+    choices = [f"the {w} image" for w in _ORDINALS]
+    context = f"{_images_prefix(4)} Question: Which image has {_a(o.size)} {o.size} {o.color} {o.shape}? "
+    return context, group, choices[target], choices
+
+
+def _property_coherence(scenes: _SceneStream, rng: np.random.Generator) -> Sample:
+    first = scenes.next()
+    o = _pick(rng, first.objects)
+    if rng.random() < 0.5:
+        prop, phrase = (o.size, None, o.shape), f"{_a(o.size)} {o.size} {o.shape}"
+    else:
+        prop, phrase = (o.size, o.color, None), f"{_a(o.size)} {o.size} {o.color} object"
+
+    def has(s: Scene) -> bool:
+        return any(x.size == prop[0] and prop[1] in (None, x.color) and prop[2] in (None, x.shape)
+                   for x in s.objects)
+
+    coherent = bool(rng.random() < 0.5)
+    group = [first, scenes.next(has), scenes.next(has) if coherent else scenes.next(lambda s: not has(s))]
+    group = [group[i] for i in rng.permutation(3)]
+    context = f"{_images_prefix(3)} Question: Is there {phrase} in every image? "
+    return context, group, "yes" if coherent else "no", ["yes", "no"]
+
+
+def _image_cloze(scenes: _SceneStream, rng: np.random.Generator) -> Sample:
+    a, b, c = scenes.next(), scenes.next(), scenes.next()
+    options = [b, edit_scene(b, rng)[0], edit_scene(a, rng)[0], c]  # the answer, two look-alikes, a stranger
+    order = rng.permutation(4)
+    options = [options[i] for i in order]
+    letters = "ABCD"
+    answer = f"Image {letters[int(np.where(order == 0)[0][0])]}"
+    listed = ", ".join(f"'Image {letters[k]}: {{image#{k + 4}}}'" for k in range(4))
+    context = (f"Series: {{image#1}} {{image#2}} {{image#3}} UNKNOWN\nChoice List:[{listed}] "
+               f"Your answer to replace 'UNKNOWN' is:")
+    return context, [a, b, a, *options], answer, None
+
+
+def _caption_variants(scene: Scene, rng: np.random.Generator) -> list[str]:
+    """Captions of the scene with one word changed: a primary object's colour or shape, or the background."""
+    truth = caption(scene)
+    out: list[str] = []
+    for _ in range(100):
+        if len(out) == 3:
+            return out
+        what = _pick(rng, ("color", "shape", "background"))
+        if what == "background":
+            avoid = {scene.background_color} | {o.color for o in scene.objects}
+            variant = dataclasses.replace(scene, background_color=pick_color(rng, avoid))
+        else:
+            o = _pick(rng, scene.primary)
+            if what == "color":
+                new = dataclasses.replace(o, color=pick_color(rng, {o.color, scene.background_color}))
+            else:
+                new = dataclasses.replace(o, shape=_pick(rng, [s for s in SHAPES if s != o.shape]))
+            variant = dataclasses.replace(scene, objects=tuple(new if x is o else x for x in scene.objects))
+        text = caption(variant)
+        if text != truth and text not in out:
+            out.append(text)
+    raise RuntimeError(f"no caption variants for scene {scene.id}")
+
+
+def _text_cloze(scenes: _SceneStream, rng: np.random.Generator) -> Sample:
+    group = [scenes.next() for _ in range(3)]
+    missing = int(rng.integers(3))
+    truth = caption(group[missing])
+    choices = [truth, *_caption_variants(group[missing], rng)]
+    choices = [choices[i] for i in rng.permutation(4)]
+    lines = [f"Image {k + 1}: {{image#{k + 1}}} Caption: {'UNKNOWN' if k == missing else caption(s)}"
+             for k, s in enumerate(group)]
+    return "\n".join(lines) + "\nWhich caption replaces UNKNOWN? ", group, truth, choices
+
+
+_DIALOGUE_KINDS = ("color", "shape", "texture", "position", "count")
+
+
+def _dialogue(scenes: _SceneStream, rng: np.random.Generator) -> Sample:
+    group = [scenes.next(), scenes.next()]
+    turns = []
+    for _ in range(3):
+        k = int(rng.integers(2))
+        qa = _pick(rng, [q for q in questions(group[k]) if q.kind in _DIALOGUE_KINDS])
+        turns.append((k, qa))
+    history = "\n".join(f"Q: About image {k + 1}: {qa.question} A: {qa.answer}" for k, qa in turns[:-1])
+    k, last = turns[-1]
+    return f"{_images_prefix(2)}\n{history}\nQ: About image {k + 1}: {last.question} A:", group, last.answer, None
+
+
+def _story(scenes: _SceneStream, rng: np.random.Generator) -> Sample:
+    s0 = scenes.next()
+    s1, first = edit_scene(s0, rng)
+    s2, second = edit_scene(s1, rng)
+    first, second = (_as_next(t) for t in (first, second))
+    return f"{{image#1}} {{image#2}} {first} {{image#3}}", [s0, s1, s2], second, None
+
+
+def _as_next(sentence: str) -> str:
+    # The world says "In the second image, ..." (two-image comparisons); a story moves on image by image.
+    prefix = "In the second image, "
+    return "In the next image, " + sentence[len(prefix):] if sentence.startswith(prefix) else sentence
+
+
+def _a(word: str) -> str:
+    return "an" if word[:1] in "aeiou" else "a"
+
+
+_CHOOSE = "You must choose your answer from the Choice List. "
+
+# name -> (slot in the held-out stream, builder, instruction templates). Slots are fixed so that tasks stay put.
+DEMON_BUILDERS: dict[str, tuple[int, Callable[[_SceneStream, np.random.Generator], Sample], list[str]]] = {
+    "World_SpotTheChange": (0, _spot_the_change, [
+        "Describe the difference between the two images. ",
+        "What has changed from the first image to the second one? ",
+        "Spot the difference between the two images and describe it in one sentence. ",
+    ]),
+    "World_WhichImage": (1, _which_image, [
+        "Look at the four images and answer the question. " + _CHOOSE,
+        "Only one of these images matches the question. " + _CHOOSE,
+    ]),
+    "World_PropertyCoherence": (2, _property_coherence, [
+        "Look at all the images and answer the question. " + _CHOOSE,
+        "Check every image before you answer. " + _CHOOSE,
+    ]),
+    "World_ImageCloze": (3, _image_cloze, [
+        "The images form a series with a pattern. Pick the image that replaces UNKNOWN. " + _CHOOSE,
+        "Complete the image series: choose the image that belongs in place of UNKNOWN. " + _CHOOSE,
+    ]),
+    "World_TextCloze": (4, _text_cloze, [
+        "Each image has a caption, but one caption is missing. " + _CHOOSE,
+        "Fill in the missing caption of the image series. " + _CHOOSE,
+    ]),
+    "World_Dialogue": (5, _dialogue, [
+        "Continue the conversation about the images: answer the last question. ",
+        "Here is a dialogue about two images. Give the answer to the final question. ",
+    ]),
+    "World_Story": (6, _story, [
+        "The images tell a story in which each image changes the one before. Say what happens in the last image. ",
+        "Continue the story: describe the change in the last image. ",
+    ]),
+}
+MME_SLOTS: dict[str, int] = {"existence": 100, "count": 101, "position": 102, "color": 103}
+
+
+def write_embedded_demon(out: str | Path, world: WorldConfig, per_task: int = 40,
+                         tasks: list[str] | None = None) -> Path:
+    """Write the embedded DEMON tasks (all, or `tasks`) with `per_task` samples each under `out`."""
+    names = list(DEMON_BUILDERS) if tasks is None else tasks
+    unknown = [n for n in names if n not in DEMON_BUILDERS]
+    if unknown:
+        raise ValueError(f"unknown embedded DEMON task(s) {unknown}; choose from {list(DEMON_BUILDERS)}")
+    with atomic_dir(out) as tmp:
+        for name in names:
+            slot, build, instructions = DEMON_BUILDERS[name]
+            assert TASKS[name].embedded  # registered in the task table, so the scorer knows it
+            scenes, rng = _SceneStream(world, slot), np.random.default_rng([world.heldout_seed, slot])
+            records, images = [], {}
+            for i in range(per_task):
+                context, shown, response, choices = build(scenes, rng)
+                paths = [f"{i}_{k}.png" for k in range(len(shown))]
+                images.update({p: png_bytes(render(s).image) for p, s in zip(paths, shown)})
+                instance: dict[str, Any] = {"context": context, "images_path": paths}
+                if choices is not None:
+                    instance["choice_list"] = choices
+                records.append({"sample_id": i, "task_instruction_id": int(rng.integers(len(instructions))),
+                                "task_instance": instance, "response": response,
+                                "world_scenes": [s.id for s in shown]})  # provenance; official readers ignore it
+            write_demon_task(tmp, name, instructions, records, images)
+        atomic_write_json(tmp / "benchmark.json", {"generator": "cheetah.evaluate.embedded", "format": "demon",
+                                                   "heldout_seed": world.heldout_seed,
+                                                   "image_size": world.image_size, "per_task": per_task,
+                                                   "tasks": names})
+    return Path(out)
+
+
+def write_embedded_mme(out: str | Path, world: WorldConfig, per_subtask: int = 30) -> Path:
+    """Write MME-format existence / count / position / color with `per_subtask` images (two questions each)."""
+    with atomic_dir(out) as tmp:
+        for subtask, slot in MME_SLOTS.items():
+            scenes, rng = _SceneStream(world, slot), np.random.default_rng([world.heldout_seed, slot])
+            items = []
+            for i in range(per_subtask):
+                scene = scenes.next()
+                yes, no = yes_no_pair(scene, subtask, rng)
+                items.append((f"{i:04d}.png", png_bytes(render(scene).image), [(yes, "Yes"), (no, "No")]))
+            write_mme_subtask(tmp, subtask, items)
+        atomic_write_json(tmp / "benchmark.json", {"generator": "cheetah.evaluate.embedded", "format": "mme",
+                                                   "heldout_seed": world.heldout_seed,
+                                                   "image_size": world.image_size, "per_subtask": per_subtask,
+                                                   "subtasks": list(MME_SLOTS)})
+    return Path(out)
+
+
+def write_embedded_benchmarks(world: WorldConfig, evaluate: EvaluateConfig) -> dict[str, Path]:
+    """Both embedded benchmarks, where `evaluate.demon_dir` and `evaluate.mme_dir` say, sized by
+    `evaluate.demon_per_task` (samples) and `evaluate.mme_per_subtask` (images)."""
+    return {
+        "demon": write_embedded_demon(evaluate.demon_dir, world, evaluate.demon_per_task),
+        "mme": write_embedded_mme(evaluate.mme_dir, world, evaluate.mme_per_subtask),
+    }

@@ -1,0 +1,132 @@
+"""Reports: markdown tables and a bar chart comparing models, and the metrics file DVC and the registry read.
+
+Inputs are the dicts `score_demon` and `score_mme` return, one pair per model:
+`{"<model>": {"demon": {...} | None, "mme": {...} | None}}`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from cheetah.evaluate.demon import CATEGORIES, TASKS
+from cheetah.evaluate.mme import COGNITION, PERCEPTION, SUBTASKS
+from cheetah.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+
+Results = Mapping[str, Mapping[str, Any]]
+
+
+def _cell(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}"
+
+
+def _table(header: list[str], rows: list[list[str]], align: list[str]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def demon_tables(results: Results) -> str:
+    """Per-category and per-task markdown tables (columns = models; "–" where a model has no score)."""
+    models = [m for m, r in results.items() if r.get("demon")]
+    if not models:
+        return ""
+    demon = {m: results[m]["demon"] for m in models}
+    cats = [c for c in CATEGORIES if any(c in d["categories"] for d in demon.values())]
+    rows = [[CATEGORIES[c]] + [_cell(demon[m]["categories"].get(c)) for m in models] for c in cats]
+    rows.append(["**Average**"] + [_cell(demon[m].get("average")) for m in models])
+    out = "### DEMON by category\n\n" + _table(["Category"] + models, rows, [":--"] + ["--:"] * len(models))
+    tasks = [t for t in TASKS if any(t in d["tasks"] for d in demon.values())]
+    rows = []
+    for t in tasks:
+        info = TASKS[t]
+        metric = "ROUGE-L" if info.metric == "rouge_l" else "Acc"
+        rows.append([t, CATEGORIES[info.category], metric]
+                    + [_cell(demon[m]["tasks"].get(t, {}).get("score")) for m in models])
+    out += "\n### DEMON by task\n\n" + _table(["Task", "Category", "Metric"] + models, rows,
+                                              [":--", ":--", ":--"] + ["--:"] * len(models))
+    return out
+
+
+def mme_table(results: Results) -> str:
+    """Per-subtask scores with the perception and cognition totals (columns = models)."""
+    models = [m for m, r in results.items() if r.get("mme")]
+    if not models:
+        return ""
+    mme = {m: results[m]["mme"] for m in models}
+    subtasks = [s for s in SUBTASKS if any(s in r["subtasks"] for r in mme.values())]
+    rows = [[s] + [_cell(mme[m]["subtasks"].get(s)) for m in models] for s in subtasks]
+    for label, key, group in (("Perception", "perception", PERCEPTION), ("Cognition", "cognition", COGNITION)):
+        if any(s in subtasks for s in group):
+            top = max(mme[m][f"{key}_max"] for m in models)
+            rows.append([f"**{label}** (/{top})"] + [_cell(mme[m].get(key)) for m in models])
+    return "### MME\n\n" + _table(["Subtask"] + models, rows, [":--"] + ["--:"] * len(models))
+
+
+def category_chart(results: Results) -> bytes | None:
+    """PNG bytes of a grouped bar chart: DEMON categories on the x axis, one bar per model. None without DEMON."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = [m for m, r in results.items() if r.get("demon")]
+    if not models:
+        return None
+    cats = [c for c in CATEGORIES if any(c in results[m]["demon"]["categories"] for m in models)]
+    width = 0.8 / len(models)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.4 * len(cats) + 2), 4.0), dpi=100)
+    for i, m in enumerate(models):
+        values = [results[m]["demon"]["categories"].get(c, 0.0) for c in cats]
+        xs = [j + (i - (len(models) - 1) / 2) * width for j in range(len(cats))]
+        ax.bar(xs, values, width=width, label=m)
+    ax.set_xticks(range(len(cats)))
+    ax.set_xticklabels([CATEGORIES[c].replace(" ", "\n", 1) for c in cats], fontsize=8)
+    ax.set_ylabel("score (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title("DEMON by category")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    # No "Software" entry: the PNG's bytes then depend on the numbers only, so DVC sees no spurious change.
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def metrics_dict(demon: Mapping[str, Any] | None = None, mme: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The metrics file of one model: nested for DVC, with `demon_average` at the top for the registry's gate.
+    Totals that do not exist (no cognition subtask evaluated) are left out rather than written as null."""
+    out: dict[str, Any] = {}
+    if demon:
+        out["demon_average"] = demon["average"]
+        out["demon"] = {"average": demon["average"], "categories": dict(demon["categories"]),
+                        "tasks": {t: v["score"] for t, v in demon["tasks"].items()}}
+    if mme:
+        out["mme"] = {k: mme[k] for k in ("perception", "cognition") if mme.get(k) is not None}
+        out["mme"]["subtasks"] = dict(mme["subtasks"])
+    return out
+
+
+def write_report(out_dir: str | Path, results: Results, metrics_path: str | Path | None = None,
+                 metrics_model: str | None = None, title: str = "Evaluation") -> dict[str, Path]:
+    """Write `report.md` (all tables) and `demon_categories.png` into `out_dir`, and, when `metrics_path` is given,
+    the metrics JSON of `metrics_model` (default: the last model, e.g. the challenger after the baselines)."""
+    out_dir = Path(out_dir)
+    written: dict[str, Path] = {}
+    parts = [f"# {title}\n", demon_tables(results), mme_table(results)]
+    written["report"] = atomic_write_text(out_dir / "report.md", "\n".join(p for p in parts if p))
+    png = category_chart(results)
+    if png is not None:
+        written["chart"] = atomic_write_bytes(out_dir / "demon_categories.png", png)
+    if metrics_path is not None:
+        model = metrics_model or list(results)[-1]
+        if model not in results:
+            raise KeyError(f"no results for model {model!r}; have {list(results)}")
+        r = results[model]
+        written["metrics"] = atomic_write_json(metrics_path, metrics_dict(r.get("demon"), r.get("mme")))
+    return written

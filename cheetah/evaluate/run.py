@@ -1,0 +1,265 @@
+"""`cheetah evaluate`: generation, scoring and the comparison report for one or more models.
+
+For every model (by default `base` = the backbone, `vpgc` = the trained VPG-C weights) and every benchmark:
+
+    <evaluate.out>/<model>/predictions/demon/<Dataset>/pred.json     official DEMON prediction files
+    <evaluate.out>/<model>/predictions/mme/<subtask>.txt             official MME calculation input
+    <evaluate.out>/<model>/demon_scores.json, mme_scores.json        `cheetah score demon|mme` output
+    <evaluate.out>/report.md, demon_categories.png                   tables and bar chart comparing the models
+    <evaluate.out>/evaluation.json                                   what was evaluated, how, and where
+    <evaluate.metrics>                                               metrics JSON (DVC, the registry's gate)
+
+Predictions are journaled per sample as they are generated (`PredictionStore`), tagged with the model's identity
+(weights hashes) and the decoding settings: a killed evaluation rerun with the same model and settings generates
+only the missing answers, and one with another model or settings is refused (pass `restart=True` to start over).
+The batch size is not part of the tag: answers do not depend on it (see `cheetah.evaluate.generation`).
+
+The metrics file holds the `vpgc` model's metrics at the top level (`demon_average` is what the registry promotes
+on; without a `vpgc` model, the last one's), and every model's under `models.<name>`, so the base model's numbers
+sit beside the challenger's: `{"demon_average": …, "demon": {…}, "mme": {…}, "model": "vpgc",
+"models": {"base": {…}, "vpgc": {…}}}`.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import logging
+import re
+import shutil
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from cheetah.config import Params, to_dict
+from cheetah.io import DataError, atomic_write_json, sha256_file
+
+log = logging.getLogger(__name__)
+
+BENCHMARKS = ("demon", "mme")
+_HASH_WHOLE_LIMIT = 2 << 30  # weight files up to 2 GiB are hashed whole; larger ones by size + head + tail
+_PARTIAL = 16 << 20
+
+
+def default_model_specs(params: Params) -> dict[str, str]:
+    """`base`: the backbone directory (or the preset name when there is none); `vpgc`: the trained weights."""
+    return {"base": params.model.backbone_dir or params.model.preset, "vpgc": params.train.out}
+
+
+def parse_model_specs(items: Sequence[str]) -> dict[str, str]:
+    """`["base=data/backbone", "vpgc=checkpoints/vpgc"]` -> dict, refusing malformed or repeated names."""
+    out: dict[str, str] = {}
+    for item in items:
+        name, sep, spec = item.partition("=")
+        name, spec = name.strip(), spec.strip()
+        if not sep or not name or not spec:
+            raise DataError(f"--model {item!r} must look like NAME=SPEC (a VPG-C dir, backbone dir or preset)")
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", name):
+            raise DataError(f"--model {item!r}: the name may hold letters, digits, '_', '.', '-' (it names a folder)")
+        if name in out:
+            raise DataError(f"--model: {name!r} given twice")
+        out[name] = spec
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Identity of a model (what the prediction journal is tagged with)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _file_digest(path: Path) -> str:
+    size = path.stat().st_size
+    if size <= _HASH_WHOLE_LIMIT:
+        return sha256_file(path)
+    h = hashlib.sha256(f"size={size}".encode())
+    with open(path, "rb") as f:
+        h.update(f.read(_PARTIAL))
+        f.seek(size - _PARTIAL)
+        h.update(f.read(_PARTIAL))
+    return "partial:" + h.hexdigest()
+
+
+def weights_digest(directory: str | Path) -> str | None:
+    """SHA-256 over a Hugging Face directory's weight files (names and contents); None without any."""
+    directory = Path(directory)
+    files = sorted(p for p in directory.iterdir() if p.is_file() and p.suffix in (".safetensors", ".bin"))
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for p in files:
+        h.update(f"{p.name}\0{_file_digest(p)}\n".encode())
+    return h.hexdigest()
+
+
+def model_identity(spec: str, model: Any) -> dict[str, Any]:
+    """What makes this model's answers what they are: weights hashes and the backbone's architecture."""
+    from cheetah.evaluate.generation import is_vpgc_dir
+    from cheetah.model.weights import read_card
+
+    info = model.backbone_info
+    backbone: dict[str, Any] = {"source": Path(info.source).name if Path(info.source).is_dir() else info.source,
+                                "fingerprint": info.fingerprint()}
+    if Path(info.source).is_dir():
+        backbone["weights_sha256"] = weights_digest(info.source)
+    out: dict[str, Any] = {"spec": str(spec), "backbone": backbone, "update_layer": model.update_layer}
+    if is_vpgc_dir(spec):
+        card = read_card(spec)
+        out["vpgc_sha256"] = card.get("sha256")
+    else:
+        out["vpgc_sha256"] = None  # a fresh, zero VPG-C: the backbone alone
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Generation into prediction stores
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _run_store(generator: Any, store: Any, samples: Sequence[Any], label: str) -> int:
+    """Generate the samples `store` lacks, saving each answer as soon as its batch is done; returns how many."""
+    from cheetah.evaluate.generation import Request
+
+    done = store.done_ids()
+    todo = [s for s in samples if s.key not in done]
+    if todo:
+        log.info("%s: %d of %d samples to generate (%d already done)", label, len(todo), len(samples),
+                 len(samples) - len(todo))
+        requests = [Request(s.prompt, list(s.images), key=f"{label}/{s.key}") for s in todo]
+        for index, answer in generator.iter_answers(requests):
+            store.add_sample(todo[index], answer)
+    store.finalize([s.key for s in samples])
+    return len(todo)
+
+
+def generate_predictions(generator: Any, out_dir: str | Path, meta: Mapping[str, Any],
+                         demon_dir: str | Path | None = None, mme_dir: str | Path | None = None) -> dict[str, int]:
+    """Predictions of one model for every DEMON task under `demon_dir` and MME subtask under `mme_dir`, written to
+    `<out_dir>/demon/...` and `<out_dir>/mme/...`; returns the number of answers generated per task."""
+    from cheetah.evaluate.demon import load_demon
+    from cheetah.evaluate.mme import load_mme
+    from cheetah.evaluate.predictions import PredictionStore
+
+    out_dir = Path(out_dir)
+    generated: dict[str, int] = {}
+    if demon_dir is not None:
+        for task in load_demon(demon_dir):
+            store = PredictionStore(out_dir / "demon", "demon", task.dataset, dict(meta))
+            generated[f"demon/{task.dataset}"] = _run_store(generator, store, task.samples, f"demon/{task.dataset}")
+    if mme_dir is not None:
+        for subtask, samples in load_mme(mme_dir).items():
+            store = PredictionStore(out_dir / "mme", "mme", subtask, dict(meta))
+            generated[f"mme/{subtask}"] = _run_store(generator, store, samples, f"mme/{subtask}")
+    return generated
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The stage
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _metric_key(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_\-. /]", "_", text)
+
+
+def _numeric_leaves(tree: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    out: dict[str, float] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(_numeric_leaves(v, key + "."))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[_metric_key(key)] = float(v)
+    return out
+
+
+def evaluate(params: Params, model_specs: Mapping[str, str] | None = None, benchmark: str = "all",
+             restart: bool = False, track: bool = True) -> dict[str, Any]:
+    """Generate, score and report every model on the DEMON-format tasks under `evaluate.demon_dir` and the
+    MME-format subtasks under `evaluate.mme_dir` (`benchmark`: "demon", "mme" or "all").
+
+    `model_specs` maps a name to a VPG-C weights directory, a backbone directory or a preset (default:
+    `default_model_specs`). Returns `{"models": {name: {"demon": scores, "mme": scores}}, "metrics": …, "paths": …}`.
+    """
+    import torch
+
+    from cheetah.evaluate.generation import Generator, load_model, resolve_device
+    from cheetah.evaluate.report import metrics_dict, write_report
+    from cheetah.evaluate.scoring import score_demon, score_mme
+
+    if benchmark not in ("all", *BENCHMARKS):
+        raise ValueError(f"benchmark must be 'demon', 'mme' or 'all', got {benchmark!r}")
+    cfg = params.evaluate
+    specs = dict(model_specs) if model_specs else default_model_specs(params)
+    if not specs:
+        raise DataError("no model to evaluate")
+    demon_dir = cfg.demon_dir if benchmark in ("all", "demon") else None
+    mme_dir = cfg.mme_dir if benchmark in ("all", "mme") else None
+    for kind, folder in (("DEMON", demon_dir), ("MME", mme_dir)):
+        if folder is not None and not Path(folder).is_dir():
+            raise DataError(f"{folder}: {kind} data folder not found (`cheetah benchmarks` writes the embedded one)")
+    out = Path(cfg.out)
+    device = resolve_device(cfg.device)
+    results: dict[str, dict[str, Any]] = {}
+    runs: dict[str, Any] = {}
+    for name, spec in specs.items():
+        model_dir = out / name
+        pred_dir = model_dir / "predictions"
+        if restart and pred_dir.exists():
+            shutil.rmtree(pred_dir)
+        started = time.perf_counter()
+        model = load_model(spec, backbone_dir=params.model.backbone_dir, device=device, dtype=params.model.dtype,
+                           template=params.model.template)
+        generator = Generator(model, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
+                              do_sample=cfg.do_sample, seed=cfg.seed, temperature=cfg.temperature, top_p=cfg.top_p)
+        meta = {"spec": str(spec), "identity": model_identity(spec, model), "decoding": generator.settings()}
+        generated = generate_predictions(generator, pred_dir, meta, demon_dir, mme_dir)
+        del generator, model
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        entry: dict[str, Any] = {"demon": None, "mme": None}
+        if demon_dir is not None:
+            entry["demon"] = score_demon(demon_dir, pred_dir / "demon",
+                                         datasets=[t.split("/", 1)[1] for t in generated if t.startswith("demon/")])
+            atomic_write_json(model_dir / "demon_scores.json", entry["demon"])
+        if mme_dir is not None:
+            entry["mme"] = score_mme(pred_dir / "mme")
+            atomic_write_json(model_dir / "mme_scores.json", entry["mme"])
+        results[name] = entry
+        runs[name] = {**meta, "generated": generated, "seconds": round(time.perf_counter() - started, 3)}
+
+    written = write_report(out, results, title="Evaluation: " + ", ".join(specs))
+    champion = "vpgc" if "vpgc" in results else list(results)[-1]
+    metrics = {**metrics_dict(results[champion]["demon"], results[champion]["mme"]), "model": champion,
+               "models": {n: metrics_dict(r["demon"], r["mme"]) for n, r in results.items()}}
+    written["metrics"] = atomic_write_json(cfg.metrics, metrics)
+    summary = {"benchmark": benchmark, "data": {"demon": demon_dir, "mme": mme_dir}, "batch_size": cfg.batch_size,
+               "device": device.type, "models": runs,
+               "outputs": {k: str(v) for k, v in written.items()}}
+    written["summary"] = atomic_write_json(out / "evaluation.json", summary)
+    if track:
+        _track(params, specs, metrics, written, out)
+    return {"models": results, "metrics": metrics, "paths": {k: str(v) for k, v in written.items()}}
+
+
+def _track(params: Params, specs: Mapping[str, str], metrics: Mapping[str, Any], written: Mapping[str, Path],
+           out: Path) -> None:
+    from cheetah.tracking import stage_run
+
+    logged = {"evaluate": to_dict(params.evaluate), "model": {"dtype": params.model.dtype},
+              "models": dict(specs)}
+    with stage_run("evaluate", logged, experiment=params.register.experiment) as run:
+        if run is None:
+            return
+        import mlflow
+
+        flat = _numeric_leaves({k: v for k, v in metrics.items() if k != "models"})
+        flat.update(_numeric_leaves(metrics["models"]))
+        mlflow.log_metrics(flat)
+        for path in written.values():
+            mlflow.log_artifact(str(path), artifact_path="evaluate")
+        for name in specs:
+            for f in ("demon_scores.json", "mme_scores.json"):
+                if (out / name / f).is_file():
+                    mlflow.log_artifact(str(out / name / f), artifact_path=f"evaluate/{name}")

@@ -1,0 +1,69 @@
+"""MLflow tracking shared by every stage.
+
+By default runs go to a local sqlite database and artifact folder (git-ignored); `MLFLOW_TRACKING_URI` overrides
+it (e.g. a shared server). A pipeline run is one parent MLflow run with a child run per stage. Stages run as
+separate processes (under `dvc repro` or Prefect), so the parent run's id travels in the `CHEETAH_PARENT_RUN_ID`
+environment variable; without it, a stage logs a standalone run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+DEFAULT_DB = "mlflow.db"
+DEFAULT_ARTIFACTS = "mlartifacts"
+PARENT_ENV = "CHEETAH_PARENT_RUN_ID"
+
+
+def configure(experiment: str = "cheetah", root: str | Path = ".") -> str:
+    """Point MLflow at the tracking store and select the experiment; returns the tracking URI."""
+    import mlflow
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        root = Path(root).resolve()
+        uri = f"sqlite:///{root / DEFAULT_DB}"
+        os.environ["MLFLOW_TRACKING_URI"] = uri
+    mlflow.set_tracking_uri(uri)
+    if mlflow.get_experiment_by_name(experiment) is None:
+        artifact_location = None
+        if uri.startswith("sqlite:"):
+            artifact_location = (Path(root).resolve() / DEFAULT_ARTIFACTS).as_uri()
+        mlflow.create_experiment(experiment, artifact_location=artifact_location)
+    mlflow.set_experiment(experiment)
+    return uri
+
+
+def _flat(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in params.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, params: dict[str, Any] | None = None, experiment: str = "cheetah",
+              enabled: bool = True) -> Iterator[Any]:
+    """A child run of the pipeline's parent run (or a standalone run) for one stage. Yields the active run, or
+    None when tracking is disabled (e.g. on non-zero ranks of a distributed job)."""
+    if not enabled:
+        yield None
+        return
+    import mlflow
+
+    configure(experiment)
+    parent = os.environ.get(PARENT_ENV)
+    tags = {"cheetah.stage": stage}
+    if parent:
+        tags["mlflow.parentRunId"] = parent
+    with mlflow.start_run(run_name=stage, tags=tags) as run:
+        if params:
+            mlflow.log_params({k: str(v)[:500] for k, v in _flat(params).items()})
+        yield run

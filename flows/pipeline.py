@@ -1,0 +1,209 @@
+"""The Cheetah pipeline as a Prefect flow: one task per DVC stage, in the order of dvc.yaml.
+
+Why the tasks run DVC stages (`dvc repro --single-item <stage>`) rather than calling the stage functions:
+DVC owns the DAG and the caching, Prefect owns scheduling, retries and observability. `dvc.yaml` stays the one
+definition of the pipeline — which stages exist, what each depends on, in which order they run — and the flow reads
+it (`cheetah.pipeline.stage_order`) instead of repeating it. Each task asks DVC to bring one stage up to date, so a
+scheduled run of an unchanged pipeline does nothing, a changed parameter reruns exactly the stages that use it,
+and `dvc.lock` records every run, whether it came from `dvc repro`, `make run` or a Prefect deployment. Calling the
+stage functions directly would mean a second DAG in Python that could drift from dvc.yaml, and outputs DVC does not
+know about. Stages still run the same CLI (`cheetah <stage>`), so there is one code path per stage.
+
+What Prefect adds: retries of transient failures (a killed process, a lock held by another DVC process; not a
+bad parameter or a failed data validation, which would fail again), task runs named after the stages, logs of
+every stage in the UI, schedules (prefect.yaml: nightly), and a markdown artifact with the evaluation table. Like
+`cheetah pipeline run`, the flow opens one parent MLflow run; each stage logs a child run of it.
+
+    python flows/pipeline.py run [--stage evaluate --stage register] [--force]    run once (ephemeral API)
+    python flows/pipeline.py serve [--cron "0 2 * * *"] [--interval 3600]         serve with a schedule
+    prefect deploy --all        (prefect.yaml: deployment `nightly` on work pool `cheetah`)
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # `python flows/pipeline.py` from a checkout without `pip install -e .`
+    sys.path.insert(0, str(REPO))
+
+from cheetah.pipeline import (  # noqa: E402
+    forget_stale_receipt,
+    is_up_to_date,
+    log_record,
+    parent_run,
+    repro_command,
+    stage_env,
+    stage_order,
+    stages_in_output,
+)
+
+ARTIFACT_KEY = "cheetah-evaluation"
+# Exit statuses of a stage command that mean "the inputs are wrong", not "something went wrong": cheetah's CLI exits
+# 2 on bad configuration or data, and `cheetah validate` exits 1 when the data fails its expectations.
+_NOT_TRANSIENT = {"*": {2}, "validate": {1}}
+
+
+class StageFailed(RuntimeError):
+    def __init__(self, stage: str, returncode: int, command_status: int | None, tail: str):
+        self.stage, self.returncode, self.command_status = stage, returncode, command_status
+        how = (f"its command exited with {command_status}" if command_status is not None
+               else f"dvc exited with {returncode}")
+        super().__init__(f"stage {stage!r} failed ({how}):\n{tail}")
+
+    @property
+    def transient(self) -> bool:
+        status = self.command_status
+        if status is None:
+            return True  # DVC itself failed (e.g. a lock held by another process)
+        return status not in _NOT_TRANSIENT["*"] | _NOT_TRANSIENT.get(self.stage, set())
+
+
+def _retry_transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect retry condition: retry unless the stage failed for a reason a retry cannot fix."""
+    try:
+        state.result()
+    except StageFailed as e:
+        return e.transient
+    except Exception:  # noqa: BLE001 - anything else (spawning the process, ...) is worth another try
+        return True
+    return False
+
+
+def _stream(stage: str, cmd: list[str], root: Path, env: dict[str, str]) -> tuple[int, list[str]]:
+    """Run `cmd`, sending each output line to the task's log (progress bars: the last state of each line)."""
+    logger = get_run_logger()
+    lines: list[str] = []
+    with subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          errors="replace", bufsize=1) as proc:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            line = raw.rstrip("\n").split("\r")[-1].rstrip()
+            if line:
+                lines.append(line)
+                logger.info("%s | %s", stage, line)
+        proc.wait()
+    return proc.returncode, lines
+
+
+@task(retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=_retry_transient, task_run_name="{stage}",
+      log_prints=True)
+def run_stage(stage: str, repo_dir: str, parent_run_id: str | None = None, force: bool = False) -> dict[str, Any]:
+    """`dvc repro --single-item <stage>`: run the stage if DVC finds it changed (or `force`)."""
+    root = Path(repo_dir)
+    cmd = [sys.executable, "-m", "dvc", *repro_command(stage, force=force)]
+    env = stage_env(parent_run_id)
+    env.setdefault("TQDM_MININTERVAL", "10")  # progress bars become log lines here: one every 10 s is plenty
+    returncode, lines = _stream(stage, cmd, root, env)
+    text = "\n".join(lines)
+    if returncode != 0:
+        found = re.findall(r"exited with (-?\d+)", text)
+        raise StageFailed(stage, returncode, int(found[-1]) if found else None, "\n".join(lines[-30:]))
+    ran = stage in stages_in_output(text)
+    return {"stage": stage, "ran": ran, "up_to_date": not ran}
+
+
+def _ran(summary: dict[str, Any]) -> list[str]:
+    return [stage for stage, result in summary["stages"].items() if result.get("ran")]
+
+
+def evaluation_markdown(root: Path, summary: dict[str, Any]) -> str:
+    """The markdown artifact: the evaluation report (reports/eval/report.md) under a header with the outcome."""
+    import json
+
+    parts = ["# Cheetah pipeline run", ""]
+    ran = _ran(summary)
+    parts.append(f"Stages run: {', '.join(ran) if ran else 'none (everything was up to date)'}  ")
+    if summary.get("mlflow_run_id"):
+        parts.append(f"MLflow parent run: `{summary['mlflow_run_id']}`  ")
+    receipt = root / "metrics" / "register.json"
+    if receipt.is_file():
+        r = json.loads(receipt.read_text())
+        parts.append(f"Registered: `{r['model_uri']}`, {r['metric']} = {r['value']:.4f}; "
+                     f"{'**champion**' if r['promoted'] else 'challenger'} ({r['reason']})  ")
+    report = root / "reports" / "eval" / "report.md"
+    parts.append("")
+    parts.append(report.read_text() if report.is_file() else "_No evaluation report (reports/eval/report.md)._")
+    return "\n".join(parts) + "\n"
+
+
+@flow(name="cheetah-pipeline", log_prints=True)
+def pipeline(repo_dir: str | None = None, stages: list[str] | None = None, force: bool = False) -> dict[str, Any]:
+    """Bring the DVC pipeline up to date, one task per stage (all, or only `stages`, in dvc.yaml order), under one
+    parent MLflow run; publish the evaluation table as a markdown artifact."""
+    from cheetah.config import load_params
+
+    logger = get_run_logger()
+    root = Path(repo_dir or REPO).resolve()
+    order = stage_order(root)
+    unknown = sorted(set(stages or []) - set(order))
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown}; dvc.yaml has {order}")
+    selected = [s for s in order if not stages or s in stages]
+    params = load_params(root / "params.yaml")
+    experiment = params.register.experiment
+    if forget_stale_receipt(root, experiment):
+        logger.info("metrics/register.json names a version the tracking store does not hold: registering again")
+    summary: dict[str, Any] = {"repo_dir": str(root), "stages": {}, "mlflow_run_id": None}
+    if not force and is_up_to_date(root, selected):
+        # Still one task per stage (the schedule's record shows each was checked), but no empty MLflow run.
+        logger.info("DVC finds every stage up to date: checking them without an MLflow run")
+        for stage in selected:
+            summary["stages"][stage] = run_stage.with_options(name=stage)(stage, str(root), None, False)
+        create_markdown_artifact(key=ARTIFACT_KEY, markdown=evaluation_markdown(root, summary),
+                                 description="Cheetah: DEMON / MME evaluation (unchanged: everything up to date)")
+        return summary
+    from prefect.runtime import flow_run
+
+    tags = {"prefect.flow_run_id": str(flow_run.id or ""), "prefect.flow_run_name": str(flow_run.name or "")}
+    with parent_run(root, experiment, run_name="pipeline (prefect)", tags=tags) as run:
+        summary["mlflow_run_id"] = run.info.run_id
+        try:
+            for stage in selected:
+                summary["stages"][stage] = run_stage.with_options(name=stage)(stage, str(root), run.info.run_id,
+                                                                             force)
+        except BaseException:
+            import mlflow
+
+            log_record(run.info.run_id, root, params, stages_run=_ran(summary))
+            mlflow.end_run(status="FAILED")
+            raise
+        summary["record"] = log_record(run.info.run_id, root, params, stages_run=_ran(summary))
+    create_markdown_artifact(key=ARTIFACT_KEY, markdown=evaluation_markdown(root, summary),
+                             description="Cheetah: DEMON / MME evaluation of this pipeline run")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="flows/pipeline.py", description="The Cheetah pipeline as a Prefect flow")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("run", "serve"):
+        p = sub.add_parser(name)
+        p.add_argument("--repo-dir", default=None, help="repository root (default: this checkout)")
+        p.add_argument("--stage", action="append", dest="stages", help="only this stage (repeatable)")
+        p.add_argument("--force", action="store_true", help="rerun stages even if DVC finds them up to date")
+    s = sub.choices["serve"]
+    s.add_argument("--name", default="nightly")
+    s.add_argument("--cron", default=None, help='cron schedule (default "0 2 * * *" unless --interval is given)')
+    s.add_argument("--interval", type=float, default=None, help="schedule every this many seconds instead")
+    args = parser.parse_args(argv)
+    parameters = {"repo_dir": args.repo_dir, "stages": args.stages, "force": args.force}
+    if args.command == "run":
+        pipeline(**parameters)
+        return 0
+    schedule: dict[str, Any] = ({"interval": args.interval} if args.interval else {"cron": args.cron or "0 2 * * *"})
+    # One run at a time: two pipeline runs in one checkout would fight over DVC's lock and outputs.
+    pipeline.serve(name=args.name, parameters=parameters, global_limit=1, **schedule)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""dvc.yaml against the code: every stage calls a real CLI command, reads parameters that exist and writes the paths
+its configuration names; params.yaml holds every parameter DVC tracks; the default remote; the DAG order used by
+`cheetah pipeline run` and the Prefect flow; and `dvc exp run -S train.lr=...` on a small pipeline."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cheetah.cli import build_parser
+from cheetah.config import Params, load_params, to_dict
+from cheetah.io import DataError
+from cheetah.pipeline import _paths, stage_order
+
+REPO = Path(__file__).resolve().parents[1]
+DVC_YAML = yaml.safe_load((REPO / "dvc.yaml").read_text())
+STAGES = DVC_YAML["stages"]
+
+
+def _params_keys(stage: dict) -> list[str]:
+    return [p for p in stage.get("params", []) if isinstance(p, str)]
+
+
+def _outs(name: str) -> set[str]:
+    s = STAGES[name]
+    return set(_paths(s.get("outs")) + _paths(s.get("metrics")) + _paths(s.get("plots")))
+
+
+def test_stages_run_in_order_and_each_depends_on_what_it_reads():
+    assert stage_order(REPO) == list(STAGES) == ["world", "base", "synthesize", "validate", "train", "benchmarks",
+                                                 "evaluate", "register"]
+    deps = {n: set(_paths(s.get("deps"))) for n, s in STAGES.items()}
+    assert {"data/source"} <= deps["base"] and {"data/source", "data/backbone"} <= deps["synthesize"]
+    assert "data/synthetic" in deps["validate"]
+    # Training waits for a passing validation (its result file), and reads the data and the backbone.
+    assert {"data/synthetic", "data/backbone", "reports/data_docs/synthetic/result.json"} <= deps["train"]
+    assert {"data/benchmarks", "checkpoints/vpgc", "data/backbone"} <= deps["evaluate"]
+    assert {"checkpoints/vpgc", "metrics/eval.json"} <= deps["register"]
+    # Every data dependency is some earlier stage's output (code dependencies are folders of cheetah/).
+    order = list(STAGES)
+    for name, paths in deps.items():
+        for dep in paths - {p for p in paths if p.startswith("cheetah/")}:
+            producers = [m for m in order[:order.index(name)] if any(dep == o or dep.startswith(o + "/")
+                                                                    for o in _outs(m))]
+            assert producers, f"{name}: {dep} is produced by no earlier stage"
+
+
+def test_paths_in_dvc_yaml_are_the_configured_ones():
+    p = Params()
+    assert _outs("world") == {p.world.out} and p.synthesize.source == p.world.out
+    assert _outs("base") == {p.base.out, p.base.metrics} and p.model.backbone_dir == p.base.out
+    assert _outs("synthesize") == {p.synthesize.out} and p.train.data == p.synthesize.out
+    assert _outs("validate") == {f"{p.validate.docs_dir}/synthetic"}
+    assert STAGES["validate"]["cmd"] == f"cheetah validate synthetic {p.synthesize.out}"
+    assert _outs("train") == {p.train.out, p.train.state_dir, p.train.metrics, p.train.curve,
+                              str(Path(p.train.curve).with_suffix(".png"))}
+    assert _outs("benchmarks") == {str(Path(p.evaluate.demon_dir).parent)} == {str(Path(p.evaluate.mme_dir).parent)}
+    assert _outs("evaluate") == {p.evaluate.out, p.evaluate.metrics}
+    assert _outs("register") == {"metrics/register.json"}
+    # Metrics files are small and versioned with git; the register receipt is not (it describes a local store)
+    # and persists, so DVC's run-cache never restores a receipt instead of registering; training state persists.
+    train_outs = {k: v for o in STAGES["train"]["outs"] if isinstance(o, dict) for k, v in o.items()}
+    assert train_outs[p.train.state_dir] == {"persist": True}
+    assert STAGES["register"]["metrics"] == [{"metrics/register.json": {"persist": True}}]
+    for name in ("base", "train", "evaluate"):
+        for m in STAGES[name]["metrics"]:
+            assert list(m.values())[0] == {"cache": False}, (name, m)
+    assert set(DVC_YAML["metrics"]) == {"metrics/base.json", "metrics/train.json", "metrics/eval.json",
+                                        "metrics/register.json"}
+
+
+def test_every_cmd_is_a_cheetah_command_and_every_param_exists():
+    parser = build_parser()
+    defaults = Params()
+    fields = {s.name: {f.name for f in dataclasses.fields(getattr(defaults, s.name))} for s in dataclasses.fields(Params)}
+    for name, stage in STAGES.items():
+        argv = shlex.split(stage["cmd"])
+        assert argv[0] == "cheetah", stage["cmd"]
+        parser.parse_args(argv[1:])  # exits (SystemExit) on an unknown command or argument
+        for key in _params_keys(stage):
+            section, _, field = key.partition(".")
+            assert section in fields, f"{name}: unknown params section {section!r}"
+            assert not field or field in fields[section], f"{name}: unknown parameter {key!r}"
+
+
+def test_params_yaml_holds_every_parameter_dvc_tracks():
+    """DVC fails on a declared parameter missing from params.yaml, and cannot see a field left to its default in
+    code: changing that default would not rerun the stage. So params.yaml spells out every field."""
+    path = REPO / "params.yaml"
+    assert path.is_file(), "params.yaml is missing: dvc.yaml's stages read their parameters from it"
+    tree = yaml.safe_load(path.read_text())
+    load_params(path)  # valid
+    missing = []
+    for name, stage in STAGES.items():
+        for key in _params_keys(stage):
+            section, _, field = key.partition(".")
+            wanted = [field] if field else list(to_dict(getattr(Params(), section)))
+            missing += [f"{section}.{f} ({name})" for f in wanted if f not in (tree.get(section) or {})]
+    assert not missing, f"params.yaml lacks parameters that dvc.yaml tracks: {missing}"
+
+
+def test_dvc_config_has_a_default_local_remote_and_no_analytics():
+    config = (REPO / ".dvc" / "config").read_text()
+    assert "remote = local" in config and "url = ../../cheetah-dvc-remote" in config  # <repo>/../cheetah-dvc-remote
+    assert "analytics = false" in config
+
+
+def test_stage_order_follows_dependencies_and_refuses_cycles(tmp_path):
+    def write(stages: dict) -> Path:
+        (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
+        return tmp_path
+
+    # Written out of order: `b` reads what `a` writes (inside a's output folder), so `a` runs first.
+    assert stage_order(write({"b": {"cmd": "x", "deps": ["out/a/file.txt"]}, "a": {"cmd": "y", "outs": ["out/a"]},
+                              "c": {"cmd": "z"}})) == ["a", "b", "c"]
+    with pytest.raises(DataError, match="cycle"):
+        stage_order(write({"a": {"cmd": "x", "deps": ["b.txt"], "outs": ["a.txt"]},
+                           "b": {"cmd": "y", "deps": ["a.txt"], "outs": ["b.txt"]}}))
+    with pytest.raises(DataError, match="no cmd"):
+        stage_order(write({"a": {"foreach": [1, 2], "do": {"cmd": "x"}}}))
+
+
+def _run(cmd: list[str], cwd: Path) -> str:
+    done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout + done.stderr
+
+
+def test_dvc_exp_run_sets_a_train_parameter(tmp_path):
+    """`dvc exp run -S train.lr=...` on a two-stage pipeline shaped like ours (params by section, metrics file)."""
+    git = ["git", "-c", "user.email=ci@cheetah", "-c", "user.name=ci"]
+    dvc = [sys.executable, "-m", "dvc"]
+    (tmp_path / "params.yaml").write_text("train:\n  lr: 0.001\n  steps: 3\nevaluate:\n  n: 2\n")
+    script = ("import json, yaml; p = yaml.safe_load(open('params.yaml')); "
+              "json.dump({'loss': p['train']['lr'] * p['train']['steps']}, open('metrics.json', 'w'))")
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
+        "train": {"cmd": f'{sys.executable} -c "{script}"', "params": ["train"],
+                  "metrics": [{"metrics.json": {"cache": False}}]},
+        "evaluate": {"cmd": f'{sys.executable} -c "open(\'eval.txt\', \'w\').write(open(\'metrics.json\').read())"',
+                     "deps": ["metrics.json"], "params": ["evaluate.n"], "outs": ["eval.txt"]},
+    }}))
+    _run(git + ["init", "-q"], tmp_path)
+    _run(dvc + ["init", "-q"], tmp_path)
+    _run(dvc + ["repro", "-q"], tmp_path)
+    _run(git + ["add", "-A"], tmp_path)
+    _run(git + ["commit", "-qm", "baseline"], tmp_path)
+    out = _run(dvc + ["exp", "run", "-S", "train.lr=0.01"], tmp_path)
+    assert "Running stage 'train'" in out and "Running stage 'evaluate'" in out
+    assert json.loads((tmp_path / "metrics.json").read_text()) == {"loss": pytest.approx(0.03)}
+    shown = json.dumps(json.loads(subprocess.run(dvc + ["exp", "show", "--json"], cwd=tmp_path, check=True,
+                                                 capture_output=True, text=True).stdout))
+    assert '"lr": 0.01' in shown and '"lr": 0.001' in shown  # the experiment and its baseline
+    assert '"loss": 0.03' in shown and '"loss": 0.003' in shown
+
+
+def test_pipeline_stages_command_prints_the_order(capsys, monkeypatch):
+    from cheetah.cli import main
+
+    monkeypatch.chdir(REPO)
+    assert main(["pipeline", "stages"]) == 0
+    assert capsys.readouterr().out.split() == list(STAGES)

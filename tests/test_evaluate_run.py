@@ -1,0 +1,205 @@
+"""`cheetah evaluate` / `cheetah benchmarks` end to end on tiny models: predictions in the official formats, scores,
+report, chart, metrics JSON with base and VPG-C numbers, MLflow; resuming a killed evaluation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from cheetah.cli import main
+from cheetah.config import load_params
+from cheetah.evaluate import generation
+from cheetah.evaluate.demon import load_demon
+from cheetah.evaluate.mme import load_mme
+from cheetah.evaluate.run import evaluate, parse_model_specs
+from cheetah.io import DataError
+from cheetah.model.backbones import build_backbone, save_backbone
+from cheetah.model.vpgc import VPGCModel
+from cheetah.model.weights import save_vpgc
+
+N_DEMON_TASKS, PER_TASK, N_MME, PER_SUBTASK = 7, 2, 4, 2
+N_SAMPLES = N_DEMON_TASKS * PER_TASK + N_MME * PER_SUBTASK * 2
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # the 2 shared cores: one intra-op thread is much faster than two fighting
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A saved tiny backbone (LM weights made non-degenerate) and a non-zero VPG-C on it."""
+    from cheetah.world.language import train_tokenizer
+
+    root = tmp_path_factory.mktemp("models")
+    backbone = build_backbone("tiny", tokenizer=train_tokenizer(512), image_size=32, seed=0)
+    model = VPGCModel(backbone)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.language_model.parameters():
+            if p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        for p in model.vpgc.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    save_backbone(backbone, root / "backbone")
+    model.backbone_info.source = str(root / "backbone")
+    save_vpgc(model, root / "vpgc")
+    return {"base": str(root / "backbone"), "vpgc": str(root / "vpgc")}
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    (root / "params.yaml").write_text("world:\n  image_size: 32\n")
+    assert main(["--params", str(root / "params.yaml"), "benchmarks", "--demon-dir", str(root / "demon"),
+                 "--mme-dir", str(root / "mme"), "--demon-per-task", str(PER_TASK),
+                 "--mme-per-subtask", str(PER_SUBTASK)]) == 0
+    return {"demon": root / "demon", "mme": root / "mme"}
+
+
+def _sets(bench, models, out: Path, **extra) -> list[str]:
+    values = {"model.backbone_dir": models["base"], "train.out": models["vpgc"],
+              "evaluate.demon_dir": str(bench["demon"]), "evaluate.mme_dir": str(bench["mme"]),
+              "evaluate.out": str(out / "eval"), "evaluate.metrics": str(out / "metrics" / "eval.json"),
+              "evaluate.batch_size": 4, "evaluate.max_new_tokens": 6, "evaluate.device": "cpu", **extra}
+    return [f"{k}={json.dumps(v)}" for k, v in values.items()]
+
+
+def _params(bench, models, out: Path, **extra):
+    return load_params(None, _sets(bench, models, out, **extra))
+
+
+def test_benchmarks_command_writes_loadable_embedded_benchmarks(bench):
+    assert json.loads((bench["demon"] / "benchmark.json").read_text())["image_size"] == 32  # params.yaml read
+    tasks = load_demon(bench["demon"])
+    assert len(tasks) == N_DEMON_TASKS and all(len(t.samples) == PER_TASK for t in tasks)
+    mme = load_mme(bench["mme"])
+    assert sorted(mme) == sorted(["existence", "count", "position", "color"])
+    assert all(len(s) == 2 * PER_SUBTASK for s in mme.values())
+
+
+def test_cli_evaluate_end_to_end(bench, models, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.delenv("CHEETAH_PARENT_RUN_ID", raising=False)
+    argv = ["--params", str(tmp_path / "absent-is-defaults.yaml")]
+    (tmp_path / "absent-is-defaults.yaml").write_text("{}\n")
+    for s in _sets(bench, models, tmp_path):
+        argv += ["--set", s]
+    assert main(argv + ["evaluate"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+
+    out = tmp_path / "eval"
+    for name in ("base", "vpgc"):
+        pred = out / name / "predictions"
+        for task in load_demon(bench["demon"]):
+            rows = json.loads((pred / "demon" / task.dataset / "pred.json").read_text())
+            assert [r["sample_id"] for r in rows] == [s.sample_id for s in task.samples]
+            assert set(rows[0]) == {"sample_id", "pred_response", "gt_response"}
+        for subtask, samples in load_mme(bench["mme"]).items():
+            lines = (pred / "mme" / f"{subtask}.txt").read_text().split("\n")[:-1]  # (answers may hold \x1e)
+            assert len(lines) == len(samples) and all(len(ln.split("\t")) == 4 for ln in lines)
+        assert not list(pred.rglob("*.partial.jsonl"))  # journals folded into the official files
+        demon = json.loads((out / name / "demon_scores.json").read_text())
+        assert len(demon["tasks"]) == N_DEMON_TASKS and "average" in demon
+        mme = json.loads((out / name / "mme_scores.json").read_text())
+        assert sorted(mme["subtasks"]) == sorted(["existence", "count", "position", "color"])
+
+    report = (out / "report.md").read_text()
+    assert "| Category | base | vpgc |" in report and "World_SpotTheChange" in report and "### MME" in report
+    assert (out / "demon_categories.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    metrics = json.loads((tmp_path / "metrics" / "eval.json").read_text())
+    assert metrics["model"] == "vpgc"
+    assert metrics["demon_average"] == metrics["models"]["vpgc"]["demon_average"] == demon["average"]
+    base_demon = json.loads((out / "base" / "demon_scores.json").read_text())
+    assert metrics["models"]["base"]["demon_average"] == base_demon["average"]
+    assert set(metrics["mme"]) >= {"perception", "subtasks"} and "perception" in metrics["models"]["base"]["mme"]
+    assert printed["metrics"] == metrics
+    summary = json.loads((out / "evaluation.json").read_text())
+    assert summary["models"]["vpgc"]["identity"]["vpgc_sha256"] and summary["models"]["base"]["generated"]
+    assert summary["models"]["base"]["identity"]["vpgc_sha256"] is None
+
+    import mlflow
+
+    runs = mlflow.search_runs(experiment_names=["cheetah"], filter_string="tags.`cheetah.stage` = 'evaluate'")
+    assert len(runs) == 1
+    assert runs.iloc[0]["metrics.base.demon_average"] == pytest.approx(base_demon["average"])
+    assert runs.iloc[0]["metrics.demon_average"] == pytest.approx(demon["average"])
+    artifacts = {Path(a.path).name for a in mlflow.MlflowClient().list_artifacts(runs.iloc[0]["run_id"], "evaluate")}
+    assert {"report.md", "demon_categories.png", "eval.json"} <= artifacts
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_killed_evaluation_resumes_with_only_the_missing_samples(bench, models, tmp_path, monkeypatch):
+    specs = {"vpgc": models["vpgc"]}
+    full = evaluate(_params(bench, models, tmp_path / "full"), specs, track=False)
+    reference = tmp_path / "full" / "eval" / "vpgc" / "predictions"
+
+    real_iter = generation.Generator.iter_answers
+    generated: list[int] = []
+    kill_after = [7]
+
+    def iter_answers(self, requests):
+        for item in real_iter(self, requests):
+            if len(generated) == kill_after[0]:
+                raise _Killed
+            generated.append(item[0])
+            yield item
+
+    monkeypatch.setattr(generation.Generator, "iter_answers", iter_answers)
+    params = _params(bench, models, tmp_path / "killed")
+    with pytest.raises(_Killed):
+        evaluate(params, specs, track=False)
+    pred = tmp_path / "killed" / "eval" / "vpgc" / "predictions"
+    journaled = sum(len(p.read_text().splitlines()) for p in pred.rglob("*.partial.jsonl"))
+    finished = len(list(pred.rglob("pred.json"))) * PER_TASK
+    assert journaled + finished == 7  # every answer produced before the kill is on disk
+
+    generated.clear()
+    kill_after[0] = 10**9
+    # The rerun may use another batch size: predictions do not depend on it.
+    resumed = evaluate(_params(bench, models, tmp_path / "killed", **{"evaluate.batch_size": 3}), specs, track=False)
+    assert len(generated) == N_SAMPLES - 7
+    assert sum(resumed["metrics"]["models"]["vpgc"]["mme"]["subtasks"].values()) >= 0
+    files = sorted(p.relative_to(reference) for p in reference.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(pred) for p in pred.rglob("*") if p.is_file())
+    for rel in files:
+        assert (pred / rel).read_bytes() == (reference / rel).read_bytes(), rel
+    assert resumed["metrics"] == full["metrics"]
+
+    # A finished evaluation reruns without generating anything; other decoding settings are refused, not mixed in.
+    generated.clear()
+    evaluate(params, specs, track=False)
+    assert generated == []
+    changed = _params(bench, models, tmp_path / "killed", **{"evaluate.max_new_tokens": 7})
+    with pytest.raises(DataError, match="existing predictions"):
+        evaluate(changed, specs, benchmark="mme", track=False)
+    evaluate(changed, specs, benchmark="mme", restart=True, track=False)
+    assert len(generated) == N_MME * PER_SUBTASK * 2
+
+
+def test_model_specs_and_cli_errors(bench, models, tmp_path, capsys):
+    assert parse_model_specs(["a=x", "b.2=y=z"]) == {"a": "x", "b.2": "y=z"}
+    for bad in (["noequals"], ["=x"], ["a=x", "a=y"], ["../up=x"]):
+        with pytest.raises(DataError):
+            parse_model_specs(bad)
+    (tmp_path / "p.yaml").write_text("{}\n")
+    assert main(["--params", str(tmp_path / "p.yaml"), "evaluate", "--data-dir", str(bench["mme"])]) == 2
+    assert "--benchmark demon or --benchmark mme" in capsys.readouterr().err
+    argv = ["--params", str(tmp_path / "p.yaml")]
+    for s in _sets(bench, models, tmp_path):
+        argv += ["--set", s]
+    assert main(argv + ["evaluate", "--benchmark", "mme", "--data-dir", str(tmp_path / "nowhere"),
+                        "--no-track"]) == 2
+    assert "nowhere: MME data folder not found" in capsys.readouterr().err
+    assert main(argv + ["evaluate", "--benchmark", "mme", "--model", f"x={tmp_path / 'no-model'}", "--no-track"]) == 2
+    assert "no-model: no such model" in capsys.readouterr().err

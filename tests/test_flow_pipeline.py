@@ -1,0 +1,319 @@
+"""The whole pipeline, for real, on a throwaway copy of the repository with every stage shrunk (params.yaml):
+
+1. the Prefect flow runs every DVC stage against the ephemeral API: task runs named after the stages, one parent
+   MLflow run with the stages' child runs, a registered model with `challenger` and `champion`, the evaluation table
+   as a markdown artifact, and `dvc status` clean afterwards;
+2. a second `dvc repro` reruns nothing;
+3. changing an `evaluate` parameter reruns evaluate and register only, through `cheetah pipeline run`;
+4. `dvc exp run -S register.margin=...` reruns register only; the new version, no better, stays challenger
+   (tests/test_dvc_pipeline.py runs `dvc exp run -S train.lr=...` on a small pipeline);
+5. `dvc push` to the default remote and `dvc pull` in a fresh clone round-trip the outputs.
+
+The tests share one pipeline run and follow each other (module-scoped state); they run in file order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+# What the pipeline needs from the checkout (plus .gitignore files): code, DAG, params, DVC and Prefect config.
+COPY = ["cheetah", "flows", "dvc.yaml", "params.yaml", "prefect.yaml", "pyproject.toml", ".dvc/config", ".dvcignore",
+        ".gitignore"]
+# Every stage, shrunk: the whole pipeline in about a minute and a half on 2 cores.
+TINY = {
+    "world": {"n": 32, "image_size": 32},
+    "base": {"steps": 4, "batch_size": 4, "eval_scenes": 2, "warmup_steps": 1},
+    "synthesize": {"n": 12, "captions": 12, "workers": 1},
+    "train": {"steps": 3, "synthetic_batch": 2, "caption_batch": 2, "checkpoint_every": 3, "eval_every": 3,
+              "warmup_steps": 1, "log_every": 1},
+    "evaluate": {"demon_per_task": 1, "mme_per_subtask": 2, "max_new_tokens": 4, "batch_size": 16},
+}
+STAGES = ["world", "base", "synthesize", "validate", "train", "benchmarks", "evaluate", "register"]
+
+
+def git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", "-c", "user.email=ci@cheetah", "-c", "user.name=ci", *args], cwd=repo, check=True,
+                          capture_output=True, text=True).stdout.strip()
+
+
+def dvc(repo: Path, *args: str, check: bool = True) -> str:
+    from cheetah.pipeline import dvc as run_dvc
+
+    done = run_dvc(*args, root=repo, capture=True)
+    out = done.stdout + done.stderr
+    if check and done.returncode != 0:
+        raise AssertionError(f"dvc {' '.join(args)} failed ({done.returncode}):\n{out[-4000:]}")
+    return out
+
+
+def stages_run(output: str) -> list[str]:
+    return re.findall(r"Running stage '([^']+)'", output)
+
+
+def tiny_params(source: Path | None) -> dict:
+    """The repository's params.yaml (or the defaults), every field written out, every stage shrunk."""
+    from cheetah.config import load_params, to_dict
+
+    params = to_dict(load_params(source if source and source.exists() else None))
+    for section, values in TINY.items():
+        params[section].update(values)
+    return params
+
+
+def copy_repo(dest: Path) -> Path:
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "--", *COPY], cwd=REPO, check=True,
+                           capture_output=True, text=True).stdout.split("\n")
+    for rel in filter(None, files):
+        if (REPO / rel).is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            (dest / rel).write_bytes((REPO / rel).read_bytes())
+    (dest / "params.yaml").write_text(yaml.safe_dump(tiny_params(REPO / "params.yaml"), sort_keys=False))
+    git(dest, "init", "-q")
+    git(dest, "add", "-A")
+    git(dest, "commit", "-qm", "throwaway copy")
+    return dest
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    repo = root / "repo"
+    repo.mkdir()
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{repo}/mlflow.db")
+    mp.setenv("DVC_NO_ANALYTICS", "1")
+    mp.setenv("DS_ACCELERATOR", "cpu")
+    mp.setenv("TOKENIZERS_PARALLELISM", "false")
+    mp.setenv("HF_HUB_OFFLINE", "1")
+    mp.setenv("TRANSFORMERS_OFFLINE", "1")
+    mp.delenv("CHEETAH_PARENT_RUN_ID", raising=False)
+    mp.chdir(root)
+    copy_repo(repo)
+    try:
+        yield {"root": root, "repo": repo}
+    finally:
+        mp.undo()
+
+
+@pytest.fixture(scope="module")
+def prefect_api(tmp_path_factory):
+    from prefect.settings import PREFECT_HOME, PREFECT_SERVER_ANALYTICS_ENABLED, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    home = tmp_path_factory.mktemp("prefect-home")
+    with temporary_settings({PREFECT_HOME: home, PREFECT_SERVER_ANALYTICS_ENABLED: False}):
+        with prefect_test_harness(server_startup_timeout=120):
+            yield
+
+
+@pytest.fixture(scope="module")
+def flow_run(env, prefect_api):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("cheetah_flows_pipeline", REPO / "flows" / "pipeline.py")
+    flow_module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(flow_module)
+    state = flow_module.pipeline(repo_dir=str(env["repo"]), return_state=True)
+    return {"state": state, "module": flow_module}
+
+
+def test_flow_runs_every_stage_with_tracking_and_an_evaluation_artifact(env, flow_run):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId
+
+    repo, state = env["repo"], flow_run["state"]
+    assert state.is_completed(), state
+    summary = state.result()
+    assert list(summary["stages"]) == STAGES and all(s["ran"] for s in summary["stages"].values())
+
+    # Prefect: one task run per stage, named after it, all completed; the evaluation table as an artifact.
+    flow_run_id = state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["cheetah-evaluation"])))
+    assert sorted(t.name for t in tasks) == sorted(STAGES)
+    assert all(t.state.is_completed() for t in tasks)
+    assert len(artifacts) == 1 and artifacts[0].type == "markdown"
+    markdown = artifacts[0].data
+    assert "### DEMON by category" in markdown and "| **Average** |" in markdown
+    assert f"Registered: `models:/cheetah-vpgc/1`" in markdown and "**champion**" in markdown
+
+    # MLflow: one parent run; the stages that track log child runs of it; the pipeline's record on the parent.
+    client = MlflowClient()
+    parent = client.get_run(summary["mlflow_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.tags["cheetah.kind"] == "pipeline"
+    assert parent.data.tags["prefect.flow_run_id"] == str(flow_run_id)
+    assert parent.data.tags["git_commit"] == git(repo, "rev-parse", "HEAD")
+    children = mlflow.search_runs(experiment_ids=[parent.info.experiment_id], output_format="list",
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    child_stages = {c.data.tags.get("cheetah.stage") for c in children}
+    assert {"base", "train", "evaluate", "register"} <= child_stages <= set(STAGES)
+    assert parent.data.tags["stages_run"].split(",") == STAGES
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"pipeline", "eval", "data_docs"} <= artifacts
+    assert "pipeline/dvc.lock" in {a.path for a in client.list_artifacts(parent.info.run_id, "pipeline")}
+    assert "data_docs/synthetic/index.html" in {a.path for a in client.list_artifacts(parent.info.run_id,
+                                                                                         "data_docs/synthetic")}
+    eval_metrics = json.loads((repo / "metrics/eval.json").read_text())
+    assert parent.data.metrics["demon_average"] == pytest.approx(eval_metrics["demon_average"])
+
+    # The registry: version 1, challenger and (no champion before) champion, with its lineage.
+    version = client.get_model_version_by_alias("cheetah-vpgc", "challenger")
+    assert str(version.version) == "1"
+    assert str(client.get_model_version_by_alias("cheetah-vpgc", "champion").version) == "1"
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    assert version.tags["data_hash"] == next(o["md5"] for o in lock["stages"]["world"]["outs"])
+    receipt = json.loads((repo / "metrics/register.json").read_text())
+    assert receipt["version"] == 1 and receipt["promoted"] is True
+
+    # DVC: everything recorded in dvc.lock; metrics and plots readable.
+    assert json.loads(dvc(repo, "status", "--json")) == {}
+    assert set(lock["stages"]) == set(STAGES)
+    shown = json.loads(dvc(repo, "metrics", "show", "--json"))
+    files = shown[""]["data"]
+    assert files["metrics/eval.json"]["data"]["demon_average"] == eval_metrics["demon_average"]
+    assert files["metrics/register.json"]["data"]["version"] == 1
+    plots = dvc(repo, "plots", "show", "--json")
+    assert "plots/train_curve.csv" in plots and "reports/eval/demon_categories.png" in plots
+
+
+def test_second_repro_reruns_nothing(env, flow_run):
+    import mlflow
+
+    from cheetah.pipeline import stage_env
+
+    out = dvc(env["repo"], "repro")
+    assert stages_run(out) == [] and "Data and pipelines are up to date" in out
+    # Code folders are dependencies: Python's bytecode caches in them must not count as changes (.dvcignore).
+    cache = env["repo"] / "cheetah" / "world" / "__pycache__"
+    cache.mkdir(exist_ok=True)
+    (cache / "scene.cpython-311.pyc").write_bytes(b"bytecode")
+    assert json.loads(dvc(env["repo"], "status", "--json")) == {}
+    # `cheetah pipeline run` (make run) neither runs anything nor leaves an empty MLflow run behind.
+    before = len(mlflow.search_runs(experiment_names=["cheetah"], output_format="list"))
+    done = subprocess.run([sys.executable, "-m", "cheetah.cli", "pipeline", "run"], cwd=env["repo"], env=stage_env(),
+                          capture_output=True, text=True)
+    assert done.returncode == 0 and "nothing to run" in done.stdout, done.stdout + done.stderr
+    assert len(mlflow.search_runs(experiment_names=["cheetah"], output_format="list")) == before
+
+
+def test_an_evaluate_parameter_reruns_only_evaluate_and_register_under_cheetah_pipeline_run(env, flow_run):
+    """`cheetah pipeline run` (what `make run` calls): one parent run, and exactly the stages that read the changed
+    parameter (evaluate; register, which also serves with it) run again, nothing upstream."""
+    from mlflow.tracking import MlflowClient
+
+    from cheetah.pipeline import stage_env
+
+    repo = env["repo"]
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["evaluate"]["max_new_tokens"] = 3
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert set(json.loads(dvc(repo, "status", "--json"))) == {"evaluate", "register"}
+
+    done = subprocess.run([sys.executable, "-m", "cheetah.cli", "pipeline", "run"], cwd=repo, env=stage_env(),
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert stages_run(done.stdout + done.stderr) == ["evaluate", "register"]
+    parent_id = re.search(r"MLflow parent run ([0-9a-f]{32})", done.stdout).group(1)
+    client = MlflowClient()
+    assert client.get_run(parent_id).data.tags["stages_run"] == "evaluate,register"
+    assert str(client.get_model_version_by_alias("cheetah-vpgc", "challenger").version) == "2"
+    receipt = json.loads((repo / "metrics/register.json").read_text())
+    champion = str(client.get_model_version_by_alias("cheetah-vpgc", "champion").version)
+    assert receipt["version"] == 2 and champion == ("2" if receipt["promoted"] else "1")
+    assert json.loads(dvc(repo, "status", "--json")) == {}
+
+
+def test_dvc_exp_run_of_a_register_parameter_reruns_register_only(env, flow_run):
+    """`dvc exp run -S` on the real pipeline (tests/test_dvc_pipeline.py runs `-S train.lr=...` on a small one): a
+    wider margin reruns registration only, and the new version, no better, does not take `champion`."""
+    from mlflow.tracking import MlflowClient
+
+    repo = env["repo"]
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "pipeline outputs")  # dvc exp run needs a commit to branch from
+    champion = str(MlflowClient().get_model_version_by_alias("cheetah-vpgc", "champion").version)
+    out = dvc(repo, "exp", "run", "-S", "register.margin=0.5")
+    assert stages_run(out) == ["register"], out[-3000:]
+    exps = json.dumps(json.loads(dvc(repo, "exp", "show", "--json")))
+    assert '"margin": 0.5' in exps
+    assert yaml.safe_load((repo / "params.yaml").read_text())["register"]["margin"] == 0.5  # applied
+    receipt = json.loads((repo / "metrics/register.json").read_text())
+    assert receipt["version"] == 3 and receipt["promoted"] is False
+    assert str(MlflowClient().get_model_version_by_alias("cheetah-vpgc", "champion").version) == champion
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "experiment: register.margin=0.5")
+    # A training parameter changes the train stage only; evaluate and register follow from its new outputs.
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["train"]["lr"] = 0.0005
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert set(json.loads(dvc(repo, "status", "--json"))) == {"train"}
+    git(repo, "checkout", "params.yaml")
+
+
+def test_push_and_pull_round_trip_through_the_default_remote(env, flow_run):
+    repo, root = env["repo"], env["root"]
+    config = (repo / ".dvc/config").read_text()
+    assert re.search(r"remote\s*=\s*(\S+)", config), config  # a default remote is configured
+    out = dvc(repo, "push")
+    assert (root / "cheetah-dvc-remote").is_dir(), out  # ../cheetah-dvc-remote, beside the repository
+    clone = root / "clone"
+    git(root, "clone", "-q", str(repo), str(clone))
+    assert not (clone / "checkpoints/vpgc").exists()
+    dvc(clone, "pull")
+    for rel in ("checkpoints/vpgc/vpgc.safetensors", "data/backbone/config.json", "data/source/captions.jsonl",
+                "reports/eval/report.md", "metrics/register.json"):
+        assert (clone / rel).read_bytes() == (repo / rel).read_bytes(), rel
+    assert json.loads(dvc(clone, "status", "--json")) == {}
+    assert stages_run(dvc(clone, "repro")) == []
+
+
+def test_flow_retries_a_killed_stage_but_not_a_bad_input(env, prefect_api, flow_run, tmp_path, monkeypatch):
+    """Retries are for accidents: a stage killed by a signal is run again; a stage that exits 2 (cheetah's code for
+    bad configuration or data) fails at once, and the flow with it."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    module = flow_run["module"]
+    small = tmp_path / "small"
+    small.mkdir()
+    (small / "dvc.yaml").write_text(
+        "stages:\n"
+        "  flaky:\n"  # killed (SIGKILL) the first time, fine the second
+        "    cmd: python -c \"import os, signal, pathlib; m = pathlib.Path('tried'); first = not m.exists(); "
+        "m.touch(); first and os.kill(os.getpid(), signal.SIGKILL); pathlib.Path('out.txt').write_text('ok')\"\n"
+        "    outs: [out.txt]\n"
+        "  bad:\n"
+        "    cmd: python -c \"import sys; sys.exit(2)\"\n"
+        "    deps: [out.txt]\n")
+    (small / "params.yaml").write_text("register:\n  experiment: retries\n")
+    git(small, "init", "-q")
+    dvc(small, "init", "-q")
+    git(small, "add", "-A")
+    git(small, "commit", "-qm", "small")
+    monkeypatch.setattr(module, "run_stage", module.run_stage.with_options(retry_delay_seconds=0))
+
+    state = module.pipeline(repo_dir=str(small), return_state=True)
+    assert state.is_failed()
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(
+            id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    by_name = {t.name: t for t in runs}
+    assert by_name["flaky"].state.is_completed() and by_name["flaky"].run_count == 2  # retried once
+    assert by_name["bad"].state.is_failed() and by_name["bad"].run_count == 1  # not retried
+    assert "exited with 2" in str(by_name["bad"].state.message) or "exited with 2" in str(
+        state.result(raise_on_failure=False))
+    assert (small / "out.txt").read_text() == "ok"

@@ -1,0 +1,228 @@
+"""MLflow registration: the champion/challenger gate, lineage tags, and serving the champion (`cheetah predict` and
+`mlflow.pyfunc.load_model(...).predict(df)`), on a tiny VPG-C and a tracking store in a temporary directory."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import make_tokenizer
+
+from cheetah.config import Params, RegisterConfig
+from cheetah.io import DataError
+
+NAME = "cheetah-vpgc"
+
+
+def _sharpen(module_params, seed: int, scale: float = 0.3) -> None:
+    """Random tiny LMs give near-tie logits; larger random weights make greedy answers depend on the weights."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module_params:
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+def _git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True).stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A git repo with a dvc.lock, a tiny backbone, three VPG-C weight sets and two images; tracking in the tmp dir."""
+    from cheetah.model.backbones import build_backbone, load_backbone, save_backbone
+    from cheetah.model.vpgc import VPGCModel
+    from cheetah.model.weights import save_vpgc
+    from cheetah.world import generate_scene, png_bytes, render
+
+    root = tmp_path_factory.mktemp("registry")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
+    mp.chdir(root)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+
+    backbone = build_backbone("tiny", tokenizer=make_tokenizer(), image_size=32, seed=0)
+    _sharpen([p for p in backbone.model.language_model.parameters() if p.dim() == 2], seed=1)
+    save_backbone(backbone, "backbone")  # relative: the card records "backbone" and its absolute path
+    vpgc = {}
+    for seed in (1, 2, 3):
+        model = VPGCModel(load_backbone("backbone"))
+        _sharpen(model.vpgc.parameters(), seed=10 + seed)
+        vpgc[seed] = save_vpgc(model, f"vpgc{seed}")
+    images = []
+    for k in range(2):
+        path = root / f"image{k}.png"
+        path.write_bytes(png_bytes(render(generate_scene(0, k, image_size=32)).image))
+        images.append(str(path))
+
+    repo = root / "repo"
+    repo.mkdir()
+    lock = {"schema": "2.0", "stages": {
+        "world": {"cmd": "cheetah world", "outs": [{"path": "data/source", "md5": "aaaa1111.dir", "hash": "md5"}]},
+        "base": {"cmd": "cheetah base", "outs": [{"path": "data/backbone", "md5": "bbbb2222.dir", "hash": "md5"}]},
+        "register": {"cmd": "cheetah register", "outs": [{"path": "metrics/register.json", "md5": "cccc"}]},
+    }}
+    (repo / "dvc.lock").write_text(yaml.safe_dump(lock))
+    _git(repo, "init", "-q")
+    _git(repo, "add", "dvc.lock")
+    _git(repo, "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "lock")
+    try:
+        yield {"root": root, "repo": repo, "vpgc": vpgc, "images": images, "lock": lock}
+    finally:
+        torch.set_num_threads(threads)
+        mp.undo()
+
+
+@pytest.fixture(scope="module")
+def registered(world):
+    """Four registrations with margin 0.05: a first model, a worse one, one better only within the margin, and one
+    better by more than the margin."""
+    from cheetah.registry import register
+
+    params = Params(register=RegisterConfig(margin=0.05))
+    receipts = []
+    for n, (seed, value) in enumerate([(1, 0.50), (2, 0.40), (2, 0.53), (3, 0.60)]):
+        metrics = world["root"] / f"eval{n}.json"
+        metrics.write_text(json.dumps({"demon_average": value, "demon": {"average": value, "tasks": {"t": 1.0}},
+                                       "mme": {"perception": 100.0 + n}, "models": {"base": {"demon_average": 0.1}}}))
+        receipts.append(register(params, metrics, world["vpgc"][seed], out=world["root"] / f"register{n}.json",
+                                 root=world["repo"]))
+    return receipts
+
+
+def _client():
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient()
+
+
+def test_gate_worse_and_within_margin_never_take_champion_better_does(registered, world):
+    first, worse, within, better = registered
+    assert [r["version"] for r in registered] == [1, 2, 3, 4]
+    assert first["promoted"] and first["reason"] == "no champion yet"
+    assert not worse["promoted"] and worse["aliases"] == {"challenger": 2, "champion": 1}
+    assert not within["promoted"] and within["aliases"] == {"challenger": 3, "champion": 1}
+    assert "does not beat" in within["reason"] and within["previous_champion"] == {"version": 1, "value": 0.5}
+    assert better["promoted"] and better["aliases"] == {"challenger": 4, "champion": 4}
+    client = _client()
+    assert str(client.get_model_version_by_alias(NAME, "champion").version) == "4"
+    assert str(client.get_model_version_by_alias(NAME, "challenger").version) == "4"
+    assert client.get_model_version(NAME, "2").tags["gate"].startswith("kept: ")
+    assert client.get_model_version(NAME, "4").tags["gate"].startswith("promoted: ")
+    # The receipt is what DVC keeps (metrics/register.json in the pipeline).
+    assert json.loads((world["root"] / "register3.json").read_text()) == better
+
+
+def test_versions_carry_lineage_and_metric_tags(registered, world):
+    from cheetah.model.weights import read_card
+
+    tags = _client().get_model_version(NAME, "4").tags
+    assert tags["git_commit"] == _git(world["repo"], "rev-parse", "HEAD") and tags["git_dirty"] == "false"
+    upstream = {k: v for k, v in world["lock"]["stages"].items() if k != "register"}
+    assert tags["dvc_lock_hash"] == hashlib.sha256(json.dumps(upstream, sort_keys=True).encode()).hexdigest()
+    assert tags["data_hash"] == "aaaa1111.dir" and tags["backbone_hash"] == "bbbb2222.dir"
+    assert tags["vpgc_sha256"] == read_card(world["vpgc"][3])["sha256"]
+    assert float(tags["metric.demon_average"]) == 0.60 and float(tags["metric.mme.perception"]) == 103.0
+    assert "metric.demon.tasks.t" not in tags and "metric.models.base.demon_average" not in tags  # headline only
+    # The model holds the VPG-C weights and card, never the backbone.
+    import mlflow
+
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}/4", dst_path=str(world["root"] / "dl")))
+    files = sorted(p.name for p in local.rglob("*") if p.is_file())
+    assert "vpgc.safetensors" in files and "vpgc.json" in files
+    assert not any(f.startswith("model") and f.endswith(".safetensors") for f in files)  # no backbone weights
+    # The lineage artifact: the dvc.lock the tags were computed from, logged with the registering run.
+    run_id = _client().get_model_version(NAME, "4").run_id
+    assert [a.path for a in _client().list_artifacts(run_id, "lineage")] == ["lineage/dvc.lock"]
+
+
+def test_predict_cli_and_pyfunc_answer_with_the_champion(registered, world, capsys):
+    import mlflow
+    import pandas as pd
+
+    from cheetah.cli import main
+    from cheetah.evaluate.generation import answer_one, load_model
+    from cheetah.registry import with_image_placeholders
+
+    images, instruction = world["images"], "What is different between the images?"
+    assert main(["predict", "--model", f"models:/{NAME}@champion", "--image", images[0], "--image", images[1],
+                 "--instruction", instruction]) == 0
+    cli_answer = capsys.readouterr().out.strip()
+    assert main(["predict", "--image", images[0], "--image", images[1], "--instruction", instruction]) == 0
+    assert capsys.readouterr().out.strip() == cli_answer  # the default model is models:/<name>@champion
+
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
+    frame = pd.DataFrame({"instruction": [instruction, "<image> Describe the image."],
+                          "images": [images, [images[0]]]})
+    answers = pyfunc.predict(frame)
+    assert answers[0] == cli_answer and len(answers) == 2 and all(isinstance(a, str) for a in answers)
+
+    # It is the champion's (version 4 = vpgc3) answer, not the latest challenger's weights, nor version 1's.
+    prompt = with_image_placeholders(instruction, 2)
+    assert prompt.startswith("Image 1: <image> Image 2: <image> ")
+    direct = {s: answer_one(load_model(world["vpgc"][s]), prompt, images, max_new_tokens=32) for s in (1, 3)}
+    assert cli_answer == direct[3] and cli_answer
+    assert direct[1] != direct[3]  # the check above could not pass by accident with another version's weights
+
+
+def test_served_model_finds_its_backbone_elsewhere(registered, world, tmp_path, monkeypatch):
+    import shutil
+
+    from cheetah.registry import predict, resolve_backbone_dir
+
+    uri, images = f"models:/{NAME}/4", world["images"]
+    expected = predict(uri, "What is it?", images[:1])
+    # From another working directory: the card's absolute path (where the backbone was trained) still holds.
+    monkeypatch.chdir(tmp_path)
+    assert predict(uri, "What is it?", images[:1]) == expected
+    # A copy elsewhere, named explicitly (e.g. the model served on another machine).
+    shutil.copytree(world["root"] / "backbone", tmp_path / "copy")
+    assert predict(uri, "What is it?", images[:1], backbone_dir=tmp_path / "copy") == expected
+    with pytest.raises(DataError, match="CHEETAH_BACKBONE_DIR"):
+        resolve_backbone_dir({"backbone": "gone/backbone", "backbone_abspath": "/nonexistent/backbone"})
+    with pytest.raises(DataError, match="image not found"):
+        predict(uri, "What is it?", [str(tmp_path / "missing.png")])
+
+
+def test_receipt_is_current_only_for_a_version_the_store_holds(registered, world, tmp_path):
+    from cheetah.registry import receipt_is_current
+
+    receipt = world["root"] / "register3.json"
+    assert receipt_is_current(receipt, root=world["root"])
+    forged = json.loads(receipt.read_text()) | {"run_id": "0" * 32}
+    (tmp_path / "r.json").write_text(json.dumps(forged))
+    assert not receipt_is_current(tmp_path / "r.json", root=world["root"])
+    (tmp_path / "r.json").write_text(json.dumps(forged | {"version": 99}))
+    assert not receipt_is_current(tmp_path / "r.json", root=world["root"])
+    assert not receipt_is_current(tmp_path / "missing.json", root=world["root"])
+
+
+def test_decide_and_metric_lookup():
+    from cheetah.registry import decide, metric_value
+
+    assert decide(0.1, None, 0.5) == (True, "no champion yet")
+    assert decide(0.6, 0.5, 0.05)[0] and not decide(0.55, 0.5, 0.05)[0] and not decide(0.5, 0.5, 0.0)[0]
+    assert not decide(float("nan"), 0.5, 0.0)[0]
+    metrics = {"demon_average": 0.3, "mme": {"perception": 120.5}}
+    assert metric_value(metrics, "mme.perception") == 120.5 and metric_value(metrics, "demon_average") == 0.3
+    with pytest.raises(DataError, match="no metric 'mme.cognition'"):
+        metric_value(metrics, "mme.cognition", "metrics/eval.json")
+    with pytest.raises(DataError, match="not a number"):
+        metric_value({"demon_average": "high"}, "demon_average")
+
+
+def test_register_refuses_missing_inputs(world, tmp_path):
+    from cheetah.registry import register
+
+    with pytest.raises(DataError, match="vpgc.safetensors: not found"):
+        register(Params(), tmp_path / "eval.json", tmp_path / "nothing", out=tmp_path / "r.json")
+    (tmp_path / "eval.json").write_text(json.dumps({"mme": {"perception": 1.0}}))
+    with pytest.raises(DataError, match="no metric 'demon_average'"):
+        register(Params(), tmp_path / "eval.json", world["vpgc"][1], out=tmp_path / "r.json")
+    assert not (tmp_path / "r.json").exists()

@@ -1,0 +1,163 @@
+"""VPG-C training with DeepSpeed on CPU: golden losses, ZeRO stages, 2 processes, and resume after SIGKILL."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import make_tokenizer, write_instruction_set
+from safetensors.torch import load_file
+
+from cheetah.config import load_params
+from cheetah.model.backbones import build_backbone, save_backbone
+from cheetah.train.data import JointSampler
+from cheetah.train.vpgc import lr_lambda, train_vpgc
+
+REPO = Path(__file__).resolve().parents[1]
+CLI = [sys.executable, "-m", "cheetah.cli"]
+
+
+def _cli(*args: str, env: dict) -> subprocess.CompletedProcess:
+    out = subprocess.run([*CLI, *args], cwd=REPO, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-4000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    d = tmp_path_factory.mktemp("train")
+    save_backbone(build_backbone("tiny", tokenizer=make_tokenizer(), image_size=32, seed=0), d / "backbone")
+    write_instruction_set(d / "syn", n_synthetic=24, n_captions=24)
+    return d
+
+
+def _params(d: Path, name: str, **train) -> dict:
+    base = {"data": str(d / "syn"), "out": str(d / name / "vpgc"), "state_dir": str(d / name / "state"),
+            "metrics": str(d / name / "train.json"), "curve": str(d / name / "curve.csv"), "steps": 6,
+            "synthetic_batch": 4, "caption_batch": 4, "checkpoint_every": 3, "eval_every": 3, "heldout_fraction": 0.2,
+            "warmup_steps": 1, "lr": 0.01, "log_every": 2, "zero_stage": 0}
+    return {"model": {"preset": "tiny", "backbone_dir": str(d / "backbone")}, "train": {**base, **train}}
+
+
+def _write_params(d: Path, name: str, **train) -> Path:
+    path = d / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(_params(d, name, **train)))
+    return path
+
+
+def _run(d: Path, name: str, **train):
+    overrides = [f"{section}.{k}={json.dumps(v)}" for section, vals in _params(d, name, **train).items()
+                 for k, v in vals.items()]
+    return train_vpgc(load_params(None, overrides))
+
+
+def _curve(d: Path, name: str) -> list[float]:
+    with open(d / name / "curve.csv") as f:
+        return [float(r["loss"]) for r in csv.DictReader(f)]
+
+
+def _weights(d: Path, name: str) -> dict[str, torch.Tensor]:
+    return load_file(str(d / name / "vpgc" / "vpgc.safetensors"))
+
+
+@pytest.fixture(autouse=True)
+def _mlflow(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+
+def test_schedule_and_sampler_are_pure_functions_of_the_step():
+    f = lr_lambda(2, 10, "cosine")
+    assert [round(f(s), 4) for s in (0, 1, 2, 6, 10)] == [0.5, 1.0, 1.0, 0.5, 0.0]
+    s = JointSampler(10, 7, 4, 3, seed=1)
+    first = [s.step(i) for i in range(6)]
+    assert first == [JointSampler(10, 7, 4, 3, seed=1).step(i) for i in range(6)]
+    seen = [i for syn, _ in first[:5] for i in syn][:10]
+    assert sorted(seen) == list(range(10))  # one epoch is a permutation: every example once
+
+
+def test_golden_losses_and_zero_stages_agree(workspace):
+    """torchtune-style recipe test: the loss of a few steps against golden values (CPU, fp32), and the same curve
+    under ZeRO-2 and ZeRO-3 (tolerance 1e-5 relative: only the reduction order may differ)."""
+    m0 = _run(workspace, "zero0", zero_stage=0)
+    curve0 = _curve(workspace, "zero0")
+    golden = [5.7515, 5.6468, 5.6319, 5.6061, 5.5943, 5.5980]
+    torch.testing.assert_close(torch.tensor(curve0), torch.tensor(golden), rtol=0, atol=2e-3)
+    assert m0["heldout_loss_final"] < m0["heldout_loss_init"]
+    for stage in (2, 3):
+        _run(workspace, f"zero{stage}", zero_stage=stage)
+        torch.testing.assert_close(torch.tensor(_curve(workspace, f"zero{stage}")), torch.tensor(curve0),
+                                   rtol=1e-5, atol=0)
+        for k, v in _weights(workspace, "zero0").items():
+            torch.testing.assert_close(_weights(workspace, f"zero{stage}")[k], v, rtol=1e-4, atol=1e-6)
+    card = json.loads((workspace / "zero3" / "vpgc" / "vpgc.json").read_text())
+    assert card["training"]["zero_stage"] == 3 and card["update_layer"] == 2
+
+
+def test_two_processes_match_one(workspace):
+    """torchrun with 2 ranks, each taking half of the same global batch, gives the single-process run."""
+    one = _write_params(workspace, "one", zero_stage=2)
+    two = _write_params(workspace, "two", zero_stage=2)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    _cli("--params", str(one), "train", env=env)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "cheetah.cli",
+                           "--params", str(two), "train"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((workspace / "two" / "train.json").read_text())["world_size"] == 2
+    torch.testing.assert_close(torch.tensor(_curve(workspace, "two")), torch.tensor(_curve(workspace, "one")),
+                               rtol=1e-5, atol=0)
+    for k, v in _weights(workspace, "one").items():
+        torch.testing.assert_close(_weights(workspace, "two")[k], v, rtol=1e-4, atol=1e-6)
+
+
+def test_sigkill_then_resume_ends_with_identical_weights(workspace):
+    steps = dict(steps=12, checkpoint_every=2, eval_every=6)
+    straight = _write_params(workspace, "straight", **steps)
+    killed = _write_params(workspace, "killed", **steps)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    _cli("--params", str(straight), "train", env=env)
+
+    state = workspace / "killed" / "state"
+    proc = subprocess.Popen([*CLI, "--params", str(killed), "train"], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        latest = state / "latest"
+        if latest.exists() and latest.read_text().strip() >= "step-000004":
+            break
+        if proc.poll() is not None:
+            pytest.fail("training finished before it could be killed")
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    stopped_at = (state / "latest").read_text().strip()
+    assert stopped_at < "step-000012", "the run was not killed mid-way"
+    assert not (workspace / "killed" / "vpgc").exists()
+
+    out = _cli("--params", str(killed), "train", env=env)
+    assert f"resuming VPG-C training from {state}/{stopped_at}" in out.stdout
+    a, b = _weights(workspace, "straight"), _weights(workspace, "killed")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert _curve(workspace, "killed") == _curve(workspace, "straight")
+
+
+def test_state_from_other_settings_is_not_resumed(workspace, capsys):
+    _run(workspace, "changed", steps=3, checkpoint_every=3)
+    _run(workspace, "changed", steps=3, checkpoint_every=3, lr=0.02)
+    assert "written under other settings or data; starting afresh" in capsys.readouterr().out
+
+
+def test_uneven_batch_split_is_refused(workspace):
+    with pytest.raises(ValueError, match="synthetic_batch=3 must be divisible"):
+        _run(workspace, "uneven", synthetic_batch=3, gradient_accumulation=2)

@@ -1,0 +1,297 @@
+"""Great Expectations suites: clean sets pass; each kind of bad record is caught, named and quarantined."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from cheetah.config import SynthesizeConfig, ValidateConfig, WorldConfig
+from cheetah.io import DataError
+from cheetah.synthesize import synthesize
+from cheetah.validate import run_suite
+from cheetah.world import generate_scene, png_bytes, render, write_corpus
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("sets")
+    source = write_corpus(WorldConfig(out=str(root / "source"), n=16, seed=0))
+    synthesize(SynthesizeConfig(source=str(source), out=str(root / "synthetic"), n=12, captions=4,
+                                selector="random"))
+    return {"source": source, "synthetic": root / "synthetic"}
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _rewrite(path: Path, change) -> None:
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    change(rows)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _messages(result) -> str:
+    return "\n".join(e for f in result.failures for e in [f.title(), *f.examples])
+
+
+def _quarantine(result) -> list[dict]:
+    return [json.loads(line) for line in (Path(result.report_dir) / "quarantine.jsonl").read_text().splitlines()]
+
+
+def test_clean_sets_pass_and_write_data_docs(clean, tmp_path):
+    cfg = ValidateConfig(docs_dir=str(tmp_path / "docs"))
+    source = run_suite("source", clean["source"], cfg, docs=False)
+    assert source.success, source.summary()
+    assert source.rows == {"captions.jsonl": 16} and source.quarantined == 0
+    result = run_suite("synthetic", clean["synthetic"], cfg)
+    assert result.success, result.summary()
+    report = tmp_path / "docs" / "synthetic"
+    assert Path(result.report_dir) == report
+    assert (report / "index.html").is_file() and list((report / "validations").rglob("*.html"))
+    assert json.loads((report / "result.json").read_text())["success"] is True
+    assert (report / "quarantine.jsonl").read_text() == ""
+    assert "passed" in result.summary()
+
+
+def test_bad_synthetic_records_are_caught_named_and_quarantined(clean, tmp_path, capsys):
+    bad = _copy(clean["synthetic"], tmp_path / "bad")
+    rows = [json.loads(line) for line in (bad / "synthetic.jsonl").read_text().splitlines()]
+    (bad / rows[0]["images"][1]).write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)  # corrupted PNG
+
+    def corrupt(rs):
+        rs[1]["images"][1] = "images/missing.png"          # missing image
+        rs[2]["edit"]["type"] = "recolor"                  # unknown edit type
+        rs[3]["response"] = ""                             # empty response
+        rs[4]["images"][0] = "../source/images/000000.png"  # path escaping the folder
+    _rewrite(bad / "synthetic.jsonl", corrupt)
+    docs = tmp_path / "docs"
+    cfg = ValidateConfig(docs_dir=str(docs))
+    assert run_suite("synthetic", clean["synthetic"], cfg, docs=False).success  # a passing report exists first
+
+    result = run_suite("synthetic", bad, cfg, docs=False)
+    assert not result.success
+    text = _messages(result)
+    expected = {
+        1: "images[1]: images/syn-000000.png cannot be decoded",
+        2: "images[1]: images/missing.png does not exist",
+        3: "edit_type must be one of ['modify', 'swap', 'delete', 'add'] (got 'recolor')",
+        4: "response is blank (got '')",
+        5: "images[0]: '../source/images/000000.png' escapes its root folder",
+    }
+    for line, problem in expected.items():
+        assert f"synthetic.jsonl:{line} (id 'syn-{line - 1:06d}'): {problem}" in text, (line, text)
+    quarantined = {q["where"]: q for q in _quarantine(result)}
+    assert set(quarantined) == {f"synthetic.jsonl:{line}" for line in expected}
+    assert result.quarantined == 5
+    for line, problem in expected.items():
+        q = quarantined[f"synthetic.jsonl:{line}"]
+        assert q["id"] == f"syn-{line - 1:06d}" and q["record"]["id"] == q["id"]
+        assert any(problem.split(" (got")[0] in reason for reason in q["reasons"])
+
+    # The failure went to its own folder; the last passing report is untouched.
+    assert Path(result.report_dir) == docs / "synthetic-failed"
+    assert json.loads((docs / "synthetic" / "result.json").read_text())["success"] is True
+    assert json.loads((docs / "synthetic-failed" / "result.json").read_text())["success"] is False
+
+    from cheetah.cli import main
+    params = tmp_path / "params.yaml"
+    params.write_text("")  # defaults, whatever the repository's params.yaml says
+    assert main(["--params", str(params), "validate", "synthetic", str(bad), "--docs-dir", str(docs), "--no-docs"]) == 1
+    out = capsys.readouterr().out
+    assert "FAILED" in out and "synthetic.jsonl:3 (id 'syn-000002')" in out
+    assert main(["--params", str(params), "validate", "synthetic", str(clean["synthetic"]), "--docs-dir", str(docs),
+                 "--no-docs"]) == 0
+    assert not (docs / "synthetic-failed").exists(), "a passing run clears the stale failure report"
+
+
+def test_malformed_lines_and_structure_problems(clean, tmp_path):
+    bad = _copy(clean["synthetic"], tmp_path / "bad")
+
+    def corrupt(rs):
+        rs[0]["instruction"] = rs[0]["instruction"].replace("<image>", "", 1)   # 1 placeholder for 2 images
+        rs[1]["edit"]["region"] = [0, 0, 500, 10]                                  # outside the 64x64 image
+        rs[2]["id"] = rs[3]["id"]                                                  # duplicate id
+        rs[5]["images"] = rs[5]["images"][:1]                                      # a pair needs two images
+        rs[6]["edit"]["after"] = None if rs[6]["edit"]["type"] != "delete" else {"x": 1}
+    _rewrite(bad / "synthetic.jsonl", corrupt)
+    with (bad / "captions.jsonl").open("a") as f:
+        f.write("{not json\n")
+    result = run_suite("synthetic", bad, ValidateConfig(docs_dir=str(tmp_path / "docs"),
+                                                        max_text_chars=40), docs=False)
+    text = _messages(result)
+    assert "synthetic.jsonl:1 (id 'syn-000000'): instruction has 1 <image> placeholder(s) for 2 image(s)" in text
+    assert "synthetic.jsonl:2 (id 'syn-000001'): edit.region [0, 0, 500, 10] extends past the 64x64 image" in text
+    assert "synthetic.jsonl:3 (id 'syn-000003'): id is duplicated" in text
+    assert "synthetic.jsonl:6 (id 'syn-000005'): images lists 1 path(s); expected 2" in text
+    assert "synthetic.jsonl:7 (id 'syn-000006'): edit." in text
+    assert "captions.jsonl:5 (id None): malformed JSON" in text
+    assert "response must have 1 to 40 characters" in text  # the length bound applies
+    assert any(q["where"] == "captions.jsonl:5" and q["record"] == "{not json" for q in _quarantine(result))
+
+
+def test_unbalanced_edit_types_fail(clean, tmp_path):
+    bad = _copy(clean["synthetic"], tmp_path / "bad")
+    _rewrite(bad / "synthetic.jsonl", lambda rs: rs.__setitem__(slice(None), [r for r in rs
+                                                                              if r["edit"]["type"] != "add"]))
+    result = run_suite("synthetic", bad, ValidateConfig(docs_dir=str(tmp_path / "d")), docs=False)
+    assert [f.title() for f in result.failures] == [
+        "edit balance: expect_column_values_to_be_between(deviation): 1 bad row(s)"]
+    assert "edit_type='add', share=0.0: deviation must be between 0.0 and 0.1 (got 0.25)" in _messages(result)
+    loose = run_suite("synthetic", bad, ValidateConfig(docs_dir=str(tmp_path / "d"), balance_tolerance=0.5),
+                      docs=False)
+    assert loose.success
+
+
+def test_source_suite_catches_bad_records(clean, tmp_path):
+    bad = _copy(clean["source"], tmp_path / "bad")
+    Image.new("RGB", (32, 32)).save(bad / "images" / "000002.png")
+
+    def corrupt(rs):
+        rs[0]["caption"] = "   "
+        rs[1]["id"] = rs[0]["id"]
+        rs[3]["image"] = "/etc/hostname"
+        del rs[4]["caption"]
+    _rewrite(bad / "captions.jsonl", corrupt)
+    result = run_suite("source", bad, ValidateConfig(docs_dir=str(tmp_path / "d")), docs=False)
+    text = _messages(result)
+    assert "captions.jsonl:1 (id '000000'): caption is blank" in text
+    assert "captions.jsonl:2 (id '000000'): id is duplicated" in text
+    assert "captions.jsonl:3 (id '000002'): image: images/000002.png is 32x32, expected 64x64" in text
+    assert "captions.jsonl:4 (id '000003'): image: '/etc/hostname' is absolute" in text
+    assert "captions.jsonl:5 (id '000004'): caption is missing" in text
+    assert result.quarantined == 5
+    sized = run_suite("source", clean["source"], ValidateConfig(docs_dir=str(tmp_path / "d"), image_size=32),
+                      docs=False)
+    assert not sized.success and "is 64x64, expected 32x32" in _messages(sized)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Benchmarks
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _png(i: int) -> bytes:
+    return png_bytes(render(generate_scene(3, i, 64)).image)
+
+
+def _demon(root: Path, dataset: str, question_type: str, samples: list[dict]) -> Path:
+    folder = root / dataset / "core"
+    (folder / "images").mkdir(parents=True)
+    for s in samples:
+        for k, p in enumerate(s["task_instance"]["images_path"]):
+            (folder / "images" / p).write_bytes(_png(k))
+    meta = {"dataset": dataset, "split": "core", "num_sample": len(samples),
+            "task_instruction": ["Describe the change. ", "What changed? "], "question_type": question_type}
+    (folder / "core.json").write_text(json.dumps({"metadata": meta, "data": samples}))
+    return folder / "core.json"
+
+
+def _demon_set(root: Path) -> Path:
+    _demon(root, "Spot-the-Diff", "open-ended", [
+        {"sample_id": i, "task_instruction_id": i % 2, "response": "the car is gone",
+         "task_instance": {"context": "Image 1: {image#1} Image 2: {image#2}",
+                           "images_path": [f"{i}a.png", f"{i}b.png"]}}
+        for i in range(3)])
+    _demon(root, "NLVR2", "multi-choice", [
+        {"sample_id": i, "task_instruction_id": 0, "response": "true",
+         "task_instance": {"context": "{image#1} {image#2} Two dogs?", "images_path": [f"{i}a.png", f"{i}b.png"],
+                           "choice_list": ["true", "false"]}} for i in range(2)])
+    return root
+
+
+def test_demon_suite(tmp_path):
+    root = _demon_set(tmp_path / "demon")
+    cfg = ValidateConfig(docs_dir=str(tmp_path / "docs"))
+    result = run_suite("demon", root, cfg, docs=False)
+    assert result.success, result.summary()
+    assert result.rows == {"core.json metadata": 2, "core.json data": 5}
+
+    core = root / "Spot-the-Diff" / "core" / "core.json"
+    doc = json.loads(core.read_text())
+    doc["data"][0]["response"] = ""
+    doc["data"][1]["task_instance"]["images_path"][1] = "../../../escape.png"
+    doc["data"][2]["task_instruction_id"] = 7
+    doc["data"].append({"sample_id": 3, "task_instruction_id": 0, "response": "x",
+                        "task_instance": {"context": "only {image#1}", "images_path": ["gone.png", "3b.png"]}})
+    core.write_text(json.dumps(doc))
+    nlvr = root / "NLVR2" / "core" / "core.json"
+    doc = json.loads(nlvr.read_text())
+    del doc["data"][1]["task_instance"]["choice_list"]
+    nlvr.write_text(json.dumps(doc))
+    (root / "Broken" / "core").mkdir(parents=True)
+    (root / "Broken" / "core" / "core.json").write_text("{oops")
+
+    result = run_suite("demon", root, cfg, docs=False)
+    text = _messages(result)
+    f = "Spot-the-Diff/core/core.json"
+    assert f"{f}:data[0] (id 'Spot-the-Diff/0'): response is blank" in text
+    assert f"{f}:data[1] (id 'Spot-the-Diff/1'): images_path[1]: '../../../escape.png' escapes" in text
+    assert f"{f}:data[2] (id 'Spot-the-Diff/2'): task_instruction_id 7 is not an index" in text
+    assert f"{f}:data[3] (id 'Spot-the-Diff/3'): context names images [1] but images_path has 2" in text
+    assert f"{f}:data[3] (id 'Spot-the-Diff/3'): images_path[0]: gone.png does not exist" in text
+    assert f"{f} (id 'Spot-the-Diff'): metadata.num_sample is 3 but data has 4 samples" in text
+    assert "NLVR2/core/core.json:data[1] (id 'NLVR2/1'): a multi-choice sample needs" in text
+    assert "Broken/core/core.json (id None): not valid JSON" in text
+
+
+def _mme_file(folder: Path, stem: str, lines: list[str], image: bool = True) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{stem}.txt").write_text("\n".join(lines) + "\n")
+    if image:
+        (folder / f"{stem}.png").write_bytes(_png(int(stem[-1])))
+
+
+def test_mme_suite(tmp_path):
+    root = tmp_path / "mme"
+    q = "Is there a small red star in the image? Please answer yes or no."
+    for stem in ("0001", "0002"):
+        _mme_file(root / "existence", stem, [f"{q}\tYes", f"{q.replace('red', 'blue')}\tNo"])
+    split = root / "scene"
+    (split / "images").mkdir(parents=True)
+    (split / "images" / "0003.png").write_bytes(_png(3))
+    (split / "questions_answers_YN").mkdir()
+    (split / "questions_answers_YN" / "0003.txt").write_text(f"{q}\tNo\n{q}\tYes\n")
+    cfg = ValidateConfig(docs_dir=str(tmp_path / "docs"))
+    result = run_suite("mme", root, cfg, docs=False)
+    assert result.success, result.summary()
+    assert result.rows == {"questions": 6}
+
+    _mme_file(root / "count", "0004", [f"{q}\tYes", f"{q}\tNo", f"{q}\tNo"])
+    _mme_file(root / "count", "0005", [f"{q}\tYes", f"{q}\tMaybe"])
+    _mme_file(root / "count", "0006", [f"{q}\tYes", f"{q} No"])
+    _mme_file(root / "count", "0007", [f"{q}\tYes", f"{q}\tNo"], image=False)
+    _mme_file(root / "color", "0008", [f"{q}\tYes", f"{q}\tYes"])
+    (root / "color" / "0008.png").write_bytes(b"not a png")
+    result = run_suite("mme", root, cfg, docs=False)
+    text = _messages(result)
+    assert "count/0004.txt:3 (id 'count/0004'): count/0004.txt has 3 question line(s); expected exactly 2" in text
+    assert "count/0005.txt:2 (id 'count/0005'): answer must be one of ['Yes', 'No'] (got 'Maybe')" in text
+    assert "count/0006.txt:2 (id 'count/0006'): line must be 'question<TAB>Yes|No'" in text
+    assert "count/0007.txt:1 (id 'count/0007'): no image 0007.png/.jpg for count/0007.txt" in text
+    assert "color/0008.txt:1 (id 'color/0008'): image: 0008.png cannot be decoded" in text
+    assert "answers are ['Yes', 'Yes']; expected one Yes and one No" in text
+    assert {q["id"] for q in _quarantine(result)} == {f"count/000{k}" for k in (4, 5, 6, 7)} | {"color/0008"}
+
+
+def test_top_level_problems_are_errors(tmp_path, capsys):
+    cfg = ValidateConfig(docs_dir=str(tmp_path / "docs"))
+    with pytest.raises(DataError, match="captions.jsonl: file not found"):
+        run_suite("source", tmp_path, cfg)
+    with pytest.raises(DataError, match="no DEMON core.json found"):
+        run_suite("demon", tmp_path, cfg)
+    with pytest.raises(DataError, match="no MME subtask folders"):
+        run_suite("mme", tmp_path, cfg)
+    with pytest.raises(DataError, match="unknown suite 'captions'"):
+        run_suite("captions", tmp_path, cfg)
+    from cheetah.cli import main
+    params = tmp_path / "params.yaml"
+    params.write_text("")
+    assert main(["--params", str(params), "validate", "source", str(tmp_path / "nowhere"),
+                 "--docs-dir", str(tmp_path / "docs")]) == 2
+    assert "nowhere: not found" in capsys.readouterr().err
