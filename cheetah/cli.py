@@ -9,10 +9,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from collections.abc import Callable
 
-from cheetah.config import ConfigError, Params, load_params
+from cheetah.config import ConfigError, Params, load_params, to_dict
 from cheetah.io import DataError
+from cheetah.tracking import stage_run
 
 
 def _params(args: argparse.Namespace, flag_overrides: dict[str, object] | None = None) -> Params:
@@ -26,6 +28,22 @@ def _params(args: argparse.Namespace, flag_overrides: dict[str, object] | None =
 
 def _print_json(obj: object) -> None:
     print(json.dumps(obj, indent=2, ensure_ascii=False))
+
+
+def _log_results(run: object, results: dict, artifacts: tuple[str, ...] = ()) -> None:
+    """Numbers and files of a stage whose function does not track itself, on its MLflow child run."""
+    if run is None:
+        return
+    import mlflow
+
+    from cheetah.registry import flat_metrics
+
+    mlflow.log_metrics(flat_metrics(results))
+    for path in artifacts:
+        if Path(path).is_dir():
+            mlflow.log_artifacts(path, artifact_path=Path(path).name)
+        elif Path(path).is_file():
+            mlflow.log_artifact(path)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -215,7 +233,9 @@ def _cmd_world(args: argparse.Namespace) -> int:
 
     p = _params(args, {"world.out": args.out, "world.n": args.n, "world.seed": args.seed,
                        "world.image_size": args.image_size})
-    out = write_corpus(p.world)
+    with stage_run("world", to_dict(p.world), experiment=p.register.experiment) as run:
+        out = write_corpus(p.world)
+        _log_results(run, {"n": p.world.n})
     _print_json({"out": str(out), "n": p.world.n, "seed": p.world.seed, "image_size": p.world.image_size})
     return 0
 
@@ -238,7 +258,10 @@ def _cmd_synthesize(args: argparse.Namespace) -> int:
     backbone = None
     if p.synthesize.selector == "attention":
         backbone = args.backbone or p.model.backbone_dir or p.model.preset
-    stats = synthesize(p.synthesize, backbone)
+    with stage_run("synthesize", to_dict(p.synthesize), experiment=p.register.experiment) as run:
+        stats = synthesize(p.synthesize, backbone)
+        _log_results(run, {k: v for k, v in stats.items() if k != "settings"},
+                     (str(Path(p.synthesize.out) / "stats.json"),))
     _print_json({k: v for k, v in stats.items() if k != "settings"})
     return 0
 
@@ -260,7 +283,11 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     from cheetah.validate import run_suite
 
     p = _params(args, {"validate.docs_dir": args.docs_dir, "validate.image_size": args.image_size})
-    result = run_suite(args.suite, args.path, p.validate, docs=not args.no_docs)
+    with stage_run(f"validate-{args.suite}", to_dict(p.validate) | {"suite": args.suite, "path": args.path},
+                   experiment=p.register.experiment) as run:
+        result = run_suite(args.suite, args.path, p.validate, docs=not args.no_docs)
+        _log_results(run, {"success": int(result.success), "failed_expectations": len(result.failures)},
+                     (str(Path(p.validate.docs_dir) / (args.suite if result.success else f"{args.suite}-failed")),))
     print(result.summary())
     return 0 if result.success else 1
 
@@ -302,7 +329,10 @@ def _cmd_benchmarks(args: argparse.Namespace) -> int:
     p = _params(args, {"evaluate.demon_dir": args.demon_dir, "evaluate.mme_dir": args.mme_dir,
                        "evaluate.demon_per_task": args.demon_per_task,
                        "evaluate.mme_per_subtask": args.mme_per_subtask})
-    _print_json({k: str(v) for k, v in write_embedded_benchmarks(p.world, p.evaluate).items()})
+    with stage_run("benchmarks", {"world": to_dict(p.world), "demon_per_task": p.evaluate.demon_per_task,
+                                  "mme_per_subtask": p.evaluate.mme_per_subtask}, experiment=p.register.experiment):
+        written = write_embedded_benchmarks(p.world, p.evaluate)
+    _print_json({k: str(v) for k, v in written.items()})
     return 0
 
 
@@ -392,6 +422,16 @@ def _cmd_pipeline_run(args: argparse.Namespace) -> int:
     return run_pipeline(".", stages=args.stages, force=args.force, params_path=args.params)
 
 
+def _cmd_pipeline_source(args: argparse.Namespace) -> int:
+    from cheetah.pipeline import ensure_source
+
+    if args.set:
+        raise ConfigError("`cheetah pipeline source` follows params.yaml as it is (data.dvc records the corpus it "
+                          "asks for); edit it, or run `cheetah world --set ...` by hand and `dvc add data/source`")
+    ensure_source(load_params(args.params), ".")
+    return 0
+
+
 def _cmd_pipeline_stages(args: argparse.Namespace) -> int:
     from cheetah.pipeline import stage_order
 
@@ -407,6 +447,10 @@ def _add_pipeline(sub: argparse._SubParsersAction) -> None:
     r.add_argument("stages", nargs="*", metavar="STAGE", help="stages of dvc.yaml (default: all)")
     r.add_argument("--force", action="store_true", help="rerun even the stages DVC finds up to date")
     r.set_defaults(func=_cmd_pipeline_run)
+    src = psub.add_parser("source", help="what `pipeline run` does first: bring data/source in line with data.dvc "
+                                         "and params.yaml (DVC cache or remote; regenerate the embedded world; "
+                                         "`dvc add` a changed corpus). Run it before a plain `dvc repro`")
+    src.set_defaults(func=_cmd_pipeline_source)
     s = psub.add_parser("stages", help="print the stages of dvc.yaml in the order they run")
     s.set_defaults(func=_cmd_pipeline_stages)
 
@@ -429,11 +473,26 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for add in _ADDERS:
         add(sub)
+    _accept_common_options(sub)
     return parser
+
+
+def _accept_common_options(sub: argparse._SubParsersAction) -> None:
+    """`--params` and `--set` also work after the command (`cheetah train --set train.lr=1e-4`)."""
+    for command in sub.choices.values():
+        command.add_argument("--params", dest="params_after", default=argparse.SUPPRESS,
+                             help="parameters file (default: params.yaml)")
+        command.add_argument("--set", dest="set_after", action="append", default=argparse.SUPPRESS,
+                             metavar="SECTION.KEY=VALUE", help="override a parameter (repeatable)")
+        for action in command._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                _accept_common_options(action)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.set = [*(args.set or []), *vars(args).pop("set_after", [])]
+    args.params = vars(args).pop("params_after", args.params)
     try:
         return int(args.func(args) or 0)
     except (ConfigError, DataError) as e:

@@ -3,7 +3,7 @@
 By default runs go to a local sqlite database and artifact folder (git-ignored); `MLFLOW_TRACKING_URI` overrides
 it (e.g. a shared server). A pipeline run is one parent MLflow run with a child run per stage. Stages run as
 separate processes (under `dvc repro` or Prefect), so the parent run's id travels in the `CHEETAH_PARENT_RUN_ID`
-environment variable; without it, a stage logs a standalone run.
+environment variable; without it, a stage logs a standalone run. `CHEETAH_TRACKING=0` turns tracking off.
 """
 
 from __future__ import annotations
@@ -25,14 +25,13 @@ def configure(experiment: str = "cheetah", root: str | Path = ".") -> str:
 
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
-        root = Path(root).resolve()
-        uri = f"sqlite:///{root / DEFAULT_DB}"
+        uri = f"sqlite:///{Path(root).resolve() / DEFAULT_DB}"
         os.environ["MLFLOW_TRACKING_URI"] = uri
     mlflow.set_tracking_uri(uri)
     if mlflow.get_experiment_by_name(experiment) is None:
         artifact_location = None
-        if uri.startswith("sqlite:"):
-            artifact_location = (Path(root).resolve() / DEFAULT_ARTIFACTS).as_uri()
+        if uri.startswith("sqlite:///"):  # artifacts next to the database, wherever the process runs
+            artifact_location = (Path(uri[len("sqlite:///"):]).resolve().parent / DEFAULT_ARTIFACTS).as_uri()
         mlflow.create_experiment(experiment, artifact_location=artifact_location)
     mlflow.set_experiment(experiment)
     return uri
@@ -53,7 +52,7 @@ def stage_run(stage: str, params: dict[str, Any] | None = None, experiment: str 
               enabled: bool = True) -> Iterator[Any]:
     """A child run of the pipeline's parent run (or a standalone run) for one stage. Yields the active run, or
     None when tracking is disabled (e.g. on non-zero ranks of a distributed job)."""
-    if not enabled:
+    if not enabled or os.environ.get("CHEETAH_TRACKING", "1") == "0":
         yield None
         return
     import mlflow

@@ -1,4 +1,4 @@
-"""The Cheetah pipeline as a Prefect flow: one task per DVC stage, in the order of dvc.yaml.
+"""The Cheetah pipeline as a Prefect flow: the source corpus, then one task per DVC stage, in the order of dvc.yaml.
 
 Why the tasks run DVC stages (`dvc repro --single-item <stage>`) rather than calling the stage functions:
 DVC owns the DAG and the caching, Prefect owns scheduling, retries and observability. `dvc.yaml` stays the one
@@ -9,12 +9,17 @@ and `dvc.lock` records every run, whether it came from `dvc repro`, `make run` o
 stage functions directly would mean a second DAG in Python that could drift from dvc.yaml, and outputs DVC does not
 know about. Stages still run the same CLI (`cheetah <stage>`), so there is one code path per stage.
 
+The first task, `source`, is not a DVC stage: data/source is data, versioned by data.dvc. It calls
+`cheetah.pipeline.ensure_source`, as `cheetah pipeline run` does (restore from DVC's cache or remote, regenerate the
+embedded world, or record a changed corpus with `dvc add`), so that DVC's hash check then decides what reruns.
+
 What Prefect adds: retries of transient failures (a killed process, a lock held by another DVC process; not a
 bad parameter or a failed data validation, which would fail again), task runs named after the stages, logs of
 every stage in the UI, schedules (prefect.yaml: nightly), and a markdown artifact with the evaluation table. Like
 `cheetah pipeline run`, the flow opens one parent MLflow run; each stage logs a child run of it.
 
     python flows/pipeline.py run [--stage evaluate --stage register] [--force]    run once (ephemeral API)
+                                 (--stage source: only bring data/source in line with data.dvc and params.yaml)
     python flows/pipeline.py serve [--cron "0 2 * * *"] [--interval 3600]         serve with a schedule
     prefect deploy --all        (prefect.yaml: deployment `nightly` on work pool `cheetah`)
 """
@@ -35,7 +40,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `python flows/pipeline.py` from a checkout without `pip install -e .`
     sys.path.insert(0, str(REPO))
 
+from cheetah.config import ConfigError  # noqa: E402
+from cheetah.io import DataError  # noqa: E402
 from cheetah.pipeline import (  # noqa: E402
+    ensure_source,
     forget_stale_receipt,
     is_up_to_date,
     log_record,
@@ -47,6 +55,7 @@ from cheetah.pipeline import (  # noqa: E402
 )
 
 ARTIFACT_KEY = "cheetah-evaluation"
+SOURCE_TASK = "source"  # the task before the DVC stages: data/source in line with data.dvc (not a DVC stage)
 # Exit statuses of a stage command that mean "the inputs are wrong", not "something went wrong": cheetah's CLI exits
 # 2 on bad configuration or data, and `cheetah validate` exits 1 when the data fails its expectations.
 _NOT_TRANSIENT = {"*": {2}, "validate": {1}}
@@ -73,6 +82,8 @@ def _retry_transient(task: Any, task_run: Any, state: Any) -> bool:
         state.result()
     except StageFailed as e:
         return e.transient
+    except (ConfigError, DataError):  # bad parameters or data (e.g. a corpus that cannot be restored)
+        return False
     except Exception:  # noqa: BLE001 - anything else (spawning the process, ...) is worth another try
         return True
     return False
@@ -111,6 +122,20 @@ def run_stage(stage: str, repo_dir: str, parent_run_id: str | None = None, force
     return {"stage": stage, "ran": ran, "up_to_date": not ran}
 
 
+@task(retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=_retry_transient, task_run_name=SOURCE_TASK,
+      log_prints=True)
+def source(repo_dir: str) -> dict[str, Any]:
+    """data/source in line with data.dvc and params.yaml (`cheetah.pipeline.ensure_source`)."""
+    from cheetah.config import load_params
+
+    root = Path(repo_dir)
+    logger = get_run_logger()
+    action = ensure_source(load_params(root / "params.yaml"), root, echo=logger.info)
+    logger.info("%s: %s", SOURCE_TASK, action)
+    return {"stage": SOURCE_TASK, "ran": action != "up to date", "up_to_date": action == "up to date",
+            "action": action}
+
+
 def _ran(summary: dict[str, Any]) -> list[str]:
     return [stage for stage, result in summary["stages"].items() if result.get("ran")]
 
@@ -137,22 +162,27 @@ def evaluation_markdown(root: Path, summary: dict[str, Any]) -> str:
 
 @flow(name="cheetah-pipeline", log_prints=True)
 def pipeline(repo_dir: str | None = None, stages: list[str] | None = None, force: bool = False) -> dict[str, Any]:
-    """Bring the DVC pipeline up to date, one task per stage (all, or only `stages`, in dvc.yaml order), under one
-    parent MLflow run; publish the evaluation table as a markdown artifact."""
+    """Bring the pipeline up to date: the source corpus (task `source`), then one task per DVC stage (all, or only
+    `stages`, in dvc.yaml order) under one parent MLflow run; publish the evaluation table as a markdown artifact.
+    `stages` may name `source` too; without it, only the named DVC stages run (each one alone, as selected)."""
     from cheetah.config import load_params
 
     logger = get_run_logger()
     root = Path(repo_dir or REPO).resolve()
     order = stage_order(root)
-    unknown = sorted(set(stages or []) - set(order))
+    unknown = sorted(set(stages or []) - set(order) - {SOURCE_TASK})
     if unknown:
-        raise ValueError(f"unknown stage(s) {unknown}; dvc.yaml has {order}")
+        raise ValueError(f"unknown stage(s) {unknown}; the flow has {[SOURCE_TASK, *order]}")
     selected = [s for s in order if not stages or s in stages]
     params = load_params(root / "params.yaml")
     experiment = params.register.experiment
+    summary: dict[str, Any] = {"repo_dir": str(root), "stages": {}, "mlflow_run_id": None}
+    if not stages or SOURCE_TASK in stages:
+        summary["stages"][SOURCE_TASK] = source(str(root))
+    if not selected:
+        return summary
     if forget_stale_receipt(root, experiment):
         logger.info("metrics/register.json names a version the tracking store does not hold: registering again")
-    summary: dict[str, Any] = {"repo_dir": str(root), "stages": {}, "mlflow_run_id": None}
     if not force and is_up_to_date(root, selected):
         # Still one task per stage (the schedule's record shows each was checked), but no empty MLflow run.
         logger.info("DVC finds every stage up to date: checking them without an MLflow run")
@@ -164,6 +194,8 @@ def pipeline(repo_dir: str | None = None, stages: list[str] | None = None, force
     from prefect.runtime import flow_run
 
     tags = {"prefect.flow_run_id": str(flow_run.id or ""), "prefect.flow_run_name": str(flow_run.name or "")}
+    if SOURCE_TASK in summary["stages"]:
+        tags["cheetah.source"] = summary["stages"][SOURCE_TASK]["action"]
     with parent_run(root, experiment, run_name="pipeline (prefect)", tags=tags) as run:
         summary["mlflow_run_id"] = run.info.run_id
         try:
@@ -188,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("run", "serve"):
         p = sub.add_parser(name)
         p.add_argument("--repo-dir", default=None, help="repository root (default: this checkout)")
-        p.add_argument("--stage", action="append", dest="stages", help="only this stage (repeatable)")
+        p.add_argument("--stage", action="append", dest="stages", help="only this stage of dvc.yaml, or `source` (repeatable)")
         p.add_argument("--force", action="store_true", help="rerun stages even if DVC finds them up to date")
     s = sub.choices["serve"]
     s.add_argument("--name", default="nightly")

@@ -8,6 +8,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tests never write into the checkout's MLflow store: one throwaway store per session (tests may override it).
+os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{__import__('tempfile').mkdtemp(prefix='cheetah-mlflow-')}/mlflow.db")
 
 import pytest
 import torch

@@ -1,6 +1,8 @@
 """dvc.yaml against the code: every stage calls a real CLI command, reads parameters that exist and writes the paths
 its configuration names; params.yaml holds every parameter DVC tracks; the default remote; the DAG order used by
-`cheetah pipeline run` and the Prefect flow; and `dvc exp run -S train.lr=...` on a small pipeline."""
+`cheetah pipeline run` and the Prefect flow; `dvc exp run -S train.lr=...` on a small pipeline; and data.dvc, which
+versions the source corpus: a fresh copy regenerates exactly the corpus it records, a change of `world.*` is recorded
+in it, and a corpus of your own is recorded but never regenerated."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import yaml
 from cheetah.cli import build_parser
 from cheetah.config import Params, load_params, to_dict
 from cheetah.io import DataError
-from cheetah.pipeline import _paths, stage_order
+from cheetah.pipeline import DATA_DVC, SOURCE, _paths, ensure_source, read_data_dvc, reads_source, stage_order
 
 REPO = Path(__file__).resolve().parents[1]
 DVC_YAML = yaml.safe_load((REPO / "dvc.yaml").read_text())
@@ -34,8 +36,8 @@ def _outs(name: str) -> set[str]:
 
 
 def test_stages_run_in_order_and_each_depends_on_what_it_reads():
-    assert stage_order(REPO) == list(STAGES) == ["world", "base", "synthesize", "validate", "train", "benchmarks",
-                                                 "evaluate", "register"]
+    assert stage_order(REPO) == list(STAGES) == ["base", "synthesize", "validate", "train", "benchmarks", "evaluate",
+                                                 "register"]
     deps = {n: set(_paths(s.get("deps"))) for n, s in STAGES.items()}
     assert {"data/source"} <= deps["base"] and {"data/source", "data/backbone"} <= deps["synthesize"]
     assert "data/synthetic" in deps["validate"]
@@ -43,10 +45,14 @@ def test_stages_run_in_order_and_each_depends_on_what_it_reads():
     assert {"data/synthetic", "data/backbone", "reports/data_docs/synthetic/result.json"} <= deps["train"]
     assert {"data/benchmarks", "checkpoints/vpgc", "data/backbone"} <= deps["evaluate"]
     assert {"checkpoints/vpgc", "metrics/eval.json"} <= deps["register"]
-    # Every data dependency is some earlier stage's output (code dependencies are folders of cheetah/).
+    # Benchmarks come from the world's held-out scenes, not from the corpus.
+    assert "data/source" not in deps["benchmarks"] and "cheetah/world" in deps["benchmarks"]
+    assert {"world.heldout_seed", "world.image_size"} <= set(_params_keys(STAGES["benchmarks"]))
+    # Every data dependency is some earlier stage's output (code dependencies are folders of cheetah/), except the
+    # source corpus, which data.dvc versions.
     order = list(STAGES)
     for name, paths in deps.items():
-        for dep in paths - {p for p in paths if p.startswith("cheetah/")}:
+        for dep in paths - {p for p in paths if p.startswith("cheetah/")} - {SOURCE}:
             producers = [m for m in order[:order.index(name)] if any(dep == o or dep.startswith(o + "/")
                                                                     for o in _outs(m))]
             assert producers, f"{name}: {dep} is produced by no earlier stage"
@@ -54,7 +60,7 @@ def test_stages_run_in_order_and_each_depends_on_what_it_reads():
 
 def test_paths_in_dvc_yaml_are_the_configured_ones():
     p = Params()
-    assert _outs("world") == {p.world.out} and p.synthesize.source == p.world.out
+    assert p.world.out == p.synthesize.source == SOURCE
     assert _outs("base") == {p.base.out, p.base.metrics} and p.model.backbone_dir == p.base.out
     assert _outs("synthesize") == {p.synthesize.out} and p.train.data == p.synthesize.out
     assert _outs("validate") == {f"{p.validate.docs_dir}/synthetic"}
@@ -166,3 +172,92 @@ def test_pipeline_stages_command_prints_the_order(capsys, monkeypatch):
     monkeypatch.chdir(REPO)
     assert main(["pipeline", "stages"]) == 0
     assert capsys.readouterr().out.split() == list(STAGES)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# data.dvc: the source corpus
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_data_dvc_tracks_the_source_corpus_and_no_stage_writes_it():
+    """data/source is data (data.dvc), not a stage output: DVC refuses a .dvc file for a stage's output."""
+    spec = yaml.safe_load((REPO / DATA_DVC).read_text())
+    assert [o["path"] for o in spec["outs"]] == [SOURCE]
+    assert all(SOURCE not in _outs(name) for name in STAGES)
+    # It records the embedded world of params.yaml (meta.world names the md5 it describes).
+    world = load_params(REPO / "params.yaml").world
+    assert read_data_dvc(REPO) == {"md5": spec["outs"][0]["md5"],
+                                   "world": {"n": world.n, "seed": world.seed, "image_size": world.image_size}}
+    # `cheetah pipeline run` prepares the corpus when the stages it runs read it, and only then.
+    assert reads_source(REPO) and reads_source(REPO, ["evaluate"]) and not reads_source(REPO, ["benchmarks"])
+
+
+def _dvc_repo(path: Path, with_data_dvc: bool = False) -> Path:
+    """A git + DVC repository with this checkout's DVC config (its default remote, ../cheetah-dvc-remote beside it,
+    does not exist) and, optionally, its data.dvc."""
+    path.mkdir()
+    (path / ".dvc").mkdir()
+    (path / ".dvc" / "config").write_bytes((REPO / ".dvc" / "config").read_bytes())
+    if with_data_dvc:
+        (path / DATA_DVC).write_bytes((REPO / DATA_DVC).read_bytes())
+    _run(["git", "init", "-q"], path)
+    return path
+
+
+def _dvc_status(repo: Path) -> dict:
+    return json.loads(_run([sys.executable, "-m", "dvc", "status", "--json", DATA_DVC], repo).split("\n")[0] or "{}")
+
+
+def test_a_fresh_copy_regenerates_exactly_the_corpus_data_dvc_records(tmp_path):
+    """No DVC cache, no remote data: the embedded world is regenerated byte for byte (same hash), and data.dvc is not
+    touched. (If this fails after a change to cheetah/world, record the new corpus: `cheetah pipeline source` in
+    the checkout, or `cheetah world && dvc add data/source`, and commit data.dvc.)"""
+    repo = _dvc_repo(tmp_path / "repo", with_data_dvc=True)
+    lines = []
+    assert ensure_source(load_params(REPO / "params.yaml"), repo, echo=lines.append) == "regenerated", lines
+    assert (repo / DATA_DVC).read_bytes() == (REPO / DATA_DVC).read_bytes()
+    assert _dvc_status(repo) == {}
+    assert ensure_source(load_params(REPO / "params.yaml"), repo, echo=lines.append) == "up to date"
+
+
+def test_world_params_are_recorded_in_data_dvc_and_a_corpus_of_your_own_is_never_regenerated(tmp_path):
+    repo = _dvc_repo(tmp_path / "repo")
+    params = Params()
+    small = dataclasses.replace(params, world=dataclasses.replace(params.world, n=6, image_size=32))
+    echo = [].append
+    # No data.dvc yet: the world is generated and recorded (data.dvc written, data/.gitignore by DVC).
+    assert ensure_source(small, repo, echo=echo) == "recorded"
+    first = read_data_dvc(repo)
+    assert first["world"] == {"n": 6, "seed": 0, "image_size": 32}
+    assert (repo / "data" / ".gitignore").read_text().split() == ["/source"]
+    # Another world.n: regenerated and recorded, so every stage reading data/source reruns (DVC's hash check).
+    other = dataclasses.replace(small, world=dataclasses.replace(small.world, n=5))
+    assert ensure_source(other, repo, echo=echo) == "recorded"
+    assert read_data_dvc(repo)["md5"] != first["md5"] and read_data_dvc(repo)["world"]["n"] == 5
+    # Back to the first data.dvc (e.g. `git checkout data.dvc params.yaml`): restored from DVC's cache.
+    (repo / DATA_DVC).write_text(yaml.safe_dump({"meta": {"world": {"n": 6, "seed": 0, "image_size": 32,
+                                                                    "md5": first["md5"]}},
+                                                 "outs": [{"path": SOURCE, "md5": first["md5"], "hash": "md5"}]}))
+    assert ensure_source(small, repo, echo=echo) == "restored" and _dvc_status(repo) == {}
+
+    # A corpus of your own (no world.json) replaces it: recorded as it is, whatever world.* says; not the world.
+    own = repo / SOURCE
+    for f in own.rglob("world.json"):
+        f.unlink()
+    (own / "captions.jsonl").write_text('{"id": "a", "image": "images/000000.png", "caption": "mine"}\n')
+    assert ensure_source(small, repo, echo=echo) == "recorded"
+    mine = read_data_dvc(repo)
+    assert mine["world"] is None and "world" not in (yaml.safe_load((repo / DATA_DVC).read_text()).get("meta") or {})
+    assert ensure_source(small, repo, echo=echo) == "up to date"
+    assert not (own / "world.json").exists()
+    # Missing and nowhere to pull it from: a clear error, and no embedded world put in its place.
+    import shutil
+
+    shutil.rmtree(own)
+    shutil.rmtree(repo / ".dvc" / "cache")
+    with pytest.raises(DataError, match=r"data/source is missing.*your own corpus.*dvc remote add"):
+        ensure_source(small, repo, echo=echo)
+    assert not own.exists() and read_data_dvc(repo) == mine
+    elsewhere = dataclasses.replace(small, world=dataclasses.replace(small.world, out="data/world"))
+    with pytest.raises(DataError, match=r"not the embedded world"):
+        ensure_source(elsewhere, repo, echo=echo)

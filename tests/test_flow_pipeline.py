@@ -1,13 +1,17 @@
 """The whole pipeline, for real, on a throwaway copy of the repository with every stage shrunk (params.yaml):
 
-1. the Prefect flow runs every DVC stage against the ephemeral API: task runs named after the stages, one parent
-   MLflow run with the stages' child runs, a registered model with `challenger` and `champion`, the evaluation table
-   as a markdown artifact, and `dvc status` clean afterwards;
+1. the Prefect flow runs its `source` task and every DVC stage against the ephemeral API: the copy has data.dvc but
+   no data/source and no DVC data, and its world.* params differ from the ones data.dvc records, so the embedded
+   world is regenerated and recorded in data.dvc and every stage runs; task runs named after the stages, one parent
+   MLflow run with the stages' child runs, a registered model with `challenger` and `champion` tagged with
+   data.dvc's hash, the evaluation table as a markdown artifact, and `dvc status` clean afterwards;
 2. a second `dvc repro` reruns nothing;
 3. changing an `evaluate` parameter reruns evaluate and register only, through `cheetah pipeline run`;
 4. `dvc exp run -S register.margin=...` reruns register only; the new version, no better, stays challenger
    (tests/test_dvc_pipeline.py runs `dvc exp run -S train.lr=...` on a small pipeline);
-5. `dvc push` to the default remote and `dvc pull` in a fresh clone round-trip the outputs.
+5. `dvc push` to the default remote and `dvc pull` in a fresh clone round-trip the outputs and data/source;
+6. another `world.n` is recorded in data.dvc and reruns the stages that read data/source (base, synthesize: then,
+   through their outputs, everything downstream but benchmarks); the previous data.dvc is restored from the cache.
 
 The tests share one pipeline run and follow each other (module-scoped state); they run in file order.
 """
@@ -24,12 +28,15 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cheetah.config import load_params
+from cheetah.pipeline import ensure_source, read_data_dvc
+
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 # What the pipeline needs from the checkout (plus .gitignore files): code, DAG, params, DVC and Prefect config.
-COPY = ["cheetah", "flows", "dvc.yaml", "params.yaml", "prefect.yaml", "pyproject.toml", ".dvc/config", ".dvcignore",
-        ".gitignore"]
+COPY = ["cheetah", "flows", "dvc.yaml", "params.yaml", "data.dvc", "prefect.yaml", "pyproject.toml", ".dvc/config",
+        ".dvcignore", ".gitignore", "data/.gitignore"]
 # Every stage, shrunk: the whole pipeline in about a minute and a half on 2 cores.
 TINY = {
     "world": {"n": 32, "image_size": 32},
@@ -39,7 +46,8 @@ TINY = {
               "warmup_steps": 1, "log_every": 1},
     "evaluate": {"demon_per_task": 1, "mme_per_subtask": 2, "max_new_tokens": 4, "batch_size": 16},
 }
-STAGES = ["world", "base", "synthesize", "validate", "train", "benchmarks", "evaluate", "register"]
+DVC_STAGES = ["base", "synthesize", "validate", "train", "benchmarks", "evaluate", "register"]
+STAGES = ["source", *DVC_STAGES]  # the flow's tasks: the source corpus (data.dvc), then the stages of dvc.yaml
 
 
 def git(repo: Path, *args: str) -> str:
@@ -159,9 +167,10 @@ def test_flow_runs_every_stage_with_tracking_and_an_evaluation_artifact(env, flo
     assert parent.data.tags["git_commit"] == git(repo, "rev-parse", "HEAD")
     children = mlflow.search_runs(experiment_ids=[parent.info.experiment_id], output_format="list",
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    child_stages = {c.data.tags.get("cheetah.stage") for c in children}
-    assert {"base", "train", "evaluate", "register"} <= child_stages <= set(STAGES)
+    child_stages = {str(c.data.tags.get("cheetah.stage")).split("-")[0] for c in children}  # validate-synthetic
+    assert {"base", "train", "evaluate", "register"} <= child_stages <= set(DVC_STAGES)
     assert parent.data.tags["stages_run"].split(",") == STAGES
+    assert parent.data.tags["cheetah.source"] == "recorded"
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"pipeline", "eval", "data_docs"} <= artifacts
     assert "pipeline/dvc.lock" in {a.path for a in client.list_artifacts(parent.info.run_id, "pipeline")}
@@ -175,13 +184,17 @@ def test_flow_runs_every_stage_with_tracking_and_an_evaluation_artifact(env, flo
     assert str(version.version) == "1"
     assert str(client.get_model_version_by_alias("cheetah-vpgc", "champion").version) == "1"
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    assert version.tags["data_hash"] == next(o["md5"] for o in lock["stages"]["world"]["outs"])
+    recorded = read_data_dvc(repo)
+    assert recorded["world"] == {"n": TINY["world"]["n"], "seed": 0, "image_size": TINY["world"]["image_size"]}
+    assert recorded["md5"] != read_data_dvc(REPO)["md5"]  # not the corpus of the checkout's data.dvc
+    assert version.tags["data_hash"] == recorded["md5"]
+    assert next(d["md5"] for d in lock["stages"]["base"]["deps"] if d["path"] == "data/source") == recorded["md5"]
     receipt = json.loads((repo / "metrics/register.json").read_text())
     assert receipt["version"] == 1 and receipt["promoted"] is True
 
     # DVC: everything recorded in dvc.lock; metrics and plots readable.
     assert json.loads(dvc(repo, "status", "--json")) == {}
-    assert set(lock["stages"]) == set(STAGES)
+    assert set(lock["stages"]) == set(DVC_STAGES)
     shown = json.loads(dvc(repo, "metrics", "show", "--json"))
     files = shown[""]["data"]
     assert files["metrics/eval.json"]["data"]["demon_average"] == eval_metrics["demon_average"]
@@ -279,6 +292,26 @@ def test_push_and_pull_round_trip_through_the_default_remote(env, flow_run):
         assert (clone / rel).read_bytes() == (repo / rel).read_bytes(), rel
     assert json.loads(dvc(clone, "status", "--json")) == {}
     assert stages_run(dvc(clone, "repro")) == []
+    assert ensure_source(load_params(clone / "params.yaml"), clone, echo=[].append) == "up to date"
+
+
+def test_a_world_parameter_is_recorded_in_data_dvc_and_reruns_what_reads_the_corpus(env, flow_run):
+    """`cheetah pipeline run` and the flow call ensure_source first: another world.n regenerates the corpus and
+    records it in data.dvc (`dvc add`), so DVC finds exactly the stages that read data/source changed; the rest of
+    the pipeline follows from their outputs (test 1 ran it all from such a change). Benchmarks do not read it."""
+    repo = env["repo"]
+    before = read_data_dvc(repo)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["world"]["n"] = TINY["world"]["n"] - 8
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert ensure_source(load_params(repo / "params.yaml"), repo, echo=[].append) == "recorded"
+    after = read_data_dvc(repo)
+    assert after["md5"] != before["md5"] and after["world"]["n"] == TINY["world"]["n"] - 8
+    assert set(json.loads(dvc(repo, "status", "--json"))) == {"base", "synthesize"}
+    # Back to the committed params.yaml and data.dvc: that corpus comes back from DVC's cache, nothing to run.
+    git(repo, "checkout", "params.yaml", "data.dvc")
+    assert ensure_source(load_params(repo / "params.yaml"), repo, echo=[].append) == "restored"
+    assert json.loads(dvc(repo, "status", "--json")) == {}
 
 
 def test_flow_retries_a_killed_stage_but_not_a_bad_input(env, prefect_api, flow_run, tmp_path, monkeypatch):

@@ -4,7 +4,7 @@
    pipeline flow of a small DVC repository; the server's scheduler creates flow runs and the served runner completes
    them, with one task run per DVC stage;
 2. prefect.yaml deploys: `prefect deploy --all` registers `cheetah-pipeline/nightly` with its nightly cron, its
-   parameters and work pool, and a process worker runs it (here only its `world` stage, to stay quick).
+   parameters and work pool, and a process worker runs it (here only its `source` task, to stay quick).
 """
 
 from __future__ import annotations
@@ -164,7 +164,7 @@ def test_a_scheduled_deployment_fires_and_completes(server):
 def test_prefect_yaml_deploys_the_nightly_pipeline_and_a_worker_runs_it(server, tmp_path):
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
 
-    from test_flow_pipeline import copy_repo
+    from test_flow_pipeline import TINY, copy_repo
 
     repo = tmp_path / "repo"
     repo.mkdir()
@@ -189,7 +189,7 @@ def test_prefect_yaml_deploys_the_nightly_pipeline_and_a_worker_runs_it(server, 
         log = tmp_path / "worker.log"
         worker = _start([prefect, "worker", "start", "--pool", "cheetah", "--type", "process"], env, log, cwd=tmp_path)
         try:
-            run = client.create_flow_run_from_deployment(dep.id, parameters={"stages": ["world"]})
+            run = client.create_flow_run_from_deployment(dep.id, parameters={"stages": ["source"]})
 
             def finished():
                 state = client.read_flow_run(run.id).state
@@ -199,4 +199,8 @@ def test_prefect_yaml_deploys_the_nightly_pipeline_and_a_worker_runs_it(server, 
             assert state.is_completed(), (state, log.read_text()[-3000:])
         finally:
             _stop(worker)
-    assert (repo / "data/source/captions.jsonl").is_file()  # the world stage ran in the deployed checkout
+    # The source task ran in the deployed checkout: the copy's world.* params, regenerated and recorded in data.dvc.
+    from cheetah.pipeline import read_data_dvc
+
+    assert (repo / "data/source/captions.jsonl").is_file()
+    assert read_data_dvc(repo)["world"]["n"] == TINY["world"]["n"]

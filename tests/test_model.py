@@ -273,3 +273,42 @@ def test_sample_losses_equal_per_sample_cross_entropy_of_full_logits(model, buil
         keep = targets != IGNORE_INDEX
         expected = torch.nn.functional.cross_entropy(logits[row, :-1][keep], targets[keep])
         torch.testing.assert_close(per_sample[row], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_instructblip_backbone_identity_at_init_and_training(tokenizer):
+    """VPG-C on InstructBLIP: the first pass keeps the instruction-aware Q-Former input, the re-query is query-only."""
+    from transformers import InstructBlipConfig, InstructBlipForConditionalGeneration
+
+    from cheetah.model.backbones import Backbone, _image_processor, init_random_weights
+    from cheetah.model.prompts import TEMPLATES
+
+    tiny = PRESETS["tiny"]
+    config = InstructBlipConfig(
+        vision_config={**tiny.vision, "image_size": 32},
+        qformer_config={**tiny.qformer, "vocab_size": 64, "max_position_embeddings": 64},
+        text_config={**tiny.text, "vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
+                     "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id},
+        num_query_tokens=tiny.num_query_tokens, image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
+    torch.manual_seed(0)
+    hf = InstructBlipForConditionalGeneration(config).eval()
+    init_random_weights(hf)
+    model = VPGCModel(Backbone(hf, tokenizer, _image_processor(32), TEMPLATES["vicuna"], "instructblip-tiny"))
+    builder = PromptBuilder.for_backbone(model.backbone_info)
+    batch = _train_batch(builder)
+    n_images = batch["pixel_values"].shape[0]
+    qformer = {"qformer_input_ids": torch.randint(1, 64, (n_images, 6), generator=torch.Generator().manual_seed(1)),
+               "qformer_attention_mask": torch.ones(n_images, 6, dtype=torch.long)}
+    out = model(**batch, **qformer)
+    ref = hf(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+             position_ids=position_ids_from_mask(batch["attention_mask"]), **qformer)
+    assert torch.equal(out.logits, ref.logits)
+    # the instruction text reaches the first pass: other Q-Former text, other logits
+    other = {**qformer, "qformer_input_ids": (qformer["qformer_input_ids"] + 1) % 64}
+    assert not torch.equal(model(**batch, **other).logits, out.logits)
+    opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)
+    for _ in range(2):
+        opt.zero_grad()
+        model(**batch, **qformer, return_sample_losses=True).loss.backward()
+        opt.step()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.vpgc.parameters())
+    assert not torch.equal(model(**batch, **qformer).logits, ref.logits)

@@ -65,7 +65,6 @@ class _Injection:
     guide_positions: torch.Tensor  # (B,) index of each sample's last instruction token
     vision_features: torch.Tensor  # (N_img, P, D_vision), ViT output (post-LayerNorm)
     image_owner: torch.Tensor  # (N_img,) sample index of each image, in order of appearance
-    qformer_text: dict[str, torch.Tensor] | None  # InstructBLIP's per-image instruction tokens
 
 
 class VPGCModel(nn.Module):
@@ -103,6 +102,11 @@ class VPGCModel(nn.Module):
     @property
     def is_instructblip(self) -> bool:
         return self.backbone_info.is_instructblip
+
+    @property
+    def _qformer_dtype(self) -> torch.dtype:
+        # BLIP-2 keeps the Q-Former in fp32 (`_keep_in_fp32_modules`); the guided queries must match it.
+        return next(self.backbone.qformer.parameters()).dtype
 
     def train(self, mode: bool = True) -> "VPGCModel":
         # The backbone is frozen: it stays in eval mode (no dropout) whatever the trainer asks.
@@ -245,7 +249,7 @@ class VPGCModel(nn.Module):
             image_embeds = self.image_embeddings(vision_features, qformer_text)
             inputs_embeds = self.backbone.get_input_embeddings()(input_ids)
             inputs_embeds = inputs_embeds.masked_scatter(mask.unsqueeze(-1), image_embeds.to(inputs_embeds.dtype))
-        injection = _Injection(mask, guide_positions.to(input_ids.device), vision_features, owner, qformer_text)
+        injection = _Injection(mask, guide_positions.to(input_ids.device), vision_features, owner)
         return inputs_embeds, injection
 
     # -- the correction, at `update_layer` -----------------------------------------------------------------------
@@ -261,8 +265,7 @@ class VPGCModel(nn.Module):
         batch = torch.arange(hidden.shape[0], device=hidden.device)
         guide = hidden[batch, injection.guide_positions]  # (B, H)
         queries = self.vpgc.guided_queries(guide)[injection.image_owner]  # (N_img, Q_len, Q)
-        qformer_dtype = self.backbone.qformer.layernorm.weight.dtype
-        reextracted = self._qformer(queries.to(qformer_dtype), injection.vision_features, injection.qformer_text)
+        reextracted = self._qformer(queries.to(self._qformer_dtype), injection.vision_features)  # query-only
         residual = self.vpgc.residual(reextracted).to(hidden.dtype)  # (N_img, Q_len, H)
         delta = torch.zeros_like(hidden).masked_scatter(injection.image_mask.unsqueeze(-1), residual)
         hidden = hidden + delta  # out of place: autograd and checkpointing see a plain function
