@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from cheetah.config import ConfigError, Params, load_params, to_dict
 from cheetah.io import DataError
-from cheetah.tracking import stage_run
+from cheetah.tracking import flat_metrics, stage_run
 
 
 def _params(args: argparse.Namespace, flag_overrides: dict[str, object] | None = None) -> Params:
@@ -35,8 +35,6 @@ def _log_results(run: object, results: dict, artifacts: tuple[str, ...] = ()) ->
     if run is None:
         return
     import mlflow
-
-    from cheetah.registry import flat_metrics
 
     mlflow.log_metrics(flat_metrics(results))
     for path in artifacts:

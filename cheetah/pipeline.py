@@ -401,7 +401,8 @@ def log_record(run_id: str, root: str | Path = ".", params: Any = None,
 
     from cheetah.config import flatten
     from cheetah.io import read_json
-    from cheetah.registry import flat_metrics, lineage
+    from cheetah.registry import lineage
+    from cheetah.tracking import flat_metrics
 
     root = Path(root)
     client = MlflowClient()

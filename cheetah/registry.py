@@ -43,6 +43,7 @@ import mlflow
 import mlflow.pyfunc
 
 from cheetah.config import Params
+from cheetah.tracking import flat_metrics
 from cheetah.io import DataError, atomic_write_json, read_json
 
 CHAMPION = "champion"
@@ -242,18 +243,6 @@ def metric_value(metrics: Mapping[str, Any], name: str, source: str = "metrics")
     if isinstance(node, bool) or not isinstance(node, (int, float)):
         raise DataError(f"{source}: metric {name!r} is {node!r}, not a number")
     return float(node)
-
-
-def flat_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
-    """Every finite number of a nested metrics dict, keyed by dotted path."""
-    out: dict[str, float] = {}
-    for key, value in metrics.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            out.update(flat_metrics(value, name + "."))
-        elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-            out[name] = float(value)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------

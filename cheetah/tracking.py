@@ -9,10 +9,14 @@ environment variable; without it, a stage logs a standalone run. `CHEETAH_TRACKI
 from __future__ import annotations
 
 import contextlib
+import math
 import os
-from collections.abc import Iterator
+import re
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
+
+from cheetah.config import flatten
 
 DEFAULT_DB = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
@@ -37,13 +41,16 @@ def configure(experiment: str = "cheetah", root: str | Path = ".") -> str:
     return uri
 
 
-def _flat(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in params.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
+def flat_metrics(tree: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """Every finite number of a nested metrics dict, keyed by its dotted path (characters MLflow refuses in metric
+    names become `_`)."""
+    out: dict[str, float] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flat_metrics(value, name + "."))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            out[re.sub(r"[^A-Za-z0-9_\-. /]", "_", name)] = float(value)
     return out
 
 
@@ -64,5 +71,5 @@ def stage_run(stage: str, params: dict[str, Any] | None = None, experiment: str 
         tags["mlflow.parentRunId"] = parent
     with mlflow.start_run(run_name=stage, tags=tags) as run:
         if params:
-            mlflow.log_params({k: str(v)[:500] for k, v in _flat(params).items()})
+            mlflow.log_params({k: str(v)[:500] for k, v in flatten(params).items()})
         yield run

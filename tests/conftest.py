@@ -40,6 +40,22 @@ def make_tokenizer(vocab_size: int = 300, with_image_token: bool = True):
                                    additional_special_tokens=["<image>"] if with_image_token else None)
 
 
+def sharpen_parameters(params, seed: int, scale: float = 0.3) -> None:
+    """Overwrite parameters with N(0, scale) draws from a seeded generator."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in params:
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+def sharpen(model, seed: int = 1):
+    """Random tiny LMs give near-uniform logits (every argmax a near-tie); larger LM weights and a non-zero VPG-C
+    make greedy decoding diverse, so equality tests can fail when they should."""
+    sharpen_parameters([*(p for p in model.language_model.parameters() if p.dim() == 2), *model.vpgc.parameters()],
+                       seed)
+    return model
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return make_tokenizer()

@@ -3,8 +3,9 @@ stopping at the template's end string, image errors, model loading."""
 
 from __future__ import annotations
 
-import torch
 import pytest
+import torch
+from conftest import sharpen
 from PIL import Image
 
 from cheetah.config import EvaluateConfig, WorldConfig
@@ -27,19 +28,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def sharpen(model: VPGCModel, seed: int = 1) -> VPGCModel:
-    """As `_sharpen` in tests/test_model.py: random LMs give near-tie logits everywhere; larger weights and a non-zero
-    VPG-C make greedy answers diverse, so equality checks below can fail when they should."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.language_model.parameters():
-            if p.dim() == 2:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-        for p in model.vpgc.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import sharpen
 
 from cheetah.model.backbones import PRESETS, build_backbone, load_backbone, save_backbone
 from cheetah.model.prompts import IGNORE_INDEX, PromptBuilder, PromptError
@@ -28,18 +29,6 @@ def _train_batch(builder: PromptBuilder, prompts=PROMPTS):
     batch = builder.collate([builder.encode(t, n, r) for t, n, r in prompts], "right")
     batch["pixel_values"] = _images(sum(n for _, n, _ in prompts))
     return batch
-
-
-def _sharpen(model: VPGCModel, seed: int = 1) -> None:
-    """Random LM weights give near-uniform logits (every argmax a near-tie); larger weights and non-zero VPG-C
-    projections make greedy decoding diverse, so equality tests below can fail when they should."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.language_model.parameters():
-            if p.dim() == 2:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-        for p in model.vpgc.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
 
 
 @pytest.fixture()
@@ -124,7 +113,7 @@ def _capture_guides(model):
 
 
 def test_guide_is_the_last_instruction_token(model, builder, tokenizer):
-    _sharpen(model)
+    sharpen(model)
     guides = _capture_guides(model)
     text, n, response = PROMPTS[0]
     base = builder.collate([builder.encode(text, n, response)], "right")
@@ -143,7 +132,7 @@ def test_guide_is_the_last_instruction_token(model, builder, tokenizer):
 
 
 def test_residual_reaches_only_image_positions(model, builder):
-    _sharpen(model)
+    sharpen(model)
     captured = {}
     layer_before = model._layers[model.update_layer - 1]
     layer_at = model._layers[model.update_layer]
@@ -165,7 +154,7 @@ def _generation_inputs(builder, prompts):
 
 
 def test_kv_cache_generation_equals_full_recompute(model, builder):
-    _sharpen(model)
+    sharpen(model)
     model.eval()
     text, n, _ = PROMPTS[0]
     batch = _generation_inputs(builder, [PROMPTS[0]])
@@ -189,7 +178,7 @@ def test_kv_cache_generation_equals_full_recompute(model, builder):
 
 
 def test_batched_generation_equals_one_at_a_time(model, builder):
-    _sharpen(model)
+    sharpen(model)
     model.eval()
     batch = _generation_inputs(builder, PROMPTS)
     px = _images(sum(n for _, n, _ in PROMPTS))
@@ -206,7 +195,7 @@ def test_batched_generation_equals_one_at_a_time(model, builder):
 
 
 def test_vpgc_weights_round_trip_and_refuse_other_backbones(model, builder, tmp_path, tokenizer, tiny_backbone):
-    _sharpen(model)
+    sharpen(model)
     save_backbone(tiny_backbone, tmp_path / "backbone")
     reloaded_backbone = load_backbone(tmp_path / "backbone")
     model.backbone_info.source = str(tmp_path / "backbone")
@@ -243,7 +232,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tokenizer, builder):
     grads = []
     for checkpointing in (False, True):
         m = VPGCModel(build_backbone("tiny", tokenizer=tokenizer, image_size=32, seed=0))
-        _sharpen(m)
+        sharpen(m)
         if checkpointing:
             m.enable_gradient_checkpointing()
         m.train()
@@ -264,7 +253,7 @@ def test_cli_summary_of_the_7b_preset_on_meta(capsys):
 
 
 def test_sample_losses_equal_per_sample_cross_entropy_of_full_logits(model, builder):
-    _sharpen(model)
+    sharpen(model)
     batch = _train_batch(builder)
     per_sample = model(**batch, return_sample_losses=True).sample_losses
     logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits

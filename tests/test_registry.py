@@ -12,20 +12,12 @@ import pytest
 import torch
 import yaml
 
-from conftest import make_tokenizer
+from conftest import make_tokenizer, sharpen_parameters
 
 from cheetah.config import Params, RegisterConfig
 from cheetah.io import DataError
 
 NAME = "cheetah-vpgc"
-
-
-def _sharpen(module_params, seed: int, scale: float = 0.3) -> None:
-    """Random tiny LMs give near-tie logits; larger random weights make greedy answers depend on the weights."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module_params:
-            p.copy_(torch.randn(p.shape, generator=g) * scale)
 
 
 def _git(repo: Path, *args: str) -> str:
@@ -48,12 +40,12 @@ def world(tmp_path_factory):
     torch.set_num_threads(1)
 
     backbone = build_backbone("tiny", tokenizer=make_tokenizer(), image_size=32, seed=0)
-    _sharpen([p for p in backbone.model.language_model.parameters() if p.dim() == 2], seed=1)
+    sharpen_parameters([p for p in backbone.model.language_model.parameters() if p.dim() == 2], seed=1)
     save_backbone(backbone, "backbone")  # relative: the card records "backbone" and its absolute path
     vpgc = {}
     for seed in (1, 2, 3):
         model = VPGCModel(load_backbone("backbone"))
-        _sharpen(model.vpgc.parameters(), seed=10 + seed)
+        sharpen_parameters(model.vpgc.parameters(), seed=10 + seed)
         vpgc[seed] = save_vpgc(model, f"vpgc{seed}")
     images = []
     for k in range(2):

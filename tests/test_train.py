@@ -170,3 +170,28 @@ def test_state_from_other_settings_is_not_resumed(workspace, capsys):
 def test_uneven_batch_split_is_refused(workspace):
     with pytest.raises(ValueError, match="synthetic_batch=3 must be divisible"):
         _run(workspace, "uneven", synthetic_batch=3, gradient_accumulation=2)
+
+
+def test_feature_cache_computes_each_image_once_and_reuses_the_disk(workspace, tmp_path):
+    from cheetah.model.backbones import load_backbone
+    from cheetah.train.data import FeatureCache, load_examples
+
+    backbone = load_backbone(workspace / "backbone")
+    calls = []
+
+    def encode(pixels):
+        calls.append(len(pixels))
+        return backbone.model.vision_model(pixel_values=pixels).last_hidden_state
+
+    images = [p for e in load_examples(workspace / "syn" / "synthetic.jsonl")[:3] for p in e.images]
+    cache = FeatureCache.from_setting(str(tmp_path / "features"), encode, backbone.image_processor,
+                                      backbone.fingerprint())
+    first = cache.get(images + images[:2])  # repeats in one request are computed once
+    assert sum(calls) == len(set(images)) and first.shape[0] == len(images) + 2
+    again = FeatureCache.from_setting(str(tmp_path / "features"), encode, backbone.image_processor,
+                                      backbone.fingerprint())
+    assert torch.equal(again.get(images), first[:len(images)]) and sum(calls) == len(set(images))  # from disk
+    assert len(list((tmp_path / "features" / backbone.fingerprint()).rglob("*.safetensors"))) == len(set(images))
+    fresh = FeatureCache.from_setting(None, encode, backbone.image_processor, backbone.fingerprint())
+    fresh.get(images[:2]), fresh.get(images[:2])
+    assert sum(calls) == len(set(images)) + 4  # no cache: computed in every step

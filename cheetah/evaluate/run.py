@@ -34,6 +34,7 @@ from typing import Any
 
 from cheetah.config import Params, to_dict
 from cheetah.io import DataError, atomic_write_json, sha256_file
+from cheetah.tracking import flat_metrics
 
 log = logging.getLogger(__name__)
 
@@ -158,21 +159,6 @@ def generate_predictions(generator: Any, out_dir: str | Path, meta: Mapping[str,
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _metric_key(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_\-. /]", "_", text)
-
-
-def _numeric_leaves(tree: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
-    out: dict[str, float] = {}
-    for k, v in tree.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping):
-            out.update(_numeric_leaves(v, key + "."))
-        elif isinstance(v, (int, float)) and not isinstance(v, bool):
-            out[_metric_key(key)] = float(v)
-    return out
-
-
 def evaluate(params: Params, model_specs: Mapping[str, str] | None = None, benchmark: str = "all",
              restart: bool = False, track: bool = True) -> dict[str, Any]:
     """Generate, score and report every model on the DEMON-format tasks under `evaluate.demon_dir` and the
@@ -254,8 +240,8 @@ def _track(params: Params, specs: Mapping[str, str], metrics: Mapping[str, Any],
             return
         import mlflow
 
-        flat = _numeric_leaves({k: v for k, v in metrics.items() if k != "models"})
-        flat.update(_numeric_leaves(metrics["models"]))
+        flat = flat_metrics({k: v for k, v in metrics.items() if k != "models"})
+        flat.update(flat_metrics(metrics["models"]))
         mlflow.log_metrics(flat)
         for path in written.values():
             mlflow.log_artifact(str(path), artifact_path="evaluate")
