@@ -48,6 +48,7 @@ from cheetah.pipeline import (  # noqa: E402
     is_up_to_date,
     log_record,
     parent_run,
+    reads_source,
     repro_command,
     stage_env,
     stage_order,
@@ -164,7 +165,8 @@ def evaluation_markdown(root: Path, summary: dict[str, Any]) -> str:
 def pipeline(repo_dir: str | None = None, stages: list[str] | None = None, force: bool = False) -> dict[str, Any]:
     """Bring the pipeline up to date: the source corpus (task `source`), then one task per DVC stage (all, or only
     `stages`, in dvc.yaml order) under one parent MLflow run; publish the evaluation table as a markdown artifact.
-    `stages` may name `source` too; without it, only the named DVC stages run (each one alone, as selected)."""
+    `stages` may name `source` too; without it, only the named DVC stages run (each one alone, as selected). The
+    `source` task runs in a full run of a pipeline whose stages read data/source, or when `stages` names it."""
     from cheetah.config import load_params
 
     logger = get_run_logger()
@@ -177,7 +179,7 @@ def pipeline(repo_dir: str | None = None, stages: list[str] | None = None, force
     params = load_params(root / "params.yaml")
     experiment = params.register.experiment
     summary: dict[str, Any] = {"repo_dir": str(root), "stages": {}, "mlflow_run_id": None}
-    if not stages or SOURCE_TASK in stages:
+    if SOURCE_TASK in (stages or []) or (not stages and reads_source(root)):  # (a pipeline without data/source)
         summary["stages"][SOURCE_TASK] = source(str(root))
     if not selected:
         return summary
