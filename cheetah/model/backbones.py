@@ -122,11 +122,9 @@ class Backbone:
     def fingerprint(self) -> str:
         """Hash of the architecture (config without volatile fields): two backbones VPG-C weights can move between."""
         cfg = self.model.config.to_dict()
-        for k in ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "_attn_implementation_autoset"):
-            cfg.pop(k, None)
-        for sub in ("vision_config", "qformer_config", "text_config"):
+        for section in (cfg, *(cfg.get(sub, {}) for sub in ("vision_config", "qformer_config", "text_config"))):
             for k in ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "_attn_implementation_autoset"):
-                cfg.get(sub, {}).pop(k, None)
+                section.pop(k, None)
         return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

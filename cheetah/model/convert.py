@@ -237,11 +237,11 @@ def import_official(cheetah_ckpt: str | Path, eva_vit: str | Path, blip2_qformer
     llm = LlamaForCausalLM.from_pretrained(llm_dir, local_files_only=True, dtype=torch.float32)
     old_vocab = llm.config.vocab_size
 
-    for required, where in ((("cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.mlp.fc1.weight"), eva_vit),
-                            (("query_tokens", "Qformer.bert.encoder.layer.0.intermediate_query.dense.weight"),
-                             blip2_qformer)):
-        src = eva if where == eva_vit else blip2
-        absent = [k for k in required if k not in src]
+    for state, where, required in (
+        (eva, eva_vit, ("cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.mlp.fc1.weight")),
+        (blip2, blip2_qformer, ("query_tokens", "Qformer.bert.encoder.layer.0.intermediate_query.dense.weight")),
+    ):
+        absent = [k for k in required if k not in state]
         if absent:
             raise ImportErrorReport(f"{where}: missing keys {absent}")
     config = _infer_config(eva, blip2, llm.config, image_token_index, max(len(tokenizer), old_vocab))

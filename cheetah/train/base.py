@@ -73,29 +73,39 @@ def primary_questions(scene: Scene) -> list[QA]:
             if qa.kind == "background" or (qa.kind in PRIMARY_KINDS + ("count",) and " large " in f" {qa.question} ")]
 
 
-def _image_examples(source: Path, seed: int) -> tuple[list[Path], list[tuple[int, str, str]]]:
+def _image_examples(source: Path, records: list[dict[str, Any]], scenes: dict[str, Scene],
+                    seed: int) -> tuple[list[Path], list[tuple[int, str, str]]]:
     """(image paths, [(image index, instruction, response)]): captions and primary-content questions."""
-    records = read_jsonl(source / "captions.jsonl")
-    scenes = read_scenes(source / "scenes.jsonl")
     rng = np.random.default_rng(seed)
     paths, examples = [], []
+    for i, rec in enumerate(records):
+        paths.append(safe_join(source, rec["image"], what=f"{source / 'captions.jsonl'} id={rec['id']}: image"))
+        prompt = CAPTION_PROMPTS[int(rng.integers(len(CAPTION_PROMPTS)))]
+        examples.append((i, prompt, rec["caption"]))
+        scene = scenes[rec["id"]]
+        for qa in primary_questions(scene):
+            examples.append((i, f"<image> {qa.question}", qa.answer))
+        for kind in YES_NO_KINDS:  # yes/no questions, about the primary objects only
+            yes, no = yes_no_pair(scene, kind, rng)
+            if " large " in yes and " large " in no:
+                examples += [(i, f"<image> {yes}", "Yes"), (i, f"<image> {no}", "No")]
+    return paths, examples
+
+
+def _read_source(source: Path) -> tuple[list[dict[str, Any]], dict[str, Scene]]:
+    """The corpus' caption records and the scene graph of every one of them (the base stage learns from both)."""
+    records = read_jsonl(source / "captions.jsonl")
     for i, rec in enumerate(records):
         for field in ("id", "image", "caption"):
             if not isinstance(rec.get(field), str) or not rec[field]:
                 raise DataError(f"{source / 'captions.jsonl'}: record {i + 1} (id={rec.get('id')!r}): "
                                 f"field {field!r} missing or empty")
-        paths.append(safe_join(source, rec["image"], what=f"{source / 'captions.jsonl'} id={rec['id']}: image"))
-        prompt = CAPTION_PROMPTS[int(rng.integers(len(CAPTION_PROMPTS)))]
-        examples.append((i, prompt, rec["caption"]))
-        if rec["id"] in scenes:
-            scene = scenes[rec["id"]]
-            for qa in primary_questions(scene):
-                examples.append((i, f"<image> {qa.question}", qa.answer))
-            for kind in YES_NO_KINDS:  # yes/no questions, about the primary objects only
-                yes, no = yes_no_pair(scene, kind, rng)
-                if " large " in yes and " large " in no:
-                    examples += [(i, f"<image> {yes}", "Yes"), (i, f"<image> {no}", "No")]
-    return paths, examples
+    scenes = read_scenes(source / "scenes.jsonl")
+    missing = [r["id"] for r in records if r["id"] not in scenes]
+    if missing:
+        raise DataError(f"{source / 'scenes.jsonl'}: no scene graph for image id(s) {missing[:5]} (the base stage "
+                        "learns from the world's scene graphs)")
+    return records, scenes
 
 
 def _chat_examples(scenes: list[Scene], rng: np.random.Generator) -> list[tuple[str, str]]:
@@ -232,15 +242,10 @@ def pretrain_base(params: Params) -> dict[str, Any]:
     backbone = build_backbone("tiny", tokenizer=tokenizer, image_size=world.image_size, seed=cfg.seed)
     model = backbone.model
     builder = PromptBuilder.for_backbone(backbone, max_length=128)
-    paths, image_examples = _image_examples(source, cfg.seed)
+    records, scene_by_id = _read_source(source)
+    paths, image_examples = _image_examples(source, records, scene_by_id, cfg.seed)
     pixels = torch.stack([load_pixels(p, backbone.image_processor) for p in paths])
-    scene_by_id = read_scenes(source / "scenes.jsonl")
-    ids = [r["id"] for r in read_jsonl(source / "captions.jsonl")]
-    missing = [i for i in ids if i not in scene_by_id]
-    if missing:
-        raise DataError(f"{source / 'scenes.jsonl'}: no scene graph for image id(s) {missing[:5]} (the base stage "
-                        "learns from the world's scene graphs)")
-    tags = [TagProbe.targets(scene_by_id[i]) for i in ids]
+    tags = [TagProbe.targets(scene_by_id[r["id"]]) for r in records]
     history: list[dict[str, float]] = []
 
     with stage_run("base", to_dict(params.base) | {"image_size": world.image_size},
