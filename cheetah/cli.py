@@ -13,8 +13,14 @@ from pathlib import Path
 from collections.abc import Callable
 
 from cheetah.config import ConfigError, Params, load_params, to_dict
-from cheetah.io import DataError
+from cheetah.errors import EXIT_USER_ERROR, CheetahError
+from cheetah.io import DataError, allow_overwrite
+from cheetah.pipeline import RECEIPT
 from cheetah.tracking import flat_metrics, stage_run
+
+
+OVERWRITE_HELP = ("let an output folder replace files its stage did not write (refused otherwise); the replaced "
+                  "files are listed in the new folder's .cheetah-output.json")
 
 
 def _params(args: argparse.Namespace, flag_overrides: dict[str, object] | None = None) -> Params:
@@ -196,7 +202,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from cheetah.train import distributed
 
     try:
-        metrics = train_vpgc(p)
+        metrics = train_vpgc(p, restart=args.restart)
     finally:
         distributed.shutdown()
     if metrics is not None:
@@ -218,6 +224,8 @@ def _add_training(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--out")
     t.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3])
     t.add_argument("--precision", choices=["fp32", "bf16", "fp16"])
+    t.add_argument("--restart", action="store_true",
+                   help="start over: remove the checkpoints in train.state_dir instead of resuming from them")
     t.set_defaults(func=_cmd_train)
 
 
@@ -380,11 +388,44 @@ def _add_register(sub: argparse._SubParsersAction) -> None:
                                         "challenger; champion if it wins (params: register)")
     r.add_argument("--vpgc-dir", help="VPG-C weights + card (default: train.out)")
     r.add_argument("--metrics", help="evaluation metrics JSON (default: evaluate.metrics)")
-    r.add_argument("--out", default="metrics/register.json", help="registration receipt (default: %(default)s)")
+    r.add_argument("--out", default=RECEIPT, help="registration receipt (default: %(default)s)")
     r.add_argument("--model-name")
     r.add_argument("--metric", help="metric that decides promotion, higher is better (dotted for nested)")
     r.add_argument("--margin", type=float, help="champion moves only if beaten by more than this")
     r.set_defaults(func=_cmd_register)
+
+
+def _cmd_registry(args: argparse.Namespace) -> int:
+    from cheetah import registry
+    from cheetah.tracking import configure
+
+    p = _params(args)
+    configure(p.register.experiment)
+    name = args.model_name or p.register.model_name
+    if args.registry_command == "history":
+        _print_json(registry.history(name))
+    elif args.registry_command == "demote":
+        _print_json(registry.demote(name, args.version, args.reason, metric=p.register.metric))
+    else:
+        _print_json(registry.promote(name, args.version, args.reason))
+    return 0
+
+
+def _add_registry(sub: argparse._SubParsersAction) -> None:
+    rg = sub.add_parser("registry", help="the model registry's record: history, demote a broken version, promote by "
+                                         "hand (params: register)")
+    rsub = rg.add_subparsers(dest="registry_command", required=True)
+    h = rsub.add_parser("history", help="every version with its aliases, lineage and gate decisions (JSON)")
+    d = rsub.add_parser("demote", help="mark a version broken; if it is champion, the best remaining eligible "
+                                       "version by its logged register.metric takes over")
+    pr = rsub.add_parser("promote", help="make a version champion by hand, whatever the gate said (recorded)")
+    for command in (h, d, pr):
+        command.add_argument("--model-name", help="registered model (default: register.model_name)")
+    for command in (d, pr):
+        command.add_argument("version", type=int, help="the model version")
+        command.add_argument("--reason", required=True, help="why (recorded on the version)")
+    for command in (h, d, pr):
+        command.set_defaults(func=_cmd_registry)
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
@@ -460,7 +501,7 @@ def _add_pipeline(sub: argparse._SubParsersAction) -> None:
 _ADDERS: list[Callable[[argparse._SubParsersAction], None]] = [_add_model, _add_training, _add_score,
                                                              _add_world, _add_synthesize, _add_validate,
                                                              _add_evaluate, _add_benchmarks]
-_ADDERS += [_add_register, _add_predict, _add_pipeline]
+_ADDERS += [_add_register, _add_registry, _add_predict, _add_pipeline]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -468,6 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
     parser.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                         help="override a parameter, e.g. --set train.lr=1e-4 (repeatable)")
+    parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
     for add in _ADDERS:
         add(sub)
@@ -482,6 +524,8 @@ def _accept_common_options(sub: argparse._SubParsersAction) -> None:
                              help="parameters file (default: params.yaml)")
         command.add_argument("--set", dest="set_after", action="append", default=argparse.SUPPRESS,
                              metavar="SECTION.KEY=VALUE", help="override a parameter (repeatable)")
+        command.add_argument("--overwrite", dest="overwrite_after", action="store_true", default=argparse.SUPPRESS,
+                             help=OVERWRITE_HELP)
         for action in command._actions:
             if isinstance(action, argparse._SubParsersAction):
                 _accept_common_options(action)
@@ -491,11 +535,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.set = [*(args.set or []), *vars(args).pop("set_after", [])]
     args.params = vars(args).pop("params_after", args.params)
+    args.overwrite = vars(args).pop("overwrite_after", False) or args.overwrite
     try:
-        return int(args.func(args) or 0)
-    except (ConfigError, DataError) as e:
+        with allow_overwrite(args.overwrite):
+            return int(args.func(args) or 0)
+    except CheetahError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
 
 
 if __name__ == "__main__":

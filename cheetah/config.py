@@ -15,10 +15,12 @@ import yaml
 from pydantic import ConfigDict, Field, ValidationError, model_validator
 from pydantic.dataclasses import dataclass
 
+from cheetah.errors import CheetahError
+
 _STRICT = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class ConfigError(ValueError):
+class ConfigError(CheetahError, ValueError):
     """A configuration value is missing, unknown, of the wrong type or impossible."""
 
 
@@ -208,6 +210,17 @@ class TrainConfig:
     max_length: int = Field(default=256, ge=16)
     seed: int = 0
     log_every: int = Field(default=10, ge=1)
+    max_skipped_steps: int = Field(default=0, ge=0)
+    """Steps with a non-finite loss that are skipped (no update) before training stops with a DivergenceError.
+    0: the first one stops it. Skipping needs gradient_accumulation 1 (a partly accumulated step cannot be undone).
+    A non-finite weight after an update always stops training."""
+
+    @model_validator(mode="after")
+    def _skipping_needs_whole_steps(self) -> "TrainConfig":
+        if self.max_skipped_steps and self.gradient_accumulation != 1:
+            raise ValueError("max_skipped_steps > 0 needs gradient_accumulation: 1 (a step whose earlier "
+                             "micro-batches were already accumulated cannot be skipped)")
+        return self
 
 
 @dataclass(config=_STRICT)
@@ -286,6 +299,34 @@ def _format_errors(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (also on line {seen[key] + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(path: str | Path) -> Any:
+    """A YAML file (parameters, configs) with duplicate keys refused; errors name the file and line."""
+    try:
+        return yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_StrictLoader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise ConfigError(f"{where}: not valid YAML: {e.problem or e.context}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e})") from None
+
+
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     node = tree
@@ -339,10 +380,7 @@ def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | 
     source = "defaults"
     if path is not None and Path(path).exists():
         source = str(path)
-        try:
-            loaded = yaml.safe_load(Path(path).read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        loaded = read_yaml(path)
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

@@ -7,8 +7,11 @@ half-written file (or folder) that looks complete, and a failed run never replac
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import hashlib
 import json
+import logging
+import math
 import os
 import shutil
 import tempfile
@@ -16,8 +19,12 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from cheetah.errors import CheetahError
 
-class DataError(ValueError):
+log = logging.getLogger(__name__)
+
+
+class DataError(CheetahError, ValueError):
     """Bad input data. The message names the file, and where it applies the record and the field."""
 
 
@@ -63,23 +70,151 @@ def atomic_write_json(path: str | Path, obj: Any, indent: int | None = 2) -> Pat
     return atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=False, ensure_ascii=False) + "\n")
 
 
+def _nonfinite_paths(tree: Any, prefix: str = "") -> list[str]:
+    if isinstance(tree, dict):
+        return [p for k, v in tree.items() for p in _nonfinite_paths(v, f"{prefix}{k}.")]
+    if isinstance(tree, (list, tuple)):
+        return [p for i, v in enumerate(tree) for p in _nonfinite_paths(v, f"{prefix}{i}.")]
+    if isinstance(tree, float) and not math.isfinite(tree):
+        return [f"{prefix[:-1]} = {tree}"]
+    return []
+
+
+def write_metrics(path: str | Path, metrics: dict[str, Any]) -> Path:
+    """A metrics file (what DVC, the report and the registry read): refused, naming the key, if a number in it is
+    NaN or infinite, so a failed run never leaves results that look like measurements."""
+    bad = _nonfinite_paths(metrics)
+    if bad:
+        raise DataError(f"{path}: refusing to write non-finite metrics: {', '.join(bad[:10])}")
+    return atomic_write_json(path, metrics)
+
+
 def atomic_write_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> Path:
     lines = [json.dumps(r, ensure_ascii=False, sort_keys=False) for r in records]
     return atomic_write_text(path, "".join(line + "\n" for line in lines))
 
 
-@contextlib.contextmanager
-def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Build a directory in a temporary sibling; on success it replaces `path` in one rename.
+# ---------------------------------------------------------------------------------------------------------------
+# Output folders: a stage replaces only what it wrote itself
+# ---------------------------------------------------------------------------------------------------------------
 
-    If the body raises, the temporary directory is removed and whatever was at `path` is left untouched.
+MANIFEST = ".cheetah-output.json"
+"""Written into every output folder a stage builds: which kind of output it is and every file it holds (relative
+path -> size). Deterministic (no time, no host), so DVC hashes of regenerated outputs do not change."""
+
+_overwrite: contextvars.ContextVar[bool] = contextvars.ContextVar("cheetah_overwrite", default=False)
+
+
+@contextlib.contextmanager
+def allow_overwrite(enabled: bool = True) -> Iterator[None]:
+    """Let output folders replace what they did not write (the CLI's `--overwrite`). The replaced files are
+    listed in the new folder's manifest (`overwrote`) and logged."""
+    token = _overwrite.set(enabled)
+    try:
+        yield
+    finally:
+        _overwrite.reset(token)
+
+
+def _project_roots() -> list[Path]:
+    """Folders no output may be or contain: the working directory and the checkout holding this package."""
+    roots = [Path.cwd().resolve()]
+    package_root = Path(__file__).resolve().parents[1]
+    if (package_root / "pyproject.toml").is_file():
+        roots.append(package_root)
+    return roots
+
+
+def _foreign_files(path: Path, kind: str) -> list[str]:
+    """Files in the existing folder `path` that an earlier `kind` output did not write (empty: safe to replace)."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+        owned = (manifest["files"] if manifest.get("kind") == kind else None) or {}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        owned = {}
+    if not isinstance(owned, dict):
+        owned = {}
+    foreign = []
+    for f in sorted(p for p in path.rglob("*") if not p.is_dir() or p.is_symlink()):
+        rel = f.relative_to(path).as_posix()
+        if rel == MANIFEST and owned:
+            continue
+        if rel not in owned or f.is_symlink() or f.stat().st_size != owned[rel]:
+            foreign.append(rel)
+    return foreign
+
+
+def _check_location(path: Path, protect: Iterable[str | Path]) -> None:
+    if path.is_symlink():
+        raise DataError(f"{path}: output folder is a symbolic link; give the real folder")
+    full = path.resolve()
+    for root in _project_roots():
+        if full == root or full in root.parents:
+            what = "the working directory" if root == Path.cwd().resolve() else "the project"
+            raise DataError(f"{path}: refusing to use {full} as an output folder: it is (or contains) {what} {root}")
+    for p in protect:
+        inner = Path(p).resolve()
+        if inner == full or full in inner.parents:
+            raise DataError(f"{path}: refusing to use this output folder: it contains {p}, which this stage reads "
+                            "or keeps its state in; choose another output folder")
+    if path.exists() and not path.is_dir():
+        raise DataError(f"{path}: exists and is not a folder; refusing to replace it")
+
+
+def _refuse_foreign(path: Path, kind: str, foreign: list[str]) -> None:
+    if foreign and not _overwrite.get():
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise DataError(f"{path}: refusing to replace this folder: it holds files that no earlier {kind} output "
+                        f"wrote ({shown}); choose another folder, or pass --overwrite to replace them")
+
+
+def check_output(path: str | Path, kind: str, *, protect: Iterable[str | Path] = ()) -> list[str]:
+    """Refuse (DataError) to build the `kind` output folder `path` where that would destroy something it did not
+    write. `path` may be missing, an empty folder, or an earlier `kind` output with nothing added or changed;
+    it may never be a file, a symbolic link, the working directory or a folder that contains it or the project,
+    or a folder containing one of `protect` (the stage's own inputs and state). Under `allow_overwrite()`, a
+    folder holding other files is allowed: returns the files that will be replaced."""
+    path = Path(path)
+    _check_location(path, protect)
+    if not path.exists():
+        return []
+    foreign = _foreign_files(path, kind)
+    _refuse_foreign(path, kind, foreign)
+    return foreign
+
+
+def _manifest(tmp: Path, kind: str, overwrote: list[str]) -> dict[str, Any]:
+    files = {p.relative_to(tmp).as_posix(): p.stat().st_size
+             for p in sorted(tmp.rglob("*")) if p.is_file() and p != tmp / MANIFEST}
+    manifest: dict[str, Any] = {"written_by": "cheetah", "kind": kind, "files": files}
+    if overwrote:
+        manifest["overwrote"] = overwrote
+    return manifest
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path, *, kind: str, protect: Iterable[str | Path] = ()) -> Iterator[Path]:
+    """Build the `kind` output folder `path` in a temporary sibling; on success it replaces `path` in one rename.
+
+    `check_output` runs before anything is written and again before the rename, so a folder holding anything
+    the stage did not write (or its inputs, or the project) is never replaced. If the body raises, the
+    temporary folder is removed and whatever was at `path` is left untouched. The folder gets a manifest
+    (`MANIFEST`) listing its files, which is what lets the next run replace it.
     """
     path = Path(path)
+    protect = list(protect)
+    check_output(path, kind, protect=protect)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
+        overwrote = check_output(path, kind, protect=protect)
+        if overwrote:
+            log.warning("%s: --overwrite replaces %d file(s) no earlier %s output wrote: %s", path, len(overwrote),
+                        kind, ", ".join(overwrote[:20]))
+        (tmp / MANIFEST).write_text(json.dumps(_manifest(tmp, kind, overwrote), indent=1, sort_keys=True) + "\n",
+                                    encoding="utf-8")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -93,6 +228,36 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     _fsync_dir(path.parent)
+
+
+def _manifest_kind(path: Path) -> str | None:
+    try:
+        return json.loads((path / MANIFEST).read_text(encoding="utf-8")).get("kind")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def claim_dir(path: str | Path, kind: str, *, protect: Iterable[str | Path] = ()) -> Path:
+    """Make `path` a folder that a stage fills in place (resumable state, incremental reports): created with a
+    manifest when missing or empty; accepted when an earlier `kind` claimed it; otherwise refused like
+    `check_output` (a folder of someone else's files is never written into, nor cleaned up)."""
+    path = Path(path)
+    _check_location(path, protect)
+    if _manifest_kind(path) == kind:
+        return path
+    if path.exists():
+        _refuse_foreign(path, kind, sorted(p.relative_to(path).as_posix() for p in path.rglob("*")
+                                           if not p.is_dir()))
+    path.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path / MANIFEST, {"written_by": "cheetah", "kind": kind, "files": None})
+    return path
+
+
+def remove_output(path: str | Path, kind: str) -> None:
+    """Delete a folder only if it is a `kind` output that nothing was added to (e.g. a stale failure report)."""
+    path = Path(path)
+    if path.exists() and not _foreign_files(path, kind) and (path / MANIFEST).is_file():
+        shutil.rmtree(path)
 
 
 def safe_join(root: str | Path, relative: str, *, what: str = "path") -> Path:

@@ -6,7 +6,8 @@ records where it lives (`backbone`, as trained, and `backbone_abspath`), and loa
 `CHEETAH_BACKBONE_DIR` / `model_config={"backbone_dir": ...}` says. A version of `register.model_name` is created
 and tagged with its lineage:
 
-    git_commit, git_dirty     the code (the commit `dvc exp run` or `make run` ran on; dirty: uncommitted edits)
+    git_commit, git_dirty     the code (the commit `dvc exp run` or `make run` ran on; dirty: uncommitted edits,
+                              listed in git_uncommitted); dvc_experiment: the `dvc exp run` experiment, if any
     dvc_lock_hash             sha256 of the dvc.lock entries of every stage upstream of `register` (canonical JSON),
                               i.e. of the exact data, parameters and code hashes that produced this model; the
                               dvc.lock read is logged with the run (`lineage/dvc.lock`)
@@ -16,10 +17,18 @@ and tagged with its lineage:
     metric.<name>             the headline evaluation metrics (e.g. demon_average, mme.perception), so that
                               promotion compares recorded values and never has to re-evaluate
 
+Nothing is registered unless it checks out: the weights must match the SHA-256 on their card, hold only finite
+values, come from a real backbone (not random planning weights) and load on the backbone the card records; the
+metrics must be finite and name the weights they measured (`vpgc_sha256`, written by `cheetah evaluate`).
+
 Promotion is MLflow 3 aliases (registry stages are deprecated): the new version always takes `challenger`; it takes
-`champion` when there is none, or when its `register.metric` beats the champion's recorded value by more than
-`register.margin` (higher is better). Moving the alias by hand in the MLflow UI (model version page -> Aliases ->
-add `champion`) or with `MlflowClient().set_registered_model_alias(name, "champion", version)` is the same move.
+`champion` when it is eligible — trained from committed code, parameters and data (the pipeline's own outputs,
+`dvc.lock` and what it lists, do not count as uncommitted), and not in a `dvc exp run` experiment — and there is
+no champion, or its `register.metric` beats the champion's, as logged with the champion's MLflow model, by more
+than `register.margin` (higher is better). Every decision is recorded on the version (`gate`, `gate_at`).
+`cheetah registry demote N --reason ...` marks a broken version and hands `champion` to the best remaining
+eligible version; `cheetah registry promote N --reason ...` moves it by hand (recorded as `promoted_by_hand`);
+`cheetah registry history` lists all of it. Moving the alias in the MLflow UI works too, but records no reason.
 
 Serving: `mlflow.pyfunc.load_model("models:/<name>@champion").predict(df)` with columns `instruction` (str) and
 `images` (list of image paths) returns one answer per row; `cheetah predict` does the same for one request. Loading
@@ -43,6 +52,7 @@ import mlflow
 import mlflow.pyfunc
 
 from cheetah.config import Params
+from cheetah.pipeline import RECEIPT
 from cheetah.tracking import flat_metrics
 from cheetah.io import DataError, atomic_write_json, read_json
 
@@ -50,6 +60,9 @@ CHAMPION = "champion"
 CHALLENGER = "challenger"
 MODEL_NAME_IN_RUN = "vpgc"
 BACKBONE_ENV = "CHEETAH_BACKBONE_DIR"
+MEASURED_WEIGHTS_FIELD = "vpgc_sha256"  # in the evaluation metrics: the hash of the VPG-C weights they measured
+RANDOM_BACKBONE_FIELD = "random_backbone"  # in a weights card: trained on random backbone weights (planning only)
+DVC_EXPERIMENT_ENV = "DVC_EXP_NAME"  # set by `dvc exp run` in every stage's environment
 _REQUIREMENTS = ("mlflow", "torch", "transformers", "tokenizers", "safetensors", "pillow", "numpy", "pandas",
                  "pydantic", "pyyaml")
 
@@ -208,14 +221,54 @@ def _out_md5(entry: Mapping[str, Any] | None, path: str) -> str | None:
     return None
 
 
+def uncommitted_changes(root: str | Path = ".") -> list[str] | None:
+    """Files that differ from the commit (modified, staged, deleted or untracked, not ignored), except what the
+    pipeline itself writes from committed inputs before it registers: `dvc.lock` and every output it lists
+    (metrics, plots, the receipt), the `.gitignore` files DVC keeps, and `data.dvc` when it records the embedded
+    world (regenerated from the committed `world.*` parameters; a corpus of your own in it counts). None when
+    `root` is not a git checkout."""
+    from cheetah.pipeline import DATA_DVC, read_data_dvc
+
+    try:
+        done = subprocess.run(["git", "status", "--porcelain=v1", "-z", "--untracked-files=all"], cwd=root,
+                              capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if done.returncode != 0:
+        return None
+    entries = done.stdout.split("\0")
+    changed, i = [], 0
+    while i < len(entries):
+        entry = entries[i]
+        i += 1
+        if len(entry) < 4:
+            continue
+        changed.append(entry[3:])
+        if entry[0] in "RC":  # a rename or copy is followed by its source path
+            i += 1
+    lock = _load_yaml(Path(root) / "dvc.lock") or {}
+    outputs = {"dvc.lock"} | {str(o.get("path", "")).rstrip("/") for st in (lock.get("stages") or {}).values()
+                              for o in (st or {}).get("outs") or [] if isinstance(o, Mapping)}
+    if read_data_dvc(root)["world"] is not None:
+        outputs.add(DATA_DVC)
+    return sorted(c for c in changed if Path(c).name != ".gitignore" and
+                  not any(c == o or c.startswith(o + "/") for o in outputs if o))
+
+
 def lineage(root: str | Path = ".", stage: str = "register") -> dict[str, str]:
     """The lineage tags of a model produced in `root` (see the module docstring). Missing facts are "unknown"."""
     root = Path(root)
     tags: dict[str, str] = {}
     commit = _git(root, "rev-parse", "HEAD")
     tags["git_commit"] = commit or "unknown"
-    status = _git(root, "status", "--porcelain", "--untracked-files=no")
-    tags["git_dirty"] = "unknown" if status is None else str(bool(status)).lower()
+    changes = uncommitted_changes(root)
+    tags["git_dirty"] = "unknown" if changes is None else str(bool(changes)).lower()
+    if changes:
+        tags["git_uncommitted"] = ", ".join(changes[:20]) + (f" and {len(changes) - 20} more" if len(changes) > 20
+                                                             else "")
+    experiment = os.environ.get(DVC_EXPERIMENT_ENV)
+    if experiment:
+        tags["dvc_experiment"] = experiment
 
     lock = _load_yaml(root / "dvc.lock") or {}
     stages = dict(lock.get("stages") or {})
@@ -227,6 +280,18 @@ def lineage(root: str | Path = ".", stage: str = "register") -> dict[str, str]:
     tags["data_hash"] = data_md5 or _out_md5(stages.get("world"), "data/source") or "unknown"
     tags["backbone_hash"] = _out_md5(stages.get("base"), "data/backbone") or "unknown"
     return tags
+
+
+def champion_eligibility(tags: Mapping[str, str]) -> tuple[bool, str]:
+    """Whether a version with these lineage tags may take `champion` automatically: only from committed code,
+    parameters and data (`git_dirty` false), and not from a `dvc exp run` experiment nobody committed. The rest
+    become `challenger`; `cheetah registry promote` moves `champion` by hand, recorded with its reason."""
+    if tags.get("dvc_experiment"):
+        return False, f"it comes from the DVC experiment {tags['dvc_experiment']!r}, not from committed parameters"
+    if tags.get("git_dirty") != "false":
+        what = tags.get("git_uncommitted") or "git status unknown"
+        return False, f"the code, parameters or data it was trained from are not committed ({what})"
+    return True, "committed code, parameters and data"
 
 
 def metric_value(metrics: Mapping[str, Any], name: str, source: str = "metrics") -> float:
@@ -242,7 +307,56 @@ def metric_value(metrics: Mapping[str, Any], name: str, source: str = "metrics")
             node = node[part]
     if isinstance(node, bool) or not isinstance(node, (int, float)):
         raise DataError(f"{source}: metric {name!r} is {node!r}, not a number")
+    if not math.isfinite(node):
+        raise DataError(f"{source}: metric {name!r} is {node}, not a finite number")
     return float(node)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What is registered is verified first
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def verify_weights(vpgc_dir: str | Path) -> dict[str, Any]:
+    """The card of `vpgc_dir` after checking that the weights are what the card says (hash), finite, trained on a
+    real backbone (not random planning weights), and loadable on the backbone the card records (built on the
+    meta device: shapes and architecture, without reading the backbone's weights). Raises DataError."""
+    from cheetah.model.backbones import load_backbone
+    from cheetah.model.vpgc import VPGCModel
+    from cheetah.model.weights import CARD_FILE, WEIGHTS_FILE, checked_state, read_card
+
+    vpgc_dir = Path(vpgc_dir)
+    for f in (WEIGHTS_FILE, CARD_FILE):
+        if not (vpgc_dir / f).is_file():
+            raise DataError(f"{vpgc_dir / f}: not found (register needs the trained VPG-C weights and card)")
+    card = read_card(vpgc_dir)
+    if card.get(RANDOM_BACKBONE_FIELD):
+        raise DataError(f"{vpgc_dir / CARD_FILE}: trained on a backbone with random weights (a planning or "
+                        "benchmark run); such weights are never registered")
+    location = resolve_backbone_dir(card)
+    backbone = load_backbone(str(location or card["backbone"]), device="meta")
+    checked_state(vpgc_dir, VPGCModel(backbone, update_layer=card["update_layer"]))
+    return card
+
+
+def read_measured_metrics(metrics_path: str | Path, card: Mapping[str, Any]) -> dict[str, Any]:
+    """The evaluation metrics, refused unless every number is finite and they name (by hash) the weights in hand."""
+    from cheetah.io import _nonfinite_paths
+
+    metrics = read_json(metrics_path)
+    if not isinstance(metrics, Mapping):
+        raise DataError(f"{metrics_path}: expected a JSON object of metrics")
+    bad = _nonfinite_paths(dict(metrics))
+    if bad:
+        raise DataError(f"{metrics_path}: non-finite metric(s) {', '.join(bad[:5])}; nothing was registered")
+    measured = metrics.get(MEASURED_WEIGHTS_FIELD)
+    if measured is None:
+        raise DataError(f"{metrics_path}: does not name the weights it measured ({MEASURED_WEIGHTS_FIELD}); "
+                        "evaluate the weights with `cheetah evaluate` before registering them")
+    if measured != card.get("sha256"):
+        raise DataError(f"{metrics_path}: measured the VPG-C weights {str(measured)[:12]}…, not the ones being "
+                        f"registered ({str(card.get('sha256'))[:12]}…); evaluate these weights first")
+    return dict(metrics)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -251,11 +365,12 @@ def metric_value(metrics: Mapping[str, Any], name: str, source: str = "metrics")
 
 
 def decide(challenger: float, champion: float | None, margin: float) -> tuple[bool, str]:
-    """(promote?, why). Promote when there is no champion, or the challenger beats it by more than `margin`."""
+    """(promote?, why). Promote when there is no champion, or the challenger beats it by more than `margin`. A
+    non-finite challenger is an error, whatever the champion: it can never become champion."""
+    if not math.isfinite(challenger):
+        raise DataError(f"the challenger's metric is {challenger}, not a finite number; it cannot be promoted")
     if champion is None:
         return True, "no champion yet"
-    if not math.isfinite(challenger):
-        return False, f"challenger's value {challenger} is not a finite number"
     if challenger > champion + margin:
         return True, f"{challenger:.4f} beats the champion's {champion:.4f} by more than the margin {margin}"
     return False, f"{challenger:.4f} does not beat the champion's {champion:.4f} by more than the margin {margin}"
@@ -268,6 +383,25 @@ def _alias_version(client: Any, name: str, alias: str) -> Any | None:
         return client.get_model_version_by_alias(name, alias)
     except MlflowException:
         return None
+
+
+def logged_metric(client: Any, version: Any, metric: str) -> float | None:
+    """`metric` as logged with the version's MLflow model (the LoggedModel's metrics), None when it has none.
+    This, not a tag, is what the gate compares."""
+    from mlflow.exceptions import MlflowException
+
+    model_id = getattr(version, "model_id", None)
+    source = str(getattr(version, "source", "") or "")
+    if not model_id and source.startswith("models:/m-"):  # the sqlite store leaves model_id unset; source has it
+        model_id = source[len("models:/"):].split("/")[0]
+    if not model_id:
+        return None
+    try:
+        logged = client.get_logged_model(model_id)
+    except MlflowException:
+        return None
+    values = [m.value for m in logged.metrics or [] if m.key == metric]
+    return float(values[-1]) if values and math.isfinite(values[-1]) else None
 
 
 def _log_model(vpgc_dir: Path, card: Mapping[str, Any], params: Params) -> Any:
@@ -286,37 +420,35 @@ def _log_model(vpgc_dir: Path, card: Mapping[str, Any], params: Params) -> Any:
 
 
 def register(params: Params, metrics_path: str | Path | None = None, vpgc_dir: str | Path | None = None,
-             out: str | Path = "metrics/register.json", root: str | Path = ".") -> dict[str, Any]:
-    """Log and register the VPG-C model of `vpgc_dir` (default `train.out`), gate it, write the receipt `out`."""
+             out: str | Path = RECEIPT, root: str | Path = ".") -> dict[str, Any]:
+    """Verify, log and register the VPG-C model of `vpgc_dir` (default `train.out`), gate it, write the receipt.
+
+    Nothing is registered unless the weights match their card and load on its backbone, and the metrics are
+    finite and name those weights. The version always takes `challenger`; it takes `champion` only when it is
+    eligible (`champion_eligibility`) and beats the champion's logged metric by more than `register.margin`."""
     from mlflow.tracking import MlflowClient
 
     from cheetah.config import to_dict
-    from cheetah.model.weights import CARD_FILE, WEIGHTS_FILE, read_card
     from cheetah.tracking import stage_run
 
     cfg = params.register
     root = Path(root)
     vpgc_dir = Path(vpgc_dir or params.train.out)
     metrics_path = Path(metrics_path or params.evaluate.metrics)
-    for f in (WEIGHTS_FILE, CARD_FILE):
-        if not (vpgc_dir / f).is_file():
-            raise DataError(f"{vpgc_dir / f}: not found (register needs the trained VPG-C weights and card)")
-    card = read_card(vpgc_dir)
-    metrics = read_json(metrics_path)
-    if not isinstance(metrics, Mapping):
-        raise DataError(f"{metrics_path}: expected a JSON object of metrics")
+    card = verify_weights(vpgc_dir)
+    metrics = read_measured_metrics(metrics_path, card)
     value = metric_value(metrics, cfg.metric, str(metrics_path))
     numbers = flat_metrics(metrics)
     # Headline numbers only (e.g. demon_average, demon.average, mme.perception): not per task, not the baselines.
     headline = {k: v for k, v in numbers.items() if k.count(".") <= 1 and not k.startswith("models.")}
-    tags = {**lineage(root), "vpgc_sha256": str(card.get("sha256", "unknown")),
-            "backbone": str(card.get("backbone")), "metric": cfg.metric,
-            **{f"metric.{k}": repr(v) for k, v in headline.items()}}
+    tags = {**lineage(root), "vpgc_sha256": str(card["sha256"]), "backbone": str(card.get("backbone")),
+            "metric": cfg.metric, **{f"metric.{k}": repr(v) for k, v in headline.items()}}
     tags[f"metric.{cfg.metric}"] = repr(value)
+    eligible, eligibility = champion_eligibility(tags)
+    tags["champion_eligible"] = str(eligible).lower()
 
     with stage_run("register", {"register": to_dict(cfg)}, experiment=cfg.experiment) as run:
         mlflow.set_tags({k: v for k, v in tags.items() if not k.startswith("metric.")})
-        mlflow.log_metrics({k.replace("/", "_"): v for k, v in numbers.items()})
         if (root / "dvc.lock").is_file():
             mlflow.log_artifact(str(root / "dvc.lock"), artifact_path="lineage")
         with warnings.catch_warnings():
@@ -325,29 +457,24 @@ def register(params: Params, metrics_path: str | Path | None = None, vpgc_dir: s
             warnings.filterwarnings("ignore", message=".*type hint", category=UserWarning)
             warnings.filterwarnings("ignore", message=".*input example", category=UserWarning)
             info = _log_model(vpgc_dir, card, params)
+        # Linked to the logged model: the gate reads a champion's numbers from its model, not from tags.
+        mlflow.log_metrics({k.replace("/", "_"): v for k, v in numbers.items()}, model_id=info.model_id)
         client = MlflowClient()
         version = mlflow.register_model(info.model_uri, cfg.model_name, tags=tags)
         v = str(version.version)
         champion = _alias_version(client, cfg.model_name, CHAMPION)
-        champion_value: float | None = None
-        reason_override = None
-        if champion is not None:
-            recorded = champion.tags.get(f"metric.{cfg.metric}")
-            try:
-                champion_value = float(recorded) if recorded is not None else None
-            except ValueError:
-                champion_value = None
-            if champion_value is None:
-                reason_override = (f"the champion (version {champion.version}) has no recorded {cfg.metric!r}; "
-                                   "it stays champion (move the alias by hand to override)")
-        if reason_override is not None:
-            promote, reason = False, reason_override
+        champion_value = logged_metric(client, champion, cfg.metric) if champion is not None else None
+        if not eligible:
+            promote, reason = False, f"not eligible for champion: {eligibility}"
+        elif champion is not None and champion_value is None:
+            promote, reason = False, (f"the champion (version {champion.version}) has no logged {cfg.metric!r}; "
+                                      "it stays champion (`cheetah registry promote` moves it by hand)")
         else:
             promote, reason = decide(value, champion_value, cfg.margin)
         client.set_registered_model_alias(cfg.model_name, CHALLENGER, v)
         if promote:
             client.set_registered_model_alias(cfg.model_name, CHAMPION, v)
-        client.set_model_version_tag(cfg.model_name, v, "gate", ("promoted: " if promote else "kept: ") + reason)
+        _record(client, cfg.model_name, v, "gate", ("promoted: " if promote else "kept: ") + reason)
         client.update_model_version(cfg.model_name, v, description=(
             f"VPG-C on {card.get('backbone')} (layer {card.get('update_layer')}); {cfg.metric} = {value:.4f}; "
             f"git {tags['git_commit'][:12]}; {'champion' if promote else 'challenger'}: {reason}"))
@@ -364,14 +491,111 @@ def register(params: Params, metrics_path: str | Path | None = None, vpgc_dir: s
             "reason": reason,
             "previous_champion": None if champion is None else {"version": int(champion.version),
                                                                   "value": champion_value},
-            "aliases": {CHALLENGER: int(v), CHAMPION: int(v) if promote else int(champion.version)},
+            "aliases": {CHALLENGER: int(v), CHAMPION: int(v) if promote else
+                        (int(champion.version) if champion is not None else None)},
             "tracking_uri": mlflow.get_tracking_uri(),  # the lineage tags are on the version itself
         }
     atomic_write_json(out, receipt)
     return receipt
 
 
-def receipt_is_current(path: str | Path = "metrics/register.json", experiment: str = "cheetah",
+def _record(client: Any, name: str, version: str, event: str, text: str) -> None:
+    """One gate event on a version's tags (`gate`, `demoted`, `promoted_by_hand`), with the time it happened."""
+    import datetime
+
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    client.set_model_version_tag(name, version, event, text)
+    client.set_model_version_tag(name, version, f"{event}_at", stamp)
+
+
+def _versions(client: Any, name: str) -> list[Any]:
+    return sorted(client.search_model_versions(f"name='{name}'"), key=lambda mv: int(mv.version))
+
+
+def demote(name: str, version: int | str, reason: str, metric: str = "demon_average") -> dict[str, Any]:
+    """Mark a version broken (`demoted` tag with the reason) and, if it was champion, give `champion` to the best
+    remaining eligible version by its logged `metric` (or to none). Returns what happened."""
+    from mlflow.tracking import MlflowClient
+
+    if not reason.strip():
+        raise DataError("demote: give the reason (--reason), it is recorded on the version")
+    client = MlflowClient()
+    target = _get_version(client, name, version)
+    _record(client, name, str(target.version), "demoted", reason)
+    champion = _alias_version(client, name, CHAMPION)
+    result: dict[str, Any] = {"model_name": name, "demoted": int(target.version), "reason": reason,
+                              "champion": None if champion is None else int(champion.version)}
+    if champion is None or str(champion.version) != str(target.version):
+        return result
+    client.delete_registered_model_alias(name, CHAMPION)
+    best, best_value = None, None
+    for mv in _versions(client, name):
+        tags = mv.tags or {}
+        if "demoted" in tags or tags.get("champion_eligible") != "true":
+            continue
+        value = logged_metric(client, mv, metric)
+        if value is not None and (best_value is None or value > best_value):
+            best, best_value = mv, value
+    if best is not None:
+        client.set_registered_model_alias(name, CHAMPION, str(best.version))
+        _record(client, name, str(best.version), "gate", f"promoted: best remaining eligible {metric} "
+                f"({best_value:.4f}) after version {target.version} was demoted ({reason})")
+    result["champion"] = None if best is None else int(best.version)
+    return result
+
+
+def promote(name: str, version: int | str, reason: str) -> dict[str, Any]:
+    """Move `champion` to `version` by hand, whatever the gate said (a recorded, deliberate override). A demoted
+    version is refused: a broken model is never served."""
+    from mlflow.tracking import MlflowClient
+
+    if not reason.strip():
+        raise DataError("promote: give the reason (--reason), it is recorded on the version")
+    client = MlflowClient()
+    target = _get_version(client, name, version)
+    if "demoted" in (target.tags or {}):
+        raise DataError(f"{name} version {target.version} was demoted ({target.tags['demoted']}); "
+                        "it cannot become champion")
+    previous = _alias_version(client, name, CHAMPION)
+    client.set_registered_model_alias(name, CHAMPION, str(target.version))
+    was = f"version {previous.version}" if previous is not None else "none"
+    _record(client, name, str(target.version), "promoted_by_hand", f"{reason} (champion was {was})")
+    return {"model_name": name, "champion": int(target.version),
+            "previous_champion": None if previous is None else int(previous.version), "reason": reason}
+
+
+def _get_version(client: Any, name: str, version: int | str) -> Any:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version(name, str(version))
+    except MlflowException:
+        raise DataError(f"{name}: no version {version} in the registry at {mlflow.get_tracking_uri()}") from None
+
+
+def history(name: str) -> list[dict[str, Any]]:
+    """Every version of `name` with its aliases, lineage and every gate event (what `cheetah registry history`
+    prints)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    rows = []
+    for mv in _versions(client, name):
+        tags = mv.tags or {}
+        rows.append({
+            "version": int(mv.version),
+            "aliases": sorted(getattr(mv, "aliases", []) or []),
+            "metric": tags.get("metric"),
+            "value": tags.get(f"metric.{tags.get('metric')}"),
+            "git_commit": tags.get("git_commit", "")[:12],
+            "champion_eligible": tags.get("champion_eligible"),
+            **{k: tags[k] for k in ("dvc_experiment", "git_uncommitted", "gate", "gate_at", "demoted", "demoted_at",
+                                    "promoted_by_hand", "promoted_by_hand_at") if k in tags},
+        })
+    return rows
+
+
+def receipt_is_current(path: str | Path = RECEIPT, experiment: str = "cheetah",
                        root: str | Path = ".") -> bool:
     """Whether the tracking store (of the repository at `root`) still holds the version a registration receipt
     names, from the same run. False for a missing or unreadable receipt, or a store that lost it (a fresh clone, a

@@ -40,7 +40,7 @@ COPY = ["cheetah", "flows", "dvc.yaml", "params.yaml", "data.dvc", "prefect.yaml
 # Every stage, shrunk: the whole pipeline in about a minute and a half on 2 cores.
 TINY = {
     "world": {"n": 32, "image_size": 32},
-    "base": {"steps": 4, "batch_size": 4, "eval_scenes": 2, "warmup_steps": 1},
+    "base": {"vision_steps": 4, "steps": 4, "batch_size": 4, "eval_scenes": 2, "warmup_steps": 1},
     "synthesize": {"n": 12, "captions": 12, "workers": 1},
     "train": {"steps": 3, "synthetic_batch": 2, "caption_batch": 2, "checkpoint_every": 3, "eval_every": 3,
               "warmup_steps": 1, "log_every": 1},

@@ -68,6 +68,7 @@ def test_loads_both_layouts_and_the_extra_level(tmp_path):
     ("Is it red?\tYes\nIs it blue?\tNo\nIs it green?\tNo\n", r"found 3"),
     ("Is it red? Yes\nIs it blue?\tNo\n", r"0001\.txt:1: expected 'question<TAB>Yes\|No'"),
     ("Is it red?\tYes\nIs it blue?\tMaybe\n", r"0001\.txt:2: the answer must be Yes or No, got 'Maybe'"),
+    ("Is it red?\tYes\nIs it round?\tYes\n", r"0001\.txt: .* must be one Yes and one No, got 'Yes' and 'Yes'"),
 ])
 def test_refuses_malformed_question_files(tmp_path, text, message):
     flat(tmp_path, "count", ids=("0001",), text=text)
@@ -146,6 +147,13 @@ def test_image_without_its_pair_is_an_error(tmp_path):
     three = one + [results_line("2.png", "q2", "No", "no"), results_line("2.png", "q3", "No", "no")]
     with pytest.raises(DataError, match=r"image '2\.png' has 3 question\(s\) \(line\(s\) 3, 4, 5\)"):
         score_mme(rows(three, tmp_path).parent)
+
+
+def test_pair_whose_ground_truths_are_not_one_yes_and_one_no_is_refused(tmp_path):
+    """Both questions of an image answered Yes would be scored 87.5 instead of 50 for a constant "yes"."""
+    same = [results_line("1.png", "q", "Yes", "yes"), results_line("1.png", "q2", "Yes", "yes")]
+    with pytest.raises(DataError, match=r"image '1\.png' \(lines 1, 2\): .* one Yes and one No, got 'Yes' and 'Yes'"):
+        score_mme(rows(same, tmp_path).parent)
 
 
 def test_results_file_errors(tmp_path):

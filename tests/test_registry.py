@@ -71,6 +71,18 @@ def world(tmp_path_factory):
         mp.undo()
 
 
+def _metrics_file(world, name: str, seed: int, value: float, **extra) -> Path:
+    """An evaluation metrics file as `cheetah evaluate` writes it, naming the weights it measured."""
+    from cheetah.model.weights import read_card
+
+    path = world["root"] / name
+    path.write_text(json.dumps({"demon_average": value, "demon": {"average": value, "tasks": {"t": 1.0}},
+                                "mme": {"perception": extra.get("perception", 100.0)},
+                                "vpgc_sha256": extra.get("sha", read_card(world["vpgc"][seed])["sha256"]),
+                                "models": {"base": {"demon_average": 0.1}}}))
+    return path
+
+
 @pytest.fixture(scope="module")
 def registered(world):
     """Four registrations with margin 0.05: a first model, a worse one, one better only within the margin, and one
@@ -80,9 +92,7 @@ def registered(world):
     params = Params(register=RegisterConfig(margin=0.05))
     receipts = []
     for n, (seed, value) in enumerate([(1, 0.50), (2, 0.40), (2, 0.53), (3, 0.60)]):
-        metrics = world["root"] / f"eval{n}.json"
-        metrics.write_text(json.dumps({"demon_average": value, "demon": {"average": value, "tasks": {"t": 1.0}},
-                                       "mme": {"perception": 100.0 + n}, "models": {"base": {"demon_average": 0.1}}}))
+        metrics = _metrics_file(world, f"eval{n}.json", seed, value, perception=100.0 + n)
         receipts.append(register(params, metrics, world["vpgc"][seed], out=world["root"] / f"register{n}.json",
                                  root=world["repo"]))
     return receipts
@@ -203,7 +213,10 @@ def test_decide_and_metric_lookup():
 
     assert decide(0.1, None, 0.5) == (True, "no champion yet")
     assert decide(0.6, 0.5, 0.05)[0] and not decide(0.55, 0.5, 0.05)[0] and not decide(0.5, 0.5, 0.0)[0]
-    assert not decide(float("nan"), 0.5, 0.0)[0]
+    for bad in (float("nan"), float("inf")):  # refused before the "no champion" branch, too
+        for champion in (0.5, None):
+            with pytest.raises(DataError, match="not a finite number"):
+                decide(bad, champion, 0.0)
     metrics = {"demon_average": 0.3, "mme": {"perception": 120.5}}
     assert metric_value(metrics, "mme.perception") == 120.5 and metric_value(metrics, "demon_average") == 0.3
     with pytest.raises(DataError, match="no metric 'mme.cognition'"):
@@ -218,6 +231,127 @@ def test_register_refuses_missing_inputs(world, tmp_path):
     with pytest.raises(DataError, match="vpgc.safetensors: not found"):
         register(Params(), tmp_path / "eval.json", tmp_path / "nothing", out=tmp_path / "r.json")
     (tmp_path / "eval.json").write_text(json.dumps({"mme": {"perception": 1.0}}))
-    with pytest.raises(DataError, match="no metric 'demon_average'"):
+    with pytest.raises(DataError, match="does not name the weights it measured"):
         register(Params(), tmp_path / "eval.json", world["vpgc"][1], out=tmp_path / "r.json")
+    with pytest.raises(DataError, match="no metric 'demon_average'"):
+        register(Params(), _no_demon(world, tmp_path), world["vpgc"][1], out=tmp_path / "r.json")
     assert not (tmp_path / "r.json").exists()
+
+
+def _no_demon(world, tmp_path) -> Path:
+    from cheetah.model.weights import read_card
+
+    path = tmp_path / "nodemon.json"
+    path.write_text(json.dumps({"mme": {"perception": 1.0}, "vpgc_sha256": read_card(world["vpgc"][1])["sha256"]}))
+    return path
+
+
+def _gate_params(name: str) -> Params:
+    return Params(register=RegisterConfig(model_name=name))
+
+
+def test_broken_inputs_never_reach_champion(world, tmp_path):
+    """NaN/inf metrics, truncated or non-finite weights, and metrics of other weights are refused before anything is
+    registered: the registry stays empty, so nothing can become champion."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from cheetah.model.weights import read_card
+    from cheetah.registry import register
+
+    params, vpgc = _gate_params("broken-inputs"), world["vpgc"][1]
+    for value, match in ((float("nan"), "non-finite metric"), (float("inf"), "non-finite metric")):
+        path = tmp_path / "nan.json"
+        path.write_text(json.dumps({"demon_average": value, "vpgc_sha256": read_card(vpgc)["sha256"]}))
+        with pytest.raises(DataError, match=match):
+            register(params, path, vpgc, out=tmp_path / "r.json")
+    good = _metrics_file(world, "good-for-1.json", 1, 0.5)
+    with pytest.raises(DataError, match="not the ones being registered"):
+        register(params, good, world["vpgc"][2], out=tmp_path / "r.json")
+    truncated = tmp_path / "truncated"
+    shutil.copytree(vpgc, truncated)
+    data = (truncated / "vpgc.safetensors").read_bytes()
+    (truncated / "vpgc.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match="SHA-256 differs"):
+        register(params, good, truncated, out=tmp_path / "r.json")
+    # A card rewritten to match truncated weights: the file itself is then unreadable.
+    card = json.loads((truncated / "vpgc.json").read_text())
+    card["sha256"] = hashlib.sha256((truncated / "vpgc.safetensors").read_bytes()).hexdigest()
+    (truncated / "vpgc.json").write_text(json.dumps(card))
+    with pytest.raises(DataError, match="not a readable safetensors file"):
+        register(params, _metrics_file(world, "m-trunc.json", 1, 0.5, sha=card["sha256"]), truncated,
+                 out=tmp_path / "r.json")
+    # Diverged (NaN) weights with a matching card.
+    nan = tmp_path / "nan-weights"
+    shutil.copytree(vpgc, nan)
+    tensors = load_file(str(nan / "vpgc.safetensors"))
+    tensors = {k: torch.full_like(v, float("nan")) for k, v in tensors.items()}
+    save_file(tensors, str(nan / "vpgc.safetensors"), metadata={"format": "pt"})
+    card = json.loads((nan / "vpgc.json").read_text())
+    card["sha256"] = hashlib.sha256((nan / "vpgc.safetensors").read_bytes()).hexdigest()
+    (nan / "vpgc.json").write_text(json.dumps(card))
+    with pytest.raises(DataError, match="NaN or infinite"):
+        register(params, _metrics_file(world, "m-nan.json", 1, 0.5, sha=card["sha256"]), nan, out=tmp_path / "r.json")
+    # Weights of a random-weights planning run.
+    random_run = tmp_path / "random"
+    shutil.copytree(vpgc, random_run)
+    card = json.loads((random_run / "vpgc.json").read_text()) | {"random_backbone": True}
+    (random_run / "vpgc.json").write_text(json.dumps(card))
+    with pytest.raises(DataError, match="random weights"):
+        register(params, good, random_run, out=tmp_path / "r.json")
+    assert not _client().search_model_versions("name='broken-inputs'")
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_dirty_tree_and_experiments_take_challenger_only_until_promoted_by_hand(world, tmp_path, monkeypatch):
+    from cheetah.registry import demote, history, promote, register
+
+    params, repo = _gate_params("eligibility"), world["repo"]
+    (repo / "params.yaml").write_text("train: {lr: 1}\n")  # an uncommitted parameter change
+    try:
+        dirty = register(params, _metrics_file(world, "e1.json", 1, 0.5), world["vpgc"][1], out=tmp_path / "r1.json",
+                         root=repo)
+    finally:
+        (repo / "params.yaml").unlink()
+    assert not dirty["promoted"] and "not committed (params.yaml)" in dirty["reason"]
+    assert dirty["aliases"] == {"challenger": 1, "champion": None}
+    monkeypatch.setenv("DVC_EXP_NAME", "lucky-seed")
+    experiment = register(params, _metrics_file(world, "e2.json", 2, 0.9), world["vpgc"][2],
+                          out=tmp_path / "r2.json", root=repo)
+    assert not experiment["promoted"] and "DVC experiment 'lucky-seed'" in experiment["reason"]
+    monkeypatch.delenv("DVC_EXP_NAME")
+    clean = register(params, _metrics_file(world, "e3.json", 3, 0.3), world["vpgc"][3], out=tmp_path / "r3.json",
+                     root=repo)
+    assert clean["promoted"] and clean["reason"] == "no champion yet"  # eligible, although its metric is lower
+    tags = _client().get_model_version("eligibility", "1").tags
+    assert tags["git_dirty"] == "true" and tags["champion_eligible"] == "false"
+    assert _client().get_model_version("eligibility", "2").tags["dvc_experiment"] == "lucky-seed"
+
+    # A forced promotion is recorded; a demotion hands champion to the best remaining *eligible* version.
+    forced = promote("eligibility", 2, "reviewed the experiment by hand")
+    assert forced == {"model_name": "eligibility", "champion": 2, "previous_champion": 3,
+                      "reason": "reviewed the experiment by hand"}
+    assert demote("eligibility", 2, "answers are garbage on real images")["champion"] == 3
+    with pytest.raises(DataError, match="was demoted"):
+        promote("eligibility", 2, "again")
+    assert demote("eligibility", 3, "broken too")["champion"] is None  # 1 is not eligible (dirty tree)
+    rows = {r["version"]: r for r in history("eligibility")}
+    assert rows[2]["promoted_by_hand"].startswith("reviewed the experiment by hand (champion was version 3)")
+    assert rows[2]["demoted"] == "answers are garbage on real images" and rows[3]["demoted"] == "broken too"
+    assert rows[1]["gate"].startswith("kept: not eligible") and all(not r["aliases"] or r["aliases"] == ["challenger"]
+                                                                    for r in rows.values())
+
+
+def test_gate_compares_the_champions_logged_metric_not_its_tags(world, tmp_path):
+    """Tags are only a record: editing the champion's metric tag does not change what the gate compares."""
+    from cheetah.registry import register
+
+    params = _gate_params("logged-metrics")
+    first = register(params, _metrics_file(world, "l1.json", 1, 0.5), world["vpgc"][1], out=tmp_path / "r1.json",
+                     root=world["repo"])
+    assert first["promoted"]
+    _client().set_model_version_tag("logged-metrics", "1", "metric.demon_average", "0.0")
+    second = register(params, _metrics_file(world, "l2.json", 2, 0.4), world["vpgc"][2], out=tmp_path / "r2.json",
+                      root=world["repo"])
+    assert not second["promoted"] and second["previous_champion"] == {"version": 1, "value": 0.5}

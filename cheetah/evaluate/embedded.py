@@ -294,7 +294,7 @@ def write_embedded_demon(out: str | Path, world: WorldConfig, per_task: int = 40
     unknown = [n for n in names if n not in DEMON_BUILDERS]
     if unknown:
         raise ValueError(f"unknown embedded DEMON task(s) {unknown}; choose from {list(DEMON_BUILDERS)}")
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, kind="DEMON benchmark") as tmp:
         for name in names:
             slot, build, instructions = DEMON_BUILDERS[name]
             assert TASKS[name].embedded  # registered in the task table, so the scorer knows it
@@ -320,7 +320,7 @@ def write_embedded_demon(out: str | Path, world: WorldConfig, per_task: int = 40
 
 def write_embedded_mme(out: str | Path, world: WorldConfig, per_subtask: int = 30) -> Path:
     """Write MME-format existence / count / position / color with `per_subtask` images (two questions each)."""
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, kind="MME benchmark") as tmp:
         for subtask, slot in MME_SLOTS.items():
             scenes, rng = _SceneStream(world, slot), np.random.default_rng([world.heldout_seed, slot])
             items = []

@@ -94,6 +94,14 @@ def _subtask_dirs(root: Path) -> dict[str, Path]:
     return found
 
 
+def check_yes_no_pair(answers: list[str], where: str) -> None:
+    """MME asks about every image twice, once with the answer Yes and once No (that is what acc+ measures); any
+    other pair of ground truths is a malformed file, not something to score."""
+    if sorted(a.strip().capitalize() for a in answers) != ["No", "Yes"]:
+        raise DataError(f"{where}: the ground truths of an image's two questions must be one Yes and one No, got "
+                        f"{' and '.join(repr(a) for a in answers)}")
+
+
 def read_question_file(path: Path) -> list[tuple[str, str]]:
     """The two `(question, "Yes"|"No")` lines of one question file."""
     try:
@@ -113,6 +121,7 @@ def read_question_file(path: Path) -> list[tuple[str, str]]:
         if answer not in ("Yes", "No"):
             raise DataError(f"{path}:{n}: the answer must be Yes or No, got {parts[1]!r}")
         out.append((parts[0], answer))
+    check_yes_no_pair([a for _, a in out], str(path))
     return out
 
 

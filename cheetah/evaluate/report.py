@@ -12,7 +12,7 @@ from typing import Any
 
 from cheetah.evaluate.demon import CATEGORIES, TASKS
 from cheetah.evaluate.mme import COGNITION, PERCEPTION, SUBTASKS
-from cheetah.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from cheetah.io import atomic_write_bytes, atomic_write_text, write_metrics
 
 Results = Mapping[str, Mapping[str, Any]]
 
@@ -128,5 +128,5 @@ def write_report(out_dir: str | Path, results: Results, metrics_path: str | Path
         if model not in results:
             raise KeyError(f"no results for model {model!r}; have {list(results)}")
         r = results[model]
-        written["metrics"] = atomic_write_json(metrics_path, metrics_dict(r.get("demon"), r.get("mme")))
+        written["metrics"] = write_metrics(metrics_path, metrics_dict(r.get("demon"), r.get("mme")))
     return written

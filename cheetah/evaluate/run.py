@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from cheetah.config import Params, to_dict
-from cheetah.io import DataError, atomic_write_json, sha256_file
+from cheetah.io import DataError, atomic_write_json, sha256_file, write_metrics
 from cheetah.tracking import flat_metrics
 
 log = logging.getLogger(__name__)
@@ -217,9 +217,11 @@ def evaluate(params: Params, model_specs: Mapping[str, str] | None = None, bench
 
     written = write_report(out, results, title="Evaluation: " + ", ".join(specs))
     champion = "vpgc" if "vpgc" in results else list(results)[-1]
+    # The hash of the weights these numbers measured: registration refuses weights they were not measured on.
     metrics = {**metrics_dict(results[champion]["demon"], results[champion]["mme"]), "model": champion,
+               "vpgc_sha256": runs[champion]["identity"]["vpgc_sha256"],
                "models": {n: metrics_dict(r["demon"], r["mme"]) for n, r in results.items()}}
-    written["metrics"] = atomic_write_json(cfg.metrics, metrics)
+    written["metrics"] = write_metrics(cfg.metrics, metrics)
     summary = {"benchmark": benchmark, "data": {"demon": demon_dir, "mme": mme_dir}, "batch_size": cfg.batch_size,
                "device": device.type, "models": runs,
                "outputs": {k: str(v) for k, v in written.items()}}

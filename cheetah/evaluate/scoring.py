@@ -31,7 +31,7 @@ from typing import Any
 
 from cheetah.evaluate.demon import (CATEGORIES, TASKS, DemonTask, DemonTaskInfo, Split, list_demon_datasets,
                                     load_demon_task, resolve_dataset)
-from cheetah.evaluate.mme import COGNITION, PERCEPTION, SUBTASKS, MMEResult, read_results_file
+from cheetah.evaluate.mme import COGNITION, PERCEPTION, SUBTASKS, MMEResult, check_yes_no_pair, read_results_file
 from cheetah.io import DataError, read_json
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -294,6 +294,7 @@ def score_mme_subtask(rows: Sequence[MMEResult], source: str | Path = "results")
             lines = ", ".join(str(r.line) for r in items)
             raise DataError(f"{source}: image {image!r} has {len(items)} question(s) (line(s) {lines}); "
                             f"MME scores every image on exactly two")
+        check_yes_no_pair([r.gt for r in items], f"{source}: image {image!r} (lines {items[0].line}, {items[1].line})")
     correct = both = other = tp = fn = tn = fp = 0
     for items in by_image.values():
         right = 0

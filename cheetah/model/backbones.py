@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from transformers import (
     PreTrainedModel,
 )
 
+from cheetah.io import DataError
 from cheetah.model.prompts import IMAGE_TOKEN, TEMPLATES, ChatTemplate
 
 BackboneModel = Blip2ForConditionalGeneration | InstructBlipForConditionalGeneration
@@ -218,7 +220,7 @@ def load_backbone(spec: str | Path, *, device: str | torch.device = "cpu", dtype
                                       tokenizer=_placeholder_tokenizer_for_counting())
             return build_backbone(str(spec), tokenizer=tokenizer, device=device, dtype=dtype, template=template)
         if backbone_dir is None:
-            raise FileNotFoundError(
+            raise DataError(
                 f"preset {spec!r} has no weights here: pass a local backbone directory (model.backbone_dir), "
                 f"or use random weights (--random / --meta)"
             )
@@ -226,9 +228,9 @@ def load_backbone(spec: str | Path, *, device: str | torch.device = "cpu", dtype
     else:
         directory = Path(spec)
     if not directory.is_dir():
-        raise FileNotFoundError(f"{directory}: backbone directory not found")
+        raise DataError(f"{directory}: backbone directory not found")
     if not (directory / "config.json").exists():
-        raise FileNotFoundError(f"{directory}: no config.json (expected a Hugging Face save_pretrained directory)")
+        raise DataError(f"{directory}: no config.json (expected a Hugging Face save_pretrained directory)")
     config_dict = json.loads((directory / "config.json").read_text())
     model_type = config_dict.get("model_type")
     cls: type[PreTrainedModel]
@@ -237,9 +239,9 @@ def load_backbone(spec: str | Path, *, device: str | torch.device = "cpu", dtype
     elif model_type == "instructblip":
         cls = InstructBlipForConditionalGeneration
     else:
-        raise ValueError(f"{directory}/config.json: model_type {model_type!r} is not a BLIP-2 or InstructBLIP model")
+        raise DataError(f"{directory}/config.json: model_type {model_type!r} is not a BLIP-2 or InstructBLIP model")
     if not config_dict.get("use_decoder_only_language_model", True):
-        raise ValueError(f"{directory}: VPG-C needs a decoder-only language model (this one is encoder-decoder)")
+        raise DataError(f"{directory}: VPG-C needs a decoder-only language model (this one is encoder-decoder)")
     if str(device) == "meta":
         config = cls.config_class.from_pretrained(directory, local_files_only=True)
         with torch.device("meta"):
@@ -249,10 +251,10 @@ def load_backbone(spec: str | Path, *, device: str | torch.device = "cpu", dtype
                                     device_map=None).to(device)
     model.eval()
     if model.config.image_token_index is None:
-        raise ValueError(f"{directory}/config.json: image_token_index is not set; VPG-C places image tokens by it")
+        raise DataError(f"{directory}/config.json: image_token_index is not set; VPG-C places image tokens by it")
     tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
     if tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) != model.config.image_token_index:
-        raise ValueError(
+        raise DataError(
             f"{directory}: the tokenizer's {IMAGE_TOKEN!r} id ({tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)}) differs "
             f"from config.image_token_index ({model.config.image_token_index})"
         )
@@ -278,12 +280,17 @@ def _load_image_processor(directory: Path, image_size: int) -> BlipImageProcesso
     return _image_processor(image_size)
 
 
-def save_backbone(backbone: Backbone, directory: str | Path, extra_meta: dict[str, Any] | None = None) -> Path:
+BACKBONE_KIND = "backbone"  # the kind of output folder save_backbone writes (cheetah.io.atomic_dir)
+
+
+def save_backbone(backbone: Backbone, directory: str | Path, extra_meta: dict[str, Any] | None = None, *,
+                  protect: Iterable[str | Path] = ()) -> Path:
     """Write a backbone directory that `load_backbone` (and plain Hugging Face) reads: weights, tokenizer, image
-    processor, and a small `cheetah_backbone.json` (template, preset). Written atomically."""
+    processor, and a small `cheetah_backbone.json` (template, preset). Written atomically; an existing folder is
+    replaced only if it is an earlier backbone output (`cheetah.io.check_output`; `protect`: the caller's inputs)."""
     from cheetah.io import atomic_dir
 
-    with atomic_dir(directory) as tmp:
+    with atomic_dir(directory, kind=BACKBONE_KIND, protect=protect) as tmp:
         backbone.model.save_pretrained(tmp)
         if backbone.tokenizer is not None:
             backbone.tokenizer.save_pretrained(tmp)

@@ -9,20 +9,23 @@ its users got garbage output without an error.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from cheetah.errors import CheetahError
 from cheetah.io import DataError, atomic_dir, sha256_file
 
 WEIGHTS_FILE = "vpgc.safetensors"
 CARD_FILE = "vpgc.json"
 FORMAT_VERSION = 1
+VPGC_KIND = "VPG-C weights"  # the kind of output folder save_vpgc writes (cheetah.io.atomic_dir)
 
 
-class IncompatibleWeights(ValueError):
+class IncompatibleWeights(CheetahError, ValueError):
     """VPG-C weights that do not fit the backbone they are being loaded into."""
 
 
@@ -49,11 +52,12 @@ def _abspath_if_dir(source: str) -> str | None:
 
 
 def save_vpgc(model: Any, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None,
-              extra: dict[str, Any] | None = None) -> Path:
-    """Write the VPG-C weights and card atomically. Pass `state_dict` when it had to be gathered (ZeRO-3)."""
+              extra: dict[str, Any] | None = None, *, protect: Iterable[str | Path] = ()) -> Path:
+    """Write the VPG-C weights and card atomically. Pass `state_dict` when it had to be gathered (ZeRO-3). An
+    existing folder is replaced only if it holds earlier VPG-C weights (`cheetah.io.check_output`)."""
     state = state_dict if state_dict is not None else model.vpgc.state_dict()
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
-    with atomic_dir(directory) as tmp:
+    with atomic_dir(directory, kind=VPGC_KIND, protect=protect) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         card = {
             **card_for(model),
@@ -65,15 +69,26 @@ def save_vpgc(model: Any, directory: str | Path, state_dict: dict[str, torch.Ten
     return Path(directory)
 
 
+REQUIRED_CARD_FIELDS = ("backbone", "backbone_fingerprint", "backbone_class", "template", "update_layer",
+                        "num_llm_layers", "num_query_tokens", "llm_hidden_size", "qformer_hidden_size", "sha256")
+
+
 def read_card(directory: str | Path) -> dict[str, Any]:
+    """The card of a VPG-C weights folder; a missing, malformed or incomplete card is a DataError naming the field."""
     directory = Path(directory)
     card_path = directory / CARD_FILE
     if not card_path.exists():
         raise DataError(f"{card_path}: no VPG-C card (expected {CARD_FILE} next to {WEIGHTS_FILE})")
     try:
-        return json.loads(card_path.read_text())
-    except json.JSONDecodeError as e:
-        raise DataError(f"{card_path}: malformed JSON: {e.msg}") from None
+        card = json.loads(card_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{card_path}: malformed JSON: {e}") from None
+    if not isinstance(card, dict):
+        raise DataError(f"{card_path}: expected a JSON object")
+    missing = [f for f in REQUIRED_CARD_FIELDS if f not in card]
+    if missing:
+        raise DataError(f"{card_path}: missing field(s) {missing} (not a card written by `cheetah train`)")
+    return card
 
 
 def check_compatible(card: dict[str, Any], model: Any, *, check_backbone: bool = True) -> list[str]:
@@ -87,24 +102,28 @@ def check_compatible(card: dict[str, Any], model: Any, *, check_backbone: bool =
             for k in keys if card.get(k) != have[k]]
 
 
-def load_vpgc(model: Any, directory: str | Path, *, check_backbone: bool = True) -> dict[str, Any]:
-    """Load VPG-C weights into `model.vpgc`, refusing anything that does not fit. Returns the card.
+def checked_state(directory: str | Path, model: Any, *, check_backbone: bool = True
+                  ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The card and tensors of a VPG-C weights folder, after every check that they fit `model` (which may live on
+    the meta device): the file's hash against the card, the card against the backbone, names and shapes of the
+    tensors against `model.vpgc`, and every value finite. Anything else raises DataError / IncompatibleWeights."""
+    from safetensors import SafetensorError
 
-    `check_backbone=False` allows a backbone with the same shapes but a different architecture fingerprint (e.g.
-    a re-saved copy with another dtype); shapes, layer and query count are always checked.
-    """
     directory = Path(directory)
     card = read_card(directory)
     weights = directory / WEIGHTS_FILE
     if not weights.exists():
         raise DataError(f"{weights}: VPG-C weights file not found")
-    if card.get("sha256") and sha256_file(weights) != card["sha256"]:
+    if sha256_file(weights) != card["sha256"]:
         raise DataError(f"{weights}: SHA-256 differs from the card's; the file is corrupt or was replaced")
     problems = check_compatible(card, model, check_backbone=check_backbone)
     if problems:
         raise IncompatibleWeights(f"{directory}: VPG-C weights do not fit this backbone ({model.backbone_info.source}):"
                                   "\n  " + "\n  ".join(problems))
-    state = load_file(str(weights))
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as e:
+        raise DataError(f"{weights}: not a readable safetensors file ({e})") from None
     expected = model.vpgc.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -112,5 +131,18 @@ def load_vpgc(model: Any, directory: str | Path, *, check_backbone: bool = True)
               for k in sorted(set(state) & set(expected)) if state[k].shape != expected[k].shape]
     if missing or unexpected or shapes:
         raise IncompatibleWeights(f"{weights}: missing {missing}, unexpected {unexpected}, mis-shaped {shapes}")
+    nonfinite = [k for k, v in sorted(state.items()) if not torch.isfinite(v).all()]
+    if nonfinite:
+        raise DataError(f"{weights}: tensor(s) {nonfinite[:5]} hold NaN or infinite values (a diverged run)")
+    return card, state
+
+
+def load_vpgc(model: Any, directory: str | Path, *, check_backbone: bool = True) -> dict[str, Any]:
+    """Load VPG-C weights into `model.vpgc`, refusing anything that does not fit (`checked_state`). Returns the card.
+
+    `check_backbone=False` allows a backbone with the same shapes but a different architecture fingerprint (e.g.
+    a re-saved copy with another dtype); shapes, layer and query count are always checked.
+    """
+    card, state = checked_state(directory, model, check_backbone=check_backbone)
     model.vpgc.load_state_dict(state, strict=True)
     return card

@@ -34,7 +34,7 @@ import numpy as np
 from PIL import Image
 
 from cheetah.config import ConfigError, SynthesizeConfig
-from cheetah.io import DataError, atomic_dir, safe_join
+from cheetah.io import DataError, atomic_dir, check_output, safe_join
 from cheetah.synthesize.apply import Applier, InpaintApplier, WorldApplier
 from cheetah.synthesize.common import Reject, SourceItem
 from cheetah.synthesize.edits import Editor, LabelEditor, WorldEditor
@@ -349,6 +349,8 @@ def synthesize(cfg: SynthesizeConfig, backbone: Any = None) -> dict[str, Any]:
     `cheetah.model.backbones.load_backbone`) or an already loaded object with `.model` (a Hugging Face
     Blip2ForConditionalGeneration) and `.image_processor`.
     """
+    inputs = [cfg.source] + ([backbone] if isinstance(backbone, (str, Path)) and Path(backbone).is_dir() else [])
+    check_output(cfg.out, "synthetic", protect=inputs)  # before any work: never replace what it did not write
     items, source_rejects, n_records = load_source(cfg.source, need_scenes=cfg.masks == "world")
     if not items:
         first = "; ".join(f"line {r['line']}: {r['reason']}" for r in source_rejects[:3])
@@ -377,7 +379,7 @@ def synthesize(cfg: SynthesizeConfig, backbone: Any = None) -> dict[str, Any]:
         "quarantined": len(quarantine),
         "settings": {k: getattr(cfg, k) for k in _RECORDED},
     }
-    with atomic_dir(cfg.out) as tmp:
+    with atomic_dir(cfg.out, kind="synthetic", protect=inputs) as tmp:
         (tmp / "images").mkdir()
         for item in sorted(used.values(), key=lambda it: it.index):
             shutil.copyfile(item.path, tmp / original_name(item))

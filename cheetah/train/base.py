@@ -34,9 +34,9 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from cheetah.config import Params, to_dict
-from cheetah.io import DataError, atomic_write_json, read_jsonl, safe_join
-from cheetah.model.backbones import build_backbone, save_backbone
+from cheetah.config import ConfigError, Params, to_dict
+from cheetah.io import DataError, check_output, read_jsonl, safe_join, write_metrics
+from cheetah.model.backbones import BACKBONE_KIND, build_backbone, save_backbone
 from cheetah.model.prompts import PromptBuilder
 from cheetah.train.data import load_pixels
 from cheetah.train.vpgc import lr_lambda
@@ -232,11 +232,12 @@ def pretrain_base(params: Params) -> dict[str, Any]:
 
     cfg, world = params.base, params.world
     if params.model.preset != "tiny":
-        raise ValueError(f"the base stage pretrains the embedded `tiny` preset only; for {params.model.preset!r} "
+        raise ConfigError(f"the base stage pretrains the embedded `tiny` preset only; for {params.model.preset!r} "
                          "point model.backbone_dir at your checkpoint directory instead")
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     source = Path(world.out)
+    check_output(cfg.out, BACKBONE_KIND, protect=[source])  # before any work: never replace what it did not write
 
     tokenizer = train_tokenizer(cfg.vocab_size)
     backbone = build_backbone("tiny", tokenizer=tokenizer, image_size=world.image_size, seed=cfg.seed)
@@ -329,8 +330,8 @@ def pretrain_base(params: Params) -> dict[str, Any]:
             "image_examples": len(encoded),
             "chat_examples": len(chat),
         }
-        save_backbone(backbone, cfg.out, extra_meta={"base_metrics": metrics})
-        atomic_write_json(cfg.metrics, {**metrics, "examples": quality["examples"]})
+        save_backbone(backbone, cfg.out, extra_meta={"base_metrics": metrics}, protect=[source])
+        write_metrics(cfg.metrics, {**metrics, "examples": quality["examples"]})
         if run is not None:
             import mlflow
 

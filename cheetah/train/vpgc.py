@@ -11,11 +11,9 @@ each sample's mean response-token cross-entropy, so 1 and N processes compute th
 from __future__ import annotations
 
 import csv
-import hashlib
-import json
+import logging
 import math
 import random
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -25,13 +23,15 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from cheetah.config import Params, TrainConfig, to_dict
-from cheetah.io import atomic_write_json, atomic_write_text, sha256_file
+from cheetah.config import ConfigError, Params, TrainConfig, to_dict
+from cheetah.errors import DivergenceError
+from cheetah.io import atomic_write_bytes, atomic_write_text, check_output, claim_dir, write_metrics
 from cheetah.model.backbones import load_backbone
 from cheetah.model.prompts import PromptBuilder
 from cheetah.model.vpgc import VPGCModel
-from cheetah.model.weights import save_vpgc
+from cheetah.model.weights import VPGC_KIND, save_vpgc
 from cheetah.train import distributed
+from cheetah.train.state import STATE_KIND, TrainingState, fingerprint, rng_state, set_rng_state
 from cheetah.train.data import (
     EncodedExample,
     FeatureCache,
@@ -41,6 +41,8 @@ from cheetah.train.data import (
     load_examples,
     split_heldout,
 )
+
+log = logging.getLogger(__name__)
 
 
 def lr_lambda(warmup: int, total: int, schedule: str):
@@ -69,20 +71,9 @@ def _split(cfg: TrainConfig, world: int) -> int:
     parts = world * cfg.gradient_accumulation
     for name in ("synthetic_batch", "caption_batch"):
         if getattr(cfg, name) % parts:
-            raise ValueError(f"train.{name}={getattr(cfg, name)} must be divisible by world size x "
+            raise ConfigError(f"train.{name}={getattr(cfg, name)} must be divisible by world size x "
                              f"gradient_accumulation = {world} x {cfg.gradient_accumulation}")
     return (cfg.synthetic_batch + cfg.caption_batch) // parts
-
-
-def _state_fingerprint(params: Params, world: int, data_files: list[Path]) -> str:
-    """What a resumable state depends on: a state written under other settings or data is not resumed."""
-    train = to_dict(params.train)
-    for volatile in ("out", "state_dir", "metrics", "curve", "log_every", "checkpoint_every", "keep_checkpoints",
-                     "eval_every", "feature_cache"):
-        train.pop(volatile)
-    key = {"train": train, "model": to_dict(params.model), "world": world,
-           "data": [sha256_file(f) for f in data_files]}
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -103,6 +94,23 @@ def heldout_loss(engine: Any, builder: PromptBuilder, items: list[EncodedExample
     return float(total[0] / total[1]) if total[1] > 0 else float("nan")
 
 
+def _on_any_rank(local: list[str], device: torch.device) -> list[str]:
+    """Every rank's entries of `local`, on every rank (collective; cheap when all are empty, the usual case)."""
+    count = torch.tensor([len(local)], dtype=torch.int64, device=device)
+    dist.all_reduce(count)
+    if not int(count):
+        return []
+    everyone: list[list[str] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, local)
+    return [x for part in everyone for x in part or []]
+
+
+def _nonfinite_weights(model: VPGCModel) -> list[str]:
+    """VPG-C parameters with a NaN or inf (this rank's partition under ZeRO-3)."""
+    return [name for name, p in model.vpgc.named_parameters()
+            if not torch.isfinite(getattr(p, "ds_tensor", p).detach()).all()]
+
+
 def _full_fp32(model: VPGCModel) -> dict[str, torch.Tensor]:
     """VPG-C weights as the optimiser holds them (fp32 masters, gathered under ZeRO-3). Collective: every rank."""
     from deepspeed.utils import safe_get_full_fp32_param
@@ -114,74 +122,24 @@ def _full_fp32(model: VPGCModel) -> dict[str, torch.Tensor]:
     return out
 
 
-class _State:
-    """Resumable checkpoints in `state_dir`: `step-NNNNNN/` folders written under a temporary name and renamed
-    when complete, and a `latest` file (written atomically) that names the newest one."""
-
-    def __init__(self, directory: str | Path, keep: int, rank: int, fingerprint: str):
-        self.dir = Path(directory)
-        self.keep = keep
-        self.rank = rank
-        self.fingerprint = fingerprint
-
-    def resumable(self) -> str | None:
-        """The newest complete checkpoint written under the same settings and data, if any."""
-        f = self.dir / "latest"
-        if not f.exists():
-            return None
-        tag = f.read_text().strip()
-        meta = self.dir / tag / "cheetah_state.json"
-        if not meta.exists():
-            return None
-        if json.loads(meta.read_text()).get("fingerprint") != self.fingerprint:
-            if self.rank == 0:
-                print(f"ignoring {self.dir}/{tag}: written under other settings or data; starting afresh")
-            return None
-        return tag
-
-    def save(self, engine: Any, step: int, client_state: dict[str, Any]) -> None:
-        tag = f"step-{step:06d}"
-        tmp = f".tmp-{tag}"
-        if self.rank == 0 and (self.dir / tmp).exists():
-            shutil.rmtree(self.dir / tmp)
-        distributed.barrier()
-        engine.save_checkpoint(str(self.dir), tag=tmp, client_state=client_state, save_latest=False,
-                               exclude_frozen_parameters=True)
-        distributed.barrier()
-        if self.rank == 0:
-            atomic_write_json(self.dir / tmp / "cheetah_state.json", {"fingerprint": self.fingerprint, "step": step})
-            if (self.dir / tag).exists():
-                shutil.rmtree(self.dir / tag)
-            (self.dir / tmp).rename(self.dir / tag)
-            atomic_write_text(self.dir / "latest", tag + "\n")
-            old = sorted(p for p in self.dir.glob("step-*") if p.is_dir())[: -self.keep]
-            for p in old:
-                shutil.rmtree(p, ignore_errors=True)
-        distributed.barrier()
-
-
-def _rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-
-
-def train_vpgc(params: Params) -> dict[str, Any]:
+def train_vpgc(params: Params, restart: bool = False) -> dict[str, Any]:
     """Train VPG-C per `params.train` on the backbone of `params.model`; returns the final metrics (on rank 0).
 
+    Resumes from the newest intact checkpoint in `train.state_dir` unless `restart` (which removes them first).
     Joins the process group (creating a one-process group when not launched by torchrun/deepspeed) and leaves
     it up, so several runs can share one process; the CLI tears it down at exit (`distributed.shutdown`).
     """
     import deepspeed
 
     cfg = params.train
+    # Before any work: the weights folder replaces only earlier weights, and never holds the state or the inputs.
+    inputs = [p for p in (cfg.data, params.model.backbone_dir) if p]
+    check_output(cfg.out, VPGC_KIND, protect=[cfg.state_dir, cfg.metrics, cfg.curve, *inputs])
     rank, world = distributed.init()
     device = distributed.device()
     micro = _split(cfg, world)
+    if rank == 0:
+        claim_dir(cfg.state_dir, STATE_KIND, protect=inputs)
     random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
 
     # -- model: frozen backbone + zero-initialised VPG-C ------------------------------------------------------
@@ -216,19 +174,22 @@ def train_vpgc(params: Params) -> dict[str, Any]:
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                    config=ds_config)
 
-    # -- resume ----------------------------------------------------------------------------------------------
-    state = _State(cfg.state_dir, cfg.keep_checkpoints, rank, _state_fingerprint(params, world, data_files))
-    start, history, evals = 0, [], []
+    # -- resume: the newest intact checkpoint, read as tensors and data only (cheetah/train/state.py) -----------
+    state = TrainingState(cfg.state_dir, cfg.keep_checkpoints, rank, fingerprint(params, world, data_files))
+    if restart:
+        state.restart()
+    start, history, evals, skipped = 0, [], [], []
     tag = state.resumable()
     if tag is not None:
-        _, client = engine.load_checkpoint(cfg.state_dir, tag=tag, load_module_strict=False)
-        start, history, evals = client["step"], client["history"], client["evals"]
-        _set_rng_state(client["rng"])
+        client = state.load(engine, tag)
+        start, history, evals, skipped = client["step"], client["history"], client["evals"], client["skipped"]
+        set_rng_state(client["rng"])
         if rank == 0:
             print(f"resuming VPG-C training from {cfg.state_dir}/{tag} (step {start}/{cfg.steps})")
 
     def checkpoint(step: int) -> None:
-        state.save(engine, step, {"step": step, "history": history, "evals": evals, "rng": _rng_state()})
+        state.save(engine, step, {"step": step, "history": history, "evals": evals, "skipped": skipped,
+                                  "rng": rng_state()})
 
     # -- loop ------------------------------------------------------------------------------------------------
     from cheetah.tracking import stage_run
@@ -245,20 +206,47 @@ def train_vpgc(params: Params) -> dict[str, Any]:
             syn_idx, cap_idx = sampler.step(step)
             syn = [enc_syn[i] for i in syn_idx][rank::world]
             cap = [enc_cap[i] for i in cap_idx][rank::world]
+            ids = ([train_syn[i].id for i in syn_idx][rank::world], [train_cap[i].id for i in cap_idx][rank::world])
             stats = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, samples, tokens
-            for m in range(cfg.gradient_accumulation):
+            accum = cfg.gradient_accumulation
+            for m in range(accum):
                 # One forward per source: synthetic and caption examples differ in length, so padding them into
                 # one batch would waste compute. The loss is still the mean over all samples of the micro-batch.
-                groups = [g for g in (syn[m::cfg.gradient_accumulation], cap[m::cfg.gradient_accumulation]) if g]
-                loss_sum, n_items = 0.0, sum(map(len, groups))
-                for items in groups:
+                groups = [(source, items, names) for source, items, names in
+                          (("synthetic", syn[m::accum], ids[0][m::accum]), ("caption", cap[m::accum], ids[1][m::accum]))
+                          if items]
+                loss_sum, n_items, nonfinite = 0.0, sum(len(g[1]) for g in groups), []
+                for source, items, names in groups:
                     batch = _to_device(collate(builder, items, features), device)
-                    loss_sum = loss_sum + engine(**batch, return_sample_losses=True).sample_losses.sum()
+                    losses = engine(**batch, return_sample_losses=True).sample_losses
+                    nonfinite += [f"{source} {n}" for n, ok in zip(names, torch.isfinite(losses.detach()).tolist())
+                                  if not ok]
+                    loss_sum = loss_sum + losses.sum()
                     stats[2] += float(batch["attention_mask"].sum())
+                nonfinite = _on_any_rank(nonfinite, device)
+                if nonfinite:  # every rank sees the same list, so every rank skips (or stops) together
+                    if len(skipped) >= cfg.max_skipped_steps:
+                        raise DivergenceError(
+                            f"train: non-finite loss at step {step + 1} on example(s) {', '.join(nonfinite[:8])}"
+                            f"{' ...' if len(nonfinite) > 8 else ''} (after {len(skipped)} skipped step(s); "
+                            f"train.max_skipped_steps={cfg.max_skipped_steps}). Lower train.lr, check these "
+                            "examples, or allow skipping; no weights or metrics were written")
+                    break
                 loss = loss_sum / n_items
                 engine.backward(loss)
                 engine.step()
                 stats[:2] += torch.tensor([loss.item() * n_items, n_items], dtype=torch.float64, device=device)
+            if nonfinite:  # skipped (accumulation is 1, so nothing was applied): the schedule still follows the step
+                skipped.append({"step": step + 1, "examples": nonfinite})
+                scheduler.step()
+                if rank == 0:
+                    log.warning("train: skipped step %d: non-finite loss on %s (%d of %d skips allowed)", step + 1,
+                                ", ".join(nonfinite[:8]), len(skipped), cfg.max_skipped_steps)
+                continue
+            if _on_any_rank(_nonfinite_weights(model), device):
+                raise DivergenceError(f"train: the update of step {step + 1} made VPG-C weights non-finite (a "
+                                      f"non-finite gradient; train.lr={cfg.lr}). Lower train.lr or "
+                                      "train.grad_clip; no weights or metrics were written")
             dist.all_reduce(stats)
             elapsed = time.perf_counter() - t0
             record = {"step": step + 1, "loss": float(stats[0] / stats[1]), "lr": scheduler.get_last_lr()[0],
@@ -270,6 +258,9 @@ def train_vpgc(params: Params) -> dict[str, Any]:
             if enc_held and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
                 evals.append({"step": step + 1, "heldout_loss": heldout_loss(engine, builder, enc_held, features,
                                                                              device, rank, world)})
+                if not math.isfinite(evals[-1]["heldout_loss"]):
+                    raise DivergenceError(f"train: the held-out loss after step {step + 1} is "
+                                          f"{evals[-1]['heldout_loss']}; no weights or metrics were written")
                 pending_metrics.append((step + 1, {"heldout_loss": evals[-1]["heldout_loss"]}))
             if run is not None and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps):
                 _log_metrics(run.info.run_id, pending_metrics)
@@ -287,13 +278,15 @@ def train_vpgc(params: Params) -> dict[str, Any]:
             "heldout_examples": len(enc_held),
             "train_examples": {"synthetic": len(enc_syn), "caption": len(enc_cap)},
             "samples_per_s": float(np.median([h["samples_per_s"] for h in history[-50:]])) if history else None,
+            "skipped_steps": len(skipped),
             "world_size": world,
             "zero_stage": cfg.zero_stage,
             "precision": cfg.precision,
         }
         if rank == 0:
-            save_vpgc(model, cfg.out, state_dict=weights, extra={"training": metrics})
-            atomic_write_json(cfg.metrics, metrics)
+            save_vpgc(model, cfg.out, state_dict=weights, extra={"training": metrics},
+                      protect=[cfg.state_dir, cfg.metrics, cfg.curve, *inputs])
+            write_metrics(cfg.metrics, metrics)
             _write_curve(cfg.curve, history, evals)
             if run is not None:
                 import mlflow
@@ -339,7 +332,5 @@ def _write_curve(path: str | Path, history: list[dict[str, float]], evals: list[
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
-    from cheetah.io import atomic_write_bytes
-
     atomic_write_bytes(Path(path).with_suffix(".png"), png.getvalue())
 

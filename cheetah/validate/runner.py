@@ -17,12 +17,11 @@ import dataclasses
 import json
 import os
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
 from cheetah.config import ValidateConfig
-from cheetah.io import DataError, atomic_dir
+from cheetah.io import DataError, atomic_dir, remove_output
 from cheetah.validate.suites import BUILDERS, SUITES, Table
 
 _MAX_VALUE_CHARS = 120
@@ -205,7 +204,7 @@ def run_suite(suite: str, path: str | Path, cfg: ValidateConfig | None = None, d
     result = Result(suite=suite, path=str(path), success=success, evaluated=evaluated, failures=failures,
                     rows={t.name: len(t.frame) for t in tables if t.records is not None},
                     quarantined=len(quarantine), report_dir=str(final))
-    with atomic_dir(final) as tmp:
+    with atomic_dir(final, kind="data docs", protect=[path]) as tmp:
         if docs:
             _build_docs(ctx, tmp)
         (tmp / "quarantine.jsonl").write_text(
@@ -213,5 +212,5 @@ def run_suite(suite: str, path: str | Path, cfg: ValidateConfig | None = None, d
         (tmp / "result.json").write_text(json.dumps(result.to_dict(), indent=2, default=str) + "\n",
                                          encoding="utf-8")
     if success:
-        shutil.rmtree(docs_root / f"{suite}-failed", ignore_errors=True)  # the failure it recorded is fixed
+        remove_output(docs_root / f"{suite}-failed", "data docs")  # the failure it recorded is fixed
     return result

@@ -25,6 +25,8 @@ from cheetah.world.language import CAPTION_TEMPLATES, caption
 from cheetah.world.render import png_bytes, render
 from cheetah.world.scene import Scene, generate_scene
 
+CORPUS_KIND = "world corpus"  # the kind of output folder `cheetah world` writes (cheetah.io.atomic_dir)
+
 
 def corpus_scene(cfg: WorldConfig, index: int) -> Scene:
     """Scene `index` of the training corpus described by `cfg` (its id is the zero-padded index)."""
@@ -50,7 +52,7 @@ def heldout_scenes(cfg: WorldConfig, n: int, start: int = 0) -> Iterator[Scene]:
 def write_corpus(cfg: WorldConfig) -> Path:
     """Write `cfg.n` scenes to `cfg.out` (images, captions.jsonl, scenes.jsonl, world.json); returns the folder."""
     out = Path(cfg.out)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, kind=CORPUS_KIND) as tmp:
         (tmp / "images").mkdir()
         captions, scenes = [], []
         for index in range(cfg.n):

@@ -1,0 +1,260 @@
+"""What a hostile-but-realistic user can throw at the stages: output folders that hold other files, planted pickles
+in a training state folder, a diverging run, a corrupted checkpoint, duplicate parameter keys."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_tokenizer, write_instruction_set
+from safetensors.torch import load_file
+
+from cheetah.cli import main
+from cheetah.config import ConfigError, load_params
+from cheetah.errors import DivergenceError
+from cheetah.io import MANIFEST, DataError
+from cheetah.model.backbones import build_backbone, save_backbone
+from cheetah.train.state import UnsafeState
+from cheetah.train.vpgc import train_vpgc
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Output folders
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_world_out_never_deletes_a_folder_it_did_not_write(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CHEETAH_TRACKING", "0")
+    precious = tmp_path / "precious"
+    (precious / "sub").mkdir(parents=True)
+    (precious / "thesis.txt").write_text("text")
+    assert main(["world", "--out", "precious", "--n", "2"]) == 2
+    assert "thesis.txt" in capsys.readouterr().err and (precious / "thesis.txt").read_text() == "text"
+    assert (precious / "sub").is_dir()
+    # The working directory and its parents are refused, and no temporary folder is left behind.
+    assert main(["world", "--out", ".", "--n", "2"]) == 2
+    assert main(["world", "--out", str(tmp_path.parent), "--n", "2"]) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["precious"]
+    # Its own output it replaces; once something is added, only --overwrite does, and the new manifest says so.
+    assert main(["world", "--out", "w", "--n", "2"]) == 0
+    assert main(["world", "--out", "w", "--n", "3"]) == 0
+    (tmp_path / "w" / "notes.txt").write_text("mine")
+    assert main(["world", "--out", "w", "--n", "2"]) == 2
+    assert (tmp_path / "w" / "notes.txt").exists()
+    assert main(["world", "--out", "w", "--n", "2", "--overwrite"]) == 0
+    manifest = json.loads((tmp_path / "w" / MANIFEST).read_text())
+    assert manifest["kind"] == "world corpus" and manifest["overwrote"] == ["notes.txt"]
+    assert "captions.jsonl" in manifest["files"] and not (tmp_path / "w" / "notes.txt").exists()
+    # A changed file of its own output counts as someone else's (its size no longer matches the manifest).
+    with open(tmp_path / "w" / "captions.jsonl", "a") as f:
+        f.write("\n")
+    assert main(["world", "--out", "w", "--n", "2"]) == 2
+    # Another stage's output is not this stage's to replace.
+    assert main(["world", "--out", "w2", "--n", "2"]) == 0
+    assert main(["benchmarks", "--demon-dir", "w2", "--mme-dir", "mme", "--demon-per-task", "1",
+                 "--mme-per-subtask", "2"]) == 2
+
+
+def test_duplicate_keys_in_a_parameters_file_are_refused(tmp_path, capsys):
+    params = tmp_path / "p.yaml"
+    params.write_text("train:\n  lr: 0.1\n  steps: 3\n  lr: 0.2\n")
+    with pytest.raises(ConfigError, match=r"p\.yaml:4: .*duplicate key 'lr' \(also on line 2\)"):
+        load_params(params)
+    assert main(["--params", str(params), "model", "summary", "--meta"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1  # one line, no traceback
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training: state folders, divergence, resume
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    d = tmp_path_factory.mktemp("reliability")
+    save_backbone(build_backbone("tiny", tokenizer=make_tokenizer(), image_size=32, seed=0), d / "backbone")
+    write_instruction_set(d / "syn", n_synthetic=16, n_captions=16)
+    return d
+
+
+@pytest.fixture(autouse=True)
+def _tracking(monkeypatch):
+    monkeypatch.setenv("CHEETAH_TRACKING", "0")
+
+
+def _train(d: Path, name: str, state: str | None = None, restart: bool = False, **train):
+    values = {"data": str(d / "syn"), "out": str(d / name / "vpgc"), "state_dir": str(d / (state or name) / "state"),
+              "metrics": str(d / name / "train.json"), "curve": str(d / name / "curve.csv"), "steps": 4,
+              "synthetic_batch": 4, "caption_batch": 4, "checkpoint_every": 1, "keep_checkpoints": 2,
+              "eval_every": 100, "heldout_fraction": 0.2, "warmup_steps": 1, "lr": 0.01, "zero_stage": 2, **train}
+    overrides = [f"train.{k}={json.dumps(v)}" for k, v in values.items()]
+    overrides += ["model.preset=tiny", f"model.backbone_dir={json.dumps(str(d / 'backbone'))}"]
+    return train_vpgc(load_params(None, overrides), restart=restart)
+
+
+def _weights(d: Path, name: str) -> dict[str, torch.Tensor]:
+    return load_file(str(d / name / "vpgc" / "vpgc.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def finished(ws):
+    """A complete 4-step run whose state folder holds step-000003 and step-000004 (the reference weights)."""
+    _train(ws, "reference")
+    state = ws / "reference" / "state"
+    assert sorted(p.name for p in state.glob("step-*")) == ["step-000003", "step-000004"]
+    return state
+
+
+def _copy_state(ws: Path, finished: Path, name: str) -> Path:
+    shutil.copytree(finished, ws / name / "state")
+    return ws / name / "state"
+
+
+def _same_weights(ws: Path, a: str, b: str) -> None:
+    wa, wb = _weights(ws, a), _weights(ws, b)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+class _Planted:
+    """Unpickling this object creates `marker` (what a planted pickle in a shared state folder would do)."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _rehash(step: Path) -> None:
+    """Rewrite the checkpoint's record so that its hashes match the tampered files (an attacker who can write the
+    folder can write the record too): only the tensors-only reader stands in the way."""
+    from cheetah.io import sha256_file
+    from cheetah.train.state import RECORD
+
+    record = json.loads((step / RECORD).read_text())
+    record["files"] = {rel: sha256_file(step / rel) for rel in record["files"]}
+    (step / RECORD).write_text(json.dumps(record))
+
+
+def test_the_planted_payload_runs_under_plain_unpickling(tmp_path):
+    """The payload of the next test is real: plain `torch.load` runs it."""
+    torch.save({"x": _Planted(tmp_path / "ran")}, tmp_path / "evil.pt")
+    torch.load(tmp_path / "evil.pt", weights_only=False)
+    assert (tmp_path / "ran").exists()
+
+
+def test_a_planted_pickle_in_any_state_file_never_runs(ws, finished, capsys):
+    files = sorted(p.relative_to(finished / "step-000004").as_posix()
+                   for p in (finished / "step-000004").rglob("*.pt"))
+    assert len(files) >= 2  # the module states and the ZeRO optimiser states
+    for k, rel in enumerate(files):
+        marker = ws / f"ran-{k}"
+        # Tampered only: the hash no longer matches, so the newest intact checkpoint (step 3) is resumed.
+        state = _copy_state(ws, finished, f"tampered{k}")
+        torch.save({"x": _Planted(marker)}, state / "step-000004" / rel)
+        _train(ws, f"tampered{k}")
+        assert not marker.exists()
+        assert f"not resuming from {state}/step-000004: {rel} differs from the hash" in capsys.readouterr().out
+        _same_weights(ws, "reference", f"tampered{k}")
+        # Tampered with a matching record: refused by the tensors-only reader, naming the file.
+        state = _copy_state(ws, finished, f"planted{k}")
+        torch.save({"x": _Planted(marker)}, state / "step-000004" / rel)
+        _rehash(state / "step-000004")
+        with pytest.raises(UnsafeState, match=rf"{rel}: refusing to read this training state file"):
+            _train(ws, f"planted{k}")
+        assert not marker.exists() and not (ws / f"planted{k}" / "vpgc").exists()
+
+
+@pytest.mark.parametrize("damage", ["empty record", "truncated optimiser", "missing model file"])
+def test_a_corrupted_latest_checkpoint_resumes_from_the_previous_one(ws, finished, capsys, damage):
+    name = "corrupt-" + damage.replace(" ", "-")
+    state = _copy_state(ws, finished, name)
+    step = state / "step-000004"
+    if damage == "empty record":
+        (step / "cheetah_state.json").write_text("")
+    else:
+        target = next(p for p in step.rglob("*.pt") if ("optim" in p.name) == (damage == "truncated optimiser"))
+        if damage == "truncated optimiser":
+            target.write_bytes(target.read_bytes()[:100])
+        else:
+            target.unlink()
+    _train(ws, name)
+    out = capsys.readouterr().out
+    assert f"not resuming from {state}/step-000004" in out and f"resuming VPG-C training from {state}/step-000003" in out
+    _same_weights(ws, "reference", name)
+
+
+def test_restart_starts_over_deliberately(ws, finished, capsys):
+    state = _copy_state(ws, finished, "restarted")
+    _train(ws, "restarted", restart=True)
+    out = capsys.readouterr().out
+    assert f"--restart: removed {state}/step-000004" in out and "resuming" not in out
+    _same_weights(ws, "reference", "restarted")
+
+
+def test_train_out_that_holds_the_state_or_the_data_is_refused_before_any_work(ws, finished):
+    state = _copy_state(ws, finished, "inside")
+    before = sorted(p.name for p in state.rglob("*"))
+    with pytest.raises(DataError, match="contains .*state"):
+        _train(ws, "inside", state="inside", out=str(ws / "inside"))
+    with pytest.raises(DataError, match="contains .*syn, which this stage reads"):
+        _train(ws, "inside", out=str(ws / "syn"))
+    assert sorted(p.name for p in state.rglob("*")) == before
+
+
+def test_a_non_finite_loss_stops_training_or_is_skipped_within_the_allowance(ws, monkeypatch):
+    from cheetah.model.vpgc import VPGCModel
+
+    forward = VPGCModel.forward
+    calls = {"n": 0}
+
+    def poisoned(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        if torch.is_grad_enabled():
+            calls["n"] += 1
+            if calls["n"] == 3:  # step 2's synthetic group
+                out = type(out)(out.sample_losses * float("nan"))
+        return out
+
+    monkeypatch.setattr(VPGCModel, "forward", poisoned)
+    with pytest.raises(DivergenceError, match=r"non-finite loss at step 2 on example\(s\) synthetic syn-"):
+        _train(ws, "nan-stop")
+    assert not (ws / "nan-stop" / "vpgc").exists() and not (ws / "nan-stop" / "train.json").exists()
+    calls["n"] = 0
+    metrics = _train(ws, "nan-skip", max_skipped_steps=1)
+    assert metrics["skipped_steps"] == 1 and len(json.loads((ws / "nan-skip" / "train.json").read_text())) > 0
+    assert [h["step"] for h in _curve_rows(ws, "nan-skip")] == [1, 3, 4]
+
+
+def _curve_rows(d: Path, name: str) -> list[dict]:
+    import csv
+
+    with open(d / name / "curve.csv") as f:
+        return [{"step": int(r["step"])} for r in csv.DictReader(f)]
+
+
+def test_an_infinite_learning_rate_exits_non_zero_with_a_named_error(ws):
+    params = ws / "inf.yaml"
+    params.write_text(json.dumps({
+        "model": {"preset": "tiny", "backbone_dir": str(ws / "backbone")},
+        "train": {"data": str(ws / "syn"), "out": str(ws / "inf" / "vpgc"), "state_dir": str(ws / "inf" / "state"),
+                  "metrics": str(ws / "inf" / "train.json"), "curve": str(ws / "inf" / "curve.csv"), "steps": 3,
+                  "synthetic_batch": 4, "caption_batch": 4, "heldout_fraction": 0.2, "warmup_steps": 1}}))
+    env = {**{k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                                   "MASTER_PORT")},
+           "OMP_NUM_THREADS": "1", "CHEETAH_TRACKING": "0"}
+    done = subprocess.run([sys.executable, "-m", "cheetah.cli", "--params", str(params), "train",
+                           "--set", "train.lr=.inf"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "error: train: the update of step 1 made VPG-C weights non-finite" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (ws / "inf" / "vpgc").exists() and not (ws / "inf" / "train.json").exists()
