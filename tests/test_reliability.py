@@ -64,6 +64,23 @@ def test_world_out_never_deletes_a_folder_it_did_not_write(tmp_path, monkeypatch
                  "--mme-per-subtask", "2"]) == 2
 
 
+def test_folders_filled_in_place_are_claimed_only_when_empty_or_already_theirs(tmp_path):
+    """Evaluation reports and training state are written into, not replaced: a folder of someone else's files is
+    refused, an empty or missing one is claimed (a manifest), a claimed one is reused."""
+    from cheetah.evaluate.run import REPORT_KIND
+    from cheetah.io import claim_dir
+
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "report.md").write_text("my notes")
+    with pytest.raises(DataError, match=r"report\.md"):
+        claim_dir(tmp_path / "mine", REPORT_KIND)
+    claim_dir(tmp_path / "new", REPORT_KIND)
+    (tmp_path / "new" / "report.md").write_text("written by evaluate")
+    assert claim_dir(tmp_path / "new", REPORT_KIND) == tmp_path / "new"
+    with pytest.raises(DataError, match="holds files"):
+        claim_dir(tmp_path / "new", "training state")
+
+
 def test_duplicate_keys_in_a_parameters_file_are_refused(tmp_path, capsys):
     params = tmp_path / "p.yaml"
     params.write_text("train:\n  lr: 0.1\n  steps: 3\n  lr: 0.2\n")

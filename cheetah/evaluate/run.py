@@ -33,12 +33,13 @@ from pathlib import Path
 from typing import Any
 
 from cheetah.config import Params, to_dict
-from cheetah.io import DataError, atomic_write_json, sha256_file, write_metrics
+from cheetah.io import DataError, atomic_write_json, claim_dir, sha256_file, write_metrics
 from cheetah.tracking import flat_metrics
 
 log = logging.getLogger(__name__)
 
 BENCHMARKS = ("demon", "mme")
+REPORT_KIND = "evaluation report"  # the kind of folder `evaluate.out` is (cheetah.io.claim_dir)
 _HASH_WHOLE_LIMIT = 2 << 30  # weight files up to 2 GiB are hashed whole; larger ones by size + head + tail
 _PARTIAL = 16 << 20
 
@@ -184,7 +185,8 @@ def evaluate(params: Params, model_specs: Mapping[str, str] | None = None, bench
     for kind, folder in (("DEMON", demon_dir), ("MME", mme_dir)):
         if folder is not None and not Path(folder).is_dir():
             raise DataError(f"{folder}: {kind} data folder not found (`cheetah benchmarks` writes the embedded one)")
-    out = Path(cfg.out)
+    # The report folder is filled in place (predictions resume): never one that holds someone else's files.
+    out = claim_dir(cfg.out, REPORT_KIND, protect=[p for p in (demon_dir, mme_dir, *specs.values()) if p])
     device = resolve_device(cfg.device)
     results: dict[str, dict[str, Any]] = {}
     runs: dict[str, Any] = {}
