@@ -31,8 +31,11 @@ eligible version; `cheetah registry promote N --reason ...` moves it by hand (re
 `cheetah registry history` lists all of it. Moving the alias in the MLflow UI works too, but records no reason.
 
 Serving: `mlflow.pyfunc.load_model("models:/<name>@champion").predict(df)` with columns `instruction` (str) and
-`images` (list of image paths) returns one answer per row; `cheetah predict` does the same for one request. Loading
-needs the `cheetah` package importable (the pyfunc's code) and the backbone directory present.
+`images` (list of image paths or `data:image/png;base64,...` URIs) returns one answer per row; `cheetah predict`
+does the same for one request. The logged model carries its code (the `cheetah` package, as `code_paths`), pinned
+requirements, a signature and an input example; the backbone is found where the card records it, where
+`CHEETAH_BACKBONE_DIR` says, or downloaded once from the copy logged to the tracking server at registration (one
+copy per backbone weights digest), so it loads on a machine that has neither the project nor the backbone.
 """
 
 from __future__ import annotations
@@ -63,6 +66,8 @@ BACKBONE_ENV = "CHEETAH_BACKBONE_DIR"
 MEASURED_WEIGHTS_FIELD = "vpgc_sha256"  # in the evaluation metrics: the hash of the VPG-C weights they measured
 RANDOM_BACKBONE_FIELD = "random_backbone"  # in a weights card: trained on random backbone weights (planning only)
 DVC_EXPERIMENT_ENV = "DVC_EXP_NAME"  # set by `dvc exp run` in every stage's environment
+CACHE_ENV = "CHEETAH_CACHE"  # where downloaded backbones are kept (default ~/.cache/cheetah)
+BACKBONE_RUN_TAG = "cheetah.backbone_sha256"  # the run holding a backbone's files as artifacts, by weights digest
 _REQUIREMENTS = ("mlflow", "torch", "transformers", "tokenizers", "safetensors", "pillow", "numpy", "pandas",
                  "pydantic", "pyyaml")
 
@@ -85,11 +90,13 @@ def with_image_placeholders(instruction: str, n_images: int) -> str:
     return " ".join(f"Image {k + 1}: {IMAGE_TOKEN}" for k in range(n_images)) + f" {instruction}"
 
 
-def resolve_backbone_dir(card: Mapping[str, Any], override: str | Path | None = None) -> Path | None:
+def resolve_backbone_dir(card: Mapping[str, Any], override: str | Path | None = None,
+                         remote: Mapping[str, Any] | None = None) -> Path | None:
     """Where the backbone of a VPG-C card is: `override` (or $CHEETAH_BACKBONE_DIR) when given, else where it was
     trained (`backbone_abspath`), else the card's `backbone` relative to the working directory (a checkout moved
-    elsewhere). None: the card names a preset without a directory. A directory that cannot be found is a clear
-    error, not a stack trace from Hugging Face."""
+    elsewhere), else the copy logged to the tracking server at registration (`remote`: {"uri", "sha256"}),
+    downloaded once into the cache. None: the card names a preset without a directory. A directory that cannot be
+    found is a clear error, not a stack trace from Hugging Face."""
     override = override or os.environ.get(BACKBONE_ENV)
     if override:
         if not Path(override).is_dir():
@@ -99,6 +106,8 @@ def resolve_backbone_dir(card: Mapping[str, Any], override: str | Path | None = 
         location = card.get(key)
         if location and Path(location).is_dir():
             return Path(location)
+    if remote and remote.get("uri"):
+        return fetch_backbone(str(remote["uri"]), str(remote["sha256"]))
     if card.get("backbone_abspath") or "/" in str(card.get("backbone", "")):
         raise DataError(
             f"the VPG-C card says its backbone is at {card.get('backbone')!r} "
@@ -107,11 +116,61 @@ def resolve_backbone_dir(card: Mapping[str, Any], override: str | Path | None = 
     return None
 
 
+def fetch_backbone(uri: str, digest: str) -> Path:
+    """The backbone logged at `uri` (e.g. `runs:/<id>/backbone`), downloaded once into the cache and checked against
+    the weights digest it was logged with."""
+    import shutil
+    import tempfile
+
+    from cheetah.evaluate.run import weights_digest
+
+    cache = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "cheetah") / "backbones" / digest
+    if cache.is_dir():
+        return cache
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{digest[:12]}.", dir=cache.parent))
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp)))
+        if weights_digest(local) != digest:
+            raise DataError(f"{uri}: the downloaded backbone's weights differ from the digest it was logged with")
+        os.replace(local, cache)
+    except mlflow.exceptions.MlflowException as e:
+        raise DataError(f"{uri}: cannot download the model's backbone from the tracking server ({e})") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return cache
+
+
+def log_backbone(directory: str | Path) -> dict[str, str]:
+    """Log a backbone folder to the tracking server once per weights digest (a child run tagged with it; later
+    registrations of VPG-C on the same backbone reuse it), so that a served model finds its backbone on any machine
+    that reaches the server. Returns {"uri", "sha256"}."""
+    from mlflow.tracking import MlflowClient
+
+    from cheetah.evaluate.run import weights_digest
+
+    digest = weights_digest(directory)
+    if digest is None:
+        raise DataError(f"{directory}: no weight files in the backbone directory")
+    active = mlflow.active_run()
+    experiment_id = active.info.experiment_id if active else mlflow.get_experiment_by_name("Default").experiment_id
+    found = MlflowClient().search_runs([experiment_id], filter_string=f"tags.`{BACKBONE_RUN_TAG}` = '{digest}'",
+                                       max_results=1)
+    if found:
+        run_id = found[0].info.run_id
+    else:
+        with mlflow.start_run(run_name=f"backbone-{digest[:12]}", nested=active is not None,
+                              tags={BACKBONE_RUN_TAG: digest}) as run:
+            mlflow.log_artifacts(str(directory), artifact_path="backbone")
+            run_id = run.info.run_id
+    return {"uri": f"runs:/{run_id}/backbone", "sha256": digest}
+
+
 class VPGCPyfunc(mlflow.pyfunc.PythonModel):
     """VPG-C as an MLflow pyfunc: artifacts `vpgc` (weights + card); the backbone is loaded from its recorded place.
 
     `predict(df)`: df has columns `instruction` (str; `<image>` placeholders optional) and `images` (list of image
-    paths, or one path); returns a list of answers (greedy decoding; `params={"max_new_tokens": n}`)."""
+    paths or base64 data URIs, or one); returns a list of answers (greedy decoding; `params={"max_new_tokens": n}`)."""
 
     # `predict` takes a DataFrame on purpose and the signature is given when the model is logged: no type-hint
     # based validation (MLflow would otherwise warn at class creation that predict has no list[...] hints).
@@ -127,7 +186,8 @@ class VPGCPyfunc(mlflow.pyfunc.PythonModel):
         vpgc_dir = context.artifacts["vpgc"]
         card = read_card(vpgc_dir)
         config = dict(getattr(context, "model_config", None) or {})
-        backbone_dir = resolve_backbone_dir(card, config.get("backbone_dir"))
+        remote = {"uri": config.get("backbone_uri"), "sha256": config.get("backbone_sha256")}
+        backbone_dir = resolve_backbone_dir(card, config.get("backbone_dir"), remote)
         if backbone_dir is None:  # a preset name the card records without a directory
             model = load_model(vpgc_dir)
         else:
@@ -153,22 +213,57 @@ class VPGCPyfunc(mlflow.pyfunc.PythonModel):
         max_new_tokens = int((params or {}).get("max_new_tokens") or self.max_new_tokens)
         answers = []
         for row, (instruction, images) in enumerate(zip(frame["instruction"], frame["images"])):
-            images = _as_paths(images, row)
+            images = _as_images(images, row)
             answers.append(answer_one(self.model, with_image_placeholders(str(instruction), len(images)), images,
                                       max_new_tokens=max_new_tokens))
         return answers
 
 
-def _as_paths(images: Any, row: int) -> list[str]:
+DATA_URI = "data:image/"
+
+
+def _as_images(images: Any, row: int) -> list[Any]:
+    """A row's images: paths on the serving machine, or inline `data:image/...;base64,...` URIs (what a REST
+    client sends), decoded to PIL images."""
+    import base64
+    import binascii
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
     if images is None:
         return []
     if isinstance(images, (str, os.PathLike)):
-        return [str(images)]
+        images = [images]
     try:
-        return [str(p) for p in list(images)]
+        items = [str(p) for p in list(images)]
     except TypeError:
-        raise DataError(f"predict: row {row}: `images` must be a list of image paths, "
+        raise DataError(f"predict: row {row}: `images` must be a list of image paths or data URIs, "
                         f"got {type(images).__name__}") from None
+    out: list[Any] = []
+    for k, item in enumerate(items):
+        if item.startswith(DATA_URI):
+            try:
+                data = base64.b64decode(item.split(",", 1)[1], validate=True)
+                with Image.open(io.BytesIO(data)) as im:
+                    out.append(im.convert("RGB"))
+            except (IndexError, binascii.Error, UnidentifiedImageError, OSError) as e:
+                raise DataError(f"predict: row {row}, image {k}: not a decodable base64 image data URI ({e})") from None
+        elif not Path(item).is_file():
+            raise DataError(f"predict: row {row}, image {k}: {item}: image not found")
+        else:
+            out.append(item)
+    return out
+
+
+def _example_images() -> list[str]:
+    """Two small scenes of the embedded world as PNG data URIs: the logged model's input example."""
+    import base64
+
+    from cheetah.world import generate_scene, png_bytes, render
+
+    return [DATA_URI + "png;base64," + base64.b64encode(png_bytes(render(generate_scene(0, k, image_size=32)).image))
+            .decode("ascii") for k in range(2)]
 
 
 def _signature(max_new_tokens: int) -> Any:
@@ -404,18 +499,31 @@ def logged_metric(client: Any, version: Any, metric: str) -> float | None:
     return float(values[-1]) if values and math.isfinite(values[-1]) else None
 
 
-def _log_model(vpgc_dir: Path, card: Mapping[str, Any], params: Params) -> Any:
-    """Log the pyfunc (models from code: `cheetah/registry_model.py`) with the VPG-C weights + card as artifacts."""
+def _log_model(vpgc_dir: Path, card: Mapping[str, Any], params: Params, backbone: Mapping[str, str] | None) -> Any:
+    """Log the pyfunc (models from code: `cheetah/registry_model.py`) with the VPG-C weights + card as artifacts,
+    the `cheetah` package itself as its code (so it serves where the project is not installed), pinned
+    requirements, a signature with an input example, and the logged backbone's reference."""
+    import cheetah
+    import pandas as pd
+
     return mlflow.pyfunc.log_model(
         name=MODEL_NAME_IN_RUN,
         python_model=str(Path(__file__).with_name("registry_model.py")),  # models from code: no pickle
+        code_paths=[str(Path(cheetah.__file__).parent)],
         artifacts={"vpgc": str(vpgc_dir)},
         pip_requirements=pip_requirements(),
         signature=_signature(params.evaluate.max_new_tokens),
+        # Images inline (data URIs), so that it runs anywhere: MLflow loads the logged model from its own files and
+        # answers it once at logging time.
+        input_example=(pd.DataFrame({"instruction": ["What is different between the images?"],
+                                     "images": [_example_images()]}), {"max_new_tokens": 4}),
         # Every key that `load(..., model_config=...)` may override must be logged (MLflow drops unknown ones).
-        model_config={"max_new_tokens": params.evaluate.max_new_tokens, "backbone_dir": ""},
+        model_config={"max_new_tokens": params.evaluate.max_new_tokens, "backbone_dir": "",
+                      "backbone_uri": (backbone or {}).get("uri", ""),
+                      "backbone_sha256": (backbone or {}).get("sha256", "")},
         metadata={"backbone": card.get("backbone"), "backbone_abspath": card.get("backbone_abspath"),
-                  "backbone_fingerprint": card.get("backbone_fingerprint"), "requires": "the cheetah package"},
+                  "backbone_fingerprint": card.get("backbone_fingerprint"),
+                  "backbone_uri": (backbone or {}).get("uri")},
     )
 
 
@@ -452,13 +560,14 @@ def register(params: Params, metrics_path: str | Path | None = None, vpgc_dir: s
         if (root / "dvc.lock").is_file():
             mlflow.log_artifact(str(root / "dvc.lock"), artifact_path="lineage")
         with warnings.catch_warnings():
-            # The predict method takes a DataFrame (no list[...] type hints) and the signature is given explicitly;
-            # an input example would make MLflow load the model and generate at logging time.
+            # The predict method takes a DataFrame (no list[...] type hints) and the signature is given explicitly.
             warnings.filterwarnings("ignore", message=".*type hint", category=UserWarning)
-            warnings.filterwarnings("ignore", message=".*input example", category=UserWarning)
-            info = _log_model(vpgc_dir, card, params)
+            location = resolve_backbone_dir(card)
+            backbone = log_backbone(location) if location is not None else None
+            info = _log_model(vpgc_dir, card, params, backbone)
         # Linked to the logged model: the gate reads a champion's numbers from its model, not from tags.
         mlflow.log_metrics({k.replace("/", "_"): v for k, v in numbers.items()}, model_id=info.model_id)
+        _log_datasets(params, root, info.model_id)
         client = MlflowClient()
         version = mlflow.register_model(info.model_uri, cfg.model_name, tags=tags)
         v = str(version.version)
@@ -497,6 +606,31 @@ def register(params: Params, metrics_path: str | Path | None = None, vpgc_dir: s
         }
     atomic_write_json(out, receipt)
     return receipt
+
+
+def _log_datasets(params: Params, root: Path, model_id: str) -> None:
+    """The data the model was trained and measured on, as MLflow dataset inputs of the registering run linked to
+    its model: each folder with DVC's hash of it (from dvc.lock / data.dvc; "unknown" outside the pipeline)."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import LoggedModelInput
+
+    lock = _load_yaml(root / "dvc.lock") or {}
+    hashes = {str(o.get("path", "")).rstrip("/"): o.get("md5") for st in (lock.get("stages") or {}).values()
+              for o in (st or {}).get("outs") or [] if isinstance(o, Mapping)}
+    data_dvc = _load_yaml(root / "data.dvc")
+    if data_dvc:
+        hashes["data/source"] = _out_md5(data_dvc, "data/source")
+    for context, name, path in (("source", "corpus", params.synthesize.source),
+                                ("training", "synthetic", params.train.data),
+                                ("evaluation", "demon", params.evaluate.demon_dir),
+                                ("evaluation", "mme", params.evaluate.mme_dir)):
+        digest = str(hashes.get(str(path).rstrip("/")) or "unknown").removesuffix(".dir")
+        with warnings.catch_warnings():  # MLflow registers two equivalent local-file source classes
+            warnings.filterwarnings("ignore", message=".*can be interpreted in multiple ways", category=UserWarning)
+            source = resolve_dataset_source((root / path).resolve().as_uri())
+        mlflow.log_input(MetaDataset(source, name=name, digest=digest[:36]), context=context,
+                         model=LoggedModelInput(model_id=model_id))
 
 
 def _record(client: Any, name: str, version: str, event: str, text: str) -> None:

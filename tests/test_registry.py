@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from cheetah.config import Params, RegisterConfig
 from cheetah.io import DataError
 
 NAME = "cheetah-vpgc"
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _git(repo: Path, *args: str) -> str:
@@ -142,6 +144,12 @@ def test_versions_carry_lineage_and_metric_tags(registered, world):
     # The lineage artifact: the dvc.lock the tags were computed from, logged with the registering run.
     run_id = _client().get_model_version(NAME, "4").run_id
     assert [a.path for a in _client().list_artifacts(run_id, "lineage")] == ["lineage/dvc.lock"]
+    # The data it was trained and measured on are inputs of that run; the metrics belong to the logged model.
+    inputs = _client().get_run(run_id).inputs.dataset_inputs
+    assert sorted(d.dataset.name for d in inputs) == ["corpus", "demon", "mme", "synthetic"]
+    model_id = _client().get_model_version(NAME, "4").source.removeprefix("models:/")
+    logged = {m.key: m.value for m in _client().get_logged_model(model_id).metrics}
+    assert logged["demon_average"] == 0.60 and logged["mme.perception"] == 103.0
 
 
 def test_predict_cli_and_pyfunc_answer_with_the_champion(registered, world, capsys):
@@ -193,6 +201,44 @@ def test_served_model_finds_its_backbone_elsewhere(registered, world, tmp_path, 
         resolve_backbone_dir({"backbone": "gone/backbone", "backbone_abspath": "/nonexistent/backbone"})
     with pytest.raises(DataError, match="image not found"):
         predict(uri, "What is it?", [str(tmp_path / "missing.png")])
+
+
+def test_champion_serves_in_a_fresh_process_without_the_project_or_its_backbone(registered, world, tmp_path):
+    """Another machine, simulated: a process started elsewhere, where `cheetah` is not importable (no site-packages
+    .pth processing, so not even the editable install) and the backbone is not where it was trained. The model's
+    own code (code_paths) and the backbone logged to the tracking server make it answer as here."""
+    import base64
+    import os
+    import sysconfig
+
+    from cheetah.registry import predict
+
+    instruction = "What is different between the images?"
+    expected = predict(f"models:/{NAME}@champion", instruction, world["images"])
+    inline = ["data:image/png;base64," + base64.b64encode(Path(p).read_bytes()).decode() for p in world["images"]]
+    script = (
+        "import json, sys, mlflow, pandas as pd\n"
+        "try:\n    import cheetah\n    sys.exit('cheetah was importable before loading the model')\n"
+        "except ImportError:\n    pass\n"
+        f"m = mlflow.pyfunc.load_model('models:/{NAME}@champion')\n"
+        "import cheetah\n"
+        f"rows = pd.DataFrame({{'instruction': [{instruction!r}] * 2, 'images': [{world['images']!r}, {inline!r}]}})\n"
+        "print(json.dumps({'answers': m.predict(rows), 'code': cheetah.__file__}))\n")
+    backbone, moved = world["root"] / "backbone", world["root"] / "backbone.elsewhere"
+    backbone.rename(moved)
+    try:
+        env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "MLFLOW_TRACKING_URI": os.environ["MLFLOW_TRACKING_URI"],
+               "PYTHONPATH": sysconfig.get_paths()["purelib"], "CHEETAH_CACHE": str(tmp_path / "cache"),
+               "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+        done = subprocess.run([sys.executable, "-S", "-c", script], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=600)
+    finally:
+        moved.rename(backbone)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["answers"] == [expected, expected]
+    assert str(REPO) not in result["code"] and "/code/cheetah/" in result["code"]  # the model's copy of the code
+    assert any((tmp_path / "cache" / "backbones").iterdir())  # downloaded from the tracking server
 
 
 def test_receipt_is_current_only_for_a_version_the_store_holds(registered, world, tmp_path):
