@@ -7,6 +7,7 @@ own flags, then calls the stage's public function. Nothing here holds logic of i
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ from cheetah.pipeline import RECEIPT
 from cheetah.tracking import flat_metrics, stage_run
 
 
+_USER_FIXABLE_ERRNO = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.EPERM}
 OVERWRITE_HELP = ("let an output folder replace files its stage did not write (refused otherwise); the replaced "
                   "files are listed in the new folder's .cheetah-output.json")
 
@@ -541,6 +543,12 @@ def main(argv: list[str] | None = None) -> int:
             return int(args.func(args) or 0)
     except CheetahError as e:
         print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except OSError as e:
+        if e.errno not in _USER_FIXABLE_ERRNO:
+            raise
+        # A full or read-only disk, or a folder without permission: the atomic writers left nothing half-written.
+        print(f"error: {e.filename or ''}{': ' if e.filename else ''}{e.strerror}", file=sys.stderr)
         return EXIT_USER_ERROR
 
 

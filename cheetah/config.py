@@ -217,6 +217,8 @@ class TrainConfig:
 
     @model_validator(mode="after")
     def _skipping_needs_whole_steps(self) -> "TrainConfig":
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas must both be in [0, 1) (AdamW's moment decay rates), got {list(self.betas)}")
         if self.max_skipped_steps and self.gradient_accumulation != 1:
             raise ValueError("max_skipped_steps > 0 needs gradient_accumulation: 1 (a step whose earlier "
                              "micro-batches were already accumulated cannot be skipped)")
@@ -288,6 +290,7 @@ class Params:
 
 
 def _format_errors(err: ValidationError, source: str) -> str:
+    """One line per problem (`file: section.key: what`), the first line alone when there is only one."""
     lines = [f"{source}: invalid configuration"]
     for e in err.errors():
         where = ".".join(str(p) for p in e["loc"]) or "(top level)"
@@ -295,7 +298,9 @@ def _format_errors(err: ValidationError, source: str) -> str:
         msg = e["msg"]
         if e["type"] == "unexpected_keyword_argument" or e["type"] == "extra_forbidden":
             msg = "unknown key"
-        lines.append(f"  {where}: {msg}{got}")
+        lines.append(f"  {where}: {msg.removeprefix('Value error, ')}{got}")
+    if len(lines) == 2:
+        return f"{source}: {lines[1].strip()}"
     return "\n".join(lines)
 
 

@@ -762,8 +762,14 @@ def receipt_is_current(path: str | Path = RECEIPT, experiment: str = "cheetah",
 
 def load(model_uri: str, backbone_dir: str | Path | None = None) -> Any:
     """`mlflow.pyfunc.load_model(model_uri)`, with the backbone directory overridden when given."""
+    from mlflow.exceptions import MlflowException
+
     config = {"backbone_dir": str(backbone_dir)} if backbone_dir else None
-    return mlflow.pyfunc.load_model(model_uri, model_config=config)
+    try:
+        return mlflow.pyfunc.load_model(model_uri, model_config=config)
+    except MlflowException as e:  # no such model, version or alias (e.g. no champion yet) in this tracking store
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"{model_uri}: cannot load it from the tracking store {mlflow.get_tracking_uri()} ({first})") from None
 
 
 def predict(model_uri: str, instruction: str, images: Sequence[str | Path],
