@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from cheetah.config import ConfigError, Params, load_params, to_dict
 from cheetah.io import DataError
+from cheetah.progress import LEVELS, LOG_ENV, configure_logging
 from cheetah.tracking import flat_metrics, stage_run
 
 
@@ -252,7 +253,9 @@ def _cmd_synthesize(args: argparse.Namespace) -> int:
 
     p = _params(args, {"synthesize.source": args.source, "synthesize.out": args.out, "synthesize.n": args.n,
                        "synthesize.captions": args.captions, "synthesize.seed": args.seed,
-                       "synthesize.workers": args.workers, "synthesize.selector": args.selector})
+                       "synthesize.workers": args.workers, "synthesize.selector": args.selector,
+                       "synthesize.executor": args.executor, "synthesize.address": args.address,
+                       "synthesize.shard_size": args.shard_size})
     backbone = None
     if p.synthesize.selector == "attention":
         backbone = args.backbone or p.model.backbone_dir or p.model.preset
@@ -271,7 +274,11 @@ def _add_synthesize(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--n", type=int, help="number of (original, edited) pairs")
     s.add_argument("--captions", type=int, help="number of caption samples")
     s.add_argument("--seed", type=int)
-    s.add_argument("--workers", type=int, help="parallel processes (output is identical for any number)")
+    s.add_argument("--workers", type=int, help="processes of the local Dask cluster (output is identical for any "
+                                               "number)")
+    s.add_argument("--executor", choices=["local", "dask"], help="run the shards in this process or on Dask")
+    s.add_argument("--address", help="Dask scheduler to connect to (default: start a local cluster)")
+    s.add_argument("--shard-size", type=int, help="pairs per shard (the unit of resume; never changes the output)")
     s.add_argument("--selector", choices=["attention", "random"])
     s.add_argument("--backbone", help="backbone directory for attention selection (default: model.backbone_dir)")
     s.set_defaults(func=_cmd_synthesize)
@@ -468,6 +475,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
     parser.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                         help="override a parameter, e.g. --set train.lr=1e-4 (repeatable)")
+    parser.add_argument("--log-level", choices=LEVELS, type=str.upper,
+                        help=f"log level of cheetah's messages (default: ${LOG_ENV}, else INFO)")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in _ADDERS:
         add(sub)
@@ -482,6 +491,8 @@ def _accept_common_options(sub: argparse._SubParsersAction) -> None:
                              help="parameters file (default: params.yaml)")
         command.add_argument("--set", dest="set_after", action="append", default=argparse.SUPPRESS,
                              metavar="SECTION.KEY=VALUE", help="override a parameter (repeatable)")
+        command.add_argument("--log-level", dest="log_level_after", choices=LEVELS, type=str.upper,
+                             default=argparse.SUPPRESS, help="log level (default: $CHEETAH_LOG_LEVEL, else INFO)")
         for action in command._actions:
             if isinstance(action, argparse._SubParsersAction):
                 _accept_common_options(action)
@@ -491,7 +502,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.set = [*(args.set or []), *vars(args).pop("set_after", [])]
     args.params = vars(args).pop("params_after", args.params)
+    args.log_level = vars(args).pop("log_level_after", args.log_level)
     try:
+        configure_logging(args.log_level)
         return int(args.func(args) or 0)
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)

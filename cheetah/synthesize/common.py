@@ -98,6 +98,8 @@ class SourceItem:
     path: Path
     caption: str
     scene: Any = None
+    sha256: str = ""
+    """SHA-256 of the image file as read when the corpus was checked (part of the synthesis shards' keys)."""
 
     def load_image(self) -> Image.Image:
         with Image.open(self.path) as im:
