@@ -61,7 +61,6 @@ def configure_logging(level: str | None = None) -> str:
         handler = _StderrHandler()
         handler.setFormatter(logging.Formatter(_FORMAT, datefmt="%H:%M:%S"))
         logger.addHandler(handler)
-    logger.propagate = False  # one line per record, even when the root logger has a handler too
     return name
 
 

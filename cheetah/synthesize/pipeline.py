@@ -66,8 +66,9 @@ from cheetah.world.render import png_bytes
 # Seed-stream tags: each kind of randomness gets its own (seed, tag, ...) stream, so adding samples or changing
 # one step never shifts the random choices of another.
 _PAIR_STREAM, _CAPTION_STREAM, _PAIR_ORDER, _CAPTION_ORDER = 1, 2, 3, 4
-# Reasons for which a stage found a source image unusable: no other sample (pair or caption) may use that image.
-_UNUSABLE_IMAGE = frozenset({"undecodable_image"})
+# Rejects that condemn a source record itself, not one edit candidate: no other sample (pair or caption) may use
+# its image. (Undecodable images are already rejected when the corpus is read, before any sample is made.)
+_UNUSABLE_IMAGE = frozenset({"undecodable_image", "scene_mismatch"})
 
 log = logging.getLogger(__name__)
 
@@ -305,14 +306,13 @@ class Synthesizer:
                             "edit_type": edit_type, "attempt": attempt, "reason": r.code, "detail": r.detail,
                             "edit": edit})
 
+        # The image decoded completely when the corpus was checked; one that cannot be read now (changed, or not
+        # reachable from this worker) fails the shard, naming the record, rather than being skipped here.
+        image = item.load_image()
         try:
-            image = item.load_image()
             objects, background = b.masks.regions(item, image)
         except Reject as r:
             reject("masks", r)
-            return PairResult(None, None, None, rejects)
-        except OSError as e:
-            reject("source", Reject("undecodable_image", f"{item.image}: {e}"))
             return PairResult(None, None, None, rejects)
 
         candidates = background if edit_type == "add" else objects
@@ -495,6 +495,14 @@ def synthesize(cfg: SynthesizeConfig, backbone: Any = None) -> dict[str, Any]:
              cfg.shard_size, len(todo), f", {len(shards) - len(todo)} done before" if done_before else "",
              cfg.executor, f", {cfg.workers} worker(s)" if cfg.executor == "dask" else "")
 
+    if todo and cfg.executor == "dask" and backbone is not None and not isinstance(backbone, (str, Path)):
+        # A model in this process's memory reaches the workers as a directory they load (once each), like one given
+        # by path; it is kept in the work area, which the workers (and so a cluster's shared storage) reach anyway.
+        from cheetah.model.backbones import save_backbone
+
+        if not (work.path / "backbone").is_dir():
+            save_backbone(backbone, work.path / "backbone")
+        backbone = str(work.path / "backbone")
     job = SynthesisJob(cfg, backbone, items, key, str(work.path))
     failed: list[tuple[Shard, BaseException]] = []
     with _one_torch_thread(), StageBar("synthesize", cfg.n, "pairs", initial=done_before) as bar:
