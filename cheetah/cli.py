@@ -324,7 +324,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     p = _params(args, flags)
     specs = parse_model_specs(args.model) if args.model else None
     result = evaluate(p, specs, benchmark=args.benchmark, restart=args.restart, track=not args.no_track)
-    _print_json({"metrics": result["metrics"], "paths": result["paths"]})
+    if result.get("rank", 0) == 0:  # under torchrun, rank 0 has the results
+        _print_json({"metrics": result["metrics"], "paths": result["paths"]})
     return 0
 
 
@@ -343,7 +344,9 @@ def _cmd_benchmarks(args: argparse.Namespace) -> int:
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser("evaluate", help="generate, score and report DEMON/MME for the base and VPG-C models "
-                                        "(params: evaluate); resumes a killed run")
+                                        "(params: evaluate); resumes a killed run",
+                       description="Run as is for one process; under `torchrun --nproc_per_node N` (or `deepspeed "
+                                   "--no_local_rank`) for one model per device, each rank a shard of the samples.")
     e.add_argument("--benchmark", choices=["demon", "mme", "all"], default="all")
     e.add_argument("--data-dir", help="data folder of the chosen --benchmark (default: evaluate.demon_dir/mme_dir)")
     e.add_argument("--model", action="append", metavar="NAME=SPEC",
