@@ -250,15 +250,14 @@ def _add_world(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_synthesize(args: argparse.Namespace) -> int:
     from cheetah.synthesize import synthesize
+    from cheetah.synthesize.pipeline import default_backbone
 
     p = _params(args, {"synthesize.source": args.source, "synthesize.out": args.out, "synthesize.n": args.n,
                        "synthesize.captions": args.captions, "synthesize.seed": args.seed,
                        "synthesize.workers": args.workers, "synthesize.selector": args.selector,
                        "synthesize.executor": args.executor, "synthesize.address": args.address,
                        "synthesize.shard_size": args.shard_size})
-    backbone = None
-    if p.synthesize.selector == "attention":
-        backbone = args.backbone or p.model.backbone_dir or p.model.preset
+    backbone = default_backbone(p, args.backbone)
     with stage_run("synthesize", to_dict(p.synthesize), experiment=p.register.experiment) as run:
         stats = synthesize(p.synthesize, backbone)
         _log_results(run, {k: v for k, v in stats.items() if k != "settings"},

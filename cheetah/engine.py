@@ -16,15 +16,18 @@ from workers to the client (progress).
 
 A job function has the signature `fn(payload, job, report) -> result`: `payload` is shared by every job (sent to
 each worker once), `report(k)` counts k items done (the caller's progress bar, from any worker), and an exception
-fails that job only — unless it is one of `fatal`, which stops the whole fan-out.
+fails that job only — unless it is one of `fatal`, which stops the whole fan-out. `fan_out` runs a list of jobs;
+`Pool` is the open executor underneath, for callers that submit jobs one by one (the Prefect flow's shard tasks).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
 from typing import Any
 
 from cheetah.config import ConfigError
@@ -36,27 +39,94 @@ JobFn = Callable[[Any, Any, Report], Any]
 _REPORT_EVERY = 0.5  # seconds between a worker's progress events
 
 
+class Pool:
+    """An open executor: `submit(fn, payload, job)` runs one job (here, or on the Dask cluster, sending `payload`
+    to every worker once). Thread-safe, so a Prefect task per job can call `run` from the flow's task threads."""
+
+    def __init__(self, executor: str, *, workers: int = 1, address: str | None = None, gpu: bool = False,
+                 report: Report = lambda k: None, name: str = "job"):
+        if executor not in ("local", "dask"):
+            raise ConfigError(f"executor must be 'local' or 'dask', got {executor!r}")
+        self.executor, self.workers, self.address, self.gpu = executor, workers, address, gpu
+        self.report, self.name = report, name
+        self.client: Any = None
+        self._stack = contextlib.ExitStack()
+        self._lock = threading.Lock()  # local jobs run one at a time
+        self._shared: dict[int, Any] = {}
+        self._topic = f"cheetah-{name}-{time.time_ns()}"
+        self._count = 0
+
+    def __enter__(self) -> "Pool":
+        if self.executor == "dask":
+            self.client = self._stack.enter_context(dask_client(self.address, self.workers, self.gpu))
+            self.client.subscribe_topic(self._topic, lambda event: self.report(int(event[1])))
+            self._stack.callback(self.client.unsubscribe_topic, self._topic)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+
+    def submit(self, fn: JobFn, payload: Any, job: Any) -> Any:
+        """A future of `fn(payload, job, report)`: a `concurrent.futures.Future` (local, already done) or a Dask one."""
+        if self.client is None:
+            future: Future = Future()
+            with self._lock:
+                try:
+                    future.set_result(fn(payload, job, self.report))
+                except Exception as e:  # noqa: BLE001 - handed to whoever reads the future
+                    future.set_exception(e)
+            return future
+        with self._lock:
+            if id(payload) not in self._shared:  # sent to every worker once
+                self._shared[id(payload)] = self.client.scatter(payload, broadcast=True, hash=False)
+            shared = self._shared[id(payload)]
+            self._count += 1
+            index = self._count
+        return self.client.submit(_dask_task, fn, shared, job, self._topic, key=f"{self.name}-{index}-{time.time_ns()}",
+                                  resources={"GPU": 1} if self.gpu else None, priority=-index, pure=False)
+
+    def run(self, fn: JobFn, payload: Any, job: Any) -> Any:
+        return self.submit(fn, payload, job).result()
+
+
 def fan_out(fn: JobFn, payload: Any, jobs: Sequence[Any], *, executor: str, workers: int = 1,
             address: str | None = None, gpu: bool = False, report: Report = lambda k: None, name: str = "job",
-            fatal: tuple[type[BaseException], ...] = ()) -> list[tuple[Any, Any, BaseException | None]]:
+            fatal: tuple[type[BaseException], ...] = (),
+            done: Callable[[Any, Any], None] = lambda job, result: None) -> list[tuple[Any, Any, BaseException | None]]:
     """Run `fn(payload, job, report)` for every job; returns `(job, result, None)` or `(job, None, error)` per job,
-    in the order of `jobs`. Jobs that fail do not stop the others (except an exception of a `fatal` type)."""
+    in the order of `jobs`, and calls `done(job, result)` as each one succeeds. Jobs that fail do not stop the
+    others, except with an exception of a `fatal` type, which is raised at once."""
     if not jobs:
         return []
-    if executor == "local":
-        out = []
-        for job in jobs:
+    outcome: dict[int, tuple[Any, Any, BaseException | None]] = {}
+    with Pool(executor, workers=workers, address=address, gpu=gpu, report=report, name=name) as pool:
+        def collect(future: Any, i: int) -> None:
             try:
-                out.append((job, fn(payload, job, report), None))
+                result = future.result()
             except fatal:
                 raise
-            except Exception as e:  # noqa: BLE001 - the caller reports which job failed and why
-                out.append((job, None, e))
-        return out
-    if executor != "dask":
-        raise ConfigError(f"executor must be 'local' or 'dask', got {executor!r}")
-    with dask_client(address, workers, gpu) as client:
-        return _run_on_dask(client, fn, payload, jobs, gpu=gpu, report=report, name=name, fatal=fatal)
+            except Exception as e:  # noqa: BLE001 - reported per job by the caller (a Dask KilledWorker included)
+                outcome[i] = (jobs[i], None, e)
+                return
+            outcome[i] = (jobs[i], result, None)
+            done(jobs[i], result)
+
+        futures = {}
+        for i, job in enumerate(jobs):
+            future = pool.submit(fn, payload, job)
+            futures[future] = i
+            if pool.client is None:  # a local job is finished already: a fatal error stops the rest at once
+                collect(future, i)
+        if pool.client is not None:
+            from distributed import as_completed
+
+            for future in as_completed(list(futures)):
+                try:
+                    collect(future, futures[future])
+                except fatal:
+                    pool.client.cancel(list(futures))
+                    raise
+    return [outcome[i] for i in range(len(jobs))]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -135,29 +205,3 @@ def _dask_task(fn: JobFn, payload: Any, job: Any, topic: str) -> Any:
         return fn(payload, job, report)
     finally:
         report.flush()
-
-
-def _run_on_dask(client: Any, fn: JobFn, payload: Any, jobs: Sequence[Any], *, gpu: bool, report: Report, name: str,
-                 fatal: tuple[type[BaseException], ...]) -> list[tuple[Any, Any, BaseException | None]]:
-    from distributed import as_completed
-
-    topic = f"cheetah-{name}-{time.time_ns()}"
-    client.subscribe_topic(topic, lambda event: report(int(event[1])))
-    try:
-        shared = client.scatter(payload, broadcast=True, hash=False)  # sent to every worker once
-        futures = {client.submit(_dask_task, fn, shared, job, topic, key=f"{name}-{i}-{time.time_ns()}",
-                                 resources={"GPU": 1} if gpu else None, priority=-i, pure=False): i
-                   for i, job in enumerate(jobs)}
-        outcome: dict[int, tuple[Any, Any, BaseException | None]] = {}
-        for future in as_completed(futures):
-            i = futures[future]
-            try:
-                outcome[i] = (jobs[i], future.result(), None)
-            except fatal:
-                client.cancel(list(futures))
-                raise
-            except Exception as e:  # noqa: BLE001 - reported per job by the caller (KilledWorker included)
-                outcome[i] = (jobs[i], None, e)
-        return [outcome[i] for i in range(len(jobs))]
-    finally:
-        client.unsubscribe_topic(topic)

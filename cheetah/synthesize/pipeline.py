@@ -429,9 +429,15 @@ def run_shard(job: SynthesisJob, shard: Shard, report: Any = lambda k: None) -> 
                 "quarantined": rejects, "sources": sorted(sources), "seconds": round(seconds, 3),
                 "host": os.uname().nodename, "pid": os.getpid()}
         atomic_write_json(tmp / SHARD_INFO, info)
-    log.info("shard %d (pairs %d-%d): %d pairs in %.1f s (%.1f pairs/s)", shard.index, shard.start, shard.stop - 1,
-             pairs, seconds, len(shard) / seconds if seconds else 0.0)
     return info
+
+
+def log_shard(shard: Shard, info: dict[str, Any]) -> None:
+    """The rate of a finished shard, in the log of the process that runs the stage."""
+    seconds = info["seconds"]
+    log.info("shard %d (pairs %d-%d): %d pairs in %.1f s (%.2f samples/s) on %s pid %s", shard.index, shard.start,
+             shard.stop - 1, info["pairs"], seconds, len(shard) / seconds if seconds else 0.0, info["host"],
+             info["pid"])
 
 
 def _single_thread_torch() -> None:
@@ -469,16 +475,34 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
-def synthesize(cfg: SynthesizeConfig, backbone: Any = None) -> dict[str, Any]:
-    """Write the synthetic set for `cfg` to `cfg.out`; returns the statistics also written to stats.json.
+def default_backbone(params: Any, override: str | None = None) -> str | None:
+    """The backbone `cheetah synthesize` selects targets with: `override` (`--backbone`), else model.backbone_dir,
+    else model.preset; None when `synthesize.selector` is random."""
+    if params.synthesize.selector != "attention":
+        return None
+    return override or params.model.backbone_dir or params.model.preset
 
-    `backbone` is needed by `selector: attention`: a backbone directory or preset name (loaded with
-    `cheetah.model.backbones.load_backbone`, once per worker) or an already loaded object with `.model` (a Hugging
-    Face Blip2ForConditionalGeneration) and `.image_processor`.
 
-    Shards finished by an earlier, interrupted run with the same inputs are reused. If shards fail, the others'
-    outputs are kept and `ShardFailed` names each failed shard's source record; a rerun runs only the missing shards.
-    """
+@dataclasses.dataclass
+class SynthesisRun:
+    """A planned run: the checked corpus, its shards, which of them are still to make, and the job they share."""
+
+    cfg: SynthesizeConfig
+    draws: Draws
+    source_rejects: list[dict[str, Any]]
+    n_records: int
+    shards: list[Shard]
+    todo: list[Shard]
+    work: WorkArea
+    job: SynthesisJob
+
+    @property
+    def done_before(self) -> int:
+        return self.cfg.n - sum(len(s) for s in self.todo)
+
+
+def plan(cfg: SynthesizeConfig, backbone: Any = None) -> SynthesisRun:
+    """Check the corpus, cut the pairs into shards, open the work area and see which shards an earlier run made."""
     items, source_rejects, n_records = load_source(cfg.source, need_scenes=cfg.masks == "world")
     if not items:
         first = "; ".join(f"line {r['line']}: {r['reason']}" for r in source_rejects[:3])
@@ -490,11 +514,6 @@ def synthesize(cfg: SynthesizeConfig, backbone: Any = None) -> dict[str, Any]:
     shards = plan_shards(cfg.n, cfg.shard_size, key, [draws.pair_item(i) for i in range(cfg.n)])
     work = WorkArea(cfg.out).open()
     todo = [s for s in shards if not work.is_done(s)]
-    done_before = cfg.n - sum(len(s) for s in todo)
-    log.info("synthesize: %d pairs in %d shard(s) of up to %d; %d to run%s (executor %s%s)", cfg.n, len(shards),
-             cfg.shard_size, len(todo), f", {len(shards) - len(todo)} done before" if done_before else "",
-             cfg.executor, f", {cfg.workers} worker(s)" if cfg.executor == "dask" else "")
-
     if todo and cfg.executor == "dask" and backbone is not None and not isinstance(backbone, (str, Path)):
         # A model in this process's memory reaches the workers as a directory they load (once each), like one given
         # by path; it is kept in the work area, which the workers (and so a cluster's shared storage) reach anyway.
@@ -503,33 +522,57 @@ def synthesize(cfg: SynthesizeConfig, backbone: Any = None) -> dict[str, Any]:
         if not (work.path / "backbone").is_dir():
             save_backbone(backbone, work.path / "backbone")
         backbone = str(work.path / "backbone")
-    job = SynthesisJob(cfg, backbone, items, key, str(work.path))
+    log.info("synthesize: %d pairs in %d shard(s) of up to %d; %d to run%s (executor %s%s)", cfg.n, len(shards),
+             cfg.shard_size, len(todo), f", {len(shards) - len(todo)} done before" if len(todo) < len(shards) else "",
+             cfg.executor, f", {cfg.workers} worker(s)" if cfg.executor == "dask" and not cfg.address
+             else f" at {cfg.address}" if cfg.address else "")
+    return SynthesisRun(cfg, draws, source_rejects, n_records, shards, todo, work,
+                        SynthesisJob(cfg, backbone, items, key, str(work.path)))
+
+
+def shard_failures(run: SynthesisRun, failed: list[tuple[Shard, BaseException]]) -> ShardFailed:
+    """One error naming every failed shard's source record (each shard's traceback goes to the log)."""
+    for shard, error in failed:
+        log.error("synthesis shard %d failed: %s\n%s", shard.index, error, getattr(error, "trace", ""))
+    lines = [str(e) if isinstance(e, ShardFailed) else f"shard {s.index} (pairs {s.start}-{s.stop - 1}): "
+             f"{type(e).__name__}: {e}" for s, e in failed]
+    records = [e.record for _, e in failed if isinstance(e, ShardFailed)]
+    return ShardFailed(f"synthesis: {len(failed)} of {len(run.shards)} shard(s) failed; the other shards' outputs "
+                       f"are kept in {run.work.path} and a rerun makes only the missing ones:\n  " + "\n  ".join(lines),
+                       failed[0][0].index, getattr(failed[0][1], "pair", None), records[0] if records else None)
+
+
+def synthesize(cfg: SynthesizeConfig, backbone: Any = None) -> dict[str, Any]:
+    """Write the synthetic set for `cfg` to `cfg.out`; returns the statistics also written to stats.json.
+
+    `backbone` is needed by `selector: attention`: a backbone directory or preset name (loaded with
+    `cheetah.model.backbones.load_backbone`, once per worker) or an already loaded object with `.model` (a Hugging
+    Face Blip2ForConditionalGeneration) and `.image_processor`.
+
+    Shards finished by an earlier, interrupted run with the same inputs are reused. If shards fail, the others'
+    outputs are kept and `ShardFailed` names each failed shard's source record; a rerun runs only the missing shards.
+    """
+    run = plan(cfg, backbone)
     failed: list[tuple[Shard, BaseException]] = []
-    with _one_torch_thread(), StageBar("synthesize", cfg.n, "pairs", initial=done_before) as bar:
-        if todo and cfg.executor == "local":
-            job.synthesizer = Synthesizer(cfg, build_backends(cfg, backbone), items)
-        outcomes = fan_out(run_shard, job, todo, executor=cfg.executor, workers=cfg.workers, address=cfg.address,
-                           gpu=cfg.device != "cpu", report=bar.update, name="synthesize", fatal=(ConfigError,))
+    with _one_torch_thread(), StageBar("synthesize", cfg.n, "pairs", initial=run.done_before) as bar:
+        if run.todo and cfg.executor == "local":
+            run.job.synthesizer = Synthesizer(cfg, build_backends(cfg, run.job.backbone), run.job.items)
+        outcomes = fan_out(run_shard, run.job, run.todo, executor=cfg.executor, workers=cfg.workers,
+                           address=cfg.address, gpu=cfg.device != "cpu", report=bar.update, name="synthesize",
+                           fatal=(ConfigError,), done=log_shard)
+        run.job.synthesizer = None
         failed = [(shard, error) for shard, _, error in outcomes if error is not None]
         bar.set(cfg.n - sum(len(shard) for shard, _ in failed))
-    job.synthesizer = None
     if failed:
-        for shard, error in failed:
-            log.error("synthesis shard %d failed: %s\n%s", shard.index, error, getattr(error, "trace", ""))
-        lines = [str(e) if isinstance(e, ShardFailed) else f"shard {s.index} (pairs {s.start}-{s.stop - 1}): "
-                 f"{type(e).__name__}: {e}" for s, e in failed]
-        records = [e.record for _, e in failed if isinstance(e, ShardFailed)]
-        raise ShardFailed(f"synthesis: {len(failed)} of {len(shards)} shard(s) failed; the other shards' outputs are "
-                          f"kept in {work.path} and a rerun makes only the missing ones:\n  " + "\n  ".join(lines),
-                          failed[0][0].index, getattr(failed[0][1], "pair", None), records[0] if records else None)
-    stats = _merge(cfg, draws, shards, work, source_rejects, n_records)
-    work.remove()
-    return stats
+        raise shard_failures(run, failed)
+    return merge(run)
 
 
-def _merge(cfg: SynthesizeConfig, draws: Draws, shards: list[Shard], work: WorkArea,
-           source_rejects: list[dict[str, Any]], n_records: int) -> dict[str, Any]:
-    """The output folder from the finished shards, in index order (streamed: one record in memory at a time)."""
+def merge(run: SynthesisRun) -> dict[str, Any]:
+    """The output folder from the finished shards, in index order (streamed: one record in memory at a time), then
+    the work area is removed. Returns the statistics written to stats.json."""
+    cfg, draws, shards, work = run.cfg, run.draws, run.shards, run.work
+    source_rejects, n_records = run.source_rejects, run.n_records
     by_index = {item.index: item for item in draws.items}
     used: set[int] = set()
     unusable: set[str] = set()
@@ -581,4 +624,5 @@ def _merge(cfg: SynthesizeConfig, draws: Draws, shards: list[Shard], work: WorkA
             "settings": {k: getattr(cfg, k) for k in _RECORDED},
         }
         (tmp / "stats.json").write_text(json.dumps(stats, indent=2) + "\n", encoding="utf-8")
+    work.remove()
     return stats
