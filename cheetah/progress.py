@@ -69,17 +69,15 @@ def progress_line(stage: str, done: int, total: int) -> str:
 
 
 def parse_progress_line(text: str) -> tuple[str, int, int] | None:
-    """`(stage, done, total)` from a line that ends with `progress_line(...)`, else None."""
-    parts = text.rsplit(f"{PROGRESS_PREFIX} ", 1)
+    """`(stage, done, total)` from a line that ends with `progress_line(...)` (a log line, say), else None."""
+    parts = text.rsplit(f" {PROGRESS_PREFIX} ", 1) if not text.startswith(PROGRESS_PREFIX) else ["", text[len(PROGRESS_PREFIX) + 1:]]
     if len(parts) != 2:
         return None
-    fields = parts[1].split()
-    if len(fields) != 2 or "/" not in fields[1]:
+    stage, _, count = parts[1].strip().rpartition(" ")
+    done, _, total = count.partition("/")
+    if not stage or not (done.isdigit() and total.isdigit()):
         return None
-    done, _, total = fields[1].partition("/")
-    if not (done.isdigit() and total.isdigit()):
-        return None
-    return fields[0], int(done), int(total)
+    return stage, int(done), int(total)
 
 
 class StageBar:
