@@ -398,6 +398,7 @@ def run_shard(job: SynthesisJob, shard: Shard, report: Any = lambda k: None) -> 
     """Make the pairs of `shard` into its folder in the work area (images written as they are made); returns the
     shard's summary. An exception on a sample fails the shard with `ShardFailed`, naming the source record."""
     synth = _synthesizer(job)
+    started_at = time.time()
     started = time.perf_counter()
     pairs, rejects, sources = 0, 0, set()
     with atomic_dir(Path(job.work) / shard.name) as tmp:
@@ -427,7 +428,7 @@ def run_shard(job: SynthesisJob, shard: Shard, report: Any = lambda k: None) -> 
         seconds = time.perf_counter() - started
         info = {"shard": shard.index, "start": shard.start, "stop": shard.stop, "key": shard.key, "pairs": pairs,
                 "quarantined": rejects, "sources": sorted(sources), "seconds": round(seconds, 3),
-                "host": os.uname().nodename, "pid": os.getpid()}
+                "started": round(started_at, 3), "host": os.uname().nodename, "pid": os.getpid()}
         atomic_write_json(tmp / SHARD_INFO, info)
     return info
 
