@@ -93,7 +93,12 @@ def test_cli_evaluate_end_to_end(bench, models, tmp_path, monkeypatch, capsys):
     for s in _sets(bench, models, tmp_path):
         argv += ["--set", s]
     assert main(argv + ["evaluate"]) == 0
-    printed = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    printed = json.loads(captured.out)
+    # The terminal shows a bar per model and INFO logging with the rate (nothing configured logging before).
+    assert "evaluate base: 100%" in captured.err and "evaluate vpgc: 100%" in captured.err
+    assert f"INFO cheetah.progress: evaluate vpgc: {N_SAMPLES} answers in" in captured.err
+    assert "INFO cheetah.evaluate.run: mme/color: 4 of 4 samples to generate" in captured.err
 
     out = tmp_path / "eval"
     for name in ("base", "vpgc"):
@@ -243,8 +248,6 @@ def _files(folder: Path) -> dict[str, bytes]:
 
 
 def test_two_ranks_give_the_one_process_predictions_and_resume_after_a_kill(bench, models, tmp_path):
-    import subprocess  # noqa: F401 - (used by _torchrun)
-
     specs = {"vpgc": models["vpgc"]}
     one = evaluate(_params(bench, models, tmp_path / "one"), specs, track=False)
     reference = _files(tmp_path / "one" / "eval" / "vpgc" / "predictions")
@@ -276,4 +279,4 @@ def test_two_ranks_give_the_one_process_predictions_and_resume_after_a_kill(benc
     printed = json.loads(resumed.stdout)  # rank 0 alone prints the results
     assert printed["metrics"] == one["metrics"]
     assert "evaluate: rank 1 of 2 on cpu" in resumed.stderr and "on rank 1" in resumed.stderr
-    assert f"evaluate vpgc: 100%" in resumed.stderr and "answers/s)" in resumed.stderr
+    assert "evaluate vpgc: 100%" in resumed.stderr and "answers/s)" in resumed.stderr

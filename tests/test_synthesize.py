@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cheetah.config import ConfigError, SynthesizeConfig, WorldConfig
+from cheetah.config import ConfigError, SynthesizeConfig
 from cheetah.io import DataError
 from cheetah.synthesize import (
     AttentionSelector,
@@ -29,28 +29,8 @@ from cheetah.world import (
     generate_scene,
     read_scenes,
     render,
-    train_tokenizer,
     where,
-    write_corpus,
 )
-
-
-@pytest.fixture(scope="module")
-def source(tmp_path_factory) -> Path:
-    return write_corpus(WorldConfig(out=str(tmp_path_factory.mktemp("world") / "source"), n=30, seed=0))
-
-
-@pytest.fixture(scope="module")
-def backbone():
-    import torch
-
-    from cheetah.model.backbones import build_backbone
-
-    # One thread, as the pipeline runs: on a busy 2-core machine a second torch thread makes tiny models ~20x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield build_backbone("tiny", tokenizer=train_tokenizer(512), image_size=64, seed=0)
-    torch.set_num_threads(threads)
 
 
 def _cfg(source: Path, out: Path, **kw) -> SynthesizeConfig:

@@ -1,5 +1,5 @@
 """Synthesis at scale: shards on a real local Dask cluster, resume after a kill, a failing shard, progress output,
-and no image that one stage rejected used by another (issue 15)."""
+and no image that one stage rejected used by another (issue 15). `source` and `backbone` come from conftest.py."""
 
 from __future__ import annotations
 
@@ -13,31 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from cheetah.config import SynthesizeConfig, WorldConfig
+from cheetah.config import SynthesizeConfig
 from cheetah.synthesize import ShardFailed, Synthesizer, synthesize
 from cheetah.synthesize import pipeline
 from cheetah.synthesize.pipeline import Draws, SynthesisJob, build_backends, load_source, run_shard
 from cheetah.synthesize.shards import WorkArea, plan_shards, run_key
-from cheetah.world import train_tokenizer, write_corpus
 
 N, CAPTIONS, SHARD = 16, 4, 4  # 4 shards
-
-
-@pytest.fixture(scope="module")
-def source(tmp_path_factory) -> Path:
-    return write_corpus(WorldConfig(out=str(tmp_path_factory.mktemp("world") / "source"), n=30, seed=0))
-
-
-@pytest.fixture(scope="module")
-def backbone():
-    import torch
-
-    from cheetah.model.backbones import build_backbone
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield build_backbone("tiny", tokenizer=train_tokenizer(512), image_size=64, seed=0)
-    torch.set_num_threads(threads)
 
 
 def _cfg(source: Path, out: Path, **kw) -> SynthesizeConfig:
@@ -77,7 +59,7 @@ def test_dask_cluster_gives_the_bytes_of_the_local_executor_for_1_and_2_workers(
     assert _tree(tmp_path / "dask2") == reference
     assert "INFO cheetah.synthesize.pipeline: synthesize: 16 pairs in 6 shard(s) of up to 3; 6 to run" in err
     assert "started a local Dask cluster: 2 worker process(es)" in err
-    assert f"synthesize: 100%" in err and f"{N}/{N}" in err  # the tqdm bar
+    assert "synthesize: 100%" in err and f"{N}/{N}" in err  # the tqdm bar
     assert "progress synthesize 16/16" in err and "pairs/s)" in err  # the machine-readable line and the rate
     # Work areas are gone once the output is merged.
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
