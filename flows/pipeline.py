@@ -195,7 +195,7 @@ def synthesize_shards(root: Path, force: bool = False) -> dict[str, Any] | None:
     merges them). Nothing when DVC finds the stage up to date."""
     from cheetah.config import load_params
     from cheetah.engine import Pool
-    from cheetah.synthesize.pipeline import (Synthesizer, _one_torch_thread, build_backends, default_backbone,
+    from cheetah.synthesize.pipeline import (Synthesizer, one_torch_thread, build_backends, default_backbone,
                                              plan, shard_failures)
     from prefect.futures import as_completed
 
@@ -215,7 +215,7 @@ def synthesize_shards(root: Path, force: bool = False) -> dict[str, Any] | None:
     done = run.done_before
     progress.update(SHARDED_STAGE, done, cfg.n)
     failed: list[tuple[Any, BaseException]] = []
-    with _one_torch_thread(), Pool(cfg.executor, workers=cfg.workers, address=cfg.address, gpu=cfg.device != "cpu",
+    with one_torch_thread(), Pool(cfg.executor, workers=cfg.workers, address=cfg.address, gpu=cfg.device != "cpu",
                                    name=SHARDED_STAGE) as pool:
         if run.todo and cfg.executor == "local":  # built once, here (a Dask worker builds its own)
             run.job.synthesizer = Synthesizer(cfg, build_backends(cfg, run.job.backbone), run.job.items)

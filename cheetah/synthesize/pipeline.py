@@ -449,7 +449,8 @@ def _single_thread_torch() -> None:
 
 
 @contextlib.contextmanager
-def _one_torch_thread() -> Iterator[None]:
+def one_torch_thread() -> Iterator[None]:
+    """Torch on one thread in this process meanwhile (as on every worker), then the previous thread count."""
     torch = sys.modules.get("torch")
     threads = torch.get_num_threads() if torch else None
     _single_thread_torch()
@@ -555,7 +556,7 @@ def synthesize(cfg: SynthesizeConfig, backbone: Any = None) -> dict[str, Any]:
     """
     run = plan(cfg, backbone)
     failed: list[tuple[Shard, BaseException]] = []
-    with _one_torch_thread(), StageBar("synthesize", cfg.n, "pairs", initial=run.done_before) as bar:
+    with one_torch_thread(), StageBar("synthesize", cfg.n, "pairs", initial=run.done_before) as bar:
         if run.todo and cfg.executor == "local":
             run.job.synthesizer = Synthesizer(cfg, build_backends(cfg, run.job.backbone), run.job.items)
         outcomes = fan_out(run_shard, run.job, run.todo, executor=cfg.executor, workers=cfg.workers,
