@@ -82,7 +82,8 @@ def parse_progress_line(text: str) -> tuple[str, int, int] | None:
 
 class StageBar:
     """One bar for a stage: thread-safe `update` (Dask's event handler calls it from another thread), progress
-    lines in the log every `log_every` seconds, and the rate logged on `close`."""
+    lines in the log every `log_every` seconds, and the rate logged on `close`. `disable=True` (the ranks other
+    than 0) shows and logs nothing."""
 
     def __init__(self, stage: str, total: int, unit: str, initial: int = 0, log_every: float = 30.0,
                  disable: bool = False):
@@ -95,17 +96,15 @@ class StageBar:
         self._log_every = log_every
         self._last_log = self._started
         self._closed = False
-        log.info(progress_line(stage, initial, total))
-
-    @property
-    def n(self) -> int:
-        return int(self._bar.n)
+        self._quiet = disable
+        if not self._quiet:
+            log.info(progress_line(stage, initial, total))
 
     def update(self, k: int = 1) -> None:
         with self._lock:
             self._bar.update(k)
             now = time.perf_counter()
-            if now - self._last_log >= self._log_every:
+            if now - self._last_log >= self._log_every and not self._quiet:
                 self._last_log = now
                 log.info(progress_line(self.stage, int(self._bar.n), self.total))
 
@@ -122,6 +121,8 @@ class StageBar:
             seconds = time.perf_counter() - self._started
             made = int(self._bar.n) - self.initial
         rate = made / seconds if seconds > 0 else 0.0
+        if self._quiet:
+            return {"items": made, "seconds": round(seconds, 3), "per_second": round(rate, 3)}
         log.info(progress_line(self.stage, made + self.initial, self.total))
         log.info("%s: %d %s in %.1f s (%.2f %s/s)%s", self.stage, made, self.unit, seconds, rate, self.unit,
                  f"; {self.initial} done before" if self.initial else "")

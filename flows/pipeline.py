@@ -195,7 +195,7 @@ def synthesize_shards(root: Path, force: bool = False) -> dict[str, Any] | None:
     merges them). Nothing when DVC finds the stage up to date."""
     from cheetah.config import load_params
     from cheetah.engine import Pool
-    from cheetah.synthesize.pipeline import (Synthesizer, one_torch_thread, build_backends, default_backbone,
+    from cheetah.synthesize.pipeline import (Synthesizer, build_backends, default_backbone, one_torch_thread,
                                              plan, shard_failures)
     from prefect.futures import as_completed
 
