@@ -17,6 +17,7 @@ from cheetah.config import ConfigError, Params, load_params, to_dict
 from cheetah.errors import EXIT_USER_ERROR, CheetahError
 from cheetah.io import DataError, allow_overwrite
 from cheetah.pipeline import RECEIPT
+from cheetah.progress import LEVELS, LOG_ENV, configure_logging
 from cheetah.tracking import flat_metrics, stage_run
 
 
@@ -259,13 +260,14 @@ def _add_world(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_synthesize(args: argparse.Namespace) -> int:
     from cheetah.synthesize import synthesize
+    from cheetah.synthesize.pipeline import default_backbone
 
     p = _params(args, {"synthesize.source": args.source, "synthesize.out": args.out, "synthesize.n": args.n,
                        "synthesize.captions": args.captions, "synthesize.seed": args.seed,
-                       "synthesize.workers": args.workers, "synthesize.selector": args.selector})
-    backbone = None
-    if p.synthesize.selector == "attention":
-        backbone = args.backbone or p.model.backbone_dir or p.model.preset
+                       "synthesize.workers": args.workers, "synthesize.selector": args.selector,
+                       "synthesize.executor": args.executor, "synthesize.address": args.address,
+                       "synthesize.shard_size": args.shard_size})
+    backbone = default_backbone(p, args.backbone)
     with stage_run("synthesize", to_dict(p.synthesize), experiment=p.register.experiment) as run:
         stats = synthesize(p.synthesize, backbone)
         _log_results(run, {k: v for k, v in stats.items() if k != "settings"},
@@ -281,7 +283,11 @@ def _add_synthesize(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--n", type=int, help="number of (original, edited) pairs")
     s.add_argument("--captions", type=int, help="number of caption samples")
     s.add_argument("--seed", type=int)
-    s.add_argument("--workers", type=int, help="parallel processes (output is identical for any number)")
+    s.add_argument("--workers", type=int, help="processes of the local Dask cluster (output is identical for any "
+                                               "number)")
+    s.add_argument("--executor", choices=["local", "dask"], help="run the shards in this process or on Dask")
+    s.add_argument("--address", help="Dask scheduler to connect to (default: start a local cluster)")
+    s.add_argument("--shard-size", type=int, help="pairs per shard (the unit of resume; never changes the output)")
     s.add_argument("--selector", choices=["attention", "random"])
     s.add_argument("--backbone", help="backbone directory for attention selection (default: model.backbone_dir)")
     s.set_defaults(func=_cmd_synthesize)
@@ -327,7 +333,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     p = _params(args, flags)
     specs = parse_model_specs(args.model) if args.model else None
     result = evaluate(p, specs, benchmark=args.benchmark, restart=args.restart, track=not args.no_track)
-    _print_json({"metrics": result["metrics"], "paths": result["paths"]})
+    if result.get("rank", 0) == 0:  # under torchrun, rank 0 has the results
+        _print_json({"metrics": result["metrics"], "paths": result["paths"]})
     return 0
 
 
@@ -346,7 +353,9 @@ def _cmd_benchmarks(args: argparse.Namespace) -> int:
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser("evaluate", help="generate, score and report DEMON/MME for the base and VPG-C models "
-                                        "(params: evaluate); resumes a killed run")
+                                        "(params: evaluate); resumes a killed run",
+                       description="Run as is for one process; under `torchrun --nproc_per_node N` (or `deepspeed "
+                                   "--no_local_rank`) for one model per device, each rank a shard of the samples.")
     e.add_argument("--benchmark", choices=["demon", "mme", "all"], default="all")
     e.add_argument("--data-dir", help="data folder of the chosen --benchmark (default: evaluate.demon_dir/mme_dir)")
     e.add_argument("--model", action="append", metavar="NAME=SPEC",
@@ -512,6 +521,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                         help="override a parameter, e.g. --set train.lr=1e-4 (repeatable)")
     parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    parser.add_argument("--log-level", choices=LEVELS, type=str.upper,
+                        help=f"log level of cheetah's messages (default: ${LOG_ENV}, else INFO)")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in _ADDERS:
         add(sub)
@@ -528,6 +539,8 @@ def _accept_common_options(sub: argparse._SubParsersAction) -> None:
                              metavar="SECTION.KEY=VALUE", help="override a parameter (repeatable)")
         command.add_argument("--overwrite", dest="overwrite_after", action="store_true", default=argparse.SUPPRESS,
                              help=OVERWRITE_HELP)
+        command.add_argument("--log-level", dest="log_level_after", choices=LEVELS, type=str.upper,
+                             default=argparse.SUPPRESS, help="log level (default: $CHEETAH_LOG_LEVEL, else INFO)")
         for action in command._actions:
             if isinstance(action, argparse._SubParsersAction):
                 _accept_common_options(action)
@@ -538,7 +551,9 @@ def main(argv: list[str] | None = None) -> int:
     args.set = [*(args.set or []), *vars(args).pop("set_after", [])]
     args.params = vars(args).pop("params_after", args.params)
     args.overwrite = vars(args).pop("overwrite_after", False) or args.overwrite
+    args.log_level = vars(args).pop("log_level_after", args.log_level)
     try:
+        configure_logging(args.log_level)
         with allow_overwrite(args.overwrite):
             return int(args.func(args) or 0)
     except CheetahError as e:

@@ -98,7 +98,16 @@ class SynthesizeConfig:
     """Number of caption samples for the joint caption regulariser."""
     seed: int = Field(default=0, ge=0)
     workers: int = Field(default=1, ge=1)
-    """Parallel processes; any number gives byte-identical output (one seed per sample, merged in order)."""
+    """Worker processes of the local Dask cluster that `executor: dask` starts when `address` is null (with a GPU
+    `device`: one worker per GPU). Any number gives byte-identical output (one seed per sample, merged in order)."""
+    executor: Literal["local", "dask"] = "local"
+    """Where the shards run: `local` (one after another in this process) or `dask` (a Dask cluster: the one at
+    `address`, or a local one with `workers` processes). The model backends are loaded once per worker."""
+    address: str | None = None
+    """Dask scheduler to connect to (e.g. `tcp://10.0.0.5:8786`, with the workers already started there; see
+    docs/scale.md); null: start a local cluster. Only with `executor: dask`."""
+    shard_size: int = Field(default=64, ge=1)
+    """Pairs per shard: the unit of work, of resume after a kill and of failure. It never changes the output."""
     edit_types: list[Literal["modify", "swap", "delete", "add"]] = dataclasses.field(
         default_factory=lambda: ["modify", "swap", "delete", "add"]
     )
@@ -130,7 +139,8 @@ class SynthesizeConfig:
     clip_min_similarity: float = Field(default=0.2, ge=-1, le=1)
     """CLIP filter: least cosine similarity between the edited region and the text of the edit."""
     device: str = "cpu"
-    """Where the SAM, CLIP and inpainting models run ("cpu", "cuda", "cuda:1"). Not "cpu": use one worker."""
+    """Where the SAM, CLIP and inpainting models (and the attention backbone) run: "cpu", or "cuda" (with
+    `executor: dask`, every worker takes one GPU through the Dask resource GPU=1), "cuda:1", ..."""
     labels: list[str] = dataclasses.field(default_factory=lambda: [
         "person", "dog", "cat", "bird", "car", "bicycle", "ball", "cup", "bottle", "chair", "tree", "flower",
         "hat", "bag", "book", "clock",
@@ -150,9 +160,11 @@ class SynthesizeConfig:
                                  ("clip" in self.filters, self.clip_dir, "clip_dir")):
             if flag and not path:
                 raise ValueError(f"{name} must be set to a local model directory for this backend")
-        if self.device != "cpu" and self.workers > 1:
-            raise ValueError("workers > 1 forks the process, which an initialised GPU does not survive; "
-                             "use workers: 1 with device: " + self.device)
+        if self.executor == "local" and self.workers > 1:
+            raise ValueError(f"workers: {self.workers} needs executor: dask (executor: local runs the shards in this "
+                             f"process)")
+        if self.executor == "local" and self.address is not None:
+            raise ValueError("address names a Dask scheduler: it needs executor: dask")
         if self.masks == "sam" and len(self.labels) < 2:
             raise ValueError("labels needs at least two names (swap replaces one label with another)")
         return self

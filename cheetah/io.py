@@ -237,10 +237,11 @@ def _manifest_kind(path: Path) -> str | None:
         return None
 
 
-def claim_dir(path: str | Path, kind: str, *, protect: Iterable[str | Path] = ()) -> Path:
+def claim_dir(path: str | Path, kind: str, *, protect: Iterable[str | Path] = (), create: bool = True) -> Path:
     """Make `path` a folder that a stage fills in place (resumable state, incremental reports): created with a
     manifest when missing or empty; accepted when an earlier `kind` claimed it; otherwise refused like
-    `check_output` (a folder of someone else's files is never written into, nor cleaned up)."""
+    `check_output` (a folder of someone else's files is never written into, nor cleaned up). `create=False` only
+    checks (every rank of a distributed stage checks; one creates)."""
     path = Path(path)
     _check_location(path, protect)
     if _manifest_kind(path) == kind:
@@ -248,15 +249,24 @@ def claim_dir(path: str | Path, kind: str, *, protect: Iterable[str | Path] = ()
     if path.exists():
         _refuse_foreign(path, kind, sorted(p.relative_to(path).as_posix() for p in path.rglob("*")
                                            if not p.is_dir()))
+    if not create:
+        return path
     path.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path / MANIFEST, {"written_by": "cheetah", "kind": kind, "files": None})
     return path
 
 
 def remove_output(path: str | Path, kind: str) -> None:
-    """Delete a folder only if it is a `kind` output that nothing was added to (e.g. a stale failure report)."""
+    """Delete a folder only if it is a `kind` folder: an output that nothing was added to (e.g. a stale failure
+    report), or a folder claimed by `claim_dir` (a finished stage's work area)."""
     path = Path(path)
-    if path.exists() and not _foreign_files(path, kind) and (path / MANIFEST).is_file():
+    if path.is_symlink() or not path.is_dir() or _manifest_kind(path) != kind:
+        return
+    try:
+        claimed = json.loads((path / MANIFEST).read_text(encoding="utf-8")).get("files") is None
+    except (OSError, ValueError, AttributeError):
+        return
+    if claimed or not _foreign_files(path, kind):
         shutil.rmtree(path)
 
 

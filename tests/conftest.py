@@ -104,3 +104,24 @@ def write_instruction_set(folder, n_synthetic: int = 24, n_captions: int = 24, i
     (folder / "synthetic.jsonl").write_text("".join(json.dumps(r) + "\n" for r in syn))
     (folder / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in cap))
     return folder
+
+
+# The synthesis tests' world corpus and backbone (one of each per test module).
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    from cheetah.config import WorldConfig
+    from cheetah.world import write_corpus
+
+    return write_corpus(WorldConfig(out=str(tmp_path_factory.mktemp("world") / "source"), n=30, seed=0))
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    from cheetah.model.backbones import build_backbone
+    from cheetah.world import train_tokenizer
+
+    # One thread, as the pipeline runs: on a busy 2-core machine a second torch thread makes tiny models ~20x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield build_backbone("tiny", tokenizer=train_tokenizer(512), image_size=64, seed=0)
+    torch.set_num_threads(threads)
