@@ -247,7 +247,8 @@ def check_copies(keys: CheetahKeys, sources: dict[str, tuple[str, dict[str, torc
             if reason == "buffer":  # e.g. the Q-Former's position_ids, which BLIP-2 files may leave out
                 ignored.append((key, "buffer (not a weight)"))
             else:
-                problems.append(f"{where}: {key} copies {source_key}, which {path} does not hold")
+                problems.append(f"{where}: unknown key {key} (not a copy of a tensor of {path}: it has no "
+                                f"{source_key})")
             continue
         original = state[source_key]
         if not _same(value, original):
