@@ -6,12 +6,14 @@ the logits equality), and a trained VPG-C is loaded with its weights. VPG-C fire
 the layers above carries the correction to every decoding step.
 
 Decoding
-    Greedy by default. Sampling only with an explicit seed (a `ValueError` otherwise). Sampled tokens are drawn by a
-    logits processor with one random generator per request, seeded from (seed, the request's key), so a sampled
-    answer depends on the seed and the request, not on the batch it lands in or on the order of the run (a resumed
-    evaluation draws the same answers). Generation stops at the tokenizer's EOS or the template's end string
-    (`###` for Vicuna v0, `</s>` for LLaMA-2, a newline for plain OPT) and the text is always cut at the first end
-    string, then stripped.
+    Greedy by default. Sampling (temperature, then top-k, then top-p, in Hugging Face's order) only with an explicit
+    seed (a `ValueError` otherwise); `evaluate.decoding: official-demon` is the official DEMON script's sampling
+    (cheetah/config.py DECODING_SETTINGS). Sampled tokens are drawn by a logits processor with one random generator
+    per request, seeded from (seed, the request's key), so a sampled answer depends on the seed and the request, not
+    on the batch it lands in or on the order of the run (a resumed evaluation draws the same answers). Generation
+    stops at the tokenizer's EOS or the template's end string (`###` for Vicuna, `</s>` for LLaMA-2, a newline for
+    plain prompts; `stop_strings` replaces it) and the text is always cut at the first end string, then stripped.
+    InstructBLIP backbones also give the Q-Former each request's instruction (`PromptBuilder`).
 
 Batching
     Requests are tokenised first, sorted by prompt length (image blocks included) and cut into batches of
