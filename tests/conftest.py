@@ -92,6 +92,15 @@ def tiny_backbone(tokenizer):
     return build_backbone("tiny", tokenizer=tokenizer, image_size=32, seed=0)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module: the test machine's 2 shared cores run faster than with two threads fighting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture()
 def rng():
     return torch.Generator().manual_seed(0)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from conftest import build_tiny_instructblip, make_tokenizer, sharpen_parameters
 
 from cheetah.cli import main
@@ -18,12 +17,7 @@ from cheetah.model.vpgc import VPGCModel
 from cheetah.model.weights import save_vpgc
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

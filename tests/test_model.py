@@ -202,6 +202,7 @@ def test_vpgc_weights_round_trip_and_refuse_other_backbones(model, builder, tmp_
     save_vpgc(model, tmp_path / "vpgc")
     card = json.loads((tmp_path / "vpgc" / "vpgc.json").read_text())
     assert card["update_layer"] == 2 and card["num_query_tokens"] == 8 and len(card["sha256"]) == 64
+    assert card["template"] == card["trained_template"] == "vicuna-train"  # the tiny preset's rendering
 
     restored = VPGCModel.from_pretrained(tmp_path / "vpgc")
     batch = _train_batch(builder)
