@@ -78,6 +78,8 @@ def _cmd_model_import(args: argparse.Namespace) -> int:
         out_backbone=args.out_backbone, out_vpgc=args.out_vpgc, template=args.template,
         update_layer=args.update_layer, image_size=args.image_size,
     )
+    print(f"chat template: {report['template']} ({report['template_reason']}); the weights card records "
+          f"{report['trained_template']} as their training rendering", file=sys.stderr)
     _print_json(report)
     return 0
 
@@ -101,7 +103,8 @@ def _add_model(sub: argparse._SubParsersAction) -> None:
     i.add_argument("--llm", required=True, help="LLaMA/Vicuna directory in Hugging Face format")
     i.add_argument("--out-backbone", required=True)
     i.add_argument("--out-vpgc", required=True)
-    i.add_argument("--template", choices=["vicuna", "llama2"], default="vicuna")
+    i.add_argument("--template", choices=["vicuna", "llama2"], default=None,
+                   help="official chat rendering of the LLM (default: detected from it, and printed)")
     i.add_argument("--update-layer", type=int, default=None)
     i.add_argument("--image-size", type=int, default=224)
     i.set_defaults(func=_cmd_model_import)
@@ -130,7 +133,8 @@ def _cmd_score_mme(args: argparse.Namespace) -> int:
 def _cmd_score_demon(args: argparse.Namespace) -> int:
     from cheetah.evaluate.scoring import score_demon
 
-    _emit(score_demon(args.data_dir, args.predictions, split=args.split, datasets=args.tasks), args.out)
+    _emit(score_demon(args.data_dir, args.predictions, split=args.split, datasets=args.tasks,
+                      option_rule=args.option_rule), args.out)
     return 0
 
 
@@ -173,6 +177,9 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--split", choices=["core", "full"], default="core")
     d.add_argument("--tasks", nargs="+", metavar="DATASET", help="only these datasets (default: every pred.json)")
     d.add_argument("--out", help="also write the JSON here")
+    d.add_argument("--option-rule", choices=["official", "strict"], default="official",
+                   help="multi-choice answers sharing no term with any option: the first option, as the official "
+                        "evaluate.py (default), or exact match (strict); their count is reported either way")
     d.set_defaults(func=_cmd_score_demon)
 
     r = ssub.add_parser("report", help="markdown tables + bar chart comparing models, and a metrics JSON")
@@ -325,7 +332,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from cheetah.evaluate.run import evaluate, parse_model_specs
 
     flags: dict[str, object] = {"evaluate.batch_size": args.batch_size, "evaluate.device": args.device,
-                                "evaluate.out": args.out, "evaluate.metrics": args.metrics}
+                                "evaluate.out": args.out, "evaluate.metrics": args.metrics,
+                                "evaluate.decoding": args.decoding}
     if args.data_dir is not None:
         if args.benchmark == "all":
             raise DataError("--data-dir needs --benchmark demon or --benchmark mme (it replaces that one's folder)")
@@ -365,6 +373,9 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--device", help="auto, cpu, cuda, cuda:N (default: evaluate.device)")
     e.add_argument("--out", help="report folder (default: evaluate.out)")
     e.add_argument("--metrics", help="metrics JSON (default: evaluate.metrics)")
+    e.add_argument("--decoding", choices=["official-demon"],
+                   help="a named decoding setting (evaluate.decoding): official-demon samples as the official DEMON "
+                        "script (top-k 50, top-p 0.9, temperature 1.0, 300 new tokens), seeded (evaluate.seed, 0)")
     e.add_argument("--restart", action="store_true", help="discard saved predictions instead of resuming them")
     e.add_argument("--no-track", action="store_true", help="do not log to MLflow")
     e.set_defaults(func=_cmd_evaluate)

@@ -39,8 +39,10 @@ class ModelConfig:
     """Directory holding the backbone's weights and tokenizer. For `tiny` it is written by the base stage."""
     update_layer: int | None = None
     """LLM layer whose input VPG-C corrects; None means L/2 (16 for the 32-layer 7B LLMs)."""
-    template: Literal["vicuna", "llama2"] | None = None
-    """Chat template; None takes the preset's default."""
+    template: Literal["vicuna", "llama2", "vicuna-train", "llama2-train", "plain"] | None = None
+    """Chat template (cheetah/model/prompts.py TEMPLATES); None takes the backbone's (its directory records one) or
+    the preset's. `vicuna`/`llama2`: the official inference rendering the released checkpoints were evaluated with
+    (real presets); `vicuna-train`/`llama2-train`: the training configs' `prompt_template` rendering (`tiny`)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
     def __post_init__(self) -> None:
@@ -222,6 +224,18 @@ class TrainConfig:
     max_length: int = Field(default=256, ge=16)
     seed: int = 0
     log_every: int = Field(default=10, ge=1)
+    loss_reduction: Literal["sample", "token"] = "sample"
+    """How a step's losses are averaged. `token`: the mean over every response token of the step's global batch
+    (all ranks, micro-batches and both sources), as the official model's Hugging Face loss (`cheetah_vicuna.py`
+    L329-339: `CrossEntropyLoss()` over the batch), so long answers weigh more. `sample`: each sample's mean token
+    loss, then the mean over samples. Either way N data-parallel ranks compute the single-process step. The real
+    presets default to `token`; the embedded `tiny` default keeps `sample`."""
+    qformer_dropout: bool = False
+    """Run the frozen Q-Former in training mode during training, so its dropout (0.1) is active in the first pass
+    and in VPG-C's re-extraction. The official model freezes the Q-Former's weights but, unlike the ViT, never puts
+    it in eval mode (`cheetah_vicuna.py` L87-91 vs L63-71), so its training (unreleased) ran with dropout on. The
+    real presets default to true; `tiny` keeps false. With it on, dropout masks depend on the data split, so N ranks
+    no longer reproduce one process exactly."""
     max_skipped_steps: int = Field(default=0, ge=0)
     """Steps with a non-finite loss that are skipped (no update) before training stops with a DivergenceError.
     0: the first one stops it. Skipping needs gradient_accumulation 1 (a partly accumulated step cannot be undone).
@@ -253,6 +267,11 @@ class EvaluateConfig:
     """Generation batch (length-bucketed). Answers do not depend on it in fp32; see cheetah/evaluate/generation.py
     for what holds in bf16 on a GPU."""
     max_new_tokens: int = Field(default=32, ge=1)
+    """The real presets default to 300, the official scripts' `max_new_tokens` (conversation.py L136)."""
+    decoding: Literal["official-demon"] | None = None
+    """A named decoding setting, which then decides max_new_tokens, do_sample, temperature, top_p and top_k
+    (DECODING_SETTINGS; `seed` stays yours, 0 when unset). `official-demon` samples as the official DEMON script
+    did (i4_cheetah_llama2.py through Chat.batch_answer), seeded. None: the fields below as they are."""
     do_sample: bool = False
     seed: int | None = None
     """Required when `do_sample` is true: sampling without a seed is refused."""
@@ -260,6 +279,16 @@ class EvaluateConfig:
     """Sampling only."""
     top_p: float = Field(default=0.9, gt=0, le=1)
     """Sampling only."""
+    top_k: int = Field(default=0, ge=0)
+    """Sampling only: keep the k most likely tokens before top-p; 0 keeps all."""
+    stop_strings: list[str] | None = None
+    """Where answers end; None: the chat template's end marker ('###' for Vicuna, the EOS </s> for LLaMA-2, a
+    newline for plain prompts), which is each real preset's stop (conversation.py L125-127,
+    conversation_llama2.py L150)."""
+    demon_option_rule: Literal["official", "strict"] = "official"
+    """DEMON multi-choice answers that share no term with any option: `official` takes the argmax of the all-zero
+    similarity row, i.e. the first option, as `evaluate.py` L96-105 does (scores compare with the paper's);
+    `strict` judges them by exact match instead. Either way their number is reported per task (`no_option`)."""
     device: str = "auto"
     """`auto` (CUDA when available, else CPU), `cpu`, `cuda`, `cuda:1`, ...; the dtype is `model.dtype`."""
 
@@ -268,6 +297,15 @@ class EvaluateConfig:
         if self.do_sample and self.seed is None:
             raise ValueError("do_sample=true needs an explicit seed (unseeded sampling is not reproducible)")
         return self
+
+    def generation(self) -> dict[str, Any]:
+        """The decoding arguments of `cheetah.evaluate.generation.Generator`: the named setting's, if any."""
+        out = {k: getattr(self, k) for k in ("max_new_tokens", "do_sample", "seed", "temperature", "top_p", "top_k",
+                                             "stop_strings")}
+        if self.decoding is not None:
+            out.update(DECODING_SETTINGS[self.decoding])
+            out["seed"] = 0 if self.seed is None else self.seed
+        return out
 
 
 @dataclass(config=_STRICT)
@@ -373,26 +411,48 @@ PAPER_RECIPE: dict[str, Any] = {
     "gradient_checkpointing": True, "feature_cache": None, "checkpoint_every": 1_000, "eval_every": 1_000,
     "max_length": 512, "log_every": 10,
 }
+# What the official model does in training, where it differs from the tiny recipe: the loss is Hugging Face's token
+# mean over the batch, and the frozen Q-Former stays in training mode (dropout on). See the TrainConfig fields.
+OFFICIAL_TRAINING: dict[str, Any] = {"loss_reduction": "token", "qformer_dropout": True}
+# Evaluation as the official scripts: answers up to 300 new tokens (Chat.batch_answer's default, conversation.py
+# L136, which i4_cheetah_llama2.py L128 keeps). Decoding stays greedy (set `decoding: official-demon` to sample as
+# the official DEMON run did); each preset's stop string comes from its chat template (`stop_strings: null`).
+OFFICIAL_EVALUATION: dict[str, Any] = {"max_new_tokens": 300}
 PRESET_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
-    "vicuna-7b": {"train": PAPER_RECIPE, "model": {"dtype": "bfloat16", "backbone_dir": None}},
-    "llama2-7b": {"train": PAPER_RECIPE, "model": {"dtype": "bfloat16", "backbone_dir": None}},
-    "opt-2.7b": {"train": PAPER_RECIPE, "model": {"dtype": "bfloat16", "backbone_dir": None}},
+    name: {"train": {**PAPER_RECIPE, **OFFICIAL_TRAINING}, "evaluate": OFFICIAL_EVALUATION,
+           "model": {"dtype": "bfloat16", "backbone_dir": None}}
+    for name in ("vicuna-7b", "llama2-7b", "opt-2.7b")
 }
+# Named decoding settings (`evaluate.decoding`; EvaluateConfig.generation applies them).
+# `official-demon`: Chat.batch_answer (conversation_llama2.py L160-225, called by i4_cheetah_llama2.py L128) samples
+# with do_sample=True, top_p=0.9, temperature=1.0, max_new_tokens=300, num_beams=1, and passes no top_k, so the
+# transformers 4.31 default it pins (requirement.txt) applies: GenerationConfig.top_k = 50. The official run was
+# unseeded (setup_seeds is never called); here `evaluate.seed` (0 when unset) seeds it, and each answer's draw
+# depends only on the seed and the sample. Not reproduced: min_length=1, which at most forbids EOS as the very first
+# token.
+DECODING_SETTINGS: dict[str, dict[str, Any]] = {
+    "official-demon": {"do_sample": True, "top_p": 0.9, "temperature": 1.0, "top_k": 50, "max_new_tokens": 300},
+}
+
+
+def _fill(tree: dict[str, Any], section: str, defaults: dict[str, Any]) -> None:
+    given = tree.setdefault(section, {})
+    if isinstance(given, dict):
+        for key, value in defaults.items():
+            given.setdefault(key, value)
 
 
 def _apply_preset_defaults(tree: dict[str, Any]) -> None:
     model = tree.get("model") if isinstance(tree.get("model"), dict) else {}
     for section, defaults in PRESET_DEFAULTS.get(str(model.get("preset", "tiny")), {}).items():
-        given = tree.setdefault(section, {})
-        if isinstance(given, dict):
-            for key, value in defaults.items():
-                given.setdefault(key, value)
+        _fill(tree, section, defaults)
 
 
 def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | None = None) -> Params:
     """Read `params.yaml` (missing sections take their defaults) and apply `section.key=value` overrides.
 
-    For a real-scale `model.preset`, `train` keys left unset take the paper's recipe (`PAPER_RECIPE`)."""
+    For a real-scale `model.preset`, keys left unset take the preset's defaults (`PRESET_DEFAULTS`: the paper's
+    recipe and the official model's training and evaluation behaviour)."""
     tree: dict[str, Any] = {}
     source = "defaults"
     if path is not None and Path(path).exists():

@@ -56,6 +56,30 @@ def sharpen(model, seed: int = 1):
     return model
 
 
+def build_tiny_instructblip(tokenizer, seed: int = 0, image_size: int = 32):
+    """A tiny InstructBLIP backbone built in code: the tiny preset's shapes, an InstructBLIP Q-Former that reads
+    text, and a Q-Former tokenizer of its own (trained here, as the LLM's)."""
+    from transformers import InstructBlipConfig, InstructBlipForConditionalGeneration
+
+    from cheetah.model.backbones import PRESETS, Backbone, _image_processor, init_random_weights
+    from cheetah.model.prompts import TEMPLATES
+
+    qformer_tokenizer = make_tokenizer(vocab_size=200, with_image_token=False)
+    tiny = PRESETS["tiny"]
+    config = InstructBlipConfig(
+        vision_config={**tiny.vision, "image_size": image_size},
+        qformer_config={**tiny.qformer, "vocab_size": len(qformer_tokenizer), "max_position_embeddings": 128,
+                        "pad_token_id": qformer_tokenizer.pad_token_id},
+        text_config={**tiny.text, "vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
+                     "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id},
+        num_query_tokens=tiny.num_query_tokens, image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
+    torch.manual_seed(seed)
+    model = InstructBlipForConditionalGeneration(config).eval()
+    init_random_weights(model)
+    return Backbone(model, tokenizer, _image_processor(image_size), TEMPLATES["plain"], "instructblip-tiny",
+                    qformer_tokenizer=qformer_tokenizer)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return make_tokenizer()
@@ -66,6 +90,15 @@ def tiny_backbone(tokenizer):
     from cheetah.model.backbones import build_backbone
 
     return build_backbone("tiny", tokenizer=tokenizer, image_size=32, seed=0)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module: the test machine's 2 shared cores run faster than with two threads fighting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture()

@@ -111,21 +111,27 @@ def test_golden_losses_and_zero_stages_agree(workspace):
     assert card["training"]["zero_stage"] == 3 and card["update_layer"] == 2
 
 
-def test_two_processes_match_one(workspace):
-    """torchrun with 2 ranks, each taking half of the same global batch, gives the single-process run."""
-    one = _write_params(workspace, "one", zero_stage=2)
-    two = _write_params(workspace, "two", zero_stage=2)
+@pytest.mark.parametrize("reduction", ["sample", "token"])
+def test_two_processes_match_one(workspace, reduction):
+    """torchrun with 2 ranks, each taking half of the same global batch, gives the single-process run, for both
+    loss reductions (`token` all-reduces the step's target-token count; the ranks' halves hold different counts)."""
+    one = _write_params(workspace, f"one-{reduction}", zero_stage=2, loss_reduction=reduction)
+    two = _write_params(workspace, f"two-{reduction}", zero_stage=2, loss_reduction=reduction)
     env = _clean_env()
     _cli("--params", str(one), "train", env=env)
     torchrun = Path(sys.executable).with_name("torchrun")
     proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "cheetah.cli",
                            "--params", str(two), "train"], cwd=REPO, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads((workspace / "two" / "train.json").read_text())["world_size"] == 2
-    torch.testing.assert_close(torch.tensor(_curve(workspace, "two")), torch.tensor(_curve(workspace, "one")),
-                               rtol=1e-5, atol=0)
-    for k, v in _weights(workspace, "one").items():
-        torch.testing.assert_close(_weights(workspace, "two")[k], v, rtol=1e-4, atol=2e-5)
+    assert json.loads((workspace / f"two-{reduction}" / "train.json").read_text())["world_size"] == 2
+    curve_one, curve_two = _curve(workspace, f"one-{reduction}"), _curve(workspace, f"two-{reduction}")
+    torch.testing.assert_close(torch.tensor(curve_two), torch.tensor(curve_one), rtol=1e-5, atol=0)
+    for k, v in _weights(workspace, f"one-{reduction}").items():
+        torch.testing.assert_close(_weights(workspace, f"two-{reduction}")[k], v, rtol=1e-4, atol=2e-5)
+    if reduction == "token":  # a loss other than the sample mean's: the equality above is not the same run twice
+        if not (workspace / "one-sample" / "curve.csv").exists():  # this case run alone
+            _run(workspace, "one-sample", zero_stage=2, loss_reduction="sample")
+        assert abs(curve_one[0] - _curve(workspace, "one-sample")[0]) > 1e-3
 
 
 def test_sigkill_then_resume_ends_with_identical_weights(workspace):

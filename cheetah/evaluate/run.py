@@ -317,8 +317,7 @@ def _evaluate(params: Params, specs: Mapping[str, str], benchmark: str, demon_di
         started = time.perf_counter()
         model = load_model(spec, backbone_dir=params.model.backbone_dir, device=device, dtype=params.model.dtype,
                            template=params.model.template)
-        generator = Generator(model, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
-                              do_sample=cfg.do_sample, seed=cfg.seed, temperature=cfg.temperature, top_p=cfg.top_p)
+        generator = Generator(model, batch_size=cfg.batch_size, **cfg.generation())
         meta = {"spec": str(spec), "identity": model_identity(spec, model), "decoding": generator.settings()}
         generated = generate_predictions(generator, pred_dir, meta, demon_dir, mme_dir, ranks, f"evaluate {name}")
         del generator, model
@@ -330,7 +329,8 @@ def _evaluate(params: Params, specs: Mapping[str, str], benchmark: str, demon_di
         entry: dict[str, Any] = {"demon": None, "mme": None}
         if demon_dir is not None:
             entry["demon"] = score_demon(demon_dir, pred_dir / "demon",
-                                         datasets=[t.split("/", 1)[1] for t in generated if t.startswith("demon/")])
+                                         datasets=[t.split("/", 1)[1] for t in generated if t.startswith("demon/")],
+                                         option_rule=cfg.demon_option_rule)
             atomic_write_json(model_dir / "demon_scores.json", entry["demon"])
         if mme_dir is not None:
             entry["mme"] = score_mme(pred_dir / "mme")

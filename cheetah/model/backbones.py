@@ -73,7 +73,8 @@ PRESETS: dict[str, Preset] = {
                   num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512, rms_norm_eps=1e-6,
                   vocab_size=512, tie_word_embeddings=True),
         num_query_tokens=8,
-        template="vicuna",
+        # The training configs' rendering, with which the embedded default's recorded results were made.
+        template="vicuna-train",
         image_token_index=None,
     ),
     "vicuna-7b": Preset("vicuna-7b", EVA_VIT_G, BLIP2_QFORMER, LLAMA_7B, 32, "vicuna", 32000),
@@ -100,6 +101,8 @@ class Backbone:
     template: ChatTemplate
     source: str
     """Preset name or directory it came from (recorded in VPG-C weight cards)."""
+    qformer_tokenizer: Any | None = None
+    """InstructBLIP only: the Q-Former's own (BERT) tokenizer, for the instruction its first pass reads."""
 
     @property
     def config(self) -> Blip2Config | InstructBlipConfig:
@@ -260,6 +263,9 @@ def load_backbone(spec: str | Path, *, device: str | torch.device = "cpu", dtype
         )
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.unk_token  # LLaMA has no pad token; the official code pads with <unk>
+    qformer_tokenizer = None
+    if isinstance(model, InstructBlipForConditionalGeneration):
+        qformer_tokenizer = _load_qformer_tokenizer(directory)
     meta = _read_backbone_meta(directory)
     return Backbone(
         model=model,
@@ -267,11 +273,31 @@ def load_backbone(spec: str | Path, *, device: str | torch.device = "cpu", dtype
         image_processor=_load_image_processor(directory, model.config.vision_config.image_size),
         template=TEMPLATES[template or meta.get("template") or _default_template(model)],
         source=str(directory),
+        qformer_tokenizer=qformer_tokenizer,
     )
 
 
+QFORMER_TOKENIZER_DIR = "qformer_tokenizer"
+"""Where an InstructBLIP directory keeps the Q-Former's tokenizer (as `InstructBlipProcessor.save_pretrained`)."""
+
+
+def _load_qformer_tokenizer(directory: Path) -> Any:
+    folder = directory / QFORMER_TOKENIZER_DIR
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: an InstructBLIP backbone needs its Q-Former tokenizer there (the layout "
+                                "InstructBlipProcessor.save_pretrained writes)")
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    if tokenizer.pad_token_id is None:
+        raise ValueError(f"{folder}: the Q-Former tokenizer has no pad token")
+    return tokenizer
+
+
 def _default_template(model: BackboneModel) -> str:
-    return "plain" if model.config.text_config.model_type == "opt" else "vicuna"
+    # BLIP-2 OPT and InstructBLIP were trained on plain prompts; a LLaMA backbone without a recorded template is
+    # taken to be an official Cheetah one (Vicuna v0).
+    if model.config.text_config.model_type == "opt" or isinstance(model, InstructBlipForConditionalGeneration):
+        return "plain"
+    return "vicuna"
 
 
 def _load_image_processor(directory: Path, image_size: int) -> BlipImageProcessorPil:
@@ -296,6 +322,8 @@ def save_backbone(backbone: Backbone, directory: str | Path, extra_meta: dict[st
             backbone.tokenizer.save_pretrained(tmp)
         if backbone.image_processor is not None:
             backbone.image_processor.save_pretrained(tmp)
+        if backbone.qformer_tokenizer is not None:
+            backbone.qformer_tokenizer.save_pretrained(tmp / QFORMER_TOKENIZER_DIR)
         meta = {"template": backbone.template.name, "preset": backbone.source, **(extra_meta or {})}
         (tmp / "cheetah_backbone.json").write_text(json.dumps(meta, indent=2) + "\n")
     return Path(directory)

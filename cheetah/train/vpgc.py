@@ -4,8 +4,9 @@ Read top to bottom: set-up (process group, model, data), the DeepSpeed engine, r
 The same code runs one process on a laptop CPU (gloo) and many GPU processes under `torchrun` or `deepspeed`.
 
 Each optimiser step takes `synthetic_batch` discriminative and `caption_batch` caption examples (the paper:
-24 + 64), split evenly over ranks and gradient-accumulation micro-batches. The loss is the mean over samples of
-each sample's mean response-token cross-entropy, so 1 and N processes compute the same step.
+24 + 64), split evenly over ranks and gradient-accumulation micro-batches. The loss is the response-token
+cross-entropy averaged over the step's samples or over all its tokens (`train.loss_reduction`, see
+`cheetah.model.vpgc.LossReduction`), so 1 and N processes compute the same step.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from cheetah.errors import DivergenceError
 from cheetah.io import atomic_write_bytes, atomic_write_text, check_output, claim_dir, write_metrics
 from cheetah.model.backbones import load_backbone
 from cheetah.model.prompts import PromptBuilder
-from cheetah.model.vpgc import VPGCModel
+from cheetah.model.vpgc import LossReduction, VPGCModel
 from cheetah.model.weights import VPGC_KIND, save_vpgc
 from cheetah.train import distributed
 from cheetah.train.state import STATE_KIND, TrainingState, fingerprint, rng_state, set_rng_state
@@ -83,7 +84,8 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 @torch.no_grad()
 def heldout_loss(engine: Any, builder: PromptBuilder, items: list[EncodedExample], features: FeatureCache,
                  device: torch.device, rank: int, world: int, batch_size: int = 32) -> float:
-    """Mean per-sample loss over held-out examples, split over ranks."""
+    """Mean per-sample loss over held-out examples, split over ranks (in eval mode: no Q-Former dropout)."""
+    engine.module.eval()
     mine = items[rank::world]
     total = torch.zeros(2, dtype=torch.float64, device=device)
     for start in range(0, len(mine), batch_size):
@@ -91,6 +93,7 @@ def heldout_loss(engine: Any, builder: PromptBuilder, items: list[EncodedExample
         losses = engine(**batch, return_sample_losses=True).sample_losses
         total += torch.stack([losses.double().sum(), torch.tensor(float(len(losses)), device=device)])
     dist.all_reduce(total)
+    engine.module.train()
     return float(total[0] / total[1]) if total[1] > 0 else float("nan")
 
 
@@ -147,7 +150,7 @@ def train_vpgc(params: Params, restart: bool = False) -> dict[str, Any]:
     # fp32 master weights for the trainable VPG-C parameters.
     backbone = load_backbone(params.model.preset, backbone_dir=params.model.backbone_dir,
                              template=params.model.template, dtype=getattr(torch, params.model.dtype))
-    model = VPGCModel(backbone, update_layer=params.model.update_layer).to(device)
+    model = VPGCModel(backbone, update_layer=params.model.update_layer, qformer_dropout=cfg.qformer_dropout).to(device)
     if cfg.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     builder = PromptBuilder.for_backbone(backbone, max_length=cfg.max_length)
@@ -207,21 +210,22 @@ def train_vpgc(params: Params, restart: bool = False) -> dict[str, Any]:
             syn = [enc_syn[i] for i in syn_idx][rank::world]
             cap = [enc_cap[i] for i in cap_idx][rank::world]
             ids = ([train_syn[i].id for i in syn_idx][rank::world], [train_cap[i].id for i in cap_idx][rank::world])
-            stats = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, samples, tokens
+            reduce = LossReduction.for_step(cfg.loss_reduction, world * cfg.gradient_accumulation,
+                                            sum(it.encoded.num_targets for it in syn + cap), device)
+            stats = torch.zeros(3, dtype=torch.float64, device=device)  # loss numerator, denominator, tokens
             accum = cfg.gradient_accumulation
             for m in range(accum):
                 # One forward per source: synthetic and caption examples differ in length, so padding them into
-                # one batch would waste compute. The loss is still the mean over all samples of the micro-batch.
+                # one batch would waste compute. The loss still averages over the whole micro-batch.
                 groups = [(source, items, names) for source, items, names in
                           (("synthetic", syn[m::accum], ids[0][m::accum]), ("caption", cap[m::accum], ids[1][m::accum]))
                           if items]
-                loss_sum, n_items, nonfinite = 0.0, sum(len(g[1]) for g in groups), []
+                outputs, nonfinite = [], []
                 for source, items, names in groups:
                     batch = _to_device(collate(builder, items, features), device)
-                    losses = engine(**batch, return_sample_losses=True).sample_losses
-                    nonfinite += [f"{source} {n}" for n, ok in zip(names, torch.isfinite(losses.detach()).tolist())
-                                  if not ok]
-                    loss_sum = loss_sum + losses.sum()
+                    outputs.append(engine(**batch, return_sample_losses=True))
+                    finite = torch.isfinite(outputs[-1].sample_losses.detach()).tolist()
+                    nonfinite += [f"{source} {n}" for n, ok in zip(names, finite) if not ok]
                     stats[2] += float(batch["attention_mask"].sum())
                 nonfinite = _on_any_rank(nonfinite, device)
                 if nonfinite:  # every rank sees the same list, so every rank skips (or stops) together
@@ -232,10 +236,10 @@ def train_vpgc(params: Params, restart: bool = False) -> dict[str, Any]:
                             f"train.max_skipped_steps={cfg.max_skipped_steps}). Lower train.lr, check these "
                             "examples, or allow skipping; no weights or metrics were written")
                     break
-                loss = loss_sum / n_items
+                loss, logged = reduce(outputs)
                 engine.backward(loss)
                 engine.step()
-                stats[:2] += torch.tensor([loss.item() * n_items, n_items], dtype=torch.float64, device=device)
+                stats[:2] += torch.tensor(logged, dtype=torch.float64, device=device)
             if nonfinite:  # skipped (accumulation is 1, so nothing was applied): the schedule still follows the step
                 skipped.append({"step": step + 1, "examples": nonfinite})
                 scheduler.step()
