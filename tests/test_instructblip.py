@@ -89,7 +89,10 @@ def test_cli_predict_with_an_instructblip_model(saved, tmp_path, monkeypatch, ca
     root, images = saved
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.delenv("CHEETAH_PARENT_RUN_ID", raising=False)
-    (tmp_path / "eval.json").write_text(json.dumps({"demon_average": 1.0}))
+    from cheetah.model.weights import read_card
+
+    sha = read_card(root / "vpgc")["sha256"]  # the metrics name the weights they measured
+    (tmp_path / "eval.json").write_text(json.dumps({"demon_average": 1.0, "vpgc_sha256": sha}))
     receipt = register(Params(), tmp_path / "eval.json", root / "vpgc", out=tmp_path / "register.json", root=tmp_path)
     instruction = "What is different between the images?"
     assert main(["predict", "--model", receipt["model_uri"], "--image", str(images[0]), "--image", str(images[1]),
