@@ -40,6 +40,10 @@ class ModelConfig:
     template: Literal["vicuna", "llama2"] | None = None
     """Chat template; None takes the preset's default."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    random_backbone: bool = False
+    """`cheetah train` builds the preset's backbone with random weights (seeded by train.seed) instead of loading
+    `backbone_dir` (whose tokenizer is used when it has one): planning and benchmarking at real shapes without a
+    checkpoint. The weights card says `random_backbone: true`, and such weights are not for registration."""
 
     def __post_init__(self) -> None:
         if self.update_layer is not None and self.update_layer < 1:
@@ -56,6 +60,10 @@ class WorldConfig:
     image_size: int = Field(default=64, ge=16, le=1024)
     heldout_seed: int = Field(default=10_000, ge=0)
     """Held-out scenes (benchmarks, base-model evaluation) are drawn from seeds that training never sees."""
+    benchmarks: str = "data/benchmarks"
+    """Where `cheetah benchmarks` writes the embedded DEMON- and MME-format benchmarks (`<benchmarks>/demon`,
+    `<benchmarks>/mme`). Evaluation reads `evaluate.demon_dir` / `mme_dir`: these by default, the real
+    benchmarks at scale."""
 
     @model_validator(mode="after")
     def _heldout_is_disjoint(self) -> "WorldConfig":
@@ -67,8 +75,17 @@ class WorldConfig:
 
 @dataclass(config=_STRICT)
 class BaseConfig:
-    """Pretraining of the `tiny` backbone on the world's captions and single-image questions (embedded default only)."""
+    """The base stage: the frozen backbone every later stage reads, written to `out` (= `model.backbone_dir`)."""
 
+    init: Literal["pretrain", "random", "checkpoint"] = "pretrain"
+    """How the backbone is made. `pretrain`: the embedded `tiny` preset, pretrained on the world's captions and
+    single-image questions (the fields below). `random`: `model.preset`'s shapes with random weights (seeded by
+    `seed`) and a tokenizer trained on the corpus' captions, saved like any checkpoint (CPU tests of the real-scale
+    path; planning). `checkpoint`: a real checkpoint directory, `checkpoint`, copied in (hard links where the file
+    system allows), so DVC versions the exact weights that training and evaluation read."""
+    checkpoint: str | None = None
+    """`init: checkpoint`: a Hugging Face BLIP-2/InstructBLIP `save_pretrained` directory with its tokenizer, e.g.
+    written by `cheetah model import`."""
     out: str = "data/backbone"
     metrics: str = "metrics/base.json"
     vision_steps: int = Field(default=300, ge=0)
@@ -184,6 +201,9 @@ class TrainConfig:
     """Resumable training state (weights, optimiser, scheduler, RNG, data position); a killed run resumes here."""
     metrics: str = "metrics/train.json"
     curve: str = "plots/train_curve.csv"
+    """Learning curve for `dvc plots` (step, loss, lr)."""
+    curve_image: str = "plots/train_curve.png"
+    """The same curve with the held-out loss, as an image."""
     steps: int = Field(default=300, ge=1)
     synthetic_batch: int = Field(default=12, ge=1)
     caption_batch: int = Field(default=32, ge=0)
@@ -200,8 +220,22 @@ class TrainConfig:
     checkpoint_every: int = Field(default=100, ge=1)
     keep_checkpoints: int = Field(default=2, ge=1)
     feature_cache: str | None = "memory"
-    """Frozen-ViT features: "memory" (computed once per image), a directory (also kept on disk), or None
-    (recomputed in every step)."""
+    """Frozen-ViT features of every training image, computed once before the first step: "memory" (in each
+    process), a directory (sharded .npy files shared by every rank and node, read without keeping them in RAM;
+    each rank computes a share), or None (the ViT runs on every step's images)."""
+    feature_dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    """Precision of cached features; `auto` is the vision tower's (`model.dtype`). Half precision halves the cache."""
+    workers: int = Field(default=2, ge=0)
+    """DataLoader worker processes per rank that read, tokenise and pad examples, gather cached features and decode
+    images (0: in the training process)."""
+    launcher: str | None = None
+    """How `cheetah train` starts its processes: None (this one process), or a launcher command it re-runs itself
+    under, e.g. `torchrun --nproc_per_node 8` or `deepspeed --hostfile hostfile` (so `dvc repro` and the Prefect
+    flow train on many GPUs). `$VARS` are expanded. A process started by a launcher (RANK set) never relaunches."""
+    deepspeed_config: str | None = None
+    """A DeepSpeed JSON config merged over the generated one (offload, bucket sizes, overlap, ...). Where it sets
+    what other train keys decide (batch sizes, ZeRO stage, precision, clipping, optimiser) it must agree with them.
+    The merged config is written to `<state_dir>/deepspeed_config.json` and logged with the run."""
     heldout_fraction: float = Field(default=0.05, ge=0, lt=1)
     """Source images held out of training (all their examples), for the held-out difference-description loss."""
     eval_every: int = Field(default=100, ge=1)
@@ -313,12 +347,16 @@ PAPER_RECIPE: dict[str, Any] = {
     "steps": 18_000, "synthetic_batch": 24, "caption_batch": 64, "lr": 2e-5, "weight_decay": 0.05,
     "warmup_steps": 2_000, "schedule": "cosine", "betas": [0.9, 0.999], "precision": "bf16", "zero_stage": 2,
     "gradient_checkpointing": True, "feature_cache": None, "checkpoint_every": 1_000, "eval_every": 1_000,
-    "max_length": 512, "log_every": 10,
+    "max_length": 512, "log_every": 10, "workers": 4,
 }
+_REAL = {"train": PAPER_RECIPE, "model": {"dtype": "bfloat16", "backbone_dir": None}, "base": {"init": "checkpoint"}}
 PRESET_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
-    "vicuna-7b": {"train": PAPER_RECIPE, "model": {"dtype": "bfloat16", "backbone_dir": None}},
-    "llama2-7b": {"train": PAPER_RECIPE, "model": {"dtype": "bfloat16", "backbone_dir": None}},
-    "opt-2.7b": {"train": PAPER_RECIPE, "model": {"dtype": "bfloat16", "backbone_dir": None}},
+    "vicuna-7b": _REAL,
+    "llama2-7b": _REAL,
+    "opt-2.7b": _REAL,
+    # The 7B architecture at toy width: the real-scale code path (bf16, checkpointing, ...) on a CPU, with a
+    # random backbone written by the base stage. Batches and steps are the config file's (configs/mini-random.yaml).
+    "mini": {"train": PAPER_RECIPE, "model": {"dtype": "bfloat16"}, "base": {"init": "random"}},
 }
 
 
