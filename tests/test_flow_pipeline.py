@@ -35,7 +35,7 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 # What the pipeline needs from the checkout (plus .gitignore files): code, DAG, params, DVC and Prefect config.
-COPY = ["cheetah", "flows", "dvc.yaml", "params.yaml", "data.dvc", "prefect.yaml", "pyproject.toml", ".dvc/config",
+COPY = ["cheetah", "configs", "flows", "dvc.yaml", "params.yaml", "data.dvc", "prefect.yaml", "pyproject.toml", ".dvc/config",
         ".dvcignore", ".gitignore", "data/.gitignore"]
 # Every stage, shrunk: the whole pipeline in about a minute and a half on 2 cores.
 TINY = {

@@ -75,8 +75,8 @@ def heldout_key(example: Example, salt: str = HELDOUT_SALT) -> int:
 class ExampleFile:
     """A JSONL file of examples, validated once and then held as arrays, not Python objects.
 
-    Per example: the byte offset and line number of its record, its images' keys, and its held-out key. A record
-    is read back from disk when a batch needs it (`example`), in whichever process builds the batch. An image's key
+    Per example: the byte offset of its record, its images' keys, and its held-out key (about 30 bytes). A record is
+    read back from disk when a batch needs it (`example`), in whichever process builds the batch. An image's key
     is a 64-bit hash of its path (relative to the file's folder), size and modification time: the feature store
     looks features up by it, and a replaced image gets a new key.
     """
@@ -84,9 +84,9 @@ class ExampleFile:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.root = self.path.parent
+        self._handle: tuple[int, Any] | None = None
         root = self.root.resolve()
-        offsets, lines, starts, keys, split, ids = (array("q"), array("q"), array("q", [0]), array("Q"),
-                                                    array("I"), array("Q"))
+        offsets, starts, keys, split, ids = array("q"), array("q", [0]), array("Q"), array("I"), array("Q")
         for lineno, offset, rec in iter_jsonl_offsets(self.path):
             where = f"{self.path}:{lineno} (id={rec.get('id')!r})"
             example = parse_example(rec, self.root, where)
@@ -96,15 +96,14 @@ class ExampleFile:
                 except OSError:
                     raise DataError(f"{where}: images: {image} not found") from None
                 keys.append(_hash64(f"{image.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}"))
-            offsets.append(offset), lines.append(lineno), starts.append(len(keys))
+            offsets.append(offset), starts.append(len(keys))
             split.append(heldout_key(example)), ids.append(_hash64(example.id))
-        self.offsets = np.frombuffer(offsets, dtype=np.int64).copy()
-        self.lines = np.frombuffer(lines, dtype=np.int64).copy()
-        self.image_start = np.frombuffer(starts, dtype=np.int64).copy()
-        self.image_keys = np.frombuffer(keys, dtype=np.uint64).copy()
-        self.split_keys = np.frombuffer(split, dtype=np.uint32).copy()
+        # (numpy views of the arrays: no copies)
+        self.offsets = np.frombuffer(offsets, dtype=np.int64)
+        self.image_start = np.frombuffer(starts, dtype=np.int64)
+        self.image_keys = np.frombuffer(keys, dtype=np.uint64)
+        self.split_keys = np.frombuffer(split, dtype=np.uint32)
         self._check_unique_ids(np.frombuffer(ids, dtype=np.uint64))
-        self._handle: tuple[int, Any] | None = None
 
     def _check_unique_ids(self, ids: np.ndarray) -> None:
         values, counts = np.unique(ids, return_counts=True)
@@ -127,7 +126,10 @@ class ExampleFile:
         return read_jsonl_at(self._handle[1], self.path, int(self.offsets[i]))
 
     def where(self, i: int) -> str:
-        return f"{self.path}:{int(self.lines[i])}"
+        """`file:line` of example i (for messages: counts the lines before it)."""
+        with open(self.path, "rb") as f:
+            line = f.read(int(self.offsets[i])).count(b"\n") + 1
+        return f"{self.path}:{line}"
 
     def example(self, i: int) -> Example:
         """Example `i`, read back from disk (validated when the file was indexed)."""
@@ -271,19 +273,24 @@ class FeatureStore:
             return self.tensor[torch.from_numpy(rows)]
         np_dtype = _NUMPY[self.dtype]
         itemsize = np.dtype(np_dtype).itemsize
-        out: np.ndarray | None = None
+        if not len(rows):
+            return torch.empty(0, dtype=self.dtype)
+        out: torch.Tensor | None = None
+        touched = set()
         for i, r in enumerate(rows.tolist()):
             mm, header, shape = self._shard(r // self.shard_size)
+            touched.add(mm)
             count = int(np.prod(shape))
-            start = header + (r % self.shard_size) * count * itemsize
             if out is None:
-                out = np.empty((len(rows), *shape), dtype=np_dtype)
-            out[i] = np.frombuffer(mm, dtype=np_dtype, count=count, offset=start).reshape(shape)
-            lo = start - start % mmap.PAGESIZE
-            mm.madvise(mmap.MADV_DONTNEED, lo, start + count * itemsize - lo)
-        if out is None:
-            return torch.empty(0, dtype=self.dtype)
-        return _from_numpy(out, self.dtype)
+                out = torch.empty((len(rows), *shape), dtype=self.dtype)
+                if torch.utils.data.get_worker_info() is not None:
+                    out.share_memory_()  # in a DataLoader worker: sent to the training process without a copy
+                view = _to_numpy(out)
+            offset = header + (r % self.shard_size) * count * itemsize
+            view[i] = np.frombuffer(mm, dtype=np_dtype, count=count, offset=offset).reshape(shape)
+        for mm in touched:  # release the mapped pages (the kernel maps neighbours of every page read, too)
+            mm.madvise(mmap.MADV_DONTNEED)
+        return out
 
 
 def shard_path(directory: Path, shard: int) -> Path:
@@ -412,7 +419,8 @@ def build_feature_store(setting: str | None, files: Sequence[ExampleFile], *,
 
 class Collator:
     """Rows of an example file -> a right-padded training batch with its images' vision inputs: cached features
-    (in order of appearance) or, without a feature store, decoded pixels."""
+    (in order of appearance) or, without a feature store, decoded pixels. Token arrays are numpy (they travel from a
+    worker by value, cheaper than a shared-memory segment each); `batches` turns them back into tensors."""
 
     def __init__(self, builder: PromptBuilder, store: FeatureStore | None, image_processor: Any):
         self.builder = builder
@@ -428,7 +436,7 @@ class Collator:
             except PromptError as e:
                 raise DataError(f"{file.where(int(r))} (id={example.id!r}): {e}") from None
             examples.append(example)
-        batch = self.builder.collate(encoded, "right")
+        batch: dict[str, Any] = {k: v.numpy() for k, v in self.builder.collate(encoded, "right").items()}
         if self.store is not None:
             keys = [file.keys_of(int(r)) for r in rows]
             batch["vision_features"] = self.store.get(np.concatenate(keys) if keys else np.zeros(0, np.uint64))
@@ -476,8 +484,25 @@ class ExampleBatches(torch.utils.data.Dataset):
         return self.collate(self.file, self.rows[i * self.batch_size:(i + 1) * self.batch_size])
 
 
+def _as_is(item: Any) -> Any:
+    return item
+
+
+def _tensors(item: Any) -> Any:
+    if isinstance(item, np.ndarray):
+        return torch.from_numpy(item)
+    if isinstance(item, dict):
+        return {k: _tensors(v) for k, v in item.items()}
+    if isinstance(item, list):
+        return [_tensors(v) for v in item]
+    return item
+
+
 def batches(dataset: torch.utils.data.Dataset, indices: Sequence[int], workers: int,
             pin_memory: bool = False) -> Iterator[Any]:
-    """Items `indices` of `dataset`, in order, built `workers` processes ahead (0: in this process)."""
-    return iter(torch.utils.data.DataLoader(dataset, batch_size=None, sampler=list(indices), num_workers=workers,
-                                            pin_memory=pin_memory, prefetch_factor=4 if workers else None))
+    """Items `indices` of `dataset`, in order, built `workers` processes ahead (0: in this process), numpy arrays
+    turned into tensors."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, sampler=list(indices), num_workers=workers,
+                                         collate_fn=_as_is, pin_memory=pin_memory,
+                                         prefetch_factor=4 if workers else None)
+    return (_tensors(item) for item in loader)
