@@ -157,7 +157,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--step-ms", type=float, default=350,
-                    help="time the simulated GPU step takes (default %(default)s; the paper's step: ~350 ms on an H200)")
+                    help="simulated GPU step (default %(default)s: the paper's step measured ~350 ms on an H200)")
     ap.add_argument("--feature-shape", default="17x64", help="tokens x width of the synthetic features (EVA: 257x1408)")
     ap.add_argument("--dtype", default="float16", choices=["float32", "float16", "bfloat16"])
     ap.add_argument("--dir", default=None, help="where to write the data set (default: a temporary folder)")

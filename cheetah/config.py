@@ -202,8 +202,8 @@ class TrainConfig:
     metrics: str = "metrics/train.json"
     curve: str = "plots/train_curve.csv"
     """Learning curve for `dvc plots` (step, loss, lr)."""
-    curve_image: str = "plots/train_curve.png"
-    """The same curve with the held-out loss, as an image."""
+    curve_image: str | None = None
+    """The same curve with the held-out loss, as an image; None: next to `curve`, as .png."""
     steps: int = Field(default=300, ge=1)
     synthetic_batch: int = Field(default=12, ge=1)
     caption_batch: int = Field(default=32, ge=0)
@@ -242,6 +242,13 @@ class TrainConfig:
     max_length: int = Field(default=256, ge=16)
     seed: int = 0
     log_every: int = Field(default=10, ge=1)
+
+
+    @model_validator(mode="after")
+    def _image_next_to_curve(self) -> "TrainConfig":
+        if self.curve_image is None:  # (set without validating again: this is the validation)
+            object.__setattr__(self, "curve_image", str(Path(self.curve).with_suffix(".png")))
+        return self
 
 
 @dataclass(config=_STRICT)

@@ -437,8 +437,8 @@ def parent_run(root: str | Path = ".", experiment: str = "cheetah", run_name: st
 def log_record(run_id: str, root: str | Path = ".", params: Any = None,
                stages_run: Sequence[str] | None = None) -> dict[str, Any]:
     """Log the pipeline's record on the parent run: files and folders (`record_paths`; `params`: params.yaml by
-    default), the evaluation (and training, base) metrics as run metrics, the params, the lineage tags, and `stages_run` (the stages DVC ran; by default
-    those that logged a child run). Returns what was logged."""
+    default), the evaluation (and training, base) metrics as run metrics, the params, the lineage tags, and
+    `stages_run` (the stages DVC ran; by default those that logged a child run). Returns what was logged."""
     import time
 
     import mlflow
@@ -469,7 +469,8 @@ def log_record(run_id: str, root: str | Path = ".", params: Any = None,
             client.log_artifacts(run_id, str(root / rel), artifact_path=dest)
             logged["dirs"].append(rel)
     numbers: dict[str, float] = {}
-    for rel, prefix in ((params.evaluate.metrics, ""), (params.train.metrics, "train."), (params.base.metrics, "base.")):
+    for rel, prefix in ((params.evaluate.metrics, ""), (params.train.metrics, "train."),
+                        (params.base.metrics, "base.")):
         if (root / rel).is_file():
             try:
                 numbers.update({prefix + k: v for k, v in flat_metrics(read_json(root / rel)).items()})

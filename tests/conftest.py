@@ -104,3 +104,19 @@ def write_instruction_set(folder, n_synthetic: int = 24, n_captions: int = 24, i
     (folder / "synthetic.jsonl").write_text("".join(json.dumps(r) + "\n" for r in syn))
     (folder / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in cap))
     return folder
+
+
+def copy_checkout(dest, paths):
+    """Copy the files of this checkout under `paths` (tracked or untracked but not ignored) into `dest`: a throwaway
+    repository for tests that run the pipeline."""
+    import subprocess
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "--", *paths], cwd=repo, check=True,
+                           capture_output=True, text=True).stdout.split("\n")
+    for rel in filter(None, files):
+        if (repo / rel).is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            (dest / rel).write_bytes((repo / rel).read_bytes())
+    return dest

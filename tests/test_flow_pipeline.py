@@ -80,12 +80,9 @@ def tiny_params(source: Path | None) -> dict:
 
 
 def copy_repo(dest: Path) -> Path:
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "--", *COPY], cwd=REPO, check=True,
-                           capture_output=True, text=True).stdout.split("\n")
-    for rel in filter(None, files):
-        if (REPO / rel).is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            (dest / rel).write_bytes((REPO / rel).read_bytes())
+    from conftest import copy_checkout
+
+    copy_checkout(dest, COPY)
     (dest / "params.yaml").write_text(yaml.safe_dump(tiny_params(REPO / "params.yaml"), sort_keys=False))
     git(dest, "init", "-q")
     git(dest, "add", "-A")

@@ -22,12 +22,11 @@ import yaml
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
 COPY = ["cheetah", "configs", "dvc.yaml", "data.dvc", "pyproject.toml", ".dvc/config", ".dvcignore", ".gitignore",
         "data/.gitignore"]
 SHRINK = {"world": {"n": 32, "image_size": 32},
           "synthesize": {"n": 16, "captions": 16},
-          "train": {"steps": 4, "checkpoint_every": 2, "eval_every": 2, "heldout_fraction": 0.1},
+          "train": {"steps": 2, "checkpoint_every": 2, "eval_every": 2, "heldout_fraction": 0.1},
           "evaluate": {"demon_per_task": 1, "mme_per_subtask": 2, "max_new_tokens": 4}}
 
 
@@ -38,13 +37,9 @@ def _run(cmd: list[str], cwd: Path, env: dict) -> str:
 
 
 def test_mini_random_config_runs_through_dvc_repro_with_two_ranks(tmp_path):
-    repo = tmp_path / "repo"
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "--", *COPY], cwd=REPO, check=True,
-                           capture_output=True, text=True).stdout.split("\n")
-    for rel in filter(None, files):
-        if (REPO / rel).is_file():
-            (repo / rel).parent.mkdir(parents=True, exist_ok=True)
-            (repo / rel).write_bytes((REPO / rel).read_bytes())
+    from conftest import copy_checkout
+
+    repo = copy_checkout(tmp_path / "repo", COPY)
     env = {k: v for k, v in os.environ.items() if k not in {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                             "MASTER_PORT", "CHEETAH_PARENT_RUN_ID"}}
     env.update(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db", OMP_NUM_THREADS="1", DVC_NO_ANALYTICS="1",

@@ -239,7 +239,8 @@ def base_stage(params: Params) -> dict[str, Any]:
     cfg = params.base
     if cfg.init == "pretrain":
         return pretrain_base(params)
-    with stage_run("base", to_dict(cfg) | {"preset": params.model.preset}, experiment=params.register.experiment) as run:
+    tracked = to_dict(cfg) | {"preset": params.model.preset}
+    with stage_run("base", tracked, experiment=params.register.experiment) as run:
         metrics = random_base(params) if cfg.init == "random" else checkpoint_base(params)
         atomic_write_json(cfg.metrics, metrics)
         if run is not None:
