@@ -5,9 +5,6 @@ for backward (CPU, the `mini` preset, which has the 7B layer proportions)."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,8 +13,6 @@ from cheetah.config import load_params
 from cheetah.model.backbones import PRESETS, build_backbone
 from cheetah.model.vpgc import VPGCModel
 from cheetah.train.plan import GB, activation_bytes_per_token_layer, plan_memory, qformer_bytes_per_image
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _params(**train):
@@ -30,7 +25,7 @@ def test_plan_counts_are_the_models_and_memory_follows_the_settings():
     base = plan_memory(_params(synthetic_batch=24, caption_batch=64, gradient_checkpointing=False, zero_stage=2))
     p = base["parameters"]
     assert p["vpgc_trainable"] == 6_320_896  # the paper's "about 6.3M"
-    frozen_bytes = (p["vision"] + p["projection"] + p["language_model"]) * 2 + p["qformer"] * 4
+    frozen_bytes = (p["vision"] + p["projection"] + p["language_model"] + p["qformer"]) * 2  # bf16, all of it
     assert base["per_rank_gb"]["frozen_weights"] == round(frozen_bytes / GB, 3)
     ckpt = plan_memory(_params(gradient_checkpointing=True))
     assert ckpt["per_rank_gb"]["llm_activations"] < base["per_rank_gb"]["llm_activations"] / 4
@@ -102,18 +97,8 @@ def test_activation_coefficients_match_what_a_forward_pass_saves(dtype, checkpoi
                                                                       elem, checkpointing)
                 + n * images * qformer_bytes_per_image(nq, qformer.num_hidden_layers, qformer.hidden_size,
                                                        qformer.intermediate_size, qformer.num_attention_heads,
-                                                       patches, 1)
+                                                       patches, 1, elem)
                 + n * target * text.vocab_size * 4)
     assert measured == pytest.approx(expected, rel=0.15), (measured, expected)
     assert PRESETS["mini"].text["intermediate_size"] / PRESETS["mini"].text["hidden_size"] == pytest.approx(
         PRESETS["vicuna-7b"].text["intermediate_size"] / PRESETS["vicuna-7b"].text["hidden_size"], rel=1e-3)
-
-
-def test_cli_plan_needs_no_weights_and_prints_json():
-    done = subprocess.run([sys.executable, "-m", "cheetah.cli", "--params", "configs/vicuna-7b.yaml", "train", "--plan",
-                           "--world-size", "8"], cwd=REPO, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
-    plan = json.loads(done.stdout)
-    assert plan["world_size"] == 8 and plan["micro_batch_per_rank"]["synthetic"] == 3
-    assert plan["precision"] == "bf16" and plan["gradient_checkpointing"] is True  # the paper's recipe
-    assert 14 < plan["per_rank_gb"]["total"] < 24

@@ -205,7 +205,10 @@ def build_backbone(preset: str, *, tokenizer: Any | None = None, image_size: int
         init_random_weights(model)
     if dtype is not None:
         model.to(dtype)
-        for name in model._keep_in_fp32_modules or ():  # as from_pretrained does: the Q-Former stays fp32
+        # The parts from_pretrained keeps in fp32: `_keep_in_fp32_modules` under fp16, the strict ones under both.
+        keep = [*(model._keep_in_fp32_modules_strict or ())] if dtype in (torch.float16, torch.bfloat16) else []
+        keep += [*(model._keep_in_fp32_modules or ())] if dtype == torch.float16 else []
+        for name in keep:
             part = getattr(model, name)
             if isinstance(part, torch.nn.Parameter):
                 part.data = part.data.float()

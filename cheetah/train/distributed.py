@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -122,10 +123,18 @@ def launcher_world_size(launcher: str | None) -> int | None:
 
 def relaunch(launcher: str, argv: list[str]) -> int:
     """Run `cheetah <argv>` under `launcher` and wait; returns the launcher's exit status. The processes it starts
-    have RANK set, so they run the command instead of launching again."""
+    have RANK set, so they run the command instead of launching again. SIGTERM and SIGINT (a cancelled Prefect run,
+    Ctrl-C) are passed on to the launcher, which stops its ranks."""
     cmd = launcher_command(launcher, argv)
     print("launching: " + shlex.join(cmd), flush=True)
-    return subprocess.run(cmd).returncode
+    proc = subprocess.Popen(cmd)
+    forwarded = (signal.SIGTERM, signal.SIGINT)
+    previous = {s: signal.signal(s, lambda signum, _: proc.send_signal(signum)) for s in forwarded}
+    try:
+        return proc.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def barrier() -> None:

@@ -4,7 +4,7 @@ The model is built on the meta device (shapes only: no weights, no memory, secon
 are exact for the preset or checkpoint directory. Memory is then estimated per rank for the chosen world size, ZeRO
 stage, precision, offload (from the merged DeepSpeed config) and gradient checkpointing:
 
-- frozen weights: the backbone in `model.dtype` (the Q-Former stays fp32, as Hugging Face loads it); replicated
+- frozen weights: the backbone in `model.dtype` (the Q-Former in fp32 under fp16, as Hugging Face loads it); replicated
   under ZeRO 0-2, partitioned under ZeRO-3 (DeepSpeed partitions every parameter of the module) plus the gathered
   working set (at most `stage3_max_live_parameters`);
 - VPG-C's trainable parameters, gradients and AdamW states, partitioned as the ZeRO paper counts them (16-bit
@@ -16,7 +16,7 @@ stage, precision, offload (from the merged DeepSpeed config) and gradient checkp
   image (its queries carry gradients), the LM head at the response tokens, and the cached features or the ViT
   forward. Per token per upper layer: `e*(2h + 4i) + 10h` bytes (e: bytes of `model.dtype`; h, i: hidden and MLP
   sizes), `e*h + 2h` with checkpointing plus one layer recomputed; per Q-Former query per layer
-  `4*(6d + i_q + heads*Q)`, plus `4*heads*P` in cross-attention layers. These coefficients were calibrated on
+  `q*(6d + i_q + heads*Q)`, plus `q*heads*P` in cross-attention layers (q: bytes of the Q-Former's dtype). These coefficients were calibrated on
   saved-tensor bytes measured on a CPU (tests/test_plan.py checks them); a GPU with flash attention saves a
   similar set, and keeps no L x L attention matrices (assumed here).
 
@@ -47,10 +47,10 @@ def activation_bytes_per_token_layer(hidden: int, intermediate: int, elem: int, 
 
 
 def qformer_bytes_per_image(num_queries: int, layers: int, hidden: int, intermediate: int, heads: int,
-                            patches: int, cross_layers: int) -> int:
-    """Bytes the fp32 Q-Former re-run keeps for backward per image."""
-    per_layer = 4 * (6 * hidden + intermediate + heads * num_queries)
-    return num_queries * (layers * per_layer + cross_layers * 4 * heads * patches)
+                            patches: int, cross_layers: int, elem: int) -> int:
+    """Bytes the Q-Former re-run (in `elem`-byte precision) keeps for backward per image."""
+    per_layer = elem * (6 * hidden + intermediate + heads * num_queries)
+    return num_queries * (layers * per_layer + cross_layers * elem * heads * patches)
 
 
 def plan_memory(params: Any, world: int = 1, lengths: tuple[int, int] = (128, 64), response_tokens: int = 32
@@ -82,9 +82,10 @@ def plan_memory(params: Any, world: int = 1, lengths: tuple[int, int] = (128, 64
 
     # -- weights -------------------------------------------------------------------------------------------
     elem = _bytes(model_cfg.dtype)
+    qformer_elem = 4 if model_cfg.dtype == "float16" else elem  # (Hugging Face keeps it fp32 under fp16 only)
     mixed = cfg.precision != "fp32"
     frozen = ((counts["vision"] + counts["projection"] + counts["language_model"]) * elem
-              + counts["qformer"] * 4)
+              + counts["qformer"] * qformer_elem)
     gpu: dict[str, float] = {}
     host: dict[str, float] = {}
     if stage == 3:
@@ -117,7 +118,8 @@ def plan_memory(params: Any, world: int = 1, lengths: tuple[int, int] = (128, 64
     patches = (vision.image_size // vision.patch_size) ** 2 + 1
     gpu["qformer_activations"] = images * qformer_bytes_per_image(
         hf.config.num_query_tokens, qformer.num_hidden_layers, qformer.hidden_size, qformer.intermediate_size,
-        qformer.num_attention_heads, patches, -(-qformer.num_hidden_layers // qformer.cross_attention_frequency))
+        qformer.num_attention_heads, patches, -(-qformer.num_hidden_layers // qformer.cross_attention_frequency),
+        qformer_elem)
     gpu["lm_head_logits"] = (syn + cap) * response_tokens * text.vocab_size * 4
     feature_elem = elem if cfg.feature_dtype == "auto" else _bytes(cfg.feature_dtype)
     gpu["vision_features"] = images * patches * vision.hidden_size * feature_elem

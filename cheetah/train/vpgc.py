@@ -72,7 +72,7 @@ def micro_batch_size(cfg: TrainConfig, world: int) -> int:
     for name in ("synthetic_batch", "caption_batch"):
         if getattr(cfg, name) % parts:
             raise ConfigError(f"train.{name}={getattr(cfg, name)} must be divisible by world size x "
-                             f"gradient_accumulation = {world} x {cfg.gradient_accumulation}")
+                              f"gradient_accumulation = {world} x {cfg.gradient_accumulation}")
     return (cfg.synthetic_batch + cfg.caption_batch) // parts
 
 
