@@ -200,7 +200,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         from cheetah.train.plan import plan_memory
 
         world = args.world_size or distributed.launcher_world_size(p.train.launcher) or 1
-        _print_json(plan_memory(p, world, lengths=tuple(int(x) for x in args.lengths.split(","))))
+        lengths = args.lengths.split(",")
+        if len(lengths) != 2 or not all(x.isdigit() for x in lengths):
+            raise ConfigError(f"--lengths {args.lengths!r}: expected SYN,CAP token counts, e.g. 128,64")
+        _print_json(plan_memory(p, world, lengths=(int(lengths[0]), int(lengths[1]))))
         return 0
     if p.train.launcher and not distributed.launched():
         # `train.launcher`: run this same command under torchrun / deepspeed (what `dvc repro` and the Prefect flow
