@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import os
 import sys
 from pathlib import Path
 from collections.abc import Callable
@@ -197,20 +198,36 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_base(args: argparse.Namespace) -> int:
-    from cheetah.train.base import pretrain_base
+    from cheetah.train.base import base_stage
 
     p = _params(args, {"base.steps": args.steps, "base.out": args.out})
-    _print_json(pretrain_base(p))
+    _print_json(base_stage(p))
     return 0
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from cheetah.train.vpgc import train_vpgc
+    from cheetah.train import distributed
+    from cheetah.train.vpgc import micro_batch_size, train_vpgc
 
     p = _params(args, {"train.steps": args.steps, "train.out": args.out, "train.data": args.data,
-                       "train.zero_stage": args.zero_stage, "train.precision": args.precision})
-    from cheetah.train import distributed
+                       "train.zero_stage": args.zero_stage, "train.precision": args.precision,
+                       "model.random_backbone": True if args.random_backbone else None})
+    if args.plan:
+        from cheetah.train.plan import plan_memory
 
+        world = args.world_size or distributed.launcher_world_size(p.train.launcher) or 1
+        lengths = args.lengths.split(",")
+        if len(lengths) != 2 or not all(x.isdigit() for x in lengths):
+            raise ConfigError(f"--lengths {args.lengths!r}: expected SYN,CAP token counts, e.g. 128,64")
+        _print_json(plan_memory(p, world, lengths=(int(lengths[0]), int(lengths[1]))))
+        return 0
+    if p.train.launcher and not distributed.launched():
+        # `train.launcher`: run this same command under torchrun / deepspeed (what `dvc repro` and the Prefect flow
+        # do), after the checks that would otherwise fail on every rank.
+        world = distributed.launcher_world_size(p.train.launcher)
+        if world:
+            micro_batch_size(p.train, world)
+        return distributed.relaunch(p.train.launcher, args.argv)
     try:
         metrics = train_vpgc(p, restart=args.restart)
     finally:
@@ -221,7 +238,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _add_training(sub: argparse._SubParsersAction) -> None:
-    b = sub.add_parser("base", help="pretrain the embedded `tiny` backbone on the world's captions (params: base)")
+    b = sub.add_parser("base", help="the backbone every later stage reads, in base.out: pretrain the embedded `tiny` "
+                                    "one, bring in a checkpoint, or random weights (params: base.init)")
     b.add_argument("--steps", type=int)
     b.add_argument("--out")
     b.set_defaults(func=_cmd_base)
@@ -236,6 +254,14 @@ def _add_training(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--precision", choices=["fp32", "bf16", "fp16"])
     t.add_argument("--restart", action="store_true",
                    help="start over: remove the checkpoints in train.state_dir instead of resuming from them")
+    t.add_argument("--random-backbone", action="store_true",
+                   help="build model.preset's backbone with random weights (planning, benchmarks; marked in the card)")
+    t.add_argument("--plan", action="store_true",
+                   help="print the estimated memory per rank for these settings and exit (meta device: allocates "
+                        "nothing, needs no weights)")
+    t.add_argument("--world-size", type=int, help="--plan: ranks (default: what train.launcher starts, else 1)")
+    t.add_argument("--lengths", default="128,64", metavar="SYN,CAP",
+                   help="--plan: tokens per synthetic and per caption sample (default: the paper's %(default)s)")
     t.set_defaults(func=_cmd_train)
 
 
@@ -349,9 +375,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_benchmarks(args: argparse.Namespace) -> int:
     from cheetah.evaluate.embedded import write_embedded_benchmarks
 
-    p = _params(args, {"evaluate.demon_dir": args.demon_dir, "evaluate.mme_dir": args.mme_dir,
-                       "evaluate.demon_per_task": args.demon_per_task,
+    p = _params(args, {"evaluate.demon_per_task": args.demon_per_task,
                        "evaluate.mme_per_subtask": args.mme_per_subtask})
+    # Written under world.benchmarks unless told otherwise: never into the real benchmarks evaluate.* may name.
+    p.evaluate.demon_dir = args.demon_dir or f"{p.world.benchmarks}/demon"
+    p.evaluate.mme_dir = args.mme_dir or f"{p.world.benchmarks}/mme"
     with stage_run("benchmarks", {"world": to_dict(p.world), "demon_per_task": p.evaluate.demon_per_task,
                                   "mme_per_subtask": p.evaluate.mme_per_subtask}, experiment=p.register.experiment):
         written = write_embedded_benchmarks(p.world, p.evaluate)
@@ -384,8 +412,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 def _add_benchmarks(sub: argparse._SubParsersAction) -> None:
     b = sub.add_parser("benchmarks", help="write the embedded DEMON- and MME-format benchmarks from held-out world "
                                           "scenes (params: world, evaluate)")
-    b.add_argument("--demon-dir")
-    b.add_argument("--mme-dir")
+    b.add_argument("--demon-dir", help="default: <world.benchmarks>/demon")
+    b.add_argument("--mme-dir", help="default: <world.benchmarks>/mme")
     b.add_argument("--demon-per-task", type=int)
     b.add_argument("--mme-per-subtask", type=int)
     b.set_defaults(func=_cmd_benchmarks)
@@ -493,6 +521,15 @@ def _cmd_pipeline_source(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_pipeline_use(args: argparse.Namespace) -> int:
+    from cheetah.pipeline import use_params
+
+    if args.set:
+        raise ConfigError("`cheetah pipeline use` copies the file as it is; edit it (or params.yaml afterwards)")
+    print(use_params(args.config, "."))
+    return 0
+
+
 def _cmd_pipeline_stages(args: argparse.Namespace) -> int:
     from cheetah.pipeline import stage_order
 
@@ -512,6 +549,11 @@ def _add_pipeline(sub: argparse._SubParsersAction) -> None:
                                          "and params.yaml (DVC cache or remote; regenerate the embedded world; "
                                          "`dvc add` a changed corpus). Run it before a plain `dvc repro`")
     src.set_defaults(func=_cmd_pipeline_source)
+    u = psub.add_parser("use", help="make a parameters file (e.g. configs/vicuna-7b.yaml) the pipeline's params.yaml, "
+                                    "every field written out (DVC tracks and templates them); checks that the "
+                                    "stages' paths chain")
+    u.add_argument("config", help="parameters file, e.g. configs/vicuna-7b.yaml")
+    u.set_defaults(func=_cmd_pipeline_use)
     s = psub.add_parser("stages", help="print the stages of dvc.yaml in the order they run")
     s.set_defaults(func=_cmd_pipeline_stages)
 
@@ -534,6 +576,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     parser.add_argument("--log-level", choices=LEVELS, type=str.upper,
                         help=f"log level of cheetah's messages (default: ${LOG_ENV}, else INFO)")
+    # DeepSpeed's launcher appends --local_rank=N to every rank's arguments (the rank is in $LOCAL_RANK too).
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
     for add in _ADDERS:
         add(sub)
@@ -552,17 +596,24 @@ def _accept_common_options(sub: argparse._SubParsersAction) -> None:
                              help=OVERWRITE_HELP)
         command.add_argument("--log-level", dest="log_level_after", choices=LEVELS, type=str.upper,
                              default=argparse.SUPPRESS, help="log level (default: $CHEETAH_LOG_LEVEL, else INFO)")
+        command.add_argument("--local_rank", "--local-rank", dest="local_rank_after", type=int,
+                             default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         for action in command._actions:
             if isinstance(action, argparse._SubParsersAction):
                 _accept_common_options(action)
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # what `train.launcher` runs again on every rank
     args.set = [*(args.set or []), *vars(args).pop("set_after", [])]
     args.params = vars(args).pop("params_after", args.params)
     args.overwrite = vars(args).pop("overwrite_after", False) or args.overwrite
     args.log_level = vars(args).pop("log_level_after", args.log_level)
+    local_rank = vars(args).pop("local_rank_after", args.local_rank)
+    if local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(local_rank))
     try:
         configure_logging(args.log_level)
         with allow_overwrite(args.overwrite):

@@ -44,6 +44,10 @@ class ModelConfig:
     the preset's. `vicuna`/`llama2`: the official inference rendering the released checkpoints were evaluated with
     (real presets); `vicuna-train`/`llama2-train`: the training configs' `prompt_template` rendering (`tiny`)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    random_backbone: bool = False
+    """`cheetah train` builds the preset's backbone with random weights (seeded by train.seed) instead of loading
+    `backbone_dir` (whose tokenizer is used when it has one): planning and benchmarking at real shapes without a
+    checkpoint. The weights card says `random_backbone: true`, and such weights are not for registration."""
 
     def __post_init__(self) -> None:
         if self.update_layer is not None and self.update_layer < 1:
@@ -60,6 +64,10 @@ class WorldConfig:
     image_size: int = Field(default=64, ge=16, le=1024)
     heldout_seed: int = Field(default=10_000, ge=0)
     """Held-out scenes (benchmarks, base-model evaluation) are drawn from seeds that training never sees."""
+    benchmarks: str = "data/benchmarks"
+    """Where `cheetah benchmarks` writes the embedded DEMON- and MME-format benchmarks (`<benchmarks>/demon`,
+    `<benchmarks>/mme`). Evaluation reads `evaluate.demon_dir` / `mme_dir`: these by default, the real
+    benchmarks at scale."""
 
     @model_validator(mode="after")
     def _heldout_is_disjoint(self) -> "WorldConfig":
@@ -71,8 +79,17 @@ class WorldConfig:
 
 @dataclass(config=_STRICT)
 class BaseConfig:
-    """Pretraining of the `tiny` backbone on the world's captions and single-image questions (embedded default only)."""
+    """The base stage: the frozen backbone every later stage reads, written to `out` (= `model.backbone_dir`)."""
 
+    init: Literal["pretrain", "random", "checkpoint"] = "pretrain"
+    """How the backbone is made. `pretrain`: the embedded `tiny` preset, pretrained on the world's captions and
+    single-image questions (the fields below). `random`: `model.preset`'s shapes with random weights (seeded by
+    `seed`) and a tokenizer trained on the corpus' captions, saved like any checkpoint (CPU tests of the real-scale
+    path; planning). `checkpoint`: a real checkpoint directory, `checkpoint`, copied in (hard links where the file
+    system allows), so DVC versions the exact weights that training and evaluation read."""
+    checkpoint: str | None = None
+    """`init: checkpoint`: a Hugging Face BLIP-2/InstructBLIP `save_pretrained` directory with its tokenizer, e.g.
+    written by `cheetah model import`."""
     out: str = "data/backbone"
     metrics: str = "metrics/base.json"
     vision_steps: int = Field(default=300, ge=0)
@@ -200,6 +217,9 @@ class TrainConfig:
     """Resumable training state (weights, optimiser, scheduler, RNG, data position); a killed run resumes here."""
     metrics: str = "metrics/train.json"
     curve: str = "plots/train_curve.csv"
+    """Learning curve for `dvc plots` (step, loss, lr)."""
+    curve_image: str | None = None
+    """The same curve with the held-out loss, as an image; None: next to `curve`, as .png."""
     steps: int = Field(default=300, ge=1)
     synthetic_batch: int = Field(default=12, ge=1)
     caption_batch: int = Field(default=32, ge=0)
@@ -216,8 +236,22 @@ class TrainConfig:
     checkpoint_every: int = Field(default=100, ge=1)
     keep_checkpoints: int = Field(default=2, ge=1)
     feature_cache: str | None = "memory"
-    """Frozen-ViT features: "memory" (computed once per image), a directory (also kept on disk), or None
-    (recomputed in every step)."""
+    """Frozen-ViT features of every training image, computed once before the first step: "memory" (in each
+    process), a directory (sharded .npy files shared by every rank and node, read without keeping them in RAM;
+    each rank computes a share), or None (the ViT runs on every step's images)."""
+    feature_dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    """Precision of cached features; `auto` is the vision tower's (`model.dtype`). Half precision halves the cache."""
+    workers: int = Field(default=2, ge=0)
+    """DataLoader worker processes per rank that read, tokenise and pad examples, gather cached features and decode
+    images (0: in the training process)."""
+    launcher: str | None = None
+    """How `cheetah train` starts its processes: None (this one process), or a launcher command it re-runs itself
+    under, e.g. `torchrun --nproc_per_node 8` or `deepspeed --hostfile hostfile` (so `dvc repro` and the Prefect
+    flow train on many GPUs). `$VARS` are expanded. A process started by a launcher (RANK set) never relaunches."""
+    deepspeed_config: str | None = None
+    """A DeepSpeed JSON config merged over the generated one (offload, bucket sizes, overlap, ...). Where it sets
+    what other train keys decide (batch sizes, ZeRO stage, precision, clipping, optimiser) it must agree with them.
+    The merged config is written to `<state_dir>/deepspeed_config.json` and logged with the run."""
     heldout_fraction: float = Field(default=0.05, ge=0, lt=1)
     """Source images held out of training (all their examples), for the held-out difference-description loss."""
     eval_every: int = Field(default=100, ge=1)
@@ -248,6 +282,13 @@ class TrainConfig:
         if self.max_skipped_steps and self.gradient_accumulation != 1:
             raise ValueError("max_skipped_steps > 0 needs gradient_accumulation: 1 (a step whose earlier "
                              "micro-batches were already accumulated cannot be skipped)")
+        return self
+
+
+    @model_validator(mode="after")
+    def _image_next_to_curve(self) -> "TrainConfig":
+        if self.curve_image is None:  # (set without validating again: this is the validation)
+            object.__setattr__(self, "curve_image", str(Path(self.curve).with_suffix(".png")))
         return self
 
 
@@ -409,7 +450,7 @@ PAPER_RECIPE: dict[str, Any] = {
     "steps": 18_000, "synthetic_batch": 24, "caption_batch": 64, "lr": 2e-5, "weight_decay": 0.05,
     "warmup_steps": 2_000, "schedule": "cosine", "betas": [0.9, 0.999], "precision": "bf16", "zero_stage": 2,
     "gradient_checkpointing": True, "feature_cache": None, "checkpoint_every": 1_000, "eval_every": 1_000,
-    "max_length": 512, "log_every": 10,
+    "max_length": 512, "log_every": 10, "workers": 4,
 }
 # What the official model does in training, where it differs from the tiny recipe: the loss is Hugging Face's token
 # mean over the batch, and the frozen Q-Former stays in training mode (dropout on). See the TrainConfig fields.
@@ -418,10 +459,15 @@ OFFICIAL_TRAINING: dict[str, Any] = {"loss_reduction": "token", "qformer_dropout
 # L136, which i4_cheetah_llama2.py L128 keeps). Decoding stays greedy (set `decoding: official-demon` to sample as
 # the official DEMON run did); each preset's stop string comes from its chat template (`stop_strings: null`).
 OFFICIAL_EVALUATION: dict[str, Any] = {"max_new_tokens": 300}
+_REAL = {"train": {**PAPER_RECIPE, **OFFICIAL_TRAINING}, "evaluate": OFFICIAL_EVALUATION,
+         "model": {"dtype": "bfloat16", "backbone_dir": None}, "base": {"init": "checkpoint"}}
 PRESET_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
-    name: {"train": {**PAPER_RECIPE, **OFFICIAL_TRAINING}, "evaluate": OFFICIAL_EVALUATION,
-           "model": {"dtype": "bfloat16", "backbone_dir": None}}
-    for name in ("vicuna-7b", "llama2-7b", "opt-2.7b")
+    "vicuna-7b": _REAL,
+    "llama2-7b": _REAL,
+    "opt-2.7b": _REAL,
+    # The 7B architecture at toy width: the real-scale code path (bf16, checkpointing, ...) on a CPU, with a
+    # random backbone written by the base stage. Batches and steps are the config file's (configs/mini-random.yaml).
+    "mini": {"train": PAPER_RECIPE, "model": {"dtype": "bfloat16"}, "base": {"init": "random"}},
 }
 # Named decoding settings (`evaluate.decoding`; EvaluateConfig.generation applies them).
 # `official-demon`: Chat.batch_answer (conversation_llama2.py L160-225, called by i4_cheetah_llama2.py L128) samples

@@ -298,20 +298,42 @@ def read_json(path: str | Path) -> Any:
 
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield (line_number, record). A malformed line or a non-object record raises DataError naming the line."""
+    for lineno, _, rec in iter_jsonl_offsets(path):
+        yield lineno, rec
+
+
+def iter_jsonl_offsets(path: str | Path) -> Iterator[tuple[int, int, dict[str, Any]]]:
+    """Yield (line_number, byte offset of the line, record), so a record can be read again later with
+    `read_jsonl_at` without keeping it in memory. Errors as `iter_jsonl`."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: file not found")
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
+    offset = 0
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            start, offset = offset, offset + len(raw)
+            if not raw.strip():
                 continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: malformed JSON: {e.msg}") from None
-            if not isinstance(rec, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
-            yield lineno, rec
+            yield lineno, start, _parse_jsonl_line(path, lineno, raw)
+
+
+def read_jsonl_at(f: Any, path: str | Path, offset: int) -> dict[str, Any]:
+    """The record of the line at byte `offset` of the open binary file `f` (of `path`, for messages)."""
+    f.seek(offset)
+    return _parse_jsonl_line(Path(path), None, f.readline())
+
+
+def _parse_jsonl_line(path: Path, lineno: int | None, raw: bytes) -> dict[str, Any]:
+    where = f"{path}:{lineno}" if lineno is not None else str(path)
+    try:
+        rec = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{where}: not UTF-8 text ({e})") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: malformed JSON: {e.msg}") from None
+    if not isinstance(rec, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    return rec
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:

@@ -56,6 +56,7 @@ if str(REPO) not in sys.path:  # `python flows/pipeline.py` from a checkout with
 from cheetah.config import ConfigError  # noqa: E402
 from cheetah.io import DataError  # noqa: E402
 from cheetah.pipeline import (  # noqa: E402
+    RECEIPT,
     ensure_source,
     forget_stale_receipt,
     is_up_to_date,
@@ -240,22 +241,24 @@ def _ran(summary: dict[str, Any]) -> list[str]:
 
 
 def evaluation_markdown(root: Path, summary: dict[str, Any]) -> str:
-    """The markdown artifact: the evaluation report (reports/eval/report.md) under a header with the outcome."""
+    """The markdown artifact: the evaluation report (<evaluate.out>/report.md) under a header with the outcome."""
     import json
+
+    from cheetah.config import load_params
 
     parts = ["# Cheetah pipeline run", ""]
     ran = _ran(summary)
     parts.append(f"Stages run: {', '.join(ran) if ran else 'none (everything was up to date)'}  ")
     if summary.get("mlflow_run_id"):
         parts.append(f"MLflow parent run: `{summary['mlflow_run_id']}`  ")
-    receipt = root / "metrics" / "register.json"
+    receipt = root / RECEIPT
     if receipt.is_file():
         r = json.loads(receipt.read_text())
         parts.append(f"Registered: `{r['model_uri']}`, {r['metric']} = {r['value']:.4f}; "
                      f"{'**champion**' if r['promoted'] else 'challenger'} ({r['reason']})  ")
-    report = root / "reports" / "eval" / "report.md"
+    report = root / load_params(root / "params.yaml").evaluate.out / "report.md"
     parts.append("")
-    parts.append(report.read_text() if report.is_file() else "_No evaluation report (reports/eval/report.md)._")
+    parts.append(report.read_text() if report.is_file() else f"_No evaluation report ({report})._")
     return "\n".join(parts) + "\n"
 
 
@@ -282,7 +285,7 @@ def pipeline(repo_dir: str | None = None, stages: list[str] | None = None, force
     if not selected:
         return summary
     if forget_stale_receipt(root, experiment):
-        logger.info("metrics/register.json names a version the tracking store does not hold: registering again")
+        logger.info("%s names a version the tracking store does not hold: registering again", RECEIPT)
     if not force and is_up_to_date(root, selected):
         # Still one task per stage (the schedule's record shows each was checked), but no empty MLflow run.
         logger.info("DVC finds every stage up to date: checking them without an MLflow run")

@@ -158,3 +158,19 @@ def backbone():
     torch.set_num_threads(1)
     yield build_backbone("tiny", tokenizer=train_tokenizer(512), image_size=64, seed=0)
     torch.set_num_threads(threads)
+
+
+def copy_checkout(dest, paths):
+    """Copy the files of this checkout under `paths` (tracked or untracked but not ignored) into `dest`: a throwaway
+    repository for tests that run the pipeline."""
+    import subprocess
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "--", *paths], cwd=repo, check=True,
+                           capture_output=True, text=True).stdout.split("\n")
+    for rel in filter(None, files):
+        if (repo / rel).is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            (dest / rel).write_bytes((repo / rel).read_bytes())
+    return dest

@@ -35,7 +35,7 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 # What the pipeline needs from the checkout (plus .gitignore files): code, DAG, params, DVC and Prefect config.
-COPY = ["cheetah", "flows", "dvc.yaml", "params.yaml", "data.dvc", "prefect.yaml", "pyproject.toml", ".dvc/config",
+COPY = ["cheetah", "configs", "flows", "dvc.yaml", "params.yaml", "data.dvc", "prefect.yaml", "pyproject.toml", ".dvc/config",
         ".dvcignore", ".gitignore", "data/.gitignore"]
 # Every stage, shrunk: the whole pipeline in about a minute and a half on 2 cores.
 TINY = {
@@ -81,12 +81,9 @@ def tiny_params(source: Path | None) -> dict:
 
 
 def copy_repo(dest: Path) -> Path:
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "--", *COPY], cwd=REPO, check=True,
-                           capture_output=True, text=True).stdout.split("\n")
-    for rel in filter(None, files):
-        if (REPO / rel).is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            (dest / rel).write_bytes((REPO / rel).read_bytes())
+    from conftest import copy_checkout
+
+    copy_checkout(dest, COPY)
     (dest / "params.yaml").write_text(yaml.safe_dump(tiny_params(REPO / "params.yaml"), sort_keys=False))
     git(dest, "init", "-q")
     git(dest, "add", "-A")

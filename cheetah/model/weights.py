@@ -43,6 +43,11 @@ def card_for(model: Any, trained_template: str | None = None) -> dict[str, Any]:
         "backbone_abspath": _abspath_if_dir(model.backbone_info.source),
         "backbone_fingerprint": model.backbone_info.fingerprint(),
         "backbone_class": type(model.backbone).__name__,
+        # How the backbone's weights came about (its cheetah_backbone.json), and whether they were random weights
+        # built in the training process, which exist nowhere else: such VPG-C weights are for planning and
+        # benchmarks, not for registration.
+        "backbone_init": model.backbone_info.init,
+        "random_backbone": model.backbone_info.random_weights,
         "template": model.backbone_info.template.name,
         "trained_template": trained_template or model.backbone_info.template.name,
         "update_layer": model.update_layer,
