@@ -147,9 +147,11 @@ def test_step_batches_from_workers_equal_in_process_and_resume_anywhere(instruct
     for a, b in zip(full[5:], resumed):
         for ga, gb in zip(a, b):
             for x, y in zip(ga, gb):
-                assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+                assert x.keys() == y.keys() and x["example_ids"] == y["example_ids"]
+                assert all(torch.equal(x[k], y[k]) for k in x if k != "example_ids")
     step = full[0]
     assert len(step) == 2 and [len(g["input_ids"]) for g in step[0]] == [2, 2]  # 2 micro-batches x 2 sources
+    assert [n.split()[0] for g in step[0] for n in g["example_ids"]] == ["synthetic"] * 2 + ["captions"] * 2
     assert step[0][0]["vision_features"].shape[0] == 2 * 2  # two images per synthetic example
     # Two ranks take alternate examples of the same global batch.
     halves = [dataset(rank, 2)[0] for rank in (0, 1)]
