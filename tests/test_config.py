@@ -43,7 +43,8 @@ def test_the_named_official_demon_decoding_decides_decoding_and_is_seeded():
         load_params(None, ["train.loss_reduction=batch"])
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [REPO / "configs" / "vicuna-7b.yaml", REPO / "configs" / "llama2-7b.yaml"],
+                         ids=lambda p: p.name)
 def test_shipped_configs_load(path):
     p = load_params(path)
     assert p.model.preset in ("vicuna-7b", "llama2-7b") and p.model.template == p.model.preset.split("-")[0]
