@@ -14,7 +14,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup run test lock clean-venv
+.PHONY: setup run test check lock clean-venv
 
 setup: $(VENV)/.installed
 
@@ -31,6 +31,10 @@ run: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# The committed dvc.lock, data.dvc and metrics/ are those of the committed code and parameters (what .ci/run enforces).
+check: setup
+	$(VENV)/bin/cheetah pipeline check
 
 lock:
 	uv pip compile --python-version 3.11 $(FIND_LINKS) requirements/requirements.in -o requirements/lock.txt

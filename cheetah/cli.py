@@ -530,6 +530,20 @@ def _cmd_pipeline_use(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_pipeline_check(args: argparse.Namespace) -> int:
+    from cheetah.pipeline import check
+
+    if args.set:
+        raise ConfigError("`cheetah pipeline check` checks params.yaml as it is committed; it takes no --set")
+    problems = check(load_params(args.params), ".", reproduced=args.reproduced, tolerance=args.tolerance)
+    if problems:
+        raise DataError("the recorded results are not those of the committed code (rerun `make run` and commit "
+                        "dvc.lock, data.dvc and metrics/ with the change):\n  " + "\n  ".join(problems))
+    print("recorded results match the committed code, parameters and data" +
+          (" (reproduced)" if args.reproduced else ""))
+    return 0
+
+
 def _cmd_pipeline_stages(args: argparse.Namespace) -> int:
     from cheetah.pipeline import stage_order
 
@@ -554,6 +568,15 @@ def _add_pipeline(sub: argparse._SubParsersAction) -> None:
                                     "stages' paths chain")
     u.add_argument("config", help="parameters file, e.g. configs/vicuna-7b.yaml")
     u.set_defaults(func=_cmd_pipeline_use)
+    c = psub.add_parser("check", help="whether dvc.lock, data.dvc and metrics/ are those of the committed code and "
+                                      "parameters (what .ci/run enforces); --reproduced: after `make run`, also "
+                                      "nothing left to run and the metrics equal the committed ones")
+    c.add_argument("--reproduced", action="store_true",
+                   help="after a run: dvc status clean and every committed metrics file reproduced")
+    c.add_argument("--tolerance", type=float, default=0.1,
+                   help="relative tolerance for reproduced metrics (default %(default)s; every difference is printed; "
+                        "speed and memory figures are not compared)")
+    c.set_defaults(func=_cmd_pipeline_check)
     s = psub.add_parser("stages", help="print the stages of dvc.yaml in the order they run")
     s.set_defaults(func=_cmd_pipeline_stages)
 

@@ -299,3 +299,29 @@ def test_world_params_are_recorded_in_data_dvc_and_a_corpus_of_your_own_is_never
     elsewhere = dataclasses.replace(small, world=dataclasses.replace(small.world, out="data/world"))
     with pytest.raises(DataError, match=r"not the embedded world"):
         ensure_source(elsewhere, repo, echo=echo)
+
+
+def test_stale_stages_names_the_code_and_parameters_that_differ_from_dvc_lock(tmp_path):
+    """What `cheetah pipeline check` (and .ci/run) enforces, on a copy of this project: a code or parameter edit
+    after dvc.lock was written makes the stages that depend on it stale, naming the file and key; outputs that are
+    not built yet (a fresh clone) are not a change."""
+    from conftest import copy_checkout
+
+    from cheetah.pipeline import metric_differences, stale_stages
+
+    repo = copy_checkout(tmp_path, ["cheetah", "configs", "dvc.yaml", "dvc.lock", "params.yaml", "data.dvc",
+                                    ".dvc/config", ".dvcignore"])
+    _run(["git", "init", "-q"], repo)
+    with open(repo / "cheetah" / "registry.py", "a") as f:
+        f.write("# an edit after the pipeline ran\n")
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["register"]["margin"] = 0.5
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    after = stale_stages(repo)["register"]
+    assert "cheetah/registry.py modified" in after and "params.yaml: register.margin modified" in after
+    # Reproduced metrics: speed figures are not compared, results are, with a relative tolerance.
+    (repo / "m.json").write_text(json.dumps({"a": {"score": 50.4}, "samples_per_s": 9.0, "new": 1}))
+    committed = {"a": {"score": 50.0}, "samples_per_s": 3.0}
+    assert metric_differences("m.json", committed, 0.1, repo) == ["m.json: new appeared"]
+    assert metric_differences("m.json", committed, 0.0, repo) == ["m.json: a.score was 50.0, now 50.4",
+                                                                 "m.json: new appeared"]
