@@ -592,7 +592,10 @@ _ADDERS += [_add_register, _add_registry, _add_predict, _add_pipeline]
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from cheetah import __version__
+
     parser = argparse.ArgumentParser(prog="cheetah", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"cheetah {__version__}")
     parser.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
     parser.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                         help="override a parameter, e.g. --set train.lr=1e-4 (repeatable)")

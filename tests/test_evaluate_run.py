@@ -174,7 +174,6 @@ def test_killed_evaluation_resumes_with_only_the_missing_samples(bench, models, 
     # The rerun may use another batch size: predictions do not depend on it.
     resumed = evaluate(_params(bench, models, tmp_path / "killed", **{"evaluate.batch_size": 3}), specs, track=False)
     assert len(generated) == N_SAMPLES - 7
-    assert sum(resumed["metrics"]["models"]["vpgc"]["mme"]["subtasks"].values()) >= 0
     files = sorted(p.relative_to(reference) for p in reference.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(pred) for p in pred.rglob("*") if p.is_file())
     for rel in files:
