@@ -14,6 +14,7 @@ Output folder (written atomically: a failed run leaves any previous output untou
     captions.jsonl         {id, images: [original], instruction, response}: the joint caption regulariser
     quarantine.jsonl       every rejected source record and edit candidate, with stage, reason and detail
     stats.json             counts by edit type and rejects by reason, and the settings that shaped the output
+    contact_sheet/<type>.png  a few pairs of each edit type, to look at (cheetah/synthesize/contact_sheet.py)
 
 Determinism: everything random about sample i comes from a Generator seeded by (seed, i), work is done with one
 torch thread per process, and results are merged in index order, so any number of workers writes the same bytes.
@@ -37,6 +38,7 @@ from cheetah.config import ConfigError, SynthesizeConfig
 from cheetah.io import DataError, atomic_dir, check_output, safe_join
 from cheetah.synthesize.apply import Applier, InpaintApplier, WorldApplier
 from cheetah.synthesize.common import Reject, SourceItem
+from cheetah.synthesize.contact_sheet import write_contact_sheets
 from cheetah.synthesize.edits import Editor, LabelEditor, WorldEditor
 from cheetah.synthesize.filters import Clip, ClipFilter, EditFilter, PixelFilter
 from cheetah.synthesize.masks import MaskSource, SamMasks, WorldMasks
@@ -390,4 +392,5 @@ def synthesize(cfg: SynthesizeConfig, backbone: Any = None) -> dict[str, Any]:
         (tmp / "captions.jsonl").write_text(_dumps(captions), encoding="utf-8")
         (tmp / "quarantine.jsonl").write_text(_dumps(quarantine), encoding="utf-8")
         (tmp / "stats.json").write_text(json.dumps(stats, indent=2) + "\n", encoding="utf-8")
+        write_contact_sheets(tmp)  # pictures of the finished set, published with it
     return stats
