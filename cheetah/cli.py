@@ -327,7 +327,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         flags[f"evaluate.{args.benchmark}_dir"] = args.data_dir
     p = _params(args, flags)
     specs = parse_model_specs(args.model) if args.model else None
-    result = evaluate(p, specs, benchmark=args.benchmark, restart=args.restart, track=not args.no_track)
+    # The stage's MLflow run spans the whole evaluation (evaluate() logs into it), so its system metrics do too.
+    with stage_run("evaluate", experiment=p.register.experiment, enabled=not args.no_track, system_metrics=True):
+        result = evaluate(p, specs, benchmark=args.benchmark, restart=args.restart, track=not args.no_track)
     _print_json({"metrics": result["metrics"], "paths": result["paths"]})
     return 0
 

@@ -5,7 +5,9 @@ For every model (by default `base` = the backbone, `vpgc` = the trained VPG-C we
     <evaluate.out>/<model>/predictions/demon/<Dataset>/pred.json     official DEMON prediction files
     <evaluate.out>/<model>/predictions/mme/<subtask>.txt             official MME calculation input
     <evaluate.out>/<model>/demon_scores.json, mme_scores.json        `cheetah score demon|mme` output
-    <evaluate.out>/report.md, demon_categories.png                   tables and bar chart comparing the models
+    <evaluate.out>/report.md, demon_categories.png, mme_subtasks.png tables and charts comparing the models
+    <evaluate.out>/examples/<benchmark>-<task>.png                    qualitative examples: each model's answers
+    <evaluate.out>/plots/<benchmark>_<model>.csv                      what dvc.yaml's evaluation plots draw
     <evaluate.out>/evaluation.json                                   what was evaluated, how, and where
     <evaluate.metrics>                                               metrics JSON (DVC, the registry's gate)
 
@@ -170,6 +172,7 @@ def evaluate(params: Params, model_specs: Mapping[str, str] | None = None, bench
     """
     import torch
 
+    from cheetah.evaluate.examples import write_examples
     from cheetah.evaluate.generation import Generator, load_model, resolve_device
     from cheetah.evaluate.report import metrics_dict, write_report
     from cheetah.evaluate.scoring import score_demon, score_mme
@@ -217,7 +220,8 @@ def evaluate(params: Params, model_specs: Mapping[str, str] | None = None, bench
         results[name] = entry
         runs[name] = {**meta, "generated": generated, "seconds": round(time.perf_counter() - started, 3)}
 
-    written = write_report(out, results, title="Evaluation: " + ", ".join(specs))
+    examples, shown = write_examples(out, {name: out / name / "predictions" for name in specs}, demon_dir, mme_dir)
+    written = {**write_report(out, results, title="Evaluation: " + ", ".join(specs), sections=[shown]), **examples}
     champion = "vpgc" if "vpgc" in results else list(results)[-1]
     # The hash of the weights these numbers measured: registration refuses weights they were not measured on.
     metrics = {**metrics_dict(results[champion]["demon"], results[champion]["mme"]), "model": champion,

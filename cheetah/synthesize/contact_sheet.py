@@ -19,8 +19,9 @@ SHEETS_DIR = "contact_sheet"
 PER_TYPE = 6
 
 
-def write_contact_sheets(folder: str | Path, per_type: int = PER_TYPE) -> list[Path]:
-    """One sheet per edit type present in `folder/synthetic.jsonl`, in order of first appearance; returns them."""
+def contact_rows(folder: str | Path, per_type: int = PER_TYPE) -> tuple[dict[str, list[SheetRow]], dict[str, int]]:
+    """({edit type: rows of its first `per_type` pairs}, {edit type: number of pairs}) of `folder/synthetic.jsonl`,
+    types in order of first appearance."""
     folder = Path(folder)
     pairs = folder / "synthetic.jsonl"
     by_type: dict[str, list[SheetRow]] = {}
@@ -41,13 +42,19 @@ def write_contact_sheets(folder: str | Path, per_type: int = PER_TYPE) -> list[P
             text=(("Instruction", rec["instruction"]), ("Response", rec["response"]),
                   ("Edit", f"{kind} {edit['object']}")),
             boxes=(region, region)))
+    return by_type, counts
+
+
+def write_contact_sheets(folder: str | Path, per_type: int = PER_TYPE) -> list[Path]:
+    """One sheet per edit type present in `folder/synthetic.jsonl`; returns them."""
+    folder = Path(folder)
+    by_type, counts = contact_rows(folder, per_type)
     out = folder / SHEETS_DIR
     out.mkdir(exist_ok=True)
     written = []
     for kind, rows in by_type.items():
-        title = f"Synthetic pairs: {kind} ({len(rows)} of {counts[kind]})"
-        png = render_sheet(title, rows, note="first pairs of this edit type in synthetic.jsonl; "
-                                             "the edited region is outlined")
+        png = render_sheet(f"Synthetic pairs: {kind} ({len(rows)} of {counts[kind]})", rows,
+                           note="the first pairs of this edit type in synthetic.jsonl; the edited region is outlined")
         path = out / f"{kind}.png"
         path.write_bytes(png)
         written.append(path)

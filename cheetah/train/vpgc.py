@@ -194,7 +194,8 @@ def train_vpgc(params: Params, restart: bool = False) -> dict[str, Any]:
     # -- loop ------------------------------------------------------------------------------------------------
     from cheetah.tracking import stage_run
 
-    with stage_run("train", to_dict(params), experiment=params.register.experiment, enabled=rank == 0) as run:
+    with stage_run("train", to_dict(params), experiment=params.register.experiment, enabled=rank == 0,
+                   system_metrics=True) as run:
         if start == 0 and enc_held:
             evals.append({"step": 0, "heldout_loss": heldout_loss(engine, builder, enc_held, features, device,
                                                                   rank, world)})

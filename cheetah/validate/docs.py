@@ -60,6 +60,8 @@ def make_offline(site: str | Path) -> list[str]:
                 page = _drop_tags(page, url)
         for url, local in manifest["local"].items():
             page = re.sub(re.escape(url) + r"""(\?[^"')\s]*)?""", up + local, page)
+        # The site's own static folder, at the right depth (GX links the favicon of validation pages one level short).
+        page = re.sub(r"""(?<=["'])(?:\.\./)*static/""", up + "static/", page)
         page_path.write_text(page, encoding="utf-8")
         remaining += [f"{page_path.relative_to(site)}: {u}" for u in remote_resources(page)]
     if remaining:
