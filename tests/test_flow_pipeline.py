@@ -105,7 +105,7 @@ def env(tmp_path_factory):
     mp.setenv("DVC_NO_ANALYTICS", "1")
     mp.setenv("DS_ACCELERATOR", "cpu")
     mp.setenv("TOKENIZERS_PARALLELISM", "false")
-    mp.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")  # system metrics even from the shrunk stages
+    mp.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")  # system metrics even from the shrunk stages
     mp.setenv("HF_HUB_OFFLINE", "1")
     mp.setenv("TRANSFORMERS_OFFLINE", "1")
     mp.delenv("CHEETAH_PARENT_RUN_ID", raising=False)
@@ -178,13 +178,18 @@ def test_flow_runs_every_stage_with_tracking_and_an_evaluation_artifact(env, flo
         assert "system/cpu_utilization_percentage" in by_stage[stage].data.metrics, stage
     # Every input was validated, each with its Data Docs: the source corpus, the synthetic set, both benchmarks.
     assert {"validate-source", "validate-synthetic", "validate-demon", "validate-mme"} <= set(by_stage)
+    # The synthesis run holds the contact sheets of the set it wrote.
+    sheets = {Path(a.path).name for a in client.list_artifacts(by_stage["synthesize"].info.run_id, "contact_sheet")}
+    pairs = [json.loads(line) for line in (repo / "data/synthetic/synthetic.jsonl").read_text().splitlines()]
+    assert sheets == {f"{p['edit']['type']}.png" for p in pairs} and sheets
     assert parent.data.tags["stages_run"].split(",") == STAGES
     assert parent.data.tags["cheetah.source"] == "recorded"
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"pipeline", "eval", "data_docs"} <= artifacts
     assert "pipeline/dvc.lock" in {a.path for a in client.list_artifacts(parent.info.run_id, "pipeline")}
-    assert "data_docs/synthetic/index.html" in {a.path for a in client.list_artifacts(parent.info.run_id,
-                                                                                         "data_docs/synthetic")}
+    for suite in ("source", "synthetic", "demon", "mme"):
+        assert f"data_docs/{suite}/index.html" in {a.path for a in client.list_artifacts(parent.info.run_id,
+                                                                                           f"data_docs/{suite}")}
     eval_metrics = json.loads((repo / "metrics/eval.json").read_text())
     assert parent.data.metrics["demon_average"] == pytest.approx(eval_metrics["demon_average"])
 

@@ -170,7 +170,7 @@ def test_examples_show_each_models_answer_from_its_prediction_files(tmp_path):
     written, markdown = write_examples(tmp_path / "report", predictions, tmp_path / "demon", tmp_path / "mme",
                                        per_task=2)
     assert sorted(p.name for p in written.values()) == ["demon-Spot-the-Diff.png", "mme-count.png"]
-    assert "![Spot-the-Diff](examples/demon-Spot-the-Diff.png)" in markdown and "(examples/mme-count.png)" in markdown
+    assert "![DEMON Spot-the-Diff](examples/demon-Spot-the-Diff.png)" in markdown and "(examples/mme-count.png)" in markdown
 
     from cheetah.evaluate.examples import _demon_answers, _mme_answers
 

@@ -95,28 +95,30 @@ def write_examples(out_dir: str | Path, predictions: Mapping[str, str | Path], d
 
     out_dir = Path(out_dir)
     folders = {model: Path(folder) for model, folder in predictions.items()}
-    written: dict[str, Path] = {}
-    links: list[str] = []
+    sheets: list[tuple[str, str, list[SheetRow], str]] = []  # (file stem, title, rows, note)
     if demon_dir is not None:
         for task in load_demon(demon_dir):
             answers = _demon_answers(folders, task.dataset)
             if answers:
                 rows = demon_rows(task, answers, per_task)
-                png = render_sheet(f"DEMON {task.dataset}", rows, note=f"first {len(rows)} of {len(task.samples)} "
-                                   f"samples; answers as scored ({', '.join(answers)})")
-                name = f"demon-{task.dataset}.png"
-                written[f"example:{name}"] = atomic_write_bytes(out_dir / EXAMPLES_DIR / name, png)
-                links.append(f"#### DEMON {task.dataset}\n\n![{task.dataset}]({EXAMPLES_DIR}/{name})")
+                sheets.append((f"demon-{task.dataset}", f"DEMON {task.dataset}", rows,
+                               f"first {len(rows)} of {len(task.samples)} samples; answers as scored "
+                               f"({', '.join(answers)})"))
     if mme_dir is not None:
         for subtask, samples in load_mme(mme_dir).items():
             answers = _mme_answers(folders, subtask)
             if answers:
                 rows = mme_rows(samples, answers, per_task)
-                png = render_sheet(f"MME {subtask}", rows, note=f"first {len(rows)} images, each asked one Yes and "
-                                   f"one No question; answers as scored ({', '.join(answers)})")
-                name = f"mme-{subtask}.png"
-                written[f"example:{name}"] = atomic_write_bytes(out_dir / EXAMPLES_DIR / name, png)
-                links.append(f"#### MME {subtask}\n\n![{subtask}]({EXAMPLES_DIR}/{name})")
+                sheets.append((f"mme-{subtask}", f"MME {subtask}", rows,
+                               f"first {len(rows)} images, each asked one Yes and one No question; answers as "
+                               f"scored ({', '.join(answers)})"))
+    written: dict[str, Path] = {}
+    links: list[str] = []
+    for stem, title, rows, note in sheets:
+        name = f"{stem}.png"
+        written[f"example:{name}"] = atomic_write_bytes(out_dir / EXAMPLES_DIR / name,
+                                                        render_sheet(title, rows, note=note))
+        links.append(f"#### {title}\n\n![{title}]({EXAMPLES_DIR}/{name})")
     if not links:
         return written, ""
     head = (f"### Examples\n\nThe first {per_task} samples of every task (in the order of the data, not chosen), "
