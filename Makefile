@@ -33,7 +33,7 @@ test: setup
 	$(PY) -m pytest -q
 
 lock:
-	uv pip compile --python-version 3.11 $(FIND_LINKS) requirements/requirements.in -o requirements/lock.txt
+	$(UV) pip compile --python-version 3.11 $(FIND_LINKS) requirements/requirements.in -o requirements/lock.txt
 
 clean-venv:
 	rm -rf $(VENV)
