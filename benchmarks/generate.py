@@ -13,6 +13,12 @@ it counts how many batched outputs equal the per-sample outputs token for token.
 
     python benchmarks/generate.py --preset tiny --device cpu                      # CPU smoke run (small shapes)
     python benchmarks/generate.py --preset vicuna-7b --device cuda --dtype bfloat16   # the anchor's shapes
+    python benchmarks/generate.py --preset tiny --device cpu --ranks 1 2          # data-parallel, by number of ranks
+
+With `--ranks`, each count k runs under `torchrun --nproc_per_node k` the way `cheetah evaluate` does: every rank
+builds the model on its own device, takes every k-th request (the evaluation's deterministic shard), waits at a
+barrier, then generates its shard in length-bucketed batches; the time of a row is the slowest rank's, and the
+outputs are compared token for token with the 1-rank row. (On a CPU each rank gets `--threads` threads, default 1.)
 
 Prints one line `RESULT {json}`.
 """
@@ -142,7 +148,14 @@ def main(argv: list[str] | None = None) -> dict:
                     help="KV cache; `static` makes Hugging Face compile the decoding step (CUDA graphs) on a GPU")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs of each; the median is reported")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--ranks", type=int, nargs="+", help="data-parallel mode: these numbers of ranks (torchrun)")
+    ap.add_argument("--rank-output", help=argparse.SUPPRESS)  # (a rank of the data-parallel mode writes here)
     args = ap.parse_args(argv)
+    if args.ranks:
+        return ranks_main(args)
+    if args.rank_output:
+        return rank_worker(argparse.Namespace(**{**json.loads(Path(f"{args.rank_output}.args.json").read_text()),
+                                                 "rank_output": args.rank_output}))
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = resolve_dtype(args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
@@ -185,6 +198,57 @@ def main(argv: list[str] | None = None) -> dict:
         "build_s": round(build_s, 2), "peak_gib": None if peak is None else round(peak, 2),
         "torch": torch.__version__,
     }
+    print("RESULT " + json.dumps(result), flush=True)
+    return result
+
+
+def rank_worker(args: argparse.Namespace) -> dict:
+    """One rank of the data-parallel mode: its shard of the requests, timed after a barrier."""
+    from cheetah.evaluate.run import Ranks
+
+    ranks = Ranks()
+    torch.set_num_threads(args.threads or 1)
+    device = str(ranks.device(args.device))
+    dtype = resolve_dtype(args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
+    model = build_model(args.preset, device, dtype, args.seed)
+    requests = make_requests(model, args.n, args.prompt_len, args.images, args.seed)
+    mine = list(range(ranks.rank, len(requests), ranks.world))
+    generator = Generator(model, batch_size=args.batch_size, max_new_tokens=args.new_tokens,
+                          min_new_tokens=args.new_tokens)
+    generator.generate_ids(requests[:1])  # warm-up
+    ranks.barrier()
+    ids, seconds = timed(lambda: generator.generate_ids([requests[i] for i in mine]), device)
+    Path(f"{args.rank_output}.{ranks.rank}").write_text(json.dumps({"rank": ranks.rank, "seconds": seconds,
+                                                                     "ids": dict(zip(mine, ids))}))
+    ranks.close()
+    return {}
+
+
+def ranks_main(args: argparse.Namespace) -> dict:
+    import subprocess
+    import tempfile
+
+    rows, reference = [], None
+    for k in args.ranks:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "rank"
+            # The settings travel in a file: torchrun's own parser would take `--n` for an abbreviation of its options.
+            Path(f"{out}.args.json").write_text(json.dumps({**vars(args), "ranks": None}))
+            env = {**os.environ, "OMP_NUM_THREADS": str(args.threads or 1)}
+            subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(k),
+                            __file__, "--rank-output", str(out)], check=True, env=env)
+            parts = [json.loads(Path(f"{out}.{r}").read_text()) for r in range(k)]
+        ids = {int(i): row for p in parts for i, row in p["ids"].items()}
+        reference = reference or ids
+        slowest = max(p["seconds"] for p in parts)
+        rows.append({"ranks": k, "seconds": round(slowest, 3), "samples_per_s": round(args.n / slowest, 2),
+                     "per_rank_s": [round(p["seconds"], 3) for p in parts],
+                     "identical_to_first_row": f"{sum(ids[i] == reference[i] for i in ids)}/{args.n}"})
+        print(f"ranks {k}: {args.n / slowest:.2f} samples/s (slowest rank {slowest:.2f} s)", flush=True)
+    result = {"mode": "ranks", "preset": args.preset, "device": args.device, "n": args.n, "prompt": args.prompt_len,
+              "new": args.new_tokens, "bs": args.batch_size, "threads_per_rank": args.threads or 1,
+              "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores",
+              "rows": rows, "torch": torch.__version__}
     print("RESULT " + json.dumps(result), flush=True)
     return result
 

@@ -7,7 +7,9 @@ own flags, then calls the stage's public function. Nothing here holds logic of i
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
 import sys
 from pathlib import Path
 from collections.abc import Callable
@@ -16,9 +18,11 @@ from cheetah.config import ConfigError, Params, load_params, to_dict
 from cheetah.errors import EXIT_USER_ERROR, CheetahError
 from cheetah.io import DataError, allow_overwrite
 from cheetah.pipeline import RECEIPT
+from cheetah.progress import LEVELS, LOG_ENV, configure_logging
 from cheetah.tracking import flat_metrics, stage_run
 
 
+_USER_FIXABLE_ERRNO = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.EPERM}
 OVERWRITE_HELP = ("let an output folder replace files its stage did not write (refused otherwise); the replaced "
                   "files are listed in the new folder's .cheetah-output.json")
 
@@ -75,6 +79,8 @@ def _cmd_model_import(args: argparse.Namespace) -> int:
         out_backbone=args.out_backbone, out_vpgc=args.out_vpgc, template=args.template,
         update_layer=args.update_layer, image_size=args.image_size,
     )
+    print(f"chat template: {report['template']} ({report['template_reason']}); the weights card records "
+          f"{report['trained_template']} as their training rendering", file=sys.stderr)
     _print_json(report)
     return 0
 
@@ -98,7 +104,8 @@ def _add_model(sub: argparse._SubParsersAction) -> None:
     i.add_argument("--llm", required=True, help="LLaMA/Vicuna directory in Hugging Face format")
     i.add_argument("--out-backbone", required=True)
     i.add_argument("--out-vpgc", required=True)
-    i.add_argument("--template", choices=["vicuna", "llama2"], default="vicuna")
+    i.add_argument("--template", choices=["vicuna", "llama2"], default=None,
+                   help="official chat rendering of the LLM (default: detected from it, and printed)")
     i.add_argument("--update-layer", type=int, default=None)
     i.add_argument("--image-size", type=int, default=224)
     i.set_defaults(func=_cmd_model_import)
@@ -127,7 +134,8 @@ def _cmd_score_mme(args: argparse.Namespace) -> int:
 def _cmd_score_demon(args: argparse.Namespace) -> int:
     from cheetah.evaluate.scoring import score_demon
 
-    _emit(score_demon(args.data_dir, args.predictions, split=args.split, datasets=args.tasks), args.out)
+    _emit(score_demon(args.data_dir, args.predictions, split=args.split, datasets=args.tasks,
+                      option_rule=args.option_rule), args.out)
     return 0
 
 
@@ -170,6 +178,9 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--split", choices=["core", "full"], default="core")
     d.add_argument("--tasks", nargs="+", metavar="DATASET", help="only these datasets (default: every pred.json)")
     d.add_argument("--out", help="also write the JSON here")
+    d.add_argument("--option-rule", choices=["official", "strict"], default="official",
+                   help="multi-choice answers sharing no term with any option: the first option, as the official "
+                        "evaluate.py (default), or exact match (strict); their count is reported either way")
     d.set_defaults(func=_cmd_score_demon)
 
     r = ssub.add_parser("report", help="markdown tables + bar chart comparing models, and a metrics JSON")
@@ -187,20 +198,36 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_base(args: argparse.Namespace) -> int:
-    from cheetah.train.base import pretrain_base
+    from cheetah.train.base import base_stage
 
     p = _params(args, {"base.steps": args.steps, "base.out": args.out})
-    _print_json(pretrain_base(p))
+    _print_json(base_stage(p))
     return 0
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from cheetah.train.vpgc import train_vpgc
+    from cheetah.train import distributed
+    from cheetah.train.vpgc import micro_batch_size, train_vpgc
 
     p = _params(args, {"train.steps": args.steps, "train.out": args.out, "train.data": args.data,
-                       "train.zero_stage": args.zero_stage, "train.precision": args.precision})
-    from cheetah.train import distributed
+                       "train.zero_stage": args.zero_stage, "train.precision": args.precision,
+                       "model.random_backbone": True if args.random_backbone else None})
+    if args.plan:
+        from cheetah.train.plan import plan_memory
 
+        world = args.world_size or distributed.launcher_world_size(p.train.launcher) or 1
+        lengths = args.lengths.split(",")
+        if len(lengths) != 2 or not all(x.isdigit() for x in lengths):
+            raise ConfigError(f"--lengths {args.lengths!r}: expected SYN,CAP token counts, e.g. 128,64")
+        _print_json(plan_memory(p, world, lengths=(int(lengths[0]), int(lengths[1]))))
+        return 0
+    if p.train.launcher and not distributed.launched():
+        # `train.launcher`: run this same command under torchrun / deepspeed (what `dvc repro` and the Prefect flow
+        # do), after the checks that would otherwise fail on every rank.
+        world = distributed.launcher_world_size(p.train.launcher)
+        if world:
+            micro_batch_size(p.train, world)
+        return distributed.relaunch(p.train.launcher, args.argv)
     try:
         metrics = train_vpgc(p, restart=args.restart)
     finally:
@@ -211,7 +238,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _add_training(sub: argparse._SubParsersAction) -> None:
-    b = sub.add_parser("base", help="pretrain the embedded `tiny` backbone on the world's captions (params: base)")
+    b = sub.add_parser("base", help="the backbone every later stage reads, in base.out: pretrain the embedded `tiny` "
+                                    "one, bring in a checkpoint, or random weights (params: base.init)")
     b.add_argument("--steps", type=int)
     b.add_argument("--out")
     b.set_defaults(func=_cmd_base)
@@ -226,6 +254,14 @@ def _add_training(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--precision", choices=["fp32", "bf16", "fp16"])
     t.add_argument("--restart", action="store_true",
                    help="start over: remove the checkpoints in train.state_dir instead of resuming from them")
+    t.add_argument("--random-backbone", action="store_true",
+                   help="build model.preset's backbone with random weights (planning, benchmarks; marked in the card)")
+    t.add_argument("--plan", action="store_true",
+                   help="print the estimated memory per rank for these settings and exit (meta device: allocates "
+                        "nothing, needs no weights)")
+    t.add_argument("--world-size", type=int, help="--plan: ranks (default: what train.launcher starts, else 1)")
+    t.add_argument("--lengths", default="128,64", metavar="SYN,CAP",
+                   help="--plan: tokens per synthetic and per caption sample (default: the paper's %(default)s)")
     t.set_defaults(func=_cmd_train)
 
 
@@ -258,13 +294,14 @@ def _add_world(sub: argparse._SubParsersAction) -> None:
 def _cmd_synthesize(args: argparse.Namespace) -> int:
     from cheetah.synthesize import synthesize
     from cheetah.synthesize.contact_sheet import SHEETS_DIR
+    from cheetah.synthesize.pipeline import default_backbone
 
     p = _params(args, {"synthesize.source": args.source, "synthesize.out": args.out, "synthesize.n": args.n,
                        "synthesize.captions": args.captions, "synthesize.seed": args.seed,
-                       "synthesize.workers": args.workers, "synthesize.selector": args.selector})
-    backbone = None
-    if p.synthesize.selector == "attention":
-        backbone = args.backbone or p.model.backbone_dir or p.model.preset
+                       "synthesize.workers": args.workers, "synthesize.selector": args.selector,
+                       "synthesize.executor": args.executor, "synthesize.address": args.address,
+                       "synthesize.shard_size": args.shard_size})
+    backbone = default_backbone(p, args.backbone)
     with stage_run("synthesize", to_dict(p.synthesize), experiment=p.register.experiment) as run:
         stats = synthesize(p.synthesize, backbone)
         _log_results(run, {k: v for k, v in stats.items() if k != "settings"},
@@ -280,7 +317,11 @@ def _add_synthesize(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--n", type=int, help="number of (original, edited) pairs")
     s.add_argument("--captions", type=int, help="number of caption samples")
     s.add_argument("--seed", type=int)
-    s.add_argument("--workers", type=int, help="parallel processes (output is identical for any number)")
+    s.add_argument("--workers", type=int, help="processes of the local Dask cluster (output is identical for any "
+                                               "number)")
+    s.add_argument("--executor", choices=["local", "dask"], help="run the shards in this process or on Dask")
+    s.add_argument("--address", help="Dask scheduler to connect to (default: start a local cluster)")
+    s.add_argument("--shard-size", type=int, help="pairs per shard (the unit of resume; never changes the output)")
     s.add_argument("--selector", choices=["attention", "random"])
     s.add_argument("--backbone", help="backbone directory for attention selection (default: model.backbone_dir)")
     s.set_defaults(func=_cmd_synthesize)
@@ -320,26 +361,28 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from cheetah.evaluate.run import evaluate, parse_model_specs
 
     flags: dict[str, object] = {"evaluate.batch_size": args.batch_size, "evaluate.device": args.device,
-                                "evaluate.out": args.out, "evaluate.metrics": args.metrics}
+                                "evaluate.out": args.out, "evaluate.metrics": args.metrics,
+                                "evaluate.decoding": args.decoding}
     if args.data_dir is not None:
         if args.benchmark == "all":
             raise DataError("--data-dir needs --benchmark demon or --benchmark mme (it replaces that one's folder)")
         flags[f"evaluate.{args.benchmark}_dir"] = args.data_dir
     p = _params(args, flags)
     specs = parse_model_specs(args.model) if args.model else None
-    # The stage's MLflow run spans the whole evaluation (evaluate() logs into it), so its system metrics do too.
-    with stage_run("evaluate", experiment=p.register.experiment, enabled=not args.no_track, system_metrics=True):
-        result = evaluate(p, specs, benchmark=args.benchmark, restart=args.restart, track=not args.no_track)
-    _print_json({"metrics": result["metrics"], "paths": result["paths"]})
+    result = evaluate(p, specs, benchmark=args.benchmark, restart=args.restart, track=not args.no_track)
+    if result.get("rank", 0) == 0:  # under torchrun, rank 0 has the results
+        _print_json({"metrics": result["metrics"], "paths": result["paths"]})
     return 0
 
 
 def _cmd_benchmarks(args: argparse.Namespace) -> int:
     from cheetah.evaluate.embedded import write_embedded_benchmarks
 
-    p = _params(args, {"evaluate.demon_dir": args.demon_dir, "evaluate.mme_dir": args.mme_dir,
-                       "evaluate.demon_per_task": args.demon_per_task,
+    p = _params(args, {"evaluate.demon_per_task": args.demon_per_task,
                        "evaluate.mme_per_subtask": args.mme_per_subtask})
+    # Written under world.benchmarks unless told otherwise: never into the real benchmarks evaluate.* may name.
+    p.evaluate.demon_dir = args.demon_dir or f"{p.world.benchmarks}/demon"
+    p.evaluate.mme_dir = args.mme_dir or f"{p.world.benchmarks}/mme"
     with stage_run("benchmarks", {"world": to_dict(p.world), "demon_per_task": p.evaluate.demon_per_task,
                                   "mme_per_subtask": p.evaluate.mme_per_subtask}, experiment=p.register.experiment):
         written = write_embedded_benchmarks(p.world, p.evaluate)
@@ -349,7 +392,9 @@ def _cmd_benchmarks(args: argparse.Namespace) -> int:
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser("evaluate", help="generate, score and report DEMON/MME for the base and VPG-C models "
-                                        "(params: evaluate); resumes a killed run")
+                                        "(params: evaluate); resumes a killed run",
+                       description="Run as is for one process; under `torchrun --nproc_per_node N` (or `deepspeed "
+                                   "--no_local_rank`) for one model per device, each rank a shard of the samples.")
     e.add_argument("--benchmark", choices=["demon", "mme", "all"], default="all")
     e.add_argument("--data-dir", help="data folder of the chosen --benchmark (default: evaluate.demon_dir/mme_dir)")
     e.add_argument("--model", action="append", metavar="NAME=SPEC",
@@ -359,6 +404,9 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--device", help="auto, cpu, cuda, cuda:N (default: evaluate.device)")
     e.add_argument("--out", help="report folder (default: evaluate.out)")
     e.add_argument("--metrics", help="metrics JSON (default: evaluate.metrics)")
+    e.add_argument("--decoding", choices=["official-demon"],
+                   help="a named decoding setting (evaluate.decoding): official-demon samples as the official DEMON "
+                        "script (top-k 50, top-p 0.9, temperature 1.0, 300 new tokens), seeded (evaluate.seed, 0)")
     e.add_argument("--restart", action="store_true", help="discard saved predictions instead of resuming them")
     e.add_argument("--no-track", action="store_true", help="do not log to MLflow")
     e.set_defaults(func=_cmd_evaluate)
@@ -367,8 +415,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 def _add_benchmarks(sub: argparse._SubParsersAction) -> None:
     b = sub.add_parser("benchmarks", help="write the embedded DEMON- and MME-format benchmarks from held-out world "
                                           "scenes (params: world, evaluate)")
-    b.add_argument("--demon-dir")
-    b.add_argument("--mme-dir")
+    b.add_argument("--demon-dir", help="default: <world.benchmarks>/demon")
+    b.add_argument("--mme-dir", help="default: <world.benchmarks>/mme")
     b.add_argument("--demon-per-task", type=int)
     b.add_argument("--mme-per-subtask", type=int)
     b.set_defaults(func=_cmd_benchmarks)
@@ -476,6 +524,15 @@ def _cmd_pipeline_source(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_pipeline_use(args: argparse.Namespace) -> int:
+    from cheetah.pipeline import use_params
+
+    if args.set:
+        raise ConfigError("`cheetah pipeline use` copies the file as it is; edit it (or params.yaml afterwards)")
+    print(use_params(args.config, "."))
+    return 0
+
+
 def _cmd_pipeline_stages(args: argparse.Namespace) -> int:
     from cheetah.pipeline import stage_order
 
@@ -495,6 +552,11 @@ def _add_pipeline(sub: argparse._SubParsersAction) -> None:
                                          "and params.yaml (DVC cache or remote; regenerate the embedded world; "
                                          "`dvc add` a changed corpus). Run it before a plain `dvc repro`")
     src.set_defaults(func=_cmd_pipeline_source)
+    u = psub.add_parser("use", help="make a parameters file (e.g. configs/vicuna-7b.yaml) the pipeline's params.yaml, "
+                                    "every field written out (DVC tracks and templates them); checks that the "
+                                    "stages' paths chain")
+    u.add_argument("config", help="parameters file, e.g. configs/vicuna-7b.yaml")
+    u.set_defaults(func=_cmd_pipeline_use)
     s = psub.add_parser("stages", help="print the stages of dvc.yaml in the order they run")
     s.set_defaults(func=_cmd_pipeline_stages)
 
@@ -515,6 +577,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                         help="override a parameter, e.g. --set train.lr=1e-4 (repeatable)")
     parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    parser.add_argument("--log-level", choices=LEVELS, type=str.upper,
+                        help=f"log level of cheetah's messages (default: ${LOG_ENV}, else INFO)")
+    # DeepSpeed's launcher appends --local_rank=N to every rank's arguments (the rank is in $LOCAL_RANK too).
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
     for add in _ADDERS:
         add(sub)
@@ -531,21 +597,38 @@ def _accept_common_options(sub: argparse._SubParsersAction) -> None:
                              metavar="SECTION.KEY=VALUE", help="override a parameter (repeatable)")
         command.add_argument("--overwrite", dest="overwrite_after", action="store_true", default=argparse.SUPPRESS,
                              help=OVERWRITE_HELP)
+        command.add_argument("--log-level", dest="log_level_after", choices=LEVELS, type=str.upper,
+                             default=argparse.SUPPRESS, help="log level (default: $CHEETAH_LOG_LEVEL, else INFO)")
+        command.add_argument("--local_rank", "--local-rank", dest="local_rank_after", type=int,
+                             default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         for action in command._actions:
             if isinstance(action, argparse._SubParsersAction):
                 _accept_common_options(action)
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # what `train.launcher` runs again on every rank
     args.set = [*(args.set or []), *vars(args).pop("set_after", [])]
     args.params = vars(args).pop("params_after", args.params)
     args.overwrite = vars(args).pop("overwrite_after", False) or args.overwrite
+    args.log_level = vars(args).pop("log_level_after", args.log_level)
+    local_rank = vars(args).pop("local_rank_after", args.local_rank)
+    if local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(local_rank))
     try:
+        configure_logging(args.log_level)
         with allow_overwrite(args.overwrite):
             return int(args.func(args) or 0)
     except CheetahError as e:
         print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except OSError as e:
+        if e.errno not in _USER_FIXABLE_ERRNO:
+            raise
+        # A full or read-only disk, or a folder without permission: the atomic writers left nothing half-written.
+        print(f"error: {e.filename or ''}{': ' if e.filename else ''}{e.strerror}", file=sys.stderr)
         return EXIT_USER_ERROR
 
 

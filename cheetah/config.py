@@ -39,9 +39,15 @@ class ModelConfig:
     """Directory holding the backbone's weights and tokenizer. For `tiny` it is written by the base stage."""
     update_layer: int | None = None
     """LLM layer whose input VPG-C corrects; None means L/2 (16 for the 32-layer 7B LLMs)."""
-    template: Literal["vicuna", "llama2"] | None = None
-    """Chat template; None takes the preset's default."""
+    template: Literal["vicuna", "llama2", "vicuna-train", "llama2-train", "plain"] | None = None
+    """Chat template (cheetah/model/prompts.py TEMPLATES); None takes the backbone's (its directory records one) or
+    the preset's. `vicuna`/`llama2`: the official inference rendering the released checkpoints were evaluated with
+    (real presets); `vicuna-train`/`llama2-train`: the training configs' `prompt_template` rendering (`tiny`)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    random_backbone: bool = False
+    """`cheetah train` builds the preset's backbone with random weights (seeded by train.seed) instead of loading
+    `backbone_dir` (whose tokenizer is used when it has one): planning and benchmarking at real shapes without a
+    checkpoint. The weights card says `random_backbone: true`, and such weights are not for registration."""
 
     def __post_init__(self) -> None:
         if self.update_layer is not None and self.update_layer < 1:
@@ -58,6 +64,10 @@ class WorldConfig:
     image_size: int = Field(default=64, ge=16, le=1024)
     heldout_seed: int = Field(default=10_000, ge=0)
     """Held-out scenes (benchmarks, base-model evaluation) are drawn from seeds that training never sees."""
+    benchmarks: str = "data/benchmarks"
+    """Where `cheetah benchmarks` writes the embedded DEMON- and MME-format benchmarks (`<benchmarks>/demon`,
+    `<benchmarks>/mme`). Evaluation reads `evaluate.demon_dir` / `mme_dir`: these by default, the real
+    benchmarks at scale."""
 
     @model_validator(mode="after")
     def _heldout_is_disjoint(self) -> "WorldConfig":
@@ -69,8 +79,17 @@ class WorldConfig:
 
 @dataclass(config=_STRICT)
 class BaseConfig:
-    """Pretraining of the `tiny` backbone on the world's captions and single-image questions (embedded default only)."""
+    """The base stage: the frozen backbone every later stage reads, written to `out` (= `model.backbone_dir`)."""
 
+    init: Literal["pretrain", "random", "checkpoint"] = "pretrain"
+    """How the backbone is made. `pretrain`: the embedded `tiny` preset, pretrained on the world's captions and
+    single-image questions (the fields below). `random`: `model.preset`'s shapes with random weights (seeded by
+    `seed`) and a tokenizer trained on the corpus' captions, saved like any checkpoint (CPU tests of the real-scale
+    path; planning). `checkpoint`: a real checkpoint directory, `checkpoint`, copied in (hard links where the file
+    system allows), so DVC versions the exact weights that training and evaluation read."""
+    checkpoint: str | None = None
+    """`init: checkpoint`: a Hugging Face BLIP-2/InstructBLIP `save_pretrained` directory with its tokenizer, e.g.
+    written by `cheetah model import`."""
     out: str = "data/backbone"
     metrics: str = "metrics/base.json"
     vision_steps: int = Field(default=300, ge=0)
@@ -98,7 +117,16 @@ class SynthesizeConfig:
     """Number of caption samples for the joint caption regulariser."""
     seed: int = Field(default=0, ge=0)
     workers: int = Field(default=1, ge=1)
-    """Parallel processes; any number gives byte-identical output (one seed per sample, merged in order)."""
+    """Worker processes of the local Dask cluster that `executor: dask` starts when `address` is null (with a GPU
+    `device`: one worker per GPU). Any number gives byte-identical output (one seed per sample, merged in order)."""
+    executor: Literal["local", "dask"] = "local"
+    """Where the shards run: `local` (one after another in this process) or `dask` (a Dask cluster: the one at
+    `address`, or a local one with `workers` processes). The model backends are loaded once per worker."""
+    address: str | None = None
+    """Dask scheduler to connect to (e.g. `tcp://10.0.0.5:8786`, with the workers already started there; see
+    docs/scale.md); null: start a local cluster. Only with `executor: dask`."""
+    shard_size: int = Field(default=64, ge=1)
+    """Pairs per shard: the unit of work, of resume after a kill and of failure. It never changes the output."""
     edit_types: list[Literal["modify", "swap", "delete", "add"]] = dataclasses.field(
         default_factory=lambda: ["modify", "swap", "delete", "add"]
     )
@@ -130,7 +158,8 @@ class SynthesizeConfig:
     clip_min_similarity: float = Field(default=0.2, ge=-1, le=1)
     """CLIP filter: least cosine similarity between the edited region and the text of the edit."""
     device: str = "cpu"
-    """Where the SAM, CLIP and inpainting models run ("cpu", "cuda", "cuda:1"). Not "cpu": use one worker."""
+    """Where the SAM, CLIP and inpainting models (and the attention backbone) run: "cpu", or "cuda" (with
+    `executor: dask`, every worker takes one GPU through the Dask resource GPU=1), "cuda:1", ..."""
     labels: list[str] = dataclasses.field(default_factory=lambda: [
         "person", "dog", "cat", "bird", "car", "bicycle", "ball", "cup", "bottle", "chair", "tree", "flower",
         "hat", "bag", "book", "clock",
@@ -150,9 +179,11 @@ class SynthesizeConfig:
                                  ("clip" in self.filters, self.clip_dir, "clip_dir")):
             if flag and not path:
                 raise ValueError(f"{name} must be set to a local model directory for this backend")
-        if self.device != "cpu" and self.workers > 1:
-            raise ValueError("workers > 1 forks the process, which an initialised GPU does not survive; "
-                             "use workers: 1 with device: " + self.device)
+        if self.executor == "local" and self.workers > 1:
+            raise ValueError(f"workers: {self.workers} needs executor: dask (executor: local runs the shards in this "
+                             f"process)")
+        if self.executor == "local" and self.address is not None:
+            raise ValueError("address names a Dask scheduler: it needs executor: dask")
         if self.masks == "sam" and len(self.labels) < 2:
             raise ValueError("labels needs at least two names (swap replaces one label with another)")
         return self
@@ -186,6 +217,9 @@ class TrainConfig:
     """Resumable training state (weights, optimiser, scheduler, RNG, data position); a killed run resumes here."""
     metrics: str = "metrics/train.json"
     curve: str = "plots/train_curve.csv"
+    """Learning curve for `dvc plots` (step, loss, lr)."""
+    curve_image: str | None = None
+    """The same curve with the held-out loss, as an image; None: next to `curve`, as .png."""
     steps: int = Field(default=300, ge=1)
     synthetic_batch: int = Field(default=12, ge=1)
     caption_batch: int = Field(default=32, ge=0)
@@ -202,14 +236,40 @@ class TrainConfig:
     checkpoint_every: int = Field(default=100, ge=1)
     keep_checkpoints: int = Field(default=2, ge=1)
     feature_cache: str | None = "memory"
-    """Frozen-ViT features: "memory" (computed once per image), a directory (also kept on disk), or None
-    (recomputed in every step)."""
+    """Frozen-ViT features of every training image, computed once before the first step: "memory" (in each
+    process), a directory (sharded .npy files shared by every rank and node, read without keeping them in RAM;
+    each rank computes a share), or None (the ViT runs on every step's images)."""
+    feature_dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    """Precision of cached features; `auto` is the vision tower's (`model.dtype`). Half precision halves the cache."""
+    workers: int = Field(default=2, ge=0)
+    """DataLoader worker processes per rank that read, tokenise and pad examples, gather cached features and decode
+    images (0: in the training process)."""
+    launcher: str | None = None
+    """How `cheetah train` starts its processes: None (this one process), or a launcher command it re-runs itself
+    under, e.g. `torchrun --nproc_per_node 8` or `deepspeed --hostfile hostfile` (so `dvc repro` and the Prefect
+    flow train on many GPUs). `$VARS` are expanded. A process started by a launcher (RANK set) never relaunches."""
+    deepspeed_config: str | None = None
+    """A DeepSpeed JSON config merged over the generated one (offload, bucket sizes, overlap, ...). Where it sets
+    what other train keys decide (batch sizes, ZeRO stage, precision, clipping, optimiser) it must agree with them.
+    The merged config is written to `<state_dir>/deepspeed_config.json` and logged with the run."""
     heldout_fraction: float = Field(default=0.05, ge=0, lt=1)
     """Source images held out of training (all their examples), for the held-out difference-description loss."""
     eval_every: int = Field(default=100, ge=1)
     max_length: int = Field(default=256, ge=16)
     seed: int = 0
     log_every: int = Field(default=10, ge=1)
+    loss_reduction: Literal["sample", "token"] = "sample"
+    """How a step's losses are averaged. `token`: the mean over every response token of the step's global batch
+    (all ranks, micro-batches and both sources), as the official model's Hugging Face loss (`cheetah_vicuna.py`
+    L329-339: `CrossEntropyLoss()` over the batch), so long answers weigh more. `sample`: each sample's mean token
+    loss, then the mean over samples. Either way N data-parallel ranks compute the single-process step. The real
+    presets default to `token`; the embedded `tiny` default keeps `sample`."""
+    qformer_dropout: bool = False
+    """Run the frozen Q-Former in training mode during training, so its dropout (0.1) is active in the first pass
+    and in VPG-C's re-extraction. The official model freezes the Q-Former's weights but, unlike the ViT, never puts
+    it in eval mode (`cheetah_vicuna.py` L87-91 vs L63-71), so its training (unreleased) ran with dropout on. The
+    real presets default to true; `tiny` keeps false. With it on, dropout masks depend on the data split, so N ranks
+    no longer reproduce one process exactly."""
     max_skipped_steps: int = Field(default=0, ge=0)
     """Steps with a non-finite loss that are skipped (no update) before training stops with a DivergenceError.
     0: the first one stops it. Skipping needs gradient_accumulation 1 (a partly accumulated step cannot be undone).
@@ -217,9 +277,18 @@ class TrainConfig:
 
     @model_validator(mode="after")
     def _skipping_needs_whole_steps(self) -> "TrainConfig":
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas must both be in [0, 1) (AdamW's moment decay rates), got {list(self.betas)}")
         if self.max_skipped_steps and self.gradient_accumulation != 1:
             raise ValueError("max_skipped_steps > 0 needs gradient_accumulation: 1 (a step whose earlier "
                              "micro-batches were already accumulated cannot be skipped)")
+        return self
+
+
+    @model_validator(mode="after")
+    def _image_next_to_curve(self) -> "TrainConfig":
+        if self.curve_image is None:  # (set without validating again: this is the validation)
+            object.__setattr__(self, "curve_image", str(Path(self.curve).with_suffix(".png")))
         return self
 
 
@@ -239,6 +308,11 @@ class EvaluateConfig:
     """Generation batch (length-bucketed). Answers do not depend on it in fp32; see cheetah/evaluate/generation.py
     for what holds in bf16 on a GPU."""
     max_new_tokens: int = Field(default=32, ge=1)
+    """The real presets default to 300, the official scripts' `max_new_tokens` (conversation.py L136)."""
+    decoding: Literal["official-demon"] | None = None
+    """A named decoding setting, which then decides max_new_tokens, do_sample, temperature, top_p and top_k
+    (DECODING_SETTINGS; `seed` stays yours, 0 when unset). `official-demon` samples as the official DEMON script
+    did (i4_cheetah_llama2.py through Chat.batch_answer), seeded. None: the fields below as they are."""
     do_sample: bool = False
     seed: int | None = None
     """Required when `do_sample` is true: sampling without a seed is refused."""
@@ -246,6 +320,16 @@ class EvaluateConfig:
     """Sampling only."""
     top_p: float = Field(default=0.9, gt=0, le=1)
     """Sampling only."""
+    top_k: int = Field(default=0, ge=0)
+    """Sampling only: keep the k most likely tokens before top-p; 0 keeps all."""
+    stop_strings: list[str] | None = None
+    """Where answers end; None: the chat template's end marker ('###' for Vicuna, the EOS </s> for LLaMA-2, a
+    newline for plain prompts), which is each real preset's stop (conversation.py L125-127,
+    conversation_llama2.py L150)."""
+    demon_option_rule: Literal["official", "strict"] = "official"
+    """DEMON multi-choice answers that share no term with any option: `official` takes the argmax of the all-zero
+    similarity row, i.e. the first option, as `evaluate.py` L96-105 does (scores compare with the paper's);
+    `strict` judges them by exact match instead. Either way their number is reported per task (`no_option`)."""
     device: str = "auto"
     """`auto` (CUDA when available, else CPU), `cpu`, `cuda`, `cuda:1`, ...; the dtype is `model.dtype`."""
 
@@ -254,6 +338,15 @@ class EvaluateConfig:
         if self.do_sample and self.seed is None:
             raise ValueError("do_sample=true needs an explicit seed (unseeded sampling is not reproducible)")
         return self
+
+    def generation(self) -> dict[str, Any]:
+        """The decoding arguments of `cheetah.evaluate.generation.Generator`: the named setting's, if any."""
+        out = {k: getattr(self, k) for k in ("max_new_tokens", "do_sample", "seed", "temperature", "top_p", "top_k",
+                                             "stop_strings")}
+        if self.decoding is not None:
+            out.update(DECODING_SETTINGS[self.decoding])
+            out["seed"] = 0 if self.seed is None else self.seed
+        return out
 
 
 @dataclass(config=_STRICT)
@@ -288,6 +381,7 @@ class Params:
 
 
 def _format_errors(err: ValidationError, source: str) -> str:
+    """One line per problem (`file: section.key: what`), the first line alone when there is only one."""
     lines = [f"{source}: invalid configuration"]
     for e in err.errors():
         where = ".".join(str(p) for p in e["loc"]) or "(top level)"
@@ -295,7 +389,9 @@ def _format_errors(err: ValidationError, source: str) -> str:
         msg = e["msg"]
         if e["type"] == "unexpected_keyword_argument" or e["type"] == "extra_forbidden":
             msg = "unknown key"
-        lines.append(f"  {where}: {msg}{got}")
+        lines.append(f"  {where}: {msg.removeprefix('Value error, ')}{got}")
+    if len(lines) == 2:
+        return f"{source}: {lines[1].strip()}"
     return "\n".join(lines)
 
 
@@ -354,28 +450,55 @@ PAPER_RECIPE: dict[str, Any] = {
     "steps": 18_000, "synthetic_batch": 24, "caption_batch": 64, "lr": 2e-5, "weight_decay": 0.05,
     "warmup_steps": 2_000, "schedule": "cosine", "betas": [0.9, 0.999], "precision": "bf16", "zero_stage": 2,
     "gradient_checkpointing": True, "feature_cache": None, "checkpoint_every": 1_000, "eval_every": 1_000,
-    "max_length": 512, "log_every": 10,
+    "max_length": 512, "log_every": 10, "workers": 4,
 }
+# What the official model does in training, where it differs from the tiny recipe: the loss is Hugging Face's token
+# mean over the batch, and the frozen Q-Former stays in training mode (dropout on). See the TrainConfig fields.
+OFFICIAL_TRAINING: dict[str, Any] = {"loss_reduction": "token", "qformer_dropout": True}
+# Evaluation as the official scripts: answers up to 300 new tokens (Chat.batch_answer's default, conversation.py
+# L136, which i4_cheetah_llama2.py L128 keeps). Decoding stays greedy (set `decoding: official-demon` to sample as
+# the official DEMON run did); each preset's stop string comes from its chat template (`stop_strings: null`).
+OFFICIAL_EVALUATION: dict[str, Any] = {"max_new_tokens": 300}
+_REAL = {"train": {**PAPER_RECIPE, **OFFICIAL_TRAINING}, "evaluate": OFFICIAL_EVALUATION,
+         "model": {"dtype": "bfloat16", "backbone_dir": None}, "base": {"init": "checkpoint"}}
 PRESET_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
-    "vicuna-7b": {"train": PAPER_RECIPE, "model": {"dtype": "bfloat16", "backbone_dir": None}},
-    "llama2-7b": {"train": PAPER_RECIPE, "model": {"dtype": "bfloat16", "backbone_dir": None}},
-    "opt-2.7b": {"train": PAPER_RECIPE, "model": {"dtype": "bfloat16", "backbone_dir": None}},
+    "vicuna-7b": _REAL,
+    "llama2-7b": _REAL,
+    "opt-2.7b": _REAL,
+    # The 7B architecture at toy width: the real-scale code path (bf16, checkpointing, ...) on a CPU, with a
+    # random backbone written by the base stage. Batches and steps are the config file's (configs/mini-random.yaml).
+    "mini": {"train": PAPER_RECIPE, "model": {"dtype": "bfloat16"}, "base": {"init": "random"}},
 }
+# Named decoding settings (`evaluate.decoding`; EvaluateConfig.generation applies them).
+# `official-demon`: Chat.batch_answer (conversation_llama2.py L160-225, called by i4_cheetah_llama2.py L128) samples
+# with do_sample=True, top_p=0.9, temperature=1.0, max_new_tokens=300, num_beams=1, and passes no top_k, so the
+# transformers 4.31 default it pins (requirement.txt) applies: GenerationConfig.top_k = 50. The official run was
+# unseeded (setup_seeds is never called); here `evaluate.seed` (0 when unset) seeds it, and each answer's draw
+# depends only on the seed and the sample. Not reproduced: min_length=1, which at most forbids EOS as the very first
+# token.
+DECODING_SETTINGS: dict[str, dict[str, Any]] = {
+    "official-demon": {"do_sample": True, "top_p": 0.9, "temperature": 1.0, "top_k": 50, "max_new_tokens": 300},
+}
+
+
+def _fill(tree: dict[str, Any], section: str, defaults: dict[str, Any]) -> None:
+    given = tree.setdefault(section, {})
+    if isinstance(given, dict):
+        for key, value in defaults.items():
+            given.setdefault(key, value)
 
 
 def _apply_preset_defaults(tree: dict[str, Any]) -> None:
     model = tree.get("model") if isinstance(tree.get("model"), dict) else {}
     for section, defaults in PRESET_DEFAULTS.get(str(model.get("preset", "tiny")), {}).items():
-        given = tree.setdefault(section, {})
-        if isinstance(given, dict):
-            for key, value in defaults.items():
-                given.setdefault(key, value)
+        _fill(tree, section, defaults)
 
 
 def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | None = None) -> Params:
     """Read `params.yaml` (missing sections take their defaults) and apply `section.key=value` overrides.
 
-    For a real-scale `model.preset`, `train` keys left unset take the paper's recipe (`PAPER_RECIPE`)."""
+    For a real-scale `model.preset`, keys left unset take the preset's defaults (`PRESET_DEFAULTS`: the paper's
+    recipe and the official model's training and evaluation behaviour)."""
     tree: dict[str, Any] = {}
     source = "defaults"
     if path is not None and Path(path).exists():

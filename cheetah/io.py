@@ -237,10 +237,11 @@ def _manifest_kind(path: Path) -> str | None:
         return None
 
 
-def claim_dir(path: str | Path, kind: str, *, protect: Iterable[str | Path] = ()) -> Path:
+def claim_dir(path: str | Path, kind: str, *, protect: Iterable[str | Path] = (), create: bool = True) -> Path:
     """Make `path` a folder that a stage fills in place (resumable state, incremental reports): created with a
     manifest when missing or empty; accepted when an earlier `kind` claimed it; otherwise refused like
-    `check_output` (a folder of someone else's files is never written into, nor cleaned up)."""
+    `check_output` (a folder of someone else's files is never written into, nor cleaned up). `create=False` only
+    checks (every rank of a distributed stage checks; one creates)."""
     path = Path(path)
     _check_location(path, protect)
     if _manifest_kind(path) == kind:
@@ -248,15 +249,24 @@ def claim_dir(path: str | Path, kind: str, *, protect: Iterable[str | Path] = ()
     if path.exists():
         _refuse_foreign(path, kind, sorted(p.relative_to(path).as_posix() for p in path.rglob("*")
                                            if not p.is_dir()))
+    if not create:
+        return path
     path.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path / MANIFEST, {"written_by": "cheetah", "kind": kind, "files": None})
     return path
 
 
 def remove_output(path: str | Path, kind: str) -> None:
-    """Delete a folder only if it is a `kind` output that nothing was added to (e.g. a stale failure report)."""
+    """Delete a folder only if it is a `kind` folder: an output that nothing was added to (e.g. a stale failure
+    report), or a folder claimed by `claim_dir` (a finished stage's work area)."""
     path = Path(path)
-    if path.exists() and not _foreign_files(path, kind) and (path / MANIFEST).is_file():
+    if path.is_symlink() or not path.is_dir() or _manifest_kind(path) != kind:
+        return
+    try:
+        claimed = json.loads((path / MANIFEST).read_text(encoding="utf-8")).get("files") is None
+    except (OSError, ValueError, AttributeError):
+        return
+    if claimed or not _foreign_files(path, kind):
         shutil.rmtree(path)
 
 
@@ -288,20 +298,42 @@ def read_json(path: str | Path) -> Any:
 
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield (line_number, record). A malformed line or a non-object record raises DataError naming the line."""
+    for lineno, _, rec in iter_jsonl_offsets(path):
+        yield lineno, rec
+
+
+def iter_jsonl_offsets(path: str | Path) -> Iterator[tuple[int, int, dict[str, Any]]]:
+    """Yield (line_number, byte offset of the line, record), so a record can be read again later with
+    `read_jsonl_at` without keeping it in memory. Errors as `iter_jsonl`."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: file not found")
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
+    offset = 0
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            start, offset = offset, offset + len(raw)
+            if not raw.strip():
                 continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: malformed JSON: {e.msg}") from None
-            if not isinstance(rec, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
-            yield lineno, rec
+            yield lineno, start, _parse_jsonl_line(path, lineno, raw)
+
+
+def read_jsonl_at(f: Any, path: str | Path, offset: int) -> dict[str, Any]:
+    """The record of the line at byte `offset` of the open binary file `f` (of `path`, for messages)."""
+    f.seek(offset)
+    return _parse_jsonl_line(Path(path), None, f.readline())
+
+
+def _parse_jsonl_line(path: Path, lineno: int | None, raw: bytes) -> dict[str, Any]:
+    where = f"{path}:{lineno}" if lineno is not None else str(path)
+    try:
+        rec = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{where}: not UTF-8 text ({e})") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: malformed JSON: {e.msg}") from None
+    if not isinstance(rec, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    return rec
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:

@@ -31,10 +31,14 @@ DVC_YAML = "dvc.yaml"
 SOURCE = "data/source"  # the source image-caption corpus ...
 DATA_DVC = "data.dvc"  # ... and the DVC file that versions it
 RECEIPT = "metrics/register.json"
-# What the parent run keeps (paths relative to the repository root; missing ones are skipped).
-RECORD_FILES = ("dvc.lock", "dvc.yaml", "params.yaml", "metrics/base.json", "metrics/train.json", "metrics/eval.json",
-                RECEIPT, "plots/train_curve.csv", "plots/train_curve.png")
-RECORD_DIRS = {"reports/eval": "eval", "reports/data_docs": "data_docs"}
+
+
+def record_paths(params: Any) -> tuple[list[str], dict[str, str]]:
+    """What the parent run keeps, where `params` puts it: files, and folders with their artifact names (paths
+    relative to the repository root; missing ones are skipped)."""
+    files = ["dvc.lock", "dvc.yaml", "params.yaml", params.base.metrics, params.train.metrics,
+             params.evaluate.metrics, RECEIPT, params.train.curve, params.train.curve_image]
+    return files, {params.evaluate.out: "eval", params.validate.docs_dir: "data_docs"}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -42,41 +46,43 @@ RECORD_DIRS = {"reports/eval": "eval", "reports/data_docs": "data_docs"}
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _paths(entries: Any) -> list[str]:
-    """Paths of a stage's `deps`/`outs`/`metrics`/`plots` list (entries are strings or one-key mappings)."""
-    out = []
-    for e in entries or []:
-        if isinstance(e, str):
-            out.append(e)
-        elif isinstance(e, Mapping):
-            out.extend(str(k) for k in e)
-    return [p.rstrip("/") for p in out]
-
-
 def _inside(path: str, other: str) -> bool:
     return path == other or path.startswith(other + "/") or other.startswith(path + "/")
 
 
 def read_stages(root: str | Path = ".") -> dict[str, dict[str, Any]]:
-    import yaml
+    """The stages of `root`/dvc.yaml as DVC resolves them — `${...}` filled in from params.yaml, foreach/matrix
+    stages expanded — in the file's order: {name: {"cmd", "deps", "outs"}}, with the paths DVC tracks (relative to
+    the repository; absolute outside it) and `outs` holding every output, metrics and plots included. Reading it
+    through DVC, not as YAML, keeps the order and the paths right whatever the parameters file says."""
+    from dvc.dependency.param import ParamsDependency
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+    from dvc.stage import PipelineStage
 
-    path = Path(root) / DVC_YAML
+    path = (Path(root) / DVC_YAML).resolve()
     if not path.is_file():
         raise DataError(f"{path}: not found (run from the repository root, or pass its path)")
-    spec = yaml.safe_load(path.read_text()) or {}
-    stages = spec.get("stages")
-    if not isinstance(stages, Mapping) or not stages:
+    try:
+        with Repo(str(path.parent), uninitialized=True) as repo:
+            found = [s for s in repo.index.stages if isinstance(s, PipelineStage) and Path(s.path) == path]
+    except DvcException as e:
+        raise DataError(f"{path}: {e}") from None
+    if not found:
         raise DataError(f"{path}: no `stages:`")
-    for name, stage in stages.items():
-        if not isinstance(stage, Mapping) or "cmd" not in stage:
-            raise DataError(f"{path}: stage {name!r} has no cmd (foreach/matrix stages are not supported here)")
-    return dict(stages)
+    stages: dict[str, dict[str, Any]] = {}
+    for stage in found:
+        cmd = stage.cmd if isinstance(stage.cmd, str) else " && ".join(stage.cmd)
+        stages[stage.name] = {"cmd": cmd,
+                              "deps": [str(d.def_path).rstrip("/") for d in stage.deps
+                                       if not isinstance(d, ParamsDependency)],
+                              "outs": [str(o.def_path).rstrip("/") for o in stage.outs]}
+    return stages
 
 
 def _needs(stages: Mapping[str, Mapping[str, Any]]) -> dict[str, set[str]]:
     """{stage: the stages producing one of its dependencies}."""
-    produces = {n: _paths(s.get("outs")) + _paths(s.get("metrics")) + _paths(s.get("plots")) for n, s in stages.items()}
-    return {n: {m for m in stages if m != n for d in _paths(s.get("deps")) for o in produces[m] if _inside(d, o)}
+    return {n: {m for m in stages if m != n for d in s["deps"] for o in stages[m]["outs"] if _inside(d, o)}
             for n, s in stages.items()}
 
 
@@ -108,7 +114,47 @@ def reads_source(root: str | Path = ".", stages: Sequence[str] | None = None) ->
             todo.extend(needs[name])
     if stages and any(s not in all_stages for s in stages):
         return True  # not a stage of dvc.yaml (a path, a .dvc file): let DVC decide, with the corpus in place
-    return any(_inside(d, SOURCE) for n in seen for d in _paths(all_stages[n].get("deps")))
+    return any(_inside(d, SOURCE) for n in seen for d in all_stages[n]["deps"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The parameters: params.yaml, at any scale
+# ---------------------------------------------------------------------------------------------------------------
+
+PARAMS = "params.yaml"
+DEFAULT_DEEPSPEED_CONFIG = "configs/deepspeed.json"  # {}: the generated DeepSpeed config unchanged
+_PARAMS_HEADER = """\
+# The pipeline's parameters, written by `cheetah pipeline use {source}` from that file, with every field spelled out
+# (preset defaults applied): DVC tracks, and dvc.yaml templates, only what this file says. Edit it for runs
+# (`dvc exp run -S section.key=value` sets one), or edit {source} and run the command again. Typed and documented in
+# cheetah/config.py.
+"""
+
+
+def use_params(config: str | Path, root: str | Path = ".") -> str:
+    """Make the parameters file `config` (e.g. configs/vicuna-7b.yaml) the pipeline's params.yaml, every field written
+    out; refuses a file whose stages would not chain (the backbone the base stage writes must be the one the others
+    read, the data synthesis writes the data training reads). Returns what it did."""
+    import json
+
+    import yaml
+
+    from cheetah.config import ConfigError, load_params, to_dict
+    from cheetah.io import atomic_write_text
+
+    params = load_params(config)
+    chain = [("model.backbone_dir", params.model.backbone_dir, "base.out", params.base.out),
+             ("train.data", params.train.data, "synthesize.out", params.synthesize.out)]
+    problems = [f"{a} is {va!r} but {b} is {vb!r}" for a, va, b, vb in chain if va != vb]
+    if problems:
+        raise ConfigError(f"{config}: the pipeline's stages would not chain: {'; '.join(problems)} (make them equal)")
+    if params.train.deepspeed_config is None:  # a dependency of the train stage: it must name a file
+        params.train.deepspeed_config = DEFAULT_DEEPSPEED_CONFIG
+    tree = json.loads(json.dumps(to_dict(params)))  # plain lists and numbers for YAML
+    text = _PARAMS_HEADER.format(source=config) + "\n" + yaml.safe_dump(tree, sort_keys=False, width=120)
+    atomic_write_text(Path(root) / PARAMS, text)
+    return (f"{Path(root) / PARAMS}: written from {config} (preset {params.model.preset}); `dvc status` shows what "
+            "reruns, `cheetah pipeline run` or `dvc repro` runs it")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -390,9 +436,9 @@ def parent_run(root: str | Path = ".", experiment: str = "cheetah", run_name: st
 
 def log_record(run_id: str, root: str | Path = ".", params: Any = None,
                stages_run: Sequence[str] | None = None) -> dict[str, Any]:
-    """Log the pipeline's record on the parent run: files and folders (see RECORD_*), the evaluation (and training,
-    base) metrics as run metrics, the params, the lineage tags, and `stages_run` (the stages DVC ran; by default
-    those that logged a child run). Returns what was logged."""
+    """Log the pipeline's record on the parent run: files and folders (`record_paths`; `params`: params.yaml by
+    default), the evaluation (and training, base) metrics as run metrics, the params, the lineage tags, and
+    `stages_run` (the stages DVC ran; by default those that logged a child run). Returns what was logged."""
     import time
 
     import mlflow
@@ -404,21 +450,27 @@ def log_record(run_id: str, root: str | Path = ".", params: Any = None,
     from cheetah.registry import lineage
     from cheetah.tracking import flat_metrics
 
+    from cheetah.config import load_params
+
     root = Path(root)
+    if params is None:
+        params = load_params(root / "params.yaml")
     client = MlflowClient()
     logged: dict[str, Any] = {"files": [], "dirs": [], "metrics": 0}
-    for rel in RECORD_FILES:
+    record_files, record_dirs = record_paths(params)
+    for rel in record_files:
         if (root / rel).is_file():
             parent = Path(rel).parent.as_posix()
             client.log_artifact(run_id, str(root / rel), artifact_path="pipeline" if parent == "." else
                                 f"pipeline/{parent}")
             logged["files"].append(rel)
-    for rel, dest in RECORD_DIRS.items():
+    for rel, dest in record_dirs.items():
         if (root / rel).is_dir() and any((root / rel).iterdir()):
             client.log_artifacts(run_id, str(root / rel), artifact_path=dest)
             logged["dirs"].append(rel)
     numbers: dict[str, float] = {}
-    for rel, prefix in (("metrics/eval.json", ""), ("metrics/train.json", "train."), ("metrics/base.json", "base.")):
+    for rel, prefix in ((params.evaluate.metrics, ""), (params.train.metrics, "train."),
+                        (params.base.metrics, "base.")):
         if (root / rel).is_file():
             try:
                 numbers.update({prefix + k: v for k, v in flat_metrics(read_json(root / rel)).items()})
@@ -429,11 +481,10 @@ def log_record(run_id: str, root: str | Path = ".", params: Any = None,
     for i in range(0, len(batch), 900):  # the REST API takes at most 1000 metrics per call
         client.log_batch(run_id, metrics=batch[i:i + 900], synchronous=True)
     logged["metrics"] = len(batch)
-    if params is not None:
-        existing = client.get_run(run_id).data.params
-        items = [(k, str(v)[:500]) for k, v in flatten(params).items() if k not in existing]
-        for i in range(0, len(items), 90):  # ... and at most 100 params
-            client.log_batch(run_id, params=[Param(k, v) for k, v in items[i:i + 90]], synchronous=True)
+    existing = client.get_run(run_id).data.params
+    items = [(k, str(v)[:500]) for k, v in flatten(params).items() if k not in existing]
+    for i in range(0, len(items), 90):  # ... and at most 100 params
+        client.log_batch(run_id, params=[Param(k, v) for k, v in items[i:i + 90]], synchronous=True)
     for key, value in lineage(root).items():
         client.set_tag(run_id, key, value)
     if stages_run is None:

@@ -13,6 +13,8 @@ and tagged with its lineage:
                               dvc.lock read is logged with the run (`lineage/dvc.lock`)
     data_hash                 DVC's md5 of data/source (data.dvc if there is one, else the `world` stage in dvc.lock)
     backbone_hash             DVC's md5 of the backbone directory (the `base` stage), when DVC produced it
+    config.*                  the configuration it was trained in (preset, backbone init, world size, ZeRO stage,
+                              precision, launcher; `config_tags`)
     vpgc_sha256               the weights file's hash (also in the card)
     metric.<name>             the headline evaluation metrics (e.g. demon_average, mme.perception), so that
                               promotion compares recorded values and never has to re-evaluate
@@ -373,7 +375,20 @@ def lineage(root: str | Path = ".", stage: str = "register") -> dict[str, str]:
     data_dvc = _load_yaml(root / "data.dvc")
     data_md5 = _out_md5(data_dvc, "data/source") if data_dvc else None
     tags["data_hash"] = data_md5 or _out_md5(stages.get("world"), "data/source") or "unknown"
-    tags["backbone_hash"] = _out_md5(stages.get("base"), "data/backbone") or "unknown"
+    base_outs = (stages.get("base") or {}).get("outs") or []  # the backbone: the base stage's directory output
+    tags["backbone_hash"] = next((o.get("md5") for o in base_outs if str(o.get("md5", "")).endswith(".dir")),
+                                 None) or "unknown"
+    return tags
+
+
+def config_tags(card: Mapping[str, Any]) -> dict[str, str]:
+    """The configuration a model was trained in, from its card: `config.preset`, `config.backbone_init` (pretrain,
+    random, checkpoint), `config.random_backbone`, `config.world_size`, `config.zero_stage`, `config.precision`,
+    `config.launcher`."""
+    training = card.get("training") or {}
+    tags = {f"config.{k}": str(card.get(k)) for k in ("backbone_init", "random_backbone")}
+    tags.update({f"config.{k}": str(training.get(k)) for k in ("preset", "world_size", "zero_stage", "precision",
+                                                              "launcher")})
     return tags
 
 
@@ -552,6 +567,7 @@ def register(params: Params, metrics_path: str | Path | None = None, vpgc_dir: s
     tags = {**lineage(root), "vpgc_sha256": str(card["sha256"]), "backbone": str(card.get("backbone")),
             "metric": cfg.metric, **{f"metric.{k}": repr(v) for k, v in headline.items()}}
     tags[f"metric.{cfg.metric}"] = repr(value)
+    tags.update(config_tags(card))
     eligible, eligibility = champion_eligibility(tags)
     tags["champion_eligible"] = str(eligible).lower()
 
@@ -762,8 +778,14 @@ def receipt_is_current(path: str | Path = RECEIPT, experiment: str = "cheetah",
 
 def load(model_uri: str, backbone_dir: str | Path | None = None) -> Any:
     """`mlflow.pyfunc.load_model(model_uri)`, with the backbone directory overridden when given."""
+    from mlflow.exceptions import MlflowException
+
     config = {"backbone_dir": str(backbone_dir)} if backbone_dir else None
-    return mlflow.pyfunc.load_model(model_uri, model_config=config)
+    try:
+        return mlflow.pyfunc.load_model(model_uri, model_config=config)
+    except MlflowException as e:  # no such model, version or alias (e.g. no champion yet) in this tracking store
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"{model_uri}: cannot load it from the tracking store {mlflow.get_tracking_uri()} ({first})") from None
 
 
 def predict(model_uri: str, instruction: str, images: Sequence[str | Path],

@@ -18,6 +18,16 @@ bad parameter or a failed data validation, which would fail again), task runs na
 every stage in the UI, schedules (prefect.yaml: nightly), and a markdown artifact with the evaluation table. Like
 `cheetah pipeline run`, the flow opens one parent MLflow run; each stage logs a child run of it.
 
+Progress: every stage logs `progress <stage> <done>/<total>` lines (cheetah.progress); the task that runs the stage
+keeps a Prefect progress artifact per stage up to date from them (key `cheetah-progress-<stage>`).
+
+Synthesis shards as task runs: when the `synthesize` stage is out of date, the flow first makes its missing shards,
+one task run per shard (`synthesize shard <k>`, retried on its own if a worker dies), on the stage's executor (the
+Dask cluster of `synthesize.executor`/`address`, or this process), with the progress artifact counting pairs. The
+shards land in the stage's work area, so the DVC stage that follows (`cheetah synthesize`, the same code and keys)
+finds them all made and only merges them: DVC still runs and records the stage, and Prefect shows (and retries)
+each shard. A shard that fails stops the flow with the source record named; the other shards stay made.
+
     python flows/pipeline.py run [--stage evaluate --stage register] [--force]    run once (ephemeral API)
                                  (--stage source: only bring data/source in line with data.dvc and params.yaml)
     python flows/pipeline.py serve [--cron "0 2 * * *"] [--interval 3600]         serve with a schedule
@@ -27,6 +37,7 @@ every stage in the UI, schedules (prefect.yaml: nightly), and a markdown artifac
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 import subprocess
 import sys
@@ -34,7 +45,9 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.utilities.annotations import quote
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `python flows/pipeline.py` from a checkout without `pip install -e .`
@@ -43,6 +56,7 @@ if str(REPO) not in sys.path:  # `python flows/pipeline.py` from a checkout with
 from cheetah.config import ConfigError  # noqa: E402
 from cheetah.io import DataError  # noqa: E402
 from cheetah.pipeline import (  # noqa: E402
+    RECEIPT,
     ensure_source,
     forget_stale_receipt,
     is_up_to_date,
@@ -56,6 +70,7 @@ from cheetah.pipeline import (  # noqa: E402
 )
 
 ARTIFACT_KEY = "cheetah-evaluation"
+SHARDED_STAGE = "synthesize"  # its shards run as task runs before the stage itself merges them
 SOURCE_TASK = "source"  # the task before the DVC stages: data/source in line with data.dvc (not a DVC stage)
 # Exit statuses of a stage command that mean "the inputs are wrong", not "something went wrong": cheetah's CLI exits
 # 2 on bad configuration or data, and `cheetah validate` exits 1 when the data fails its expectations.
@@ -90,9 +105,33 @@ def _retry_transient(task: Any, task_run: Any, state: Any) -> bool:
     return False
 
 
+def progress_key(stage: str) -> str:
+    return "cheetah-progress-" + re.sub(r"[^a-z0-9]+", "-", stage.lower()).strip("-")
+
+
+class _ProgressArtifacts:
+    """One Prefect progress artifact per stage label, created at its first progress line and updated after."""
+
+    def __init__(self) -> None:
+        self.ids: dict[str, Any] = {}
+
+    def update(self, stage: str, done: int, total: int) -> None:
+        percent = 100.0 * done / total if total else 100.0
+        description = f"{stage}: {done} of {total}"
+        if stage not in self.ids:
+            self.ids[stage] = create_progress_artifact(progress=percent, key=progress_key(stage),
+                                                       description=description)
+        else:
+            update_progress_artifact(self.ids[stage], progress=percent, description=description)
+
+
 def _stream(stage: str, cmd: list[str], root: Path, env: dict[str, str]) -> tuple[int, list[str]]:
-    """Run `cmd`, sending each output line to the task's log (progress bars: the last state of each line)."""
+    """Run `cmd`, sending each output line to the task's log (progress bars: the last state of each line) and its
+    progress lines to the stage's progress artifact."""
+    from cheetah.progress import parse_progress_line
+
     logger = get_run_logger()
+    progress = _ProgressArtifacts()
     lines: list[str] = []
     with subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           errors="replace", bufsize=1) as proc:
@@ -102,6 +141,9 @@ def _stream(stage: str, cmd: list[str], root: Path, env: dict[str, str]) -> tupl
             if line:
                 lines.append(line)
                 logger.info("%s | %s", stage, line)
+                parsed = parse_progress_line(line)
+                if parsed:
+                    progress.update(*parsed)
         proc.wait()
     return proc.returncode, lines
 
@@ -137,27 +179,86 @@ def source(repo_dir: str) -> dict[str, Any]:
             "action": action}
 
 
+@task(retries=1, retry_delay_seconds=[10], retry_condition_fn=_retry_transient, cache_policy=NO_CACHE)
+def synthesis_shard(pool: Any, job: Any, shard: Any) -> dict[str, Any]:
+    """One shard of the synthesize stage (`cheetah.synthesize.pipeline.run_shard`) on the stage's executor."""
+    from cheetah.synthesize.pipeline import log_shard, run_shard
+
+    info = pool.run(run_shard, job, shard)
+    log_shard(shard, info)
+    get_run_logger().info("shard %d (pairs %d-%d): %d pairs in %.1f s on %s", shard.index, shard.start,
+                          shard.stop - 1, info["pairs"], info["seconds"], info["host"])
+    return info
+
+
+def synthesize_shards(root: Path, force: bool = False) -> dict[str, Any] | None:
+    """The synthesize stage's missing shards, one task run each, before `dvc repro` runs the stage (which then only
+    merges them). Nothing when DVC finds the stage up to date."""
+    from cheetah.config import load_params
+    from cheetah.engine import Pool
+    from cheetah.synthesize.pipeline import (Synthesizer, build_backends, default_backbone, one_torch_thread,
+                                             plan, shard_failures)
+    from prefect.futures import as_completed
+
+    if not force and is_up_to_date(root, [SHARDED_STAGE]):
+        return None
+    params = load_params(root / "params.yaml")
+    # The stage runs in the repository root: the same paths (so the same work area and keys) from here.
+    cfg = dataclasses.replace(params.synthesize, source=str(root / params.synthesize.source),
+                              out=str(root / params.synthesize.out))
+    backbone = default_backbone(params)
+    if backbone is not None and (root / backbone).exists():
+        backbone = str(root / backbone)
+    run = plan(cfg, backbone)
+    logger = get_run_logger()
+    logger.info("%s: %d shard(s), %d to make as task runs", SHARDED_STAGE, len(run.shards), len(run.todo))
+    progress = _ProgressArtifacts()
+    done = run.done_before
+    progress.update(SHARDED_STAGE, done, cfg.n)
+    failed: list[tuple[Any, BaseException]] = []
+    with one_torch_thread(), Pool(cfg.executor, workers=cfg.workers, address=cfg.address, gpu=cfg.device != "cpu",
+                                   name=SHARDED_STAGE) as pool:
+        if run.todo and cfg.executor == "local":  # built once, here (a Dask worker builds its own)
+            run.job.synthesizer = Synthesizer(cfg, build_backends(cfg, run.job.backbone), run.job.items)
+        futures = {synthesis_shard.with_options(task_run_name=f"{SHARDED_STAGE} shard {shard.index}")
+                   .submit(quote(pool), quote(run.job), shard): shard for shard in run.todo}
+        for future in as_completed(list(futures)):
+            shard = futures[future]
+            try:
+                future.result()
+                done += len(shard)
+                progress.update(SHARDED_STAGE, done, cfg.n)
+            except Exception as e:  # noqa: BLE001 - every failed shard is named below
+                failed.append((shard, e))
+        run.job.synthesizer = None
+    if failed:
+        raise shard_failures(run, failed)
+    return {"shards": len(run.shards), "made": len(run.todo), "done_before": len(run.shards) - len(run.todo)}
+
+
 def _ran(summary: dict[str, Any]) -> list[str]:
     return [stage for stage, result in summary["stages"].items() if result.get("ran")]
 
 
 def evaluation_markdown(root: Path, summary: dict[str, Any]) -> str:
-    """The markdown artifact: the evaluation report (reports/eval/report.md) under a header with the outcome."""
+    """The markdown artifact: the evaluation report (<evaluate.out>/report.md) under a header with the outcome."""
     import json
+
+    from cheetah.config import load_params
 
     parts = ["# Cheetah pipeline run", ""]
     ran = _ran(summary)
     parts.append(f"Stages run: {', '.join(ran) if ran else 'none (everything was up to date)'}  ")
     if summary.get("mlflow_run_id"):
         parts.append(f"MLflow parent run: `{summary['mlflow_run_id']}`  ")
-    receipt = root / "metrics" / "register.json"
+    receipt = root / RECEIPT
     if receipt.is_file():
         r = json.loads(receipt.read_text())
         parts.append(f"Registered: `{r['model_uri']}`, {r['metric']} = {r['value']:.4f}; "
                      f"{'**champion**' if r['promoted'] else 'challenger'} ({r['reason']})  ")
-    report = root / "reports" / "eval" / "report.md"
+    report = root / load_params(root / "params.yaml").evaluate.out / "report.md"
     parts.append("")
-    parts.append(report.read_text() if report.is_file() else "_No evaluation report (reports/eval/report.md)._")
+    parts.append(report.read_text() if report.is_file() else f"_No evaluation report ({report})._")
     return "\n".join(parts) + "\n"
 
 
@@ -184,7 +285,7 @@ def pipeline(repo_dir: str | None = None, stages: list[str] | None = None, force
     if not selected:
         return summary
     if forget_stale_receipt(root, experiment):
-        logger.info("metrics/register.json names a version the tracking store does not hold: registering again")
+        logger.info("%s names a version the tracking store does not hold: registering again", RECEIPT)
     if not force and is_up_to_date(root, selected):
         # Still one task per stage (the schedule's record shows each was checked), but no empty MLflow run.
         logger.info("DVC finds every stage up to date: checking them without an MLflow run")
@@ -202,6 +303,8 @@ def pipeline(repo_dir: str | None = None, stages: list[str] | None = None, force
         summary["mlflow_run_id"] = run.info.run_id
         try:
             for stage in selected:
+                if stage == SHARDED_STAGE:
+                    summary["shards"] = synthesize_shards(root, force)
                 summary["stages"][stage] = run_stage.with_options(name=stage)(stage, str(root), run.info.run_id,
                                                                              force)
         except BaseException:

@@ -56,6 +56,30 @@ def sharpen(model, seed: int = 1):
     return model
 
 
+def build_tiny_instructblip(tokenizer, seed: int = 0, image_size: int = 32):
+    """A tiny InstructBLIP backbone built in code: the tiny preset's shapes, an InstructBLIP Q-Former that reads
+    text, and a Q-Former tokenizer of its own (trained here, as the LLM's)."""
+    from transformers import InstructBlipConfig, InstructBlipForConditionalGeneration
+
+    from cheetah.model.backbones import PRESETS, Backbone, _image_processor, init_random_weights
+    from cheetah.model.prompts import TEMPLATES
+
+    qformer_tokenizer = make_tokenizer(vocab_size=200, with_image_token=False)
+    tiny = PRESETS["tiny"]
+    config = InstructBlipConfig(
+        vision_config={**tiny.vision, "image_size": image_size},
+        qformer_config={**tiny.qformer, "vocab_size": len(qformer_tokenizer), "max_position_embeddings": 128,
+                        "pad_token_id": qformer_tokenizer.pad_token_id},
+        text_config={**tiny.text, "vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
+                     "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id},
+        num_query_tokens=tiny.num_query_tokens, image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
+    torch.manual_seed(seed)
+    model = InstructBlipForConditionalGeneration(config).eval()
+    init_random_weights(model)
+    return Backbone(model, tokenizer, _image_processor(image_size), TEMPLATES["plain"], "instructblip-tiny",
+                    qformer_tokenizer=qformer_tokenizer)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return make_tokenizer()
@@ -66,6 +90,15 @@ def tiny_backbone(tokenizer):
     from cheetah.model.backbones import build_backbone
 
     return build_backbone("tiny", tokenizer=tokenizer, image_size=32, seed=0)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module: the test machine's 2 shared cores run faster than with two threads fighting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture()
@@ -104,3 +137,40 @@ def write_instruction_set(folder, n_synthetic: int = 24, n_captions: int = 24, i
     (folder / "synthetic.jsonl").write_text("".join(json.dumps(r) + "\n" for r in syn))
     (folder / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in cap))
     return folder
+
+
+# The synthesis tests' world corpus and backbone (one of each per test module).
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    from cheetah.config import WorldConfig
+    from cheetah.world import write_corpus
+
+    return write_corpus(WorldConfig(out=str(tmp_path_factory.mktemp("world") / "source"), n=30, seed=0))
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    from cheetah.model.backbones import build_backbone
+    from cheetah.world import train_tokenizer
+
+    # One thread, as the pipeline runs: on a busy 2-core machine a second torch thread makes tiny models ~20x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield build_backbone("tiny", tokenizer=train_tokenizer(512), image_size=64, seed=0)
+    torch.set_num_threads(threads)
+
+
+def copy_checkout(dest, paths):
+    """Copy the files of this checkout under `paths` (tracked or untracked but not ignored) into `dest`: a throwaway
+    repository for tests that run the pipeline."""
+    import subprocess
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "--", *paths], cwd=repo, check=True,
+                           capture_output=True, text=True).stdout.split("\n")
+    for rel in filter(None, files):
+        if (repo / rel).is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            (dest / rel).write_bytes((repo / rel).read_bytes())
+    return dest

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import re
+import shutil
+
 import pytest
 import torch
 from conftest import make_tokenizer
@@ -152,8 +156,10 @@ def _set_directly(eva, blip2, cheetah, llm, image_token_index):
 def test_import_round_trips_to_identical_logits(official_files):
     d, (eva, blip2, cheetah), llm = official_files
     report = _import(d)
-    assert any("t5_proj" in k for k in report["dropped_keys"])
-    assert any("intermediate.dense" in k for k in report["dropped_keys"])
+    ignored = {k: g["reason"] for g in report["ignored"] for k in g["keys"]}
+    assert ignored["t5_proj.weight"].startswith("BLIP-2 heads for other LLMs")
+    assert ignored["Qformer.bert.encoder.layer.0.intermediate.dense.weight"] == "Q-Former text FFN (removed)"
+    assert report["template"] == "vicuna" and "max_position_embeddings=128" in report["template_reason"]
 
     imported = VPGCModel.from_pretrained(d / "out" / "vpgc")
     backbone = load_backbone(d / "out" / "backbone")
@@ -200,3 +206,100 @@ def test_import_refuses_missing_extra_and_misshaped_keys(official_files, edit, m
     with pytest.raises(ImportErrorReport, match=message.replace(".", r"\.")):
         _import(d)
     assert not (d / "out" / "backbone").exists()
+
+
+def _with_benign_extras(eva, blip2, cheetah, llm):
+    """What a released file may carry besides the trained tensors (issue: the official loader ignores them)."""
+    eva = {**eva, "norm.weight": torch.ones(V_WIDTH), "norm.bias": torch.zeros(V_WIDTH),
+           "head.weight": torch.zeros(10, V_WIDTH), "head.bias": torch.zeros(10)}
+    extra = {}
+    for key, value in blip2.items():  # the frozen Q-Former as the LLM fork holds it (set_qformer_and_proj)
+        if key.startswith("Qformer.") and ("_query" in key or "attention" in key or "LayerNorm" in key):
+            extra[f"llama_model.model.{key}"] = value.clone()
+    extra["llama_model.model.Qformer.bert.embeddings.position_ids"] = torch.arange(16)[None]  # a buffer
+    inv_freq = llm.model.rotary_emb.inv_freq
+    for layer in range(llm.config.num_hidden_layers):  # modeling_llama.py L81: persistent, saved in half precision
+        extra[f"llama_model.model.layers.{layer}.self_attn.rotary_emb.inv_freq"] = inv_freq.half()
+    extra["llama_model.model.norm.weight"] = llm.state_dict()["model.norm.weight"].half()  # a full-state-dict copy
+    return eva, {**cheetah, **extra}
+
+
+def test_import_accepts_benign_extras_checks_copies_and_lists_what_it_ignored(official_files, capsys):
+    from cheetah.cli import main
+
+    d, (eva, blip2, cheetah), llm = official_files
+    eva, cheetah = _with_benign_extras(eva, blip2, cheetah, llm)
+    torch.save(eva, d / "eva_vit_g.pth")
+    torch.save({"model": cheetah}, d / "cheetah.pth")
+    argv = ["model", "import", "--cheetah-ckpt", str(d / "cheetah.pth"), "--eva-vit", str(d / "eva_vit_g.pth"),
+            "--qformer", str(d / "blip2_pretrained_flant5xxl.pth"), "--llm", str(d / "llama"), "--image-size", "32",
+            "--out-backbone", str(d / "out" / "backbone"), "--out-vpgc", str(d / "out" / "vpgc")]
+    assert main(argv) == 0  # (head counts are not in the tensors: the CLI's defaults give 1 head here, fine for keys)
+    out = capsys.readouterr()
+    assert "chat template: vicuna (max_position_embeddings=128" in out.err and "records vicuna-train" in out.err
+    report = json.loads(out.out)
+    ignored = {k: (g["file"], g["reason"]) for g in report["ignored"] for k in g["keys"]}
+    assert ignored["norm.weight"][1].startswith("EVA's final norm / head") and "head.bias" in ignored
+    q = "llama_model.model.Qformer.bert.encoder.layer.1.crossattention.self.key.weight"
+    assert ignored[q] == (str(d / "cheetah.pth"), "copy of Qformer.bert.encoder.layer.1.crossattention.self.key.weight "
+                                                  "in blip2_pretrained_flant5xxl.pth, checked equal")
+    assert ignored["llama_model.model.layers.3.self_attn.rotary_emb.inv_freq"][1].startswith("rotary inv_freq")
+    assert ignored["llama_model.model.Qformer.bert.embeddings.position_ids"][1] == "buffer (not a weight)"
+    assert ignored["llama_model.model.norm.weight"][1] == "copy of model.norm.weight in llama, checked equal"
+    card = json.loads((d / "out" / "vpgc" / "vpgc.json").read_text())
+    assert card["template"] == "vicuna" and card["trained_template"] == "vicuna-train"
+
+    # A copy that differs from the tensor it duplicates: an error naming both, and nothing written.
+    shutil.rmtree(d / "out")
+    bad = dict(cheetah)
+    bad[q] = bad[q] + 1e-3
+    torch.save({"model": bad}, d / "cheetah.pth")
+    with pytest.raises(ImportErrorReport, match=re.escape(f"{q} differs from {d / 'blip2_pretrained_flant5xxl.pth'}: "
+                                                          "Qformer.bert.encoder.layer.1.crossattention.self.key.weight")):
+        _import(d)
+    assert not (d / "out").exists()
+    assert main(argv) == 2 and f"{q} differs from" in capsys.readouterr().err  # a clear error, exit 2
+
+    # Rotary frequencies of another RoPE base are not the LLM's: refused.
+    bad = dict(cheetah)
+    bad["llama_model.model.layers.0.self_attn.rotary_emb.inv_freq"] = (1.0 / 500000 ** (torch.arange(0, 12, 2) / 12))
+    torch.save({"model": bad}, d / "cheetah.pth")
+    with pytest.raises(ImportErrorReport, match="layers.0.self_attn.rotary_emb.inv_freq differs from the rotary"):
+        _import(d)
+    # Anything else unknown is still refused.
+    torch.save({"model": {**cheetah, "llama_model.model.Qformer.bert.extra": torch.zeros(2)}}, d / "cheetah.pth")
+    with pytest.raises(ImportErrorReport, match=r"unknown key llama_model\.model\.Qformer\.bert\.extra \(not a copy"):
+        _import(d)
+
+
+@pytest.mark.parametrize("hint, expected", [
+    ({}, ("vicuna", "max_position_embeddings=128")),
+    ({"max_position_embeddings": 4096}, ("llama2", "max_position_embeddings=4096")),
+    ({"_name_or_path": "meta-llama/Llama-2-7b-chat-hf"}, ("llama2", "named 'meta-llama/Llama-2-7b-chat-hf'")),
+    ({"_name_or_path": "/models/vicuna-7b-v0-merged", "max_position_embeddings": 4096}, ("vicuna", "named")),
+    ({"chat_template": "{% for m in messages %}[INST] {{ m.content }} [/INST]{% endfor %}"}, ("llama2", "[INST]")),
+])
+def test_template_is_detected_from_the_language_model(official_files, hint, expected):
+    from transformers import AutoTokenizer
+
+    from cheetah.model.convert import detect_template
+
+    d = official_files[0]
+    config = json.loads((d / "llama" / "config.json").read_text())
+    config.update({k: v for k, v in hint.items() if k != "chat_template"})
+    (d / "llama" / "config.json").write_text(json.dumps(config))
+    tokenizer = AutoTokenizer.from_pretrained(d / "llama")
+    tokenizer.chat_template = hint.get("chat_template")
+    name, reason = detect_template(d / "llama", tokenizer)
+    assert name == expected[0] and expected[1] in reason
+
+
+def test_cli_import_prints_the_template_and_refuses_bad_files(official_files, capsys):
+    from cheetah.cli import main
+
+    d = official_files[0]
+    (d / "broken.pth").write_bytes(b"not a torch file")
+    argv = ["model", "import", "--cheetah-ckpt", str(d / "broken.pth"), "--eva-vit", str(d / "eva_vit_g.pth"),
+            "--qformer", str(d / "blip2_pretrained_flant5xxl.pth"), "--llm", str(d / "llama"),
+            "--out-backbone", str(d / "out" / "b"), "--out-vpgc", str(d / "out" / "v")]
+    assert main(argv) == 2 and "broken.pth: cannot read Cheetah checkpoint" in capsys.readouterr().err

@@ -204,14 +204,53 @@ def test_multi_choice_tfidf():
 
 
 def test_multi_choice_fallbacks():
-    # One-letter options: TF-IDF has no vocabulary, so the official exact-match fallback decides.
-    assert multi_choice_correct("B.", "b", ["a", "b"]) == (True, False)
-    assert multi_choice_correct("b c", "b", ["a", "b"]) == (False, False)
-    # Empty or unrelated answers match no option: wrong (officially they fell to the first option).
-    assert multi_choice_correct("", "soccer", ["soccer", "baseball"]) == (False, False)
-    assert multi_choice_correct("Yes", "True", ["True", "False"]) == (False, False)
+    # One-letter options: TF-IDF has no vocabulary, so the official exact-match fallback decides (both rules).
+    for rule in ("official", "strict"):
+        assert multi_choice_correct("B.", "b", ["a", "b"], rule) == (True, False)
+        assert multi_choice_correct("b c", "b", ["a", "b"], rule) == (False, False)
+    # Empty or unrelated answers share no term with any option: officially the all-zero similarity row's argmax,
+    # the first option, is the answer; the strict rule judges them by exact match.
+    assert multi_choice_correct("", "soccer", ["soccer", "baseball"]) == (True, False)
+    assert multi_choice_correct("", "baseball", ["soccer", "baseball"]) == (False, False)
+    assert multi_choice_correct("Yes", "True", ["True", "False"]) == (True, False)
+    assert multi_choice_correct("", "soccer", ["soccer", "baseball"], "strict") == (False, False)
+    assert multi_choice_correct("Yes", "True", ["True", "False"], "strict") == (False, False)
     with pytest.raises(ValueError, match="not one of the options"):
         multi_choice_correct("x", "tennis", ["soccer", "baseball"])
+
+
+def _official_judge(pred: str, gt: str, choices: list[str]) -> int:
+    """The semantics of the official `Eval.judge_multi_choice` (DEMON Benchmark/scripts/evaluate.py L87-110) on
+    normalised text, written from its description: TF-IDF fitted on [pred] + choices, numpy argmax of the cosine
+    row (the first index on ties, so the first option for an all-zero row); exact match if the vectoriser fails."""
+    import numpy as np
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.metrics.pairwise import cosine_similarity
+
+    try:
+        matrix = TfidfVectorizer().fit_transform([pred] + choices)
+    except ValueError:
+        return int(pred == gt)
+    return int(choices[int(np.argmax(cosine_similarity(matrix[0:1], matrix[1:]).flatten()))] == gt)
+
+
+def test_score_demon_equals_the_official_semantics_on_no_term_answers(tmp_path):
+    data, pred = tmp_path / "data", tmp_path / "pred"
+    options = ["the red cube", "the blue ball", "a green star"]
+    gts = ["the red cube", "the blue ball", "a green star", "the red cube", "the blue ball", "the red cube"]
+    answers = ["", "I cannot tell.", "zzz", "The red cube.", "maybe x y", "no idea at all"]
+    write_task(data, "TQA", [record(i, "{image#1}", gt, choices=options) for i, gt in enumerate(gts)])
+    write_preds(pred, "TQA", list(enumerate(answers)))
+    official = [_official_judge(normalize_answer(a), normalize_answer(g), [normalize_answer(o) for o in options])
+                for a, g in zip(answers, gts)]
+    assert official == [1, 0, 0, 1, 0, 1]  # the no-term answers 0 and 5 count: their gt is the first option
+    out = score_demon(data, pred)
+    assert out["option_rule"] == "official"
+    assert out["tasks"]["TQA"]["score"] == pytest.approx(100 * sum(official) / len(official), abs=1e-4)
+    assert out["tasks"]["TQA"]["no_option"] == 5  # every answer but "The red cube."
+    strict = score_demon(data, pred, option_rule="strict")
+    assert strict["tasks"]["TQA"]["score"] == pytest.approx(100 / 6, abs=1e-4) and strict["tasks"]["TQA"]["no_option"] == 5
+    assert strict["option_rule"] == "strict"
 
 
 @pytest.mark.parametrize("pred, correct", [
@@ -313,7 +352,14 @@ def test_cli_score_demon(tmp_path, capsys):
     assert out["tasks"] == {"NLVR2": {"metric": "accuracy", "score": 50.0, "category": "multi_image_reasoning",
                                       "n": 2, "rule": "tfidf_option", "no_option": 0}}
     assert out["categories"] == {"multi_image_reasoning": 50.0}
-    assert out["not_predicted"] == ["VizWiz"]
+    assert out["not_predicted"] == ["VizWiz"] and out["option_rule"] == "official"
     assert json.loads((tmp_path / "s.json").read_text()) == out
+    # An answer with no term of any option: the first option ("True", right here) officially, wrong when strict.
+    write_preds(pred, "NLVR2", [(0, "true"), (1, "Hmm.")])
+    for rule, score in (("official", 100.0), ("strict", 50.0)):
+        assert main(["score", "demon", "--data-dir", str(data), "--predictions", str(pred),
+                     "--option-rule", rule]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert out["tasks"]["NLVR2"]["score"] == score and out["tasks"]["NLVR2"]["no_option"] == 1
     assert main(["score", "demon", "--data-dir", str(data), "--predictions", str(tmp_path / "none")]) == 2
     assert "predictions folder not found" in capsys.readouterr().err

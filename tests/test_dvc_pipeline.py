@@ -1,8 +1,9 @@
 """dvc.yaml against the code: every stage calls a real CLI command, reads parameters that exist and writes the paths
-its configuration names; params.yaml holds every parameter DVC tracks; the default remote; the DAG order used by
-`cheetah pipeline run` and the Prefect flow; `dvc exp run -S train.lr=...` on a small pipeline; and data.dvc, which
-versions the source corpus: a fresh copy regenerates exactly the corpus it records, a change of `world.*` is recorded
-in it, and a corpus of your own is recorded but never regenerated."""
+its configuration names (templated from params.yaml, never repeated, so a real-scale parameters file moves them all);
+params.yaml holds every parameter DVC tracks; the default remote; the DAG order used by `cheetah pipeline run` and the
+Prefect flow, read through DVC; `dvc exp run -S train.lr=...` on a small pipeline; and data.dvc, which versions the
+source corpus: a fresh copy regenerates exactly the corpus it records, a change of `world.*` is recorded in it, and a
+corpus of your own is recorded but never regenerated."""
 
 from __future__ import annotations
 
@@ -19,27 +20,28 @@ import yaml
 from cheetah.cli import build_parser
 from cheetah.config import Params, WorldConfig, load_params, to_dict
 from cheetah.io import DataError
-from cheetah.pipeline import DATA_DVC, SOURCE, _paths, ensure_source, read_data_dvc, reads_source, stage_order
+from cheetah.config import ConfigError
+from cheetah.pipeline import (DATA_DVC, SOURCE, ensure_source, read_data_dvc, read_stages, reads_source, stage_order,
+                              use_params)
 
 REPO = Path(__file__).resolve().parents[1]
-DVC_YAML = yaml.safe_load((REPO / "dvc.yaml").read_text())
-STAGES = DVC_YAML["stages"]
+DVC_YAML = yaml.safe_load((REPO / "dvc.yaml").read_text())  # as written (templated)
+STAGES = read_stages(REPO)  # as DVC resolves it from params.yaml
 
 
 def _params_keys(stage: dict) -> list[str]:
     return [p for p in stage.get("params", []) if isinstance(p, str)]
 
 
-def _outs(name: str) -> set[str]:
-    s = STAGES[name]
-    return set(_paths(s.get("outs")) + _paths(s.get("metrics")) + _paths(s.get("plots")))
+def _outs(name: str, stages: dict = STAGES) -> set[str]:
+    return set(stages[name]["outs"])
 
 
 def test_stages_run_in_order_and_each_depends_on_what_it_reads():
     assert stage_order(REPO) == list(STAGES) == ["validate_source", "base", "synthesize", "validate", "train",
                                                  "benchmarks", "validate_demon", "validate_mme", "evaluate",
                                                  "register"]
-    deps = {n: set(_paths(s.get("deps"))) for n, s in STAGES.items()}
+    deps = {n: set(s["deps"]) for n, s in STAGES.items()}
     assert {"data/source"} <= deps["base"] and {"data/source", "data/backbone"} <= deps["synthesize"]
     assert "data/synthetic" in deps["validate"]
     # Every input is validated before it is used: a stage waits for a passing suite (its deterministic result file).
@@ -47,26 +49,27 @@ def test_stages_run_in_order_and_each_depends_on_what_it_reads():
     assert "reports/data_docs/source/result.json" in deps["base"] & deps["synthesize"]
     assert {"data/synthetic", "data/backbone", "reports/data_docs/synthetic/result.json"} <= deps["train"]
     assert "data/benchmarks/demon" in deps["validate_demon"] and "data/benchmarks/mme" in deps["validate_mme"]
-    assert {"data/benchmarks", "checkpoints/vpgc", "data/backbone", "reports/data_docs/demon/result.json",
-            "reports/data_docs/mme/result.json"} <= deps["evaluate"]
+    assert {"data/benchmarks/demon", "data/benchmarks/mme", "checkpoints/vpgc", "data/backbone",
+            "reports/data_docs/demon/result.json", "reports/data_docs/mme/result.json"} <= deps["evaluate"]
     # The benchmark suites ask the evaluation's loaders too: a change to them reruns the validation.
     assert "cheetah/evaluate/demon.py" in deps["validate_demon"] and "cheetah/evaluate/mme.py" in deps["validate_mme"]
     assert {"checkpoints/vpgc", "metrics/eval.json"} <= deps["register"]
     # Benchmarks come from the world's held-out scenes, not from the corpus.
     assert "data/source" not in deps["benchmarks"] and "cheetah/world" in deps["benchmarks"]
-    assert {"world.heldout_seed", "world.image_size"} <= set(_params_keys(STAGES["benchmarks"]))
+    assert {"world.heldout_seed", "world.image_size"} <= set(_params_keys(DVC_YAML["stages"]["benchmarks"]))
     # Every data dependency is some earlier stage's output (code dependencies are folders of cheetah/), except the
-    # source corpus, which data.dvc versions.
+    # source corpus, which data.dvc versions, and the user's DeepSpeed config (a file in git).
     order = list(STAGES)
+    ds_config = load_params(REPO / "params.yaml").train.deepspeed_config
     for name, paths in deps.items():
-        for dep in paths - {p for p in paths if p.startswith("cheetah/")} - {SOURCE}:
+        for dep in paths - {p for p in paths if p.startswith("cheetah/")} - {SOURCE, ds_config}:
             producers = [m for m in order[:order.index(name)] if any(dep == o or dep.startswith(o + "/")
                                                                     for o in _outs(m))]
             assert producers, f"{name}: {dep} is produced by no earlier stage"
 
 
 def test_paths_in_dvc_yaml_are_the_configured_ones():
-    p = Params()
+    p = load_params(REPO / "params.yaml")
     assert p.world.out == p.synthesize.source == SOURCE
     assert _outs("base") == {p.base.out, p.base.metrics} and p.model.backbone_dir == p.base.out
     assert _outs("synthesize") == {p.synthesize.out} and p.train.data == p.synthesize.out
@@ -76,20 +79,26 @@ def test_paths_in_dvc_yaml_are_the_configured_ones():
                         ("mme", p.evaluate.mme_dir)):
         assert _outs(f"validate_{suite}") == {f"{p.validate.docs_dir}/{suite}"}
         assert STAGES[f"validate_{suite}"]["cmd"] == f"cheetah validate {suite} {path}"
-    assert _outs("train") == {p.train.out, p.train.state_dir, p.train.metrics, p.train.curve,
-                              str(Path(p.train.curve).with_suffix(".png"))}
-    assert _outs("benchmarks") == {str(Path(p.evaluate.demon_dir).parent)} == {str(Path(p.evaluate.mme_dir).parent)}
+    assert _outs("train") == {p.train.out, p.train.state_dir, p.train.metrics, p.train.curve, p.train.curve_image}
+    assert _outs("benchmarks") == {p.world.benchmarks}
+    assert {p.evaluate.demon_dir, p.evaluate.mme_dir} == {f"{p.world.benchmarks}/demon", f"{p.world.benchmarks}/mme"}
     assert _outs("evaluate") == {p.evaluate.out, p.evaluate.metrics}
     assert _outs("register") == {"metrics/register.json"}
+    # Written once: every data path of dvc.yaml is a parameter (the register receipt is the CLI's fixed one).
+    raw = [entry for stage in DVC_YAML["stages"].values() for section in ("deps", "outs", "metrics", "plots")
+           for e in stage.get(section, []) for entry in ([e] if isinstance(e, str) else list(e))]
+    literal = [e for e in raw if not e.startswith("${") and not e.startswith("cheetah/")]
+    assert literal == ["metrics/register.json"], literal
     # Metrics files are small and versioned with git; the register receipt is not (it describes a local store)
     # and persists, so DVC's run-cache never restores a receipt instead of registering; training state persists.
-    train_outs = {k: v for o in STAGES["train"]["outs"] if isinstance(o, dict) for k, v in o.items()}
-    assert train_outs[p.train.state_dir] == {"persist": True}
-    assert STAGES["register"]["metrics"] == [{"metrics/register.json": {"persist": True}}]
+    raw_stages = DVC_YAML["stages"]
+    train_outs = {k: v for o in raw_stages["train"]["outs"] if isinstance(o, dict) for k, v in o.items()}
+    assert train_outs["${train.state_dir}"] == {"persist": True}
+    assert raw_stages["register"]["metrics"] == [{"metrics/register.json": {"persist": True}}]
     for name in ("base", "train", "evaluate"):
-        for m in STAGES[name]["metrics"]:
+        for m in raw_stages[name]["metrics"]:
             assert list(m.values())[0] == {"cache": False}, (name, m)
-    assert set(DVC_YAML["metrics"]) == {"metrics/base.json", "metrics/train.json", "metrics/eval.json",
+    assert set(DVC_YAML["metrics"]) == {"${base.metrics}", "${train.metrics}", "${evaluate.metrics}",
                                         "metrics/register.json"}
 
 
@@ -101,7 +110,7 @@ def test_every_cmd_is_a_cheetah_command_and_every_param_exists():
         argv = shlex.split(stage["cmd"])
         assert argv[0] == "cheetah", stage["cmd"]
         parser.parse_args(argv[1:])  # exits (SystemExit) on an unknown command or argument
-        for key in _params_keys(stage):
+        for key in _params_keys(DVC_YAML["stages"][name]):
             section, _, field = key.partition(".")
             assert section in fields, f"{name}: unknown params section {section!r}"
             assert not field or field in fields[section], f"{name}: unknown parameter {key!r}"
@@ -115,7 +124,7 @@ def test_params_yaml_holds_every_parameter_dvc_tracks():
     tree = yaml.safe_load(path.read_text())
     load_params(path)  # valid
     missing = []
-    for name, stage in STAGES.items():
+    for name, stage in DVC_YAML["stages"].items():
         for key in _params_keys(stage):
             section, _, field = key.partition(".")
             wanted = [field] if field else list(to_dict(getattr(Params(), section)))
@@ -134,14 +143,17 @@ def test_stage_order_follows_dependencies_and_refuses_cycles(tmp_path):
         (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
         return tmp_path
 
-    # Written out of order: `b` reads what `a` writes (inside a's output folder), so `a` runs first.
-    assert stage_order(write({"b": {"cmd": "x", "deps": ["out/a/file.txt"]}, "a": {"cmd": "y", "outs": ["out/a"]},
+    # Written out of order: `b` reads what `a` writes (inside a's output folder, a templated path), so `a` runs first.
+    (tmp_path / "params.yaml").write_text("p:\n  a: out/a\n")
+    assert stage_order(write({"b": {"cmd": "x", "deps": ["${p.a}/file.txt"]}, "a": {"cmd": "y", "outs": ["${p.a}"]},
                               "c": {"cmd": "z"}})) == ["a", "b", "c"]
     with pytest.raises(DataError, match="cycle"):
         stage_order(write({"a": {"cmd": "x", "deps": ["b.txt"], "outs": ["a.txt"]},
                            "b": {"cmd": "y", "deps": ["a.txt"], "outs": ["b.txt"]}}))
-    with pytest.raises(DataError, match="no cmd"):
-        stage_order(write({"a": {"foreach": [1, 2], "do": {"cmd": "x"}}}))
+    # DVC expands foreach stages, and says what cannot be resolved.
+    assert stage_order(write({"a": {"foreach": [1, 2], "do": {"cmd": "x ${item}"}}})) == ["a@1", "a@2"]
+    with pytest.raises(DataError, match="p.missing"):
+        stage_order(write({"a": {"cmd": "x ${p.missing}"}}))
 
 
 def _run(cmd: list[str], cwd: Path) -> str:
@@ -183,6 +195,32 @@ def test_pipeline_stages_command_prints_the_order(capsys, monkeypatch):
     monkeypatch.chdir(REPO)
     assert main(["pipeline", "stages"]) == 0
     assert capsys.readouterr().out.split() == list(STAGES)
+
+
+def test_a_real_scale_parameters_file_drives_the_same_dag(tmp_path):
+    """`cheetah pipeline use configs/vicuna-7b.yaml`: params.yaml with every field, and dvc.yaml, unchanged, then
+    reads the 7B paths: the backbone the base stage brings in, the corpus and benchmarks outside the repository."""
+    (tmp_path / "dvc.yaml").write_bytes((REPO / "dvc.yaml").read_bytes())
+    use_params(REPO / "configs" / "vicuna-7b.yaml", tmp_path)
+    p = load_params(tmp_path / "params.yaml")
+    assert p.train.steps == 18_000 and p.train.synthetic_batch == 24 and p.model.preset == "vicuna-7b"
+    assert p.train.launcher == "torchrun --standalone --nproc_per_node 8"
+    tree = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    assert all(set(tree[s.name]) == {f.name for f in dataclasses.fields(getattr(p, s.name))}
+               for s in dataclasses.fields(Params))  # every field written out, so DVC tracks it
+    stages = read_stages(tmp_path)
+    assert list(stages) == list(STAGES) and stage_order(tmp_path) == list(STAGES)
+    assert _outs("base", stages) == {"data/backbone-vicuna7b", "metrics/base-vicuna7b.json"}
+    assert {"/data/cc3m-subset", "data/backbone-vicuna7b"} <= set(stages["synthesize"]["deps"])
+    assert {"data/synthetic-cc3m", "data/backbone-vicuna7b", "configs/deepspeed.json"} <= set(stages["train"]["deps"])
+    assert {"/data/DEMON", "/data/MME_Benchmark_release_version", "checkpoints/vpgc-vicuna7b"} <= set(
+        stages["evaluate"]["deps"])
+    assert _outs("benchmarks", stages) == {"data/benchmarks"}  # the embedded ones never go into the real folders
+    # A file whose stages would not chain is refused, naming the keys.
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model: {preset: vicuna-7b, backbone_dir: /models/x}\n")
+    with pytest.raises(ConfigError, match="model.backbone_dir is '/models/x' but base.out is 'data/backbone'"):
+        use_params(broken, tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -277,15 +315,12 @@ def test_world_params_are_recorded_in_data_dvc_and_a_corpus_of_your_own_is_never
 def test_a_corrupt_record_in_your_corpus_stops_the_pipeline_at_validation(tmp_path):
     """`dvc repro base` on a corpus of your own with a non-UTF-8 caption, a caption holding `<image>` and a missing
     image: the validate_source stage fails (exit 2) naming each record, writes the quarantine, and base never runs."""
-    import shutil
+    from conftest import copy_checkout
 
     from cheetah.pipeline import dvc as run_dvc
     from cheetah.world import write_corpus
 
-    repo = _dvc_repo(tmp_path / "repo")
-    shutil.copytree(REPO / "cheetah", repo / "cheetah", ignore=shutil.ignore_patterns("__pycache__"))
-    for rel in ("dvc.yaml", "params.yaml", ".dvcignore"):
-        (repo / rel).write_bytes((REPO / rel).read_bytes())
+    repo = copy_checkout(_dvc_repo(tmp_path / "repo"), ["cheetah", "dvc.yaml", "params.yaml", ".dvcignore"])
     corpus = write_corpus(WorldConfig(out=str(repo / SOURCE), n=6, seed=0))
     (corpus / "world.json").unlink()  # your own corpus, not the embedded world
     rows = [json.loads(line) for line in (corpus / "captions.jsonl").read_text().splitlines()]

@@ -94,7 +94,12 @@ def test_cli_evaluate_end_to_end(bench, models, tmp_path, monkeypatch, capsys):
     for s in _sets(bench, models, tmp_path):
         argv += ["--set", s]
     assert main(argv + ["evaluate"]) == 0
-    printed = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    printed = json.loads(captured.out)
+    # The terminal shows a bar per model and INFO logging with the rate (nothing configured logging before).
+    assert "evaluate base: 100%" in captured.err and "evaluate vpgc: 100%" in captured.err
+    assert f"INFO cheetah.progress: evaluate vpgc: {N_SAMPLES} answers in" in captured.err
+    assert "INFO cheetah.evaluate.run: mme/color: 4 of 4 samples to generate" in captured.err
 
     out = tmp_path / "eval"
     for name in ("base", "vpgc"):
@@ -221,3 +226,75 @@ def test_model_specs_and_cli_errors(bench, models, tmp_path, capsys):
     assert "nowhere: MME data folder not found" in capsys.readouterr().err
     assert main(argv + ["evaluate", "--benchmark", "mme", "--model", f"x={tmp_path / 'no-model'}", "--no-track"]) == 2
     assert "no-model: no such model" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data-parallel evaluation: 2 ranks under torchrun
+# ---------------------------------------------------------------------------------------------------------------
+
+# Rank 1 dies with kill -9 after its third answer (the other rank is then stopped by torchrun).
+_KILL_RANK_1 = """
+import os, signal, sys
+from cheetah.evaluate import generation
+real = generation.Generator.iter_answers
+count = [0]
+def iter_answers(self, requests):
+    for item in real(self, requests):
+        if os.environ["RANK"] == "1" and count[0] == 3:
+            os.kill(os.getpid(), signal.SIGKILL)
+        count[0] += 1
+        yield item
+generation.Generator.iter_answers = iter_answers
+from cheetah.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _torchrun(tmp_path: Path, argv: list[str], program: list[str]) -> subprocess.CompletedProcess:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CHEETAH_LOG_LEVEL": "INFO"}
+    env.pop("CHEETAH_PARENT_RUN_ID", None)
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           *program, *argv], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_two_ranks_give_the_one_process_predictions_and_resume_after_a_kill(bench, models, tmp_path):
+    specs = {"vpgc": models["vpgc"]}
+    one = evaluate(_params(bench, models, tmp_path / "one"), specs, track=False)
+    reference = _files(tmp_path / "one" / "eval" / "vpgc" / "predictions")
+
+    argv = ["--params", str(tmp_path / "p.yaml")]
+    (tmp_path / "p.yaml").write_text("{}\n")
+    for s in _sets(bench, models, tmp_path / "two"):
+        argv += ["--set", s]
+    argv += ["evaluate", "--no-track", "--model", f"vpgc={models['vpgc']}"]
+
+    # Killed: what either rank had journaled stays; nothing is final yet.
+    (tmp_path / "kill_rank_1.py").write_text(_KILL_RANK_1)
+    killed = _torchrun(tmp_path, argv, [str(tmp_path / "kill_rank_1.py")])
+    assert killed.returncode != 0
+    pred = tmp_path / "two" / "eval" / "vpgc" / "predictions"
+    journals = list(pred.rglob(".*.partial-rank*.jsonl"))
+    assert journals, killed.stderr[-3000:]
+    assert {p.name.rsplit("-", 1)[1] for p in journals} == {"rank0.jsonl", "rank1.jsonl"}
+    done = sum(len(p.read_text().splitlines()) for p in journals)
+    assert 3 <= done < N_SAMPLES and not list(pred.rglob("pred.json"))
+
+    # Resumed with 2 ranks: only the missing answers, the one-process files, progress and logs on stderr.
+    resumed = _torchrun(tmp_path, argv, ["-m", "cheetah.cli"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    summary = json.loads((tmp_path / "two" / "eval" / "evaluation.json").read_text())
+    assert summary["ranks"] == 2
+    assert sum(summary["models"]["vpgc"]["generated"].values()) == N_SAMPLES - done
+    assert _files(pred) == reference
+    printed = json.loads(resumed.stdout)  # rank 0 alone prints the results
+    assert printed["metrics"] == one["metrics"]
+    assert "evaluate: rank 1 of 2 on cpu" in resumed.stderr and "on rank 1" in resumed.stderr
+    assert "evaluate vpgc: 100%" in resumed.stderr and "answers/s)" in resumed.stderr

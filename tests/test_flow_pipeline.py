@@ -36,13 +36,13 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 # What the pipeline needs from the checkout (plus .gitignore files): code, DAG, params, DVC and Prefect config.
-COPY = ["cheetah", "flows", "dvc.yaml", "params.yaml", "data.dvc", "prefect.yaml", "pyproject.toml", ".dvc/config",
-        ".dvc/plots", ".dvcignore", ".gitignore", "data/.gitignore"]
+COPY = ["cheetah", "configs", "flows", "dvc.yaml", "params.yaml", "data.dvc", "prefect.yaml", "pyproject.toml",
+        ".dvc/config", ".dvc/plots", ".dvcignore", ".gitignore", "data/.gitignore"]
 # Every stage, shrunk: the whole pipeline in about a minute and a half on 2 cores.
 TINY = {
     "world": {"n": 32, "image_size": 32},
     "base": {"vision_steps": 4, "steps": 4, "batch_size": 4, "eval_scenes": 2, "warmup_steps": 1},
-    "synthesize": {"n": 12, "captions": 12, "workers": 1},
+    "synthesize": {"n": 12, "captions": 12, "workers": 1, "shard_size": 4},  # 3 shards: 3 task runs
     "train": {"steps": 3, "synthetic_batch": 2, "caption_batch": 2, "checkpoint_every": 3, "eval_every": 3,
               "warmup_steps": 1, "log_every": 1},
     "evaluate": {"demon_per_task": 1, "mme_per_subtask": 2, "max_new_tokens": 4, "batch_size": 16},
@@ -50,6 +50,7 @@ TINY = {
 DVC_STAGES = ["validate_source", "base", "synthesize", "validate", "train", "benchmarks", "validate_demon",
               "validate_mme", "evaluate", "register"]
 STAGES = ["source", *DVC_STAGES]  # the flow's tasks: the source corpus (data.dvc), then the stages of dvc.yaml
+SHARD_TASKS = [f"synthesize shard {k}" for k in range(3)]  # made as task runs before the stage merges them
 
 
 def git(repo: Path, *args: str) -> str:
@@ -82,12 +83,9 @@ def tiny_params(source: Path | None) -> dict:
 
 
 def copy_repo(dest: Path) -> Path:
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "--", *COPY], cwd=REPO, check=True,
-                           capture_output=True, text=True).stdout.split("\n")
-    for rel in filter(None, files):
-        if (REPO / rel).is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            (dest / rel).write_bytes((REPO / rel).read_bytes())
+    from conftest import copy_checkout
+
+    copy_checkout(dest, COPY)
     (dest / "params.yaml").write_text(yaml.safe_dump(tiny_params(REPO / "params.yaml"), sort_keys=False))
     git(dest, "init", "-q")
     git(dest, "add", "-A")
@@ -155,8 +153,15 @@ def test_flow_runs_every_stage_with_tracking_and_an_evaluation_artifact(env, flo
     with get_client(sync_client=True) as client:
         tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
         artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["cheetah-evaluation"])))
-    assert sorted(t.name for t in tasks) == sorted(STAGES)
+    assert sorted(t.name for t in tasks) == sorted(STAGES + SHARD_TASKS)
     assert all(t.state.is_completed() for t in tasks)
+    assert summary["shards"] == {"shards": 3, "made": 3, "done_before": 0}
+    with get_client(sync_client=True) as client:
+        progress = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(
+            any_=["cheetah-progress-synthesize", "cheetah-progress-evaluate-vpgc"])))
+    assert {a.key for a in progress} == {"cheetah-progress-synthesize", "cheetah-progress-evaluate-vpgc"}
+    assert all(a.type == "progress" for a in progress)
+    assert {a.key: a.data for a in progress if a.data == 100.0}.keys() == {a.key for a in progress}
     assert len(artifacts) == 1 and artifacts[0].type == "markdown"
     markdown = artifacts[0].data
     assert "### DEMON by category" in markdown and "| **Average** |" in markdown

@@ -97,6 +97,29 @@ def test_sampling_needs_a_seed_and_is_reproducible_per_request(model, requests):
     assert sum(x != y for x, y in zip(a, greedy)) >= len(subset) // 2  # really sampling
 
 
+def test_top_k_and_the_official_demon_setting(model, requests):
+    subset = requests[::4]
+    greedy = Generator(model, batch_size=4, max_new_tokens=NEW).answer(subset)
+    # top-k 1 leaves one token to draw: sampling is then greedy decoding, whatever the seed
+    assert Generator(model, batch_size=4, max_new_tokens=NEW, do_sample=True, seed=3, top_k=1).answer(subset) == greedy
+    official = EvaluateConfig(decoding="official-demon").generation()
+    assert official == {"max_new_tokens": 300, "do_sample": True, "seed": 0, "temperature": 1.0, "top_p": 0.9,
+                        "top_k": 50, "stop_strings": None}
+    gen = Generator(model, batch_size=4, **{**official, "max_new_tokens": NEW})
+    assert gen.settings() == {"decoding": "sample", "max_new_tokens": NEW, "template": "vicuna-train", "end": "###",
+                              "dtype": "float32", "seed": 0, "temperature": 1.0, "top_p": 0.9, "top_k": 50}
+    assert gen.answer(subset) == Generator(model, batch_size=1, **{**official, "max_new_tokens": NEW}).answer(subset)
+
+
+def test_stop_strings_override_the_template_end(model):
+    gen = Generator(model, stop_strings=["red", "blue"])
+    tk = gen.tokenizer
+    assert gen.settings()["stop"] == ["red", "blue"]
+    assert gen.decode(tk(" a large blue star ###Human: red", add_special_tokens=False)["input_ids"]) == "a large"
+    assert Generator(model).decode(tk(" a large blue star ###", add_special_tokens=False)["input_ids"]) == \
+        "a large blue star"
+
+
 def _boost(model: VPGCModel, token_id: int, from_call: int):
     """Make the LM emit `token_id` from its `from_call`-th forward on (1 = prefill, i.e. the first new token)."""
     calls = [0]

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import sharpen
+from conftest import build_tiny_instructblip, sharpen
 
 from cheetah.model.backbones import PRESETS, build_backbone, load_backbone, save_backbone
 from cheetah.model.prompts import IGNORE_INDEX, PromptBuilder, PromptError
@@ -202,6 +202,7 @@ def test_vpgc_weights_round_trip_and_refuse_other_backbones(model, builder, tmp_
     save_vpgc(model, tmp_path / "vpgc")
     card = json.loads((tmp_path / "vpgc" / "vpgc.json").read_text())
     assert card["update_layer"] == 2 and card["num_query_tokens"] == 8 and len(card["sha256"]) == 64
+    assert card["template"] == card["trained_template"] == "vicuna-train"  # the tiny preset's rendering
 
     restored = VPGCModel.from_pretrained(tmp_path / "vpgc")
     batch = _train_batch(builder)
@@ -265,39 +266,74 @@ def test_sample_losses_equal_per_sample_cross_entropy_of_full_logits(model, buil
 
 
 def test_instructblip_backbone_identity_at_init_and_training(tokenizer):
-    """VPG-C on InstructBLIP: the first pass keeps the instruction-aware Q-Former input, the re-query is query-only."""
-    from transformers import InstructBlipConfig, InstructBlipForConditionalGeneration
-
-    from cheetah.model.backbones import Backbone, _image_processor, init_random_weights
-    from cheetah.model.prompts import TEMPLATES
-
-    tiny = PRESETS["tiny"]
-    config = InstructBlipConfig(
-        vision_config={**tiny.vision, "image_size": 32},
-        qformer_config={**tiny.qformer, "vocab_size": 64, "max_position_embeddings": 64},
-        text_config={**tiny.text, "vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
-                     "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id},
-        num_query_tokens=tiny.num_query_tokens, image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
-    torch.manual_seed(0)
-    hf = InstructBlipForConditionalGeneration(config).eval()
-    init_random_weights(hf)
-    model = VPGCModel(Backbone(hf, tokenizer, _image_processor(32), TEMPLATES["vicuna"], "instructblip-tiny"))
-    builder = PromptBuilder.for_backbone(model.backbone_info)
+    """VPG-C on InstructBLIP: the first pass keeps the instruction-aware Q-Former input (the builder gives the
+    Q-Former each sample's instruction, once per image), the re-query is query-only."""
+    backbone = build_tiny_instructblip(tokenizer)
+    hf = backbone.model
+    model = VPGCModel(backbone)
+    builder = PromptBuilder.for_backbone(backbone)
     batch = _train_batch(builder)
     n_images = batch["pixel_values"].shape[0]
-    qformer = {"qformer_input_ids": torch.randint(1, 64, (n_images, 6), generator=torch.Generator().manual_seed(1)),
-               "qformer_attention_mask": torch.ones(n_images, 6, dtype=torch.long)}
-    out = model(**batch, **qformer)
+    assert batch["qformer_input_ids"].shape[0] == n_images  # one row per image, its sample's instruction
+    expected = backbone.qformer_tokenizer(" ".join(PROMPTS[1][0].replace("<image>", " ").split()))["input_ids"]
+    row = batch["qformer_input_ids"][2][batch["qformer_attention_mask"][2].bool()].tolist()  # 3rd image: prompt 2
+    assert row == expected
+    out = model(**batch)
     ref = hf(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-             position_ids=position_ids_from_mask(batch["attention_mask"]), **qformer)
+             position_ids=position_ids_from_mask(batch["attention_mask"]), qformer_input_ids=batch["qformer_input_ids"],
+             qformer_attention_mask=batch["qformer_attention_mask"])
     assert torch.equal(out.logits, ref.logits)
     # the instruction text reaches the first pass: other Q-Former text, other logits
-    other = {**qformer, "qformer_input_ids": (qformer["qformer_input_ids"] + 1) % 64}
-    assert not torch.equal(model(**batch, **other).logits, out.logits)
+    other = {**batch, "qformer_input_ids": (batch["qformer_input_ids"] + 1) % len(backbone.qformer_tokenizer)}
+    assert not torch.equal(model(**other).logits, out.logits)
     opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)
     for _ in range(2):
         opt.zero_grad()
-        model(**batch, **qformer, return_sample_losses=True).loss.backward()
+        model(**batch, return_sample_losses=True).loss.backward()
         opt.step()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.vpgc.parameters())
-    assert not torch.equal(model(**batch, **qformer).logits, ref.logits)
+    assert not torch.equal(model(**batch).logits, ref.logits)
+
+
+def test_qformer_dropout_only_in_training_and_only_when_asked(tiny_backbone, builder):
+    """`train.qformer_dropout`: the frozen Q-Former runs in training mode (dropout on) while training, as the
+    official model leaves it; off, and in eval mode, the whole backbone is deterministic."""
+    batch = _train_batch(builder)
+    for flag in (False, True):
+        model = VPGCModel(tiny_backbone, qformer_dropout=flag)
+        sharpen(model)
+        model.train()
+        assert model.backbone.qformer.training is flag and not model.backbone.language_model.training
+        assert not model.backbone.vision_model.training
+        a, b = (model(**batch, return_sample_losses=True).loss for _ in range(2))
+        assert torch.equal(a, b) is not flag  # dropout masks differ from pass to pass
+        model.eval()
+        assert not model.backbone.qformer.training
+        assert torch.equal(model(**batch).logits, model(**batch).logits)
+        model.detach_from_backbone()
+
+
+def test_token_reduction_is_hugging_faces_batch_mean_and_sample_the_mean_of_means(model, builder):
+    """`token` (the official model's loss) equals HF's CrossEntropyLoss over the whole batch; `sample` averages
+    each sample's own mean. Split into parts, each reduction's parts add up to the whole step's loss."""
+    from cheetah.model.vpgc import LossReduction
+
+    sharpen(model)
+    batch = _train_batch(builder)
+    out = model(**batch, return_sample_losses=True)
+    hf_loss = model(**batch).loss  # the language model's own loss over all target tokens of the batch
+    torch.testing.assert_close(LossReduction.for_step("token", 1, int(out.token_counts.sum()))([out])[0], hf_loss)
+    torch.testing.assert_close(LossReduction.for_step("sample", 1, 0)([out])[0], out.sample_losses.mean())
+    assert not torch.allclose(hf_loss, out.sample_losses.mean())  # the prompts' answers differ in length
+    # Three micro-batches of one sample each (as 3 ranks or 3 accumulation steps): DeepSpeed averages them.
+    parts = [model(**_one(batch, i), return_sample_losses=True) for i in range(3)]
+    for mode, whole in (("token", hf_loss), ("sample", out.sample_losses.mean())):
+        reduce = LossReduction.for_step(mode, 3, int(out.token_counts.sum()))
+        torch.testing.assert_close(sum(reduce([p])[0] for p in parts) / 3, whole)
+
+
+def _one(batch, i):
+    """Sample i of a training batch, with its own images."""
+    first, n = int(batch["image_counts"][:i].sum()), int(batch["image_counts"][i])
+    return {**{k: v[i:i + 1] for k, v in batch.items() if k != "pixel_values"},
+            "pixel_values": batch["pixel_values"][first:first + n]}

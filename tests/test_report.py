@@ -32,6 +32,18 @@ def test_demon_tables():
     assert "| VIST | Visual Storytelling | ROUGE-L | 12.35 | – |" in md
     assert "| NLVR2 | Multi-Image Reasoning | Acc | 50.00 | 62.50 |" in md
     assert md.index("Visual Storytelling |") < md.index("Multi-Image Reasoning |")
+    assert "matched no option" not in md  # the hand-made scores carry no counts
+
+
+def test_demon_tables_show_the_answers_that_matched_no_option():
+    counted = {m: {"demon": {**r["demon"], "option_rule": "official",
+                             "tasks": {t: {**v, "n": 8, "no_option": 3 if m == "base" else 1}
+                                       if v["metric"] == "accuracy" else v for t, v in r["demon"]["tasks"].items()}}}
+               for m, r in RESULTS.items()}
+    md = demon_tables(counted)
+    assert "### DEMON multi-choice answers that matched no option" in md
+    assert "| NLVR2 | 3 / 8 | 1 / 8 |" in md and "| VIST |" not in md.split("matched no option")[1]
+    assert "the first option, as evaluate.py's argmax of an all-zero row" in md
 
 
 def test_mme_table():

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cheetah.config import ConfigError, SynthesizeConfig, WorldConfig
+from cheetah.config import ConfigError, SynthesizeConfig
 from cheetah.io import DataError
 from cheetah.synthesize import (
     AttentionSelector,
@@ -19,6 +19,7 @@ from cheetah.synthesize import (
     PixelFilter,
     Synthesizer,
     build_backends,
+    ShardFailed,
     load_source,
     synthesize,
 )
@@ -28,28 +29,8 @@ from cheetah.world import (
     generate_scene,
     read_scenes,
     render,
-    train_tokenizer,
     where,
-    write_corpus,
 )
-
-
-@pytest.fixture(scope="module")
-def source(tmp_path_factory) -> Path:
-    return write_corpus(WorldConfig(out=str(tmp_path_factory.mktemp("world") / "source"), n=30, seed=0))
-
-
-@pytest.fixture(scope="module")
-def backbone():
-    import torch
-
-    from cheetah.model.backbones import build_backbone
-
-    # One thread, as the pipeline runs: on a busy 2-core machine a second torch thread makes tiny models ~20x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield build_backbone("tiny", tokenizer=train_tokenizer(512), image_size=64, seed=0)
-    torch.set_num_threads(threads)
 
 
 def _cfg(source: Path, out: Path, **kw) -> SynthesizeConfig:
@@ -72,7 +53,7 @@ def _rows(path: Path) -> list[dict]:
 def test_same_seed_same_bytes_and_workers_do_not_change_output(source, backbone, tmp_path):
     one = synthesize(_cfg(source, tmp_path / "one"), backbone)
     again = synthesize(_cfg(source, tmp_path / "again"), backbone)
-    four = synthesize(_cfg(source, tmp_path / "four", workers=4), backbone)
+    four = synthesize(_cfg(source, tmp_path / "four", shard_size=5), backbone)  # other shards, same bytes
     assert one == again == four
     reference = _tree(tmp_path / "one")
     assert reference == _tree(tmp_path / "again") == _tree(tmp_path / "four")
@@ -275,7 +256,7 @@ def test_pipeline_edits_the_least_attended_object(source, backbone):
     grid = 8
     checked = 0
     for i in range(4):
-        item = items[int(synth.pair_order[i % len(items)])]
+        item = synth.draws.pair_item(i)
         rendered = render(item.scene)
         focus = item.scene.objects[0]
         with steer(backbone.model, _patches(rendered.masks[focus.name], grid)):
@@ -344,10 +325,12 @@ def test_failed_run_keeps_previous_output(source, tmp_path, monkeypatch):
         raise RuntimeError("encoder crashed")
 
     monkeypatch.setattr(pipeline, "png_bytes", broken)
-    with pytest.raises(RuntimeError, match="encoder crashed"):
+    with pytest.raises(ShardFailed, match="failed at pair 0 on source record id .*RuntimeError: encoder crashed"):
         synthesize(_cfg(source, out, selector="random", n=6, captions=2))
     assert _tree(out) == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    # The failed shard left nothing behind; the work area (kept for the rerun) holds no half-written shard.
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.shards", "out"]
+    assert sorted(p.name for p in (tmp_path / ".out.shards").iterdir()) == [".cheetah-output.json"]
 
 
 def test_configuration_errors_are_clear(source, tmp_path):
@@ -376,7 +359,7 @@ def test_cli_synthesize(source, tmp_path, capsys):
     params.write_text("")  # defaults, whatever the repository's params.yaml says
     code = main(["--params", str(params), "synthesize", "--source", str(source), "--out", str(tmp_path / "syn"),
                  "--n", "4",
-                 "--captions", "2", "--selector", "random", "--workers", "2"])
+                 "--captions", "2", "--selector", "random", "--shard-size", "3"])
     assert code == 0
     stats = json.loads(capsys.readouterr().out)
     assert stats["pairs"] == 4 and (tmp_path / "syn" / "synthetic.jsonl").is_file()

@@ -1,4 +1,6 @@
-"""VPG-C training with DeepSpeed on CPU: golden losses, ZeRO stages, 2 processes, and resume after SIGKILL."""
+"""VPG-C training with DeepSpeed on CPU: golden losses, ZeRO stages, every launcher (2 ranks under torchrun as two
+nodes, 2 ranks under DeepSpeed's launcher) against one process, the user's DeepSpeed config, random backbones, and
+resume after SIGKILL."""
 
 from __future__ import annotations
 
@@ -6,6 +8,7 @@ import csv
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -37,6 +40,12 @@ def _cli(*args: str, env: dict) -> subprocess.CompletedProcess:
     out = subprocess.run([*CLI, *args], cwd=REPO, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-4000:]
     return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -101,31 +110,86 @@ def test_golden_losses_and_zero_stages_agree(workspace):
     golden = [5.7467, 5.7058, 5.6673, 5.6453, 5.6252, 5.6254]
     torch.testing.assert_close(torch.tensor(curve0), torch.tensor(golden), rtol=0, atol=2e-3)
     assert m0["heldout_loss_final"] < m0["heldout_loss_init"]
+    # ZeRO-2 with a user DeepSpeed config merged in (settings that do not change the arithmetic).
+    user = workspace / "ds-user.json"
+    user.write_text(json.dumps({"zero_optimization": {"overlap_comm": True, "reduce_bucket_size": 2**20},
+                                "train_micro_batch_size_per_gpu": "auto"}))
     for stage in (2, 3):
-        _run(workspace, f"zero{stage}", zero_stage=stage)
+        _run(workspace, f"zero{stage}", zero_stage=stage, deepspeed_config=str(user) if stage == 2 else None)
         torch.testing.assert_close(torch.tensor(_curve(workspace, f"zero{stage}")), torch.tensor(curve0),
                                    rtol=1e-5, atol=0)
         for k, v in _weights(workspace, "zero0").items():
             torch.testing.assert_close(_weights(workspace, f"zero{stage}")[k], v, rtol=1e-4, atol=2e-5)
     card = json.loads((workspace / "zero3" / "vpgc" / "vpgc.json").read_text())
     assert card["training"]["zero_stage"] == 3 and card["update_layer"] == 2
+    assert card["random_backbone"] is False  # a checkpoint directory, not weights built in the process
+    merged = json.loads((workspace / "zero2" / "state" / "deepspeed_config.json").read_text())
+    assert merged["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 2**20,
+                                           "allgather_bucket_size": sum(v.numel() for v in _weights(
+                                               workspace, "zero2").values()), "overlap_comm": True}
+    assert merged["train_micro_batch_size_per_gpu"] == 8 and merged["gradient_clipping"] == 1.0
 
 
-def test_two_processes_match_one(workspace):
-    """torchrun with 2 ranks, each taking half of the same global batch, gives the single-process run."""
-    one = _write_params(workspace, "one", zero_stage=2)
-    two = _write_params(workspace, "two", zero_stage=2)
+@pytest.fixture(scope="module")
+def one_process(workspace):
+    """The reference for every launcher: `cheetah train` as one plain process (ZeRO-2)."""
+    _cli("--params", str(_write_params(workspace, "one", zero_stage=2)), "train", env=_clean_env())
+    return "one"
+
+
+def _assert_matches(workspace: Path, name: str, reference: str, world: int) -> None:
+    """2 ranks each take half of the same global batch: the single-process curve and weights, up to the reduction
+    order (losses 1e-5 relative; weights 1e-4 relative + 2e-5 absolute, see the golden test)."""
+    assert json.loads((workspace / name / "train.json").read_text())["world_size"] == world
+    torch.testing.assert_close(torch.tensor(_curve(workspace, name)), torch.tensor(_curve(workspace, reference)),
+                               rtol=1e-5, atol=0)
+    for k, v in _weights(workspace, reference).items():
+        torch.testing.assert_close(_weights(workspace, name)[k], v, rtol=1e-4, atol=2e-5)
+
+
+def test_torchrun_two_nodes_match_one(workspace, one_process):
+    """Two torchrun launchers (`--nnodes 2`, one rank each) meeting at a c10d rendezvous on localhost, as two nodes
+    would: the single-process weights."""
+    params = _write_params(workspace, "nodes", zero_stage=2)
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    endpoint = f"127.0.0.1:{_free_port()}"
+    nodes = [subprocess.Popen([torchrun, "--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d",
+                               "--rdzv_endpoint", endpoint, "--rdzv_id", "cheetah-test", "-m", "cheetah.cli",
+                               "--params", str(params), "train"], cwd=REPO, env=_clean_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    _assert_matches(workspace, "nodes", one_process, world=2)
+
+
+def test_deepspeed_launcher_matches_one(workspace, one_process):
+    """`deepspeed --num_gpus 2 --module cheetah.cli ... train`: the launcher appends --local_rank=N to each rank's
+    arguments, which the CLI accepts."""
+    params = _write_params(workspace, "ds", zero_stage=2)
+    deepspeed = str(Path(sys.executable).with_name("deepspeed"))
+    proc = subprocess.run([deepspeed, "--num_gpus", "2", "--master_port", str(_free_port()), "--module",
+                           "cheetah.cli", "--params", str(params), "train"], cwd=REPO, env=_clean_env(),
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert "--local_rank=1" in proc.stdout + proc.stderr  # (the launcher's log of the command it ran)
+    _assert_matches(workspace, "ds", one_process, world=2)
+
+
+def test_token_loss_reduction_two_processes_match_one(workspace):
+    """The official token-mean loss (issue 12) keeps 2 ranks = 1 process: the step's target-token count is
+    all-reduced (the ranks' halves hold different counts)."""
+    one = _write_params(workspace, "one-token", zero_stage=2, loss_reduction="token")
+    two = _write_params(workspace, "two-token", zero_stage=2, loss_reduction="token")
     env = _clean_env()
     _cli("--params", str(one), "train", env=env)
     torchrun = Path(sys.executable).with_name("torchrun")
     proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "cheetah.cli",
                            "--params", str(two), "train"], cwd=REPO, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads((workspace / "two" / "train.json").read_text())["world_size"] == 2
-    torch.testing.assert_close(torch.tensor(_curve(workspace, "two")), torch.tensor(_curve(workspace, "one")),
-                               rtol=1e-5, atol=0)
-    for k, v in _weights(workspace, "one").items():
-        torch.testing.assert_close(_weights(workspace, "two")[k], v, rtol=1e-4, atol=2e-5)
+    _assert_matches(workspace, "two-token", "one-token", world=2)
+    # A loss other than the sample mean's: the equality above is not the same run twice.
+    sample = _run(workspace, "one-sample", zero_stage=2, loss_reduction="sample", steps=1)
+    assert abs(_curve(workspace, "one-token")[0] - _curve(workspace, "one-sample")[0]) > 1e-3, sample
 
 
 def test_sigkill_then_resume_ends_with_identical_weights(workspace):
@@ -173,26 +237,15 @@ def test_uneven_batch_split_is_refused(workspace):
         _run(workspace, "uneven", synthetic_batch=3, gradient_accumulation=2)
 
 
-def test_feature_cache_computes_each_image_once_and_reuses_the_disk(workspace, tmp_path):
-    from cheetah.model.backbones import load_backbone
-    from cheetah.train.data import FeatureCache, load_examples
+def test_random_backbone_trains_at_the_preset_shapes_and_is_marked(workspace):
+    """`model.random_backbone`: the preset built in the process (its tokenizer from backbone_dir), trained through
+    the same stage; the card says so, for the registry to refuse."""
+    from cheetah.model.backbones import PRESETS
 
-    backbone = load_backbone(workspace / "backbone")
-    calls = []
-
-    def encode(pixels):
-        calls.append(len(pixels))
-        return backbone.model.vision_model(pixel_values=pixels).last_hidden_state
-
-    images = [p for e in load_examples(workspace / "syn" / "synthetic.jsonl")[:3] for p in e.images]
-    cache = FeatureCache.from_setting(str(tmp_path / "features"), encode, backbone.image_processor,
-                                      backbone.fingerprint())
-    first = cache.get(images + images[:2])  # repeats in one request are computed once
-    assert sum(calls) == len(set(images)) and first.shape[0] == len(images) + 2
-    again = FeatureCache.from_setting(str(tmp_path / "features"), encode, backbone.image_processor,
-                                      backbone.fingerprint())
-    assert torch.equal(again.get(images), first[:len(images)]) and sum(calls) == len(set(images))  # from disk
-    assert len(list((tmp_path / "features" / backbone.fingerprint()).rglob("*.safetensors"))) == len(set(images))
-    fresh = FeatureCache.from_setting(None, encode, backbone.image_processor, backbone.fingerprint())
-    fresh.get(images[:2]), fresh.get(images[:2])
-    assert sum(calls) == len(set(images)) + 4  # no cache: computed in every step
+    tree = _params(workspace, "random", steps=2, checkpoint_every=2, eval_every=2)
+    tree["model"]["random_backbone"] = True
+    metrics = train_vpgc(load_params(None, [f"{section}.{k}={json.dumps(v)}" for section, vals in tree.items()
+                                            for k, v in vals.items()]))
+    card = json.loads((workspace / "random" / "vpgc" / "vpgc.json").read_text())
+    assert card["random_backbone"] is True and card["backbone_init"] == "random" and card["backbone"] == "tiny"
+    assert card["num_llm_layers"] == PRESETS["tiny"].text["num_hidden_layers"] and metrics["steps"] == 2

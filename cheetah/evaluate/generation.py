@@ -6,12 +6,14 @@ the logits equality), and a trained VPG-C is loaded with its weights. VPG-C fire
 the layers above carries the correction to every decoding step.
 
 Decoding
-    Greedy by default. Sampling only with an explicit seed (a `ValueError` otherwise). Sampled tokens are drawn by a
-    logits processor with one random generator per request, seeded from (seed, the request's key), so a sampled
-    answer depends on the seed and the request, not on the batch it lands in or on the order of the run (a resumed
-    evaluation draws the same answers). Generation stops at the tokenizer's EOS or the template's end string
-    (`###` for Vicuna v0, `</s>` for LLaMA-2, a newline for plain OPT) and the text is always cut at the first end
-    string, then stripped.
+    Greedy by default. Sampling (temperature, then top-k, then top-p, in Hugging Face's order) only with an explicit
+    seed (a `ValueError` otherwise); `evaluate.decoding: official-demon` is the official DEMON script's sampling
+    (cheetah/config.py DECODING_SETTINGS). Sampled tokens are drawn by a logits processor with one random generator
+    per request, seeded from (seed, the request's key), so a sampled answer depends on the seed and the request, not
+    on the batch it lands in or on the order of the run (a resumed evaluation draws the same answers). Generation
+    stops at the tokenizer's EOS or the template's end string (`###` for Vicuna, `</s>` for LLaMA-2, a newline for
+    plain prompts; `stop_strings` replaces it) and the text is always cut at the first end string, then stripped.
+    InstructBLIP backbones also give the Q-Former each request's instruction (`PromptBuilder`).
 
 Batching
     Requests are tokenised first, sorted by prompt length (image blocks included) and cut into batches of
@@ -153,19 +155,23 @@ def load_image(source: Path | str | Image.Image) -> Image.Image:
 
 
 class _SeededSampler:
-    """Temperature + top-p sampling with one `torch.Generator` per row, as a logits processor for greedy search.
+    """Temperature, top-k and top-p sampling (in Hugging Face's order) with one `torch.Generator` per row, as a
+    logits processor for greedy search.
 
     It returns scores that are -inf everywhere but the drawn token, so HF's argmax picks the draw. Each row's
     generator is seeded from its request, so a row's draws do not depend on the other rows of the batch."""
 
-    def __init__(self, seeds: Sequence[int], temperature: float, top_p: float):
-        self.seeds, self.temperature, self.top_p = list(seeds), temperature, top_p
+    def __init__(self, seeds: Sequence[int], temperature: float, top_p: float, top_k: int = 0):
+        self.seeds, self.temperature, self.top_p, self.top_k = list(seeds), temperature, top_p, top_k
         self.generators: list[torch.Generator] | None = None
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if self.generators is None:
             self.generators = [torch.Generator(device=scores.device).manual_seed(s) for s in self.seeds]
         logits = scores.float() / self.temperature
+        if 0 < self.top_k < logits.shape[-1]:
+            kth = torch.topk(logits, self.top_k, dim=-1).values[..., -1:]
+            logits = logits.masked_fill(logits < kth, -math.inf)
         if self.top_p < 1.0:
             sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
             cum = sorted_logits.softmax(-1).cumsum(-1)
@@ -186,22 +192,21 @@ class Generator:
     """Answers requests with a `VPGCModel`: batched with length bucketing, greedy unless told to sample."""
 
     def __init__(self, model: VPGCModel, batch_size: int = 16, max_new_tokens: int = 32, do_sample: bool = False,
-                 seed: int | None = None, temperature: float = 1.0, top_p: float = 0.9,
-                 max_prompt_length: int | None = None, **generate_kwargs: Any):
+                 seed: int | None = None, temperature: float = 1.0, top_p: float = 0.9, top_k: int = 0,
+                 stop_strings: Sequence[str] | None = None, max_prompt_length: int | None = None,
+                 **generate_kwargs: Any):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if do_sample and seed is None:
             raise ValueError("sampling (do_sample=True) needs an explicit seed: unseeded sampling is not reproducible")
-        if do_sample and not (temperature > 0 and 0 < top_p <= 1):
-            raise ValueError(f"sampling needs temperature > 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+        if do_sample and not (temperature > 0 and 0 < top_p <= 1 and top_k >= 0):
+            raise ValueError(f"sampling needs temperature > 0, 0 < top_p <= 1 and top_k >= 0, got {temperature}, "
+                             f"{top_p}, {top_k}")
         info = model.backbone_info
         if info.tokenizer is None or info.image_processor is None:
             raise ValueError(f"backbone {info.source!r} has no tokenizer or image processor: it cannot generate")
-        if model.is_instructblip:
-            raise NotImplementedError("generation for InstructBLIP backbones needs the Q-Former tokenizer, which the "
-                                      "Backbone does not carry yet")
         self.model = model
         self.batch_size = int(batch_size)
         self.max_new_tokens = int(max_new_tokens)
@@ -209,30 +214,37 @@ class Generator:
         self.seed = seed
         self.temperature = float(temperature)
         self.top_p = float(top_p)
+        self.top_k = int(top_k)
         self.generate_kwargs = generate_kwargs
         self.tokenizer = info.tokenizer
         self.template = info.template
         # The length guard is the caller's choice: RoPE models run past max_position_embeddings (with a warning).
+        # For InstructBLIP the builder also gives the Q-Former its instruction (the backbone's Q-Former tokenizer).
         self.builder = PromptBuilder.for_backbone(info, max_length=max_prompt_length or 1 << 30)
         self._max_positions = getattr(model.backbone.config.text_config, "max_position_embeddings", None)
         self._warned_long = False
         self.end = self.template.end
+        self.stop_override = list(stop_strings) if stop_strings is not None else None
+        ends = self.stop_override if self.stop_override is not None else ([self.end] if self.end else [])
+        self.ends = [e for e in ends if e]
+        """Answers are cut at the first of these; generation stops at them (the template's end by default)."""
         eos = self.tokenizer.eos_token_id
         self.eos_ids: list[int] = [] if eos is None else [int(eos)]
-        end_ids = self.tokenizer(self.end, add_special_tokens=False)["input_ids"] if self.end else []
-        if len(end_ids) == 1 and end_ids[0] not in self.eos_ids and end_ids[0] != self.tokenizer.unk_token_id:
-            self.eos_ids.append(int(end_ids[0]))
-        # The end string can also come out merged with other characters (BPE), so unless it *is* the EOS token,
+        for end in self.ends:
+            end_ids = self.tokenizer(end, add_special_tokens=False)["input_ids"]
+            if len(end_ids) == 1 and end_ids[0] not in self.eos_ids and end_ids[0] != self.tokenizer.unk_token_id:
+                self.eos_ids.append(int(end_ids[0]))
+        # An end string can also come out merged with other characters (BPE), so unless it *is* the EOS token,
         # generation also watches the decoded text for it; the answer is cut at it in any case.
-        self.stop_strings = [self.end] if self.end and self.end != self.tokenizer.eos_token else []
+        self.stop_strings = [e for e in self.ends if e != self.tokenizer.eos_token]
         if self.stop_strings:
             from transformers import StopStringCriteria
 
             try:  # builds (and caches, per vocabulary) the tables generate() will use
                 StopStringCriteria(self.tokenizer, self.stop_strings)
             except Exception as e:  # e.g. a tokenizer without a decoder: stop at EOS, cut the text afterwards
-                log.warning("generation cannot watch for the end string %r with this tokenizer (%s); it stops at "
-                            "EOS or max_new_tokens and the answer is cut at the end string", self.end, e)
+                log.warning("generation cannot watch for the end strings %r with this tokenizer (%s); it stops at "
+                            "EOS or max_new_tokens and the answer is cut at the end string", self.stop_strings, e)
                 self.stop_strings = []
 
     # -- what was used ---------------------------------------------------------------------------------------------
@@ -252,6 +264,10 @@ class Generator:
                                "end": self.end, "dtype": str(self.dtype).replace("torch.", "")}
         if self.do_sample:
             out.update(seed=self.seed, temperature=self.temperature, top_p=self.top_p)
+            if self.top_k:
+                out["top_k"] = self.top_k
+        if self.stop_override is not None:
+            out["stop"] = self.stop_override
         return out
 
     # -- planning --------------------------------------------------------------------------------------------------
@@ -337,14 +353,16 @@ class Generator:
             from transformers import LogitsProcessorList
 
             seeds = [_seed_for(self.seed, _request_key(r)) for r in requests]
-            kwargs["logits_processor"] = LogitsProcessorList([_SeededSampler(seeds, self.temperature, self.top_p)])
+            kwargs["logits_processor"] = LogitsProcessorList([_SeededSampler(seeds, self.temperature, self.top_p,
+                                                                             self.top_k)])
         kwargs.update(self.generate_kwargs)
         device = self.device
+        qformer = {k: batch[k].to(device) for k in ("qformer_input_ids", "qformer_attention_mask") if k in batch}
         out = self.model.generate(input_ids=batch["input_ids"].to(device),
                                   attention_mask=batch["attention_mask"].to(device),
                                   guide_positions=batch["guide_positions"].to(device),
                                   image_counts=batch["image_counts"].to(device),
-                                  pixel_values=pixels, **kwargs)
+                                  pixel_values=pixels, **qformer, **kwargs)
         return out.tolist()
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -356,9 +374,8 @@ class Generator:
                 ids = ids[:k]
                 break
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
-        if self.end and self.end in text:
-            text = text[: text.index(self.end)]
-        return text.strip()
+        cut = min((text.index(e) for e in self.ends if e in text), default=len(text))
+        return text[:cut].strip()
 
 
 def answer_one(model: VPGCModel, instruction: str, images: Sequence[Path | str | Image.Image],

@@ -10,6 +10,11 @@ A store opened on a folder that already holds a journal or a final file picks up
 what the evaluation skips. A torn last line (the process died mid-write) is dropped. If the store is given `meta`
 (model, checkpoint, decoding settings), resuming with different `meta` is refused instead of mixing two models'
 answers in one file.
+
+Data-parallel evaluation (`rank`, `world` > 1): each rank appends to a journal of its own
+(`.<stem>.partial-rank<r>.jsonl`, so no two processes ever write one file) and reads every rank's journal, so a
+resumed run, with any number of ranks, skips what any rank of the killed run had finished. `reload()` re-reads
+them all (rank 0, once every rank is done) and `finalize()` merges them in sample order and removes them all.
 """
 
 from __future__ import annotations
@@ -31,7 +36,8 @@ Benchmark = Literal["demon", "mme"]
 class PredictionStore:
     """The predictions of one task (a DEMON dataset or an MME subtask) under `directory`."""
 
-    def __init__(self, directory: str | Path, benchmark: Benchmark, task: str, meta: dict[str, Any] | None = None):
+    def __init__(self, directory: str | Path, benchmark: Benchmark, task: str, meta: dict[str, Any] | None = None,
+                 rank: int = 0, world: int = 1):
         directory = Path(directory)
         self.benchmark = benchmark
         if benchmark == "demon":
@@ -42,15 +48,24 @@ class PredictionStore:
             self.path = directory / f"{self.task}.txt"
         else:
             raise ValueError(f"benchmark must be 'demon' or 'mme', got {benchmark!r}")
-        self.journal = self.path.with_name(f".{self.path.stem}.partial.jsonl")
+        own = ".partial.jsonl" if world == 1 else f".partial-rank{rank}.jsonl"
+        self.journal = self.path.with_name(f".{self.path.stem}{own}")
         self.meta_path = self.path.with_name(f".{self.path.stem}.meta.json")
         self._check_meta(meta)
+        self.reload()
+
+    def journals(self) -> list[Path]:
+        """Every rank's journal of this task (this store's own included), in a fixed order."""
+        return sorted(self.path.parent.glob(f".{self.path.stem}.partial*.jsonl"))
+
+    def reload(self) -> None:
+        """(Re-)read the final file and every journal (e.g. after the other ranks have added their answers)."""
         self._records: dict[str, dict[str, Any]] = {}
         if self.path.exists():
             for rec in self._read_final():
                 self._records[str(rec["sample_id"])] = rec
-        if self.journal.exists():
-            for rec in self._read_journal():
+        for journal in self.journals():
+            for rec in self._read_journal(journal):
                 self._records[str(rec["sample_id"])] = rec
 
     # -- state on disk ---------------------------------------------------------------------------------------------
@@ -80,8 +95,8 @@ class PredictionStore:
                         "image": r.image, "question": r.question})
         return out
 
-    def _read_journal(self) -> list[dict[str, Any]]:
-        raw = self.journal.read_bytes()
+    def _read_journal(self, journal: Path) -> list[dict[str, Any]]:
+        raw = journal.read_bytes()
         lines = raw.split(b"\n")
         records, torn = [], False
         for n, line in enumerate(lines, start=1):
@@ -96,9 +111,9 @@ class PredictionStore:
                 if n == len(lines) and not raw.endswith(b"\n"):
                     torn = True
                     continue
-                raise DataError(f"{self.journal}:{n}: malformed prediction record") from None
+                raise DataError(f"{journal}:{n}: malformed prediction record") from None
             records.append(rec)
-        if torn:
+        if torn and journal == self.journal:  # another rank's journal is only read (that rank may be writing it)
             atomic_write_jsonl(self.journal, records)  # so the next append starts on a clean line
         return records
 
@@ -165,5 +180,6 @@ class PredictionStore:
             atomic_write_text(self.path, "".join(results_line(r["image"], r["question"], r["gt_response"],
                                                               r["pred_response"])
                                                  for group in groups.values() for r in group))
-        self.journal.unlink(missing_ok=True)
+        for journal in self.journals():
+            journal.unlink(missing_ok=True)
         return self.path

@@ -46,7 +46,33 @@ def demon_tables(results: Results) -> str:
                     + [_cell(demon[m]["tasks"].get(t, {}).get("score")) for m in models])
     out += "\n### DEMON by task\n\n" + _table(["Task", "Category", "Metric"] + models, rows,
                                               [":--", ":--", ":--"] + ["--:"] * len(models))
-    return out
+    return out + no_option_table(results)
+
+
+_RULES = {"official": "the official rule: the first option, as evaluate.py's argmax of an all-zero row",
+          "strict": "the strict rule: exact match"}
+
+
+def no_option_table(results: Results) -> str:
+    """Per multi-choice task and model: how many answers matched no option (and so were judged by the rule)."""
+    models = [m for m, r in results.items() if r.get("demon")]
+    demon = {m: results[m]["demon"] for m in models}
+    tasks = [t for t in TASKS if any("no_option" in d["tasks"].get(t, {}) for d in demon.values())]
+    if not tasks:
+        return ""
+    rows = []
+    for t in tasks:
+        cells = []
+        for m in models:
+            entry = demon[m]["tasks"].get(t)
+            cells.append("–" if entry is None or "no_option" not in entry else f"{entry['no_option']} / {entry['n']}")
+        rows.append([t] + cells)
+    rules = sorted({d.get("option_rule", "official") for d in demon.values()})
+    how = "; ".join(f"{m}: {_RULES.get(d.get('option_rule', 'official'), d.get('option_rule'))}"
+                    for m, d in demon.items()) if len(rules) > 1 else _RULES.get(rules[0], rules[0])
+    return ("\n### DEMON multi-choice answers that matched no option\n\n"
+            f"Answers sharing no term with any option (or options without any TF-IDF vocabulary); judged by {how}.\n\n"
+            + _table(["Task"] + models, rows, [":--"] + ["--:"] * len(models)))
 
 
 def mme_table(results: Results) -> str:

@@ -16,6 +16,13 @@ Predictions are journaled per sample as they are generated (`PredictionStore`), 
 only the missing answers, and one with another model or settings is refused (pass `restart=True` to start over).
 The batch size is not part of the tag: answers do not depend on it (see `cheetah.evaluate.generation`).
 
+Across devices (docs/scale.md): launched by `torchrun --nproc_per_node N` (or `deepspeed --no_local_rank`), every
+rank loads the model on its own device (`cuda:<LOCAL_RANK>`, or the CPU), reads every rank's journal, takes every
+N-th of the samples still missing (in sample order: a deterministic shard) and journals its answers to a file of
+its own; when all ranks are done, rank 0 merges the journals into the official files in sample order, scores and
+reports. The merged files equal a one-process run's (in fp32; see the generation module on bf16), and a killed
+multi-rank run resumes, with any number of ranks, where its ranks stopped.
+
 The metrics file holds the `vpgc` model's metrics at the top level (`demon_average` is what the registry promotes
 on; without a `vpgc` model, the last one's), and every model's under `models.<name>`, so the base model's numbers
 sit beside the challenger's: `{"demon_average": …, "demon": {…}, "mme": {…}, "model": "vpgc",
@@ -24,19 +31,24 @@ sit beside the challenger's: `{"demon_average": …, "demon": {…}, "mme": {…
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import gc
 import hashlib
 import logging
+import os
 import re
 import shutil
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from cheetah.config import Params, to_dict
 from cheetah.io import DataError, atomic_write_json, claim_dir, sha256_file, write_metrics
-from cheetah.tracking import flat_metrics
+from cheetah.progress import StageBar
+from cheetah.tracking import flat_metrics, stage_run
 
 log = logging.getLogger(__name__)
 
@@ -120,41 +132,127 @@ def model_identity(spec: str, model: Any) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _run_store(generator: Any, store: Any, samples: Sequence[Any], label: str) -> int:
-    """Generate the samples `store` lacks, saving each answer as soon as its batch is done; returns how many."""
-    from cheetah.evaluate.generation import Request
+class Ranks:
+    """This process's place in a data-parallel evaluation: rank and world size from the launcher's variables
+    (torchrun, deepspeed), with a gloo process group for the barriers (1 process: no group, barriers do nothing)."""
 
-    done = store.done_ids()
-    todo = [s for s in samples if s.key not in done]
-    if todo:
-        log.info("%s: %d of %d samples to generate (%d already done)", label, len(todo), len(samples),
-                 len(samples) - len(todo))
-        requests = [Request(s.prompt, list(s.images), key=f"{label}/{s.key}") for s in todo]
-        for index, answer in generator.iter_answers(requests):
-            store.add_sample(todo[index], answer)
-    store.finalize([s.key for s in samples])
-    return len(todo)
+    # The ranks wait for the slowest one at a barrier: an evaluation shard can take hours, so the wait may too.
+    TIMEOUT = datetime.timedelta(hours=12)
+
+    def __init__(self) -> None:
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self._owned = False
+        if self.world > 1:
+            import torch.distributed as dist
+
+            if not dist.is_initialized():
+                dist.init_process_group("gloo", timeout=self.TIMEOUT)  # barriers only: no tensors are exchanged
+                self._owned = True
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def close(self) -> None:
+        if self._owned:
+            import torch.distributed as dist
+
+            dist.barrier()  # without it, 2-rank gloo jobs abort at exit now and then (shared/research)
+            dist.destroy_process_group()
+            self._owned = False
+
+    def device(self, setting: str) -> Any:
+        """`evaluate.device` for this rank: `auto`/`cuda` mean this rank's GPU (`cuda:<LOCAL_RANK>`) under a launcher."""
+        import torch
+
+        from cheetah.evaluate.generation import resolve_device
+
+        device = resolve_device(setting)
+        if device.type == "cuda" and device.index is None and self.world > 1:
+            device = torch.device("cuda", self.local_rank)
+        return device
+
+
+@contextlib.contextmanager
+def _count_other_ranks(bar: StageBar, journals: Sequence[Path], every: float = 1.0) -> Iterator[None]:
+    """Rank 0's bar counts every rank's answers: a thread counts the lines the other ranks append to their journals."""
+    if not journals:
+        yield
+        return
+    stop = threading.Event()
+    offsets = {p: p.stat().st_size if p.exists() else 0 for p in journals}
+
+    def poll() -> None:
+        while not stop.wait(every):
+            for path, offset in offsets.items():
+                if path.exists() and path.stat().st_size > offset:
+                    with open(path, "rb") as f:
+                        f.seek(offset)
+                        chunk = f.read()
+                    offsets[path] = offset + len(chunk)
+                    bar.update(chunk.count(b"\n"))
+
+    thread = threading.Thread(target=poll, name="evaluate-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def generate_predictions(generator: Any, out_dir: str | Path, meta: Mapping[str, Any],
-                         demon_dir: str | Path | None = None, mme_dir: str | Path | None = None) -> dict[str, int]:
+                         demon_dir: str | Path | None = None, mme_dir: str | Path | None = None,
+                         ranks: Ranks | None = None, label: str = "evaluate") -> dict[str, int]:
     """Predictions of one model for every DEMON task under `demon_dir` and MME subtask under `mme_dir`, written to
-    `<out_dir>/demon/...` and `<out_dir>/mme/...`; returns the number of answers generated per task."""
+    `<out_dir>/demon/...` and `<out_dir>/mme/...`; returns the number of answers generated per task (by all ranks).
+
+    With several `ranks`, each generates its shard of the missing samples; rank 0 writes the official files."""
     from cheetah.evaluate.demon import load_demon
+    from cheetah.evaluate.generation import Request
     from cheetah.evaluate.mme import load_mme
     from cheetah.evaluate.predictions import PredictionStore
 
+    ranks = ranks or Ranks()
     out_dir = Path(out_dir)
-    generated: dict[str, int] = {}
+    tasks: list[tuple[str, Any, Sequence[Any]]] = []
     if demon_dir is not None:
         for task in load_demon(demon_dir):
-            store = PredictionStore(out_dir / "demon", "demon", task.dataset, dict(meta))
-            generated[f"demon/{task.dataset}"] = _run_store(generator, store, task.samples, f"demon/{task.dataset}")
+            tasks.append((f"demon/{task.dataset}", PredictionStore(out_dir / "demon", "demon", task.dataset,
+                                                                   dict(meta), ranks.rank, ranks.world),
+                          task.samples))
     if mme_dir is not None:
         for subtask, samples in load_mme(mme_dir).items():
-            store = PredictionStore(out_dir / "mme", "mme", subtask, dict(meta))
-            generated[f"mme/{subtask}"] = _run_store(generator, store, samples, f"mme/{subtask}")
-    return generated
+            tasks.append((f"mme/{subtask}", PredictionStore(out_dir / "mme", "mme", subtask, dict(meta), ranks.rank,
+                                                            ranks.world), samples))
+    todo = {name: [s for s in samples if s.key not in store.done_ids()] for name, store, samples in tasks}
+    ranks.barrier()  # every rank has read every journal before any rank adds to one: all agree on what is missing
+    total = sum(len(t) for t in todo.values())
+    others = [store.journal.with_name(store.journal.name.replace(f"-rank{ranks.rank}.", f"-rank{r}."))
+              for _, store, _ in tasks for r in range(1, ranks.world)] if ranks.rank == 0 else []
+    with StageBar(label, total, "answers", disable=ranks.rank != 0) as bar, _count_other_ranks(bar, others):
+        for name, store, samples in tasks:
+            mine = todo[name][ranks.rank::ranks.world]
+            if not mine:
+                continue
+            log.info("%s: %d of %d samples to generate%s (%d already done)", name, len(todo[name]), len(samples),
+                     f", {len(mine)} on rank {ranks.rank}" if ranks.world > 1 else "",
+                     len(samples) - len(todo[name]))
+            requests = [Request(s.prompt, list(s.images), key=f"{name}/{s.key}") for s in mine]
+            for index, answer in generator.iter_answers(requests):
+                store.add_sample(mine[index], answer)
+                bar.update(1)
+        ranks.barrier()  # every rank's answers are in its journal
+        bar.set(total)
+    if ranks.rank == 0:
+        for _, store, samples in tasks:
+            store.reload()
+            store.finalize([s.key for s in samples])
+    return {name: len(t) for name, t in todo.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -169,14 +267,9 @@ def evaluate(params: Params, model_specs: Mapping[str, str] | None = None, bench
 
     `model_specs` maps a name to a VPG-C weights directory, a backbone directory or a preset (default:
     `default_model_specs`). Returns `{"models": {name: {"demon": scores, "mme": scores}}, "metrics": …, "paths": …}`.
+    Under `torchrun` / `deepspeed` every rank calls this (see the module's docstring); only rank 0 scores, reports
+    and tracks, and the other ranks return `{"models": {}, "metrics": {}, "paths": {}, "rank": r}`.
     """
-    import torch
-
-    from cheetah.evaluate.examples import write_examples
-    from cheetah.evaluate.generation import Generator, load_model, resolve_device
-    from cheetah.evaluate.report import metrics_dict, write_report
-    from cheetah.evaluate.scoring import score_demon, score_mme
-
     if benchmark not in ("all", *BENCHMARKS):
         raise ValueError(f"benchmark must be 'demon', 'mme' or 'all', got {benchmark!r}")
     cfg = params.evaluate
@@ -188,31 +281,62 @@ def evaluate(params: Params, model_specs: Mapping[str, str] | None = None, bench
     for kind, folder in (("DEMON", demon_dir), ("MME", mme_dir)):
         if folder is not None and not Path(folder).is_dir():
             raise DataError(f"{folder}: {kind} data folder not found (`cheetah benchmarks` writes the embedded one)")
-    # The report folder is filled in place (predictions resume): never one that holds someone else's files.
-    out = claim_dir(cfg.out, REPORT_KIND, protect=[p for p in (demon_dir, mme_dir, *specs.values()) if p])
-    device = resolve_device(cfg.device)
+    ranks = Ranks()
+    # The report folder is filled in place (predictions resume): never one that holds someone else's files. Every
+    # rank checks before anyone writes (so all refuse together); rank 0 then claims it.
+    inputs = [p for p in (demon_dir, mme_dir, *specs.values()) if p]
+    out = claim_dir(cfg.out, REPORT_KIND, protect=inputs, create=False)
+    ranks.barrier()
+    if ranks.rank == 0:
+        claim_dir(out, REPORT_KIND, protect=inputs)
+    ranks.barrier()
+    # (On an error the process ends with it, and the launcher stops the other ranks: no barrier to wait at.)
+    # Rank 0's MLflow run spans the whole evaluation (`_track` logs into it), so its system metrics cover generation.
+    with stage_run("evaluate", experiment=params.register.experiment, enabled=track and ranks.rank == 0,
+                   system_metrics=True):
+        result = _evaluate(params, specs, benchmark, demon_dir, mme_dir, out, ranks, restart, track)
+    ranks.close()
+    return result
+
+
+def _evaluate(params: Params, specs: Mapping[str, str], benchmark: str, demon_dir: str | None, mme_dir: str | None,
+              out: Path, ranks: Ranks, restart: bool, track: bool) -> dict[str, Any]:
+    import torch
+
+    from cheetah.evaluate.examples import write_examples
+    from cheetah.evaluate.generation import Generator, load_model
+    from cheetah.evaluate.report import metrics_dict, write_report
+    from cheetah.evaluate.scoring import score_demon, score_mme
+
+    cfg = params.evaluate
+    device = ranks.device(cfg.device)
+    if ranks.world > 1:
+        log.info("evaluate: rank %d of %d on %s", ranks.rank, ranks.world, device)
     results: dict[str, dict[str, Any]] = {}
     runs: dict[str, Any] = {}
     for name, spec in specs.items():
         model_dir = out / name
         pred_dir = model_dir / "predictions"
-        if restart and pred_dir.exists():
+        if restart and pred_dir.exists() and ranks.rank == 0:
             shutil.rmtree(pred_dir)
+        ranks.barrier()  # (the other ranks read what rank 0 kept)
         started = time.perf_counter()
         model = load_model(spec, backbone_dir=params.model.backbone_dir, device=device, dtype=params.model.dtype,
                            template=params.model.template)
-        generator = Generator(model, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
-                              do_sample=cfg.do_sample, seed=cfg.seed, temperature=cfg.temperature, top_p=cfg.top_p)
+        generator = Generator(model, batch_size=cfg.batch_size, **cfg.generation())
         meta = {"spec": str(spec), "identity": model_identity(spec, model), "decoding": generator.settings()}
-        generated = generate_predictions(generator, pred_dir, meta, demon_dir, mme_dir)
+        generated = generate_predictions(generator, pred_dir, meta, demon_dir, mme_dir, ranks, f"evaluate {name}")
         del generator, model
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        if ranks.rank != 0:
+            continue  # rank 0 scores and reports
         entry: dict[str, Any] = {"demon": None, "mme": None}
         if demon_dir is not None:
             entry["demon"] = score_demon(demon_dir, pred_dir / "demon",
-                                         datasets=[t.split("/", 1)[1] for t in generated if t.startswith("demon/")])
+                                         datasets=[t.split("/", 1)[1] for t in generated if t.startswith("demon/")],
+                                         option_rule=cfg.demon_option_rule)
             atomic_write_json(model_dir / "demon_scores.json", entry["demon"])
         if mme_dir is not None:
             entry["mme"] = score_mme(pred_dir / "mme")
@@ -220,6 +344,8 @@ def evaluate(params: Params, model_specs: Mapping[str, str] | None = None, bench
         results[name] = entry
         runs[name] = {**meta, "generated": generated, "seconds": round(time.perf_counter() - started, 3)}
 
+    if ranks.rank != 0:
+        return {"models": {}, "metrics": {}, "paths": {}, "rank": ranks.rank}
     examples, shown = write_examples(out, {name: out / name / "predictions" for name in specs}, demon_dir, mme_dir)
     written = {**write_report(out, results, title="Evaluation: " + ", ".join(specs), sections=[shown]), **examples}
     champion = "vpgc" if "vpgc" in results else list(results)[-1]
@@ -229,7 +355,7 @@ def evaluate(params: Params, model_specs: Mapping[str, str] | None = None, bench
                "models": {n: metrics_dict(r["demon"], r["mme"]) for n, r in results.items()}}
     written["metrics"] = write_metrics(cfg.metrics, metrics)
     summary = {"benchmark": benchmark, "data": {"demon": demon_dir, "mme": mme_dir}, "batch_size": cfg.batch_size,
-               "device": device.type, "models": runs,
+               "device": device.type, "ranks": ranks.world, "models": runs,
                "outputs": {k: str(v) for k, v in written.items()}}
     written["summary"] = atomic_write_json(out / "evaluation.json", summary)
     if track:
@@ -239,8 +365,6 @@ def evaluate(params: Params, model_specs: Mapping[str, str] | None = None, bench
 
 def _track(params: Params, specs: Mapping[str, str], metrics: Mapping[str, Any], written: Mapping[str, Path],
            out: Path) -> None:
-    from cheetah.tracking import stage_run
-
     logged = {"evaluate": to_dict(params.evaluate), "model": {"dtype": params.model.dtype},
               "models": dict(specs)}
     with stage_run("evaluate", logged, experiment=params.register.experiment) as run:

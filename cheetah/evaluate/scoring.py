@@ -5,15 +5,18 @@ DEMON follows `DEMON Benchmark/scripts/evaluate.py` + `i4_score.py`:
   - open-ended tasks: ROUGE-L F of the `rouge` package (1.0.1, the one the official script uses), 0 for an empty
     prediction;
   - multi-choice tasks: the option nearest to the prediction by TF-IDF cosine similarity (vectoriser fitted on the
-    prediction and the options) must be the ground truth; exact match where TF-IDF cannot decide;
+    prediction and the options, `evaluate.py` L96-110) must be the ground truth; a prediction that shares no term
+    with any option has an all-zero similarity row, whose argmax is the first option; exact match where TF-IDF has
+    no vocabulary at all (one-letter options: the vectoriser raises and the script falls back);
   - image-option tasks: the answer must begin like the ground truth ("image b") and name no other option;
   - a category is the unweighted mean of its tasks; scores are percentages.
 Fixed: the metric comes from our task table (ALFRED's empty question_type made the script skip it; its
 image-choice list misspelt RecipeQA_VisualCloze so that task fell to TF-IDF), and every task is scored from its
 own `pred.json` (the aggregation read the last task's file for all of them).
-One deliberate change: a prediction that shares no term with any option is not mapped to the first option (the
-argmax of an all-zero similarity row); it goes to the exact-match fallback. Such answers are counted per task
-(`no_option`), so their effect is visible.
+Answers that match no option (no shared term, or no vocabulary) are counted per task (`no_option`): under the
+official rule the first option takes the no-term ones, which favours tasks whose answer is often listed first. The
+`strict` rule (`option_rule="strict"`, `cheetah score demon --option-rule strict`, `evaluate.demon_option_rule`)
+judges them by exact match instead; the default is the official rule, so scores compare with the paper's tables.
 
 MME follows `eval_tool/calculation.py`: lower-case the answer; exactly "yes"/"no", else the first four characters
 decide ("yes" in them -> yes, elif "no" -> no, else "other", which is wrong); per subtask acc*100 + acc+*100.
@@ -27,7 +30,7 @@ import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from cheetah.evaluate.demon import (CATEGORIES, TASKS, DemonTask, DemonTaskInfo, Split, list_demon_datasets,
                                     load_demon_task, resolve_dataset)
@@ -80,10 +83,13 @@ def rouge_l(pred: str, gt: str) -> float:
         return 0.0
 
 
-def nearest_option(pred: str, options: Sequence[str]) -> int | None:
-    """Index of the option nearest to `pred` by TF-IDF cosine similarity (first on ties), fitted on
-    [pred] + options as the official script does; None when TF-IDF cannot decide (no vocabulary, e.g. one-letter
-    options, or no term shared with any option)."""
+OptionRule = Literal["official", "strict"]
+OPTION_RULES: tuple[str, ...] = ("official", "strict")
+
+
+def option_similarities(pred: str, options: Sequence[str]) -> list[float] | None:
+    """TF-IDF cosine similarity of `pred` to each option, the vectoriser fitted on [pred] + options as the official
+    script does; None when TF-IDF has no vocabulary (e.g. one-letter options: the official script's `except`)."""
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.metrics.pairwise import cosine_similarity
 
@@ -91,22 +97,28 @@ def nearest_option(pred: str, options: Sequence[str]) -> int | None:
         matrix = TfidfVectorizer().fit_transform([pred, *options])
     except ValueError:
         return None
-    sims = cosine_similarity(matrix[0:1], matrix[1:]).ravel()
-    if not sims.any():
-        return None
-    return int(sims.argmax())
+    return [float(x) for x in cosine_similarity(matrix[0:1], matrix[1:]).ravel()]
 
 
-def multi_choice_correct(pred: str, gt: str, options: Sequence[str]) -> tuple[bool, bool]:
-    """(correct, matched an option) for a text multi-choice answer."""
+def multi_choice_correct(pred: str, gt: str, options: Sequence[str], rule: OptionRule = "official"
+                         ) -> tuple[bool, bool]:
+    """(correct, matched an option) for a text multi-choice answer.
+
+    The nearest option (first on ties) must be the ground truth. An answer that shares no term with any option
+    matches none: `official` takes the first option (numpy's argmax of the all-zero row), `strict` exact match.
+    Without any TF-IDF vocabulary both use exact match, as the official fallback does."""
+    if rule not in OPTION_RULES:
+        raise ValueError(f"option rule must be one of {OPTION_RULES}, got {rule!r}")
     p, g = normalize_answer(pred), normalize_answer(gt)
     opts = [normalize_answer(o) for o in options]
     if g not in opts:
         raise ValueError(f"the ground truth {gt!r} is not one of the options {list(options)!r}")
-    i = nearest_option(p, opts)
-    if i is None:
+    sims = option_similarities(p, opts)
+    if sims is None:
         return p == g, False
-    return opts[i] == g, True
+    if not any(sims):
+        return (opts[0] == g if rule == "official" else p == g), False
+    return opts[max(range(len(sims)), key=lambda i: (sims[i], -i))] == g, True
 
 
 def image_choice_correct(pred: str, gt: str, n_options: int = 4) -> bool:
@@ -133,7 +145,8 @@ class TaskScore:
     rule: str
     """How answers were judged: rouge_l, tfidf_option or image_option."""
     no_option: int = 0
-    """Multi-choice answers that shared no term with any option (judged by exact match)."""
+    """Multi-choice answers that matched no option (no shared term, or no TF-IDF vocabulary at all); how they were
+    judged is the option rule's."""
     per_sample: dict[str, float] = dataclasses.field(default_factory=dict, repr=False)
 
     def as_dict(self) -> dict[str, Any]:
@@ -164,8 +177,8 @@ def _ids(keys: Sequence[str]) -> str:
     return shown + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
 
 
-def score_demon_task(task: DemonTask, predictions: list[dict[str, Any]], source: str | Path = "pred.json"
-                     ) -> TaskScore:
+def score_demon_task(task: DemonTask, predictions: list[dict[str, Any]], source: str | Path = "pred.json",
+                     option_rule: OptionRule = "official") -> TaskScore:
     """Score one task from its own predictions; every sample needs exactly one prediction."""
     info: DemonTaskInfo = task.info
     by_id: dict[str, dict[str, Any]] = {}
@@ -197,7 +210,7 @@ def score_demon_task(task: DemonTask, predictions: list[dict[str, Any]], source:
             elif rule == "image_option":
                 value = float(image_choice_correct(pred, s.response, len(s.choice_list or ())))
             else:
-                correct, matched = multi_choice_correct(pred, s.response, s.choice_list or ())
+                correct, matched = multi_choice_correct(pred, s.response, s.choice_list or (), option_rule)
                 value = float(correct)
                 no_option += not matched
         except ValueError as e:
@@ -226,13 +239,16 @@ def _prediction_file(pred_dir: Path, info: DemonTaskInfo) -> Path | None:
 
 
 def score_demon(data_dir: str | Path, predictions_dir: str | Path, split: Split = "core",
-                datasets: Sequence[str] | None = None) -> dict[str, Any]:
+                datasets: Sequence[str] | None = None, option_rule: OptionRule = "official") -> dict[str, Any]:
     """Score `<predictions_dir>/<Dataset>/pred.json` against `<data_dir>/<Dataset>/<split>/<split>.json`.
 
     Without `datasets`, every dataset folder of `predictions_dir` holding a `pred.json` is scored (each must exist
     in `data_dir`); data folders without predictions are listed under `not_predicted`. Returns
-    `{"tasks": {dataset: {metric, score, ...}}, "categories": {key: score}, "average": mean of the categories}`.
+    `{"tasks": {dataset: {metric, score, ..., no_option}}, "categories": {key: score}, "average": mean of the
+    categories, "option_rule": rule}`.
     """
+    if option_rule not in OPTION_RULES:
+        raise ValueError(f"option rule must be one of {OPTION_RULES}, got {option_rule!r}")
     data_dir, pred_dir = Path(data_dir), Path(predictions_dir)
     if not pred_dir.is_dir():
         raise DataError(f"{pred_dir}: predictions folder not found")
@@ -255,13 +271,14 @@ def score_demon(data_dir: str | Path, predictions_dir: str | Path, split: Split 
         source = _prediction_file(pred_dir, task.info)
         if source is None:
             raise DataError(f"{pred_dir / name / 'pred.json'}: file not found")
-        scores.append(score_demon_task(task, read_demon_predictions(source), source))
+        scores.append(score_demon_task(task, read_demon_predictions(source), source, option_rule))
     categories = category_means(scores)
     return {
         "split": split,
         "tasks": {t.dataset: t.as_dict() for t in scores},
         "categories": {k: round(v, 4) for k, v in categories.items()},
         "average": round(sum(categories.values()) / len(categories), 4),
+        "option_rule": option_rule,
         "not_predicted": [d for d in available if d not in {t.dataset for t in scores}],
     }
 

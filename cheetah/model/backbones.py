@@ -7,7 +7,9 @@ ever fetched from a hub. Presets:
 - `tiny`: the embedded default (ViT + Q-Former + small LLaMA), pretrained here by the base stage;
 - `vicuna-7b`, `llama2-7b`: the official Cheetah shapes (EVA ViT-g/14 as BLIP-2 has it, the BLIP-2 Q-Former with 32
   queries, a 768->4096 projection, a 32-layer LLaMA-7B);
-- `opt-2.7b`: BLIP-2 OPT-2.7b.
+- `opt-2.7b`: BLIP-2 OPT-2.7b;
+- `mini`: the `vicuna-7b` architecture (EVA-style ViT with qkv bias, a Q-Former with cross-attention every second
+  layer and 32 queries, LLaMA with its 32001-row vocabulary) at toy width: the real-scale code path on a CPU.
 """
 
 from __future__ import annotations
@@ -73,12 +75,22 @@ PRESETS: dict[str, Preset] = {
                   num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512, rms_norm_eps=1e-6,
                   vocab_size=512, tie_word_embeddings=True),
         num_query_tokens=8,
-        template="vicuna",
+        # The training configs' rendering, with which the embedded default's recorded results were made.
+        template="vicuna-train",
         image_token_index=None,
     ),
     "vicuna-7b": Preset("vicuna-7b", EVA_VIT_G, BLIP2_QFORMER, LLAMA_7B, 32, "vicuna", 32000),
     "llama2-7b": Preset("llama2-7b", EVA_VIT_G, BLIP2_QFORMER, {**LLAMA_7B, "max_position_embeddings": 4096},
                         32, "llama2", 32000),
+    "mini": Preset(
+        "mini",
+        {**EVA_VIT_G, "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
+         "image_size": 56},
+        {**BLIP2_QFORMER, "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
+         "encoder_hidden_size": 64},
+        {**LLAMA_7B, "hidden_size": 64, "intermediate_size": 172, "num_hidden_layers": 4, "num_attention_heads": 4,
+         "num_key_value_heads": 4, "max_position_embeddings": 1024},
+        32, "vicuna", 32000),
     # Salesforce/blip2-opt-2.7b: OPT's 50272 rows padded to 50304, `<image>` at 50265.
     "opt-2.7b": Preset(
         "opt-2.7b", EVA_VIT_G, {**BLIP2_QFORMER, "encoder_hidden_size": 1408},
@@ -100,6 +112,16 @@ class Backbone:
     template: ChatTemplate
     source: str
     """Preset name or directory it came from (recorded in VPG-C weight cards)."""
+    qformer_tokenizer: Any | None = None
+    """InstructBLIP only: the Q-Former's own (BERT) tokenizer, for the instruction its first pass reads."""
+    init: str | None = None
+    """How its weights came about: "random" (built here from a preset), or what the directory's
+    `cheetah_backbone.json` says ("pretrain", "random", "checkpoint" from the base stage; None otherwise)."""
+
+    @property
+    def random_weights(self) -> bool:
+        """Random weights that exist in this process only (no checkpoint directory): for planning and benchmarks."""
+        return self.init == "random" and self.source in PRESETS
 
     @property
     def config(self) -> Blip2Config | InstructBlipConfig:
@@ -146,7 +168,10 @@ def preset_config(name: str, *, tokenizer: Any | None = None, image_size: int | 
         image_token_index = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         if image_token_index is None or image_token_index == tokenizer.unk_token_id:
             raise ValueError(f"the tokenizer has no {IMAGE_TOKEN!r} token")
-        text.update(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+        # A preset with a fixed vocabulary keeps its rows (real shapes) when the tokenizer is smaller; the rows past
+        # the tokenizer are never read, like OPT's padding rows. `tiny` takes the tokenizer's size.
+        rows = len(tokenizer) if p.image_token_index is None else max(len(tokenizer), text["vocab_size"])
+        text.update(vocab_size=rows, bos_token_id=tokenizer.bos_token_id,
                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     if image_token_index is None:
         raise ValueError(f"preset {name!r} needs a tokenizer (its vocabulary is trained from the world's language)")
@@ -185,6 +210,15 @@ def build_backbone(preset: str, *, tokenizer: Any | None = None, image_size: int
         init_random_weights(model)
     if dtype is not None:
         model.to(dtype)
+        # The parts from_pretrained keeps in fp32: `_keep_in_fp32_modules` under fp16, the strict ones under both.
+        keep = [*(model._keep_in_fp32_modules_strict or ())] if dtype in (torch.float16, torch.bfloat16) else []
+        keep += [*(model._keep_in_fp32_modules or ())] if dtype == torch.float16 else []
+        for name in keep:
+            part = getattr(model, name)
+            if isinstance(part, torch.nn.Parameter):
+                part.data = part.data.float()
+            else:
+                part.float()
     model.eval()
     return Backbone(
         model=model,
@@ -192,7 +226,24 @@ def build_backbone(preset: str, *, tokenizer: Any | None = None, image_size: int
         image_processor=_image_processor(config.vision_config.image_size),
         template=TEMPLATES[template or PRESETS[preset].template],
         source=preset,
+        init="random",
     )
+
+
+def random_backbone(preset: str, *, tokenizer_dir: str | Path | None = None, device: str | torch.device = "cpu",
+                    dtype: torch.dtype | None = None, template: str | None = None, seed: int = 0) -> Backbone:
+    """A preset at its real shapes with random weights and a usable tokenizer: the one in `tokenizer_dir` when it
+    holds one, else the embedded world's byte-level BPE (any text encodes; deterministic, so every rank builds the
+    same). Every rank given the same seed builds the same weights."""
+    if tokenizer_dir is not None and (Path(tokenizer_dir) / "tokenizer_config.json").exists():
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+    else:
+        from cheetah.world import train_tokenizer
+
+        tokenizer = train_tokenizer()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.unk_token
+    return build_backbone(preset, tokenizer=tokenizer, device=device, dtype=dtype, template=template, seed=seed)
 
 
 def _read_backbone_meta(path: Path) -> dict[str, Any]:
@@ -260,6 +311,9 @@ def load_backbone(spec: str | Path, *, device: str | torch.device = "cpu", dtype
         )
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.unk_token  # LLaMA has no pad token; the official code pads with <unk>
+    qformer_tokenizer = None
+    if isinstance(model, InstructBlipForConditionalGeneration):
+        qformer_tokenizer = _load_qformer_tokenizer(directory)
     meta = _read_backbone_meta(directory)
     return Backbone(
         model=model,
@@ -267,11 +321,32 @@ def load_backbone(spec: str | Path, *, device: str | torch.device = "cpu", dtype
         image_processor=_load_image_processor(directory, model.config.vision_config.image_size),
         template=TEMPLATES[template or meta.get("template") or _default_template(model)],
         source=str(directory),
+        qformer_tokenizer=qformer_tokenizer,
+        init=meta.get("init"),
     )
 
 
+QFORMER_TOKENIZER_DIR = "qformer_tokenizer"
+"""Where an InstructBLIP directory keeps the Q-Former's tokenizer (as `InstructBlipProcessor.save_pretrained`)."""
+
+
+def _load_qformer_tokenizer(directory: Path) -> Any:
+    folder = directory / QFORMER_TOKENIZER_DIR
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: an InstructBLIP backbone needs its Q-Former tokenizer there (the layout "
+                                "InstructBlipProcessor.save_pretrained writes)")
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    if tokenizer.pad_token_id is None:
+        raise ValueError(f"{folder}: the Q-Former tokenizer has no pad token")
+    return tokenizer
+
+
 def _default_template(model: BackboneModel) -> str:
-    return "plain" if model.config.text_config.model_type == "opt" else "vicuna"
+    # BLIP-2 OPT and InstructBLIP were trained on plain prompts; a LLaMA backbone without a recorded template is
+    # taken to be an official Cheetah one (Vicuna v0).
+    if model.config.text_config.model_type == "opt" or isinstance(model, InstructBlipForConditionalGeneration):
+        return "plain"
+    return "vicuna"
 
 
 def _load_image_processor(directory: Path, image_size: int) -> BlipImageProcessorPil:
@@ -296,7 +371,10 @@ def save_backbone(backbone: Backbone, directory: str | Path, extra_meta: dict[st
             backbone.tokenizer.save_pretrained(tmp)
         if backbone.image_processor is not None:
             backbone.image_processor.save_pretrained(tmp)
-        meta = {"template": backbone.template.name, "preset": backbone.source, **(extra_meta or {})}
+        if backbone.qformer_tokenizer is not None:
+            backbone.qformer_tokenizer.save_pretrained(tmp / QFORMER_TOKENIZER_DIR)
+        meta = {"template": backbone.template.name, "preset": backbone.source, "init": backbone.init,
+                **(extra_meta or {})}
         (tmp / "cheetah_backbone.json").write_text(json.dumps(meta, indent=2) + "\n")
     return Path(directory)
 

@@ -70,7 +70,8 @@ class _Injection:
 class VPGCModel(nn.Module):
     """A frozen backbone plus VPG-C. `forward` for training and scoring, `generate` for answers."""
 
-    def __init__(self, backbone: Backbone, update_layer: int | None = None, vpgc: VPGC | None = None):
+    def __init__(self, backbone: Backbone, update_layer: int | None = None, vpgc: VPGC | None = None,
+                 qformer_dropout: bool = False):
         super().__init__()
         self.backbone_info = backbone  # tokenizer, template, source: not a module
         self.backbone = backbone.model
@@ -92,6 +93,8 @@ class VPGCModel(nn.Module):
         self._layers: list[nn.Module] = list(self.language_model.get_decoder().layers)
         self._hook = self._layers[self.update_layer].register_forward_pre_hook(self._inject, with_kwargs=True)
         self.gradient_checkpointing = False
+        self.qformer_dropout = bool(qformer_dropout)
+        self.train(self.training)
 
     # -- parts ---------------------------------------------------------------------------------------------------
 
@@ -109,9 +112,13 @@ class VPGCModel(nn.Module):
         return next(self.backbone.qformer.parameters()).dtype
 
     def train(self, mode: bool = True) -> "VPGCModel":
-        # The backbone is frozen: it stays in eval mode (no dropout) whatever the trainer asks.
+        # The backbone is frozen: it stays in eval mode (no dropout) whatever the trainer asks - except, with
+        # `qformer_dropout`, the Q-Former in training, as the official model leaves it (its weights frozen, its
+        # mode not: cheetah_vicuna.py L87-91, where the ViT gets eval() + disabled_train, L63-71).
         super().train(mode)
         self.backbone.eval()
+        if mode and getattr(self, "qformer_dropout", False):
+            self.backbone.qformer.train()
         return self
 
     @classmethod
@@ -292,8 +299,9 @@ class VPGCModel(nn.Module):
                 return_sample_losses: bool = False, **kwargs: Any) -> Any:
         """Logits (and the LM loss on `labels`, -100 elsewhere) with the VPG-C correction applied.
 
-        With `return_sample_losses=True` (training), returns `SampleLosses`: each sample's mean cross-entropy over
-        its target tokens, computing the LM head only at those positions — no (batch x length x vocab) logits.
+        With `return_sample_losses=True` (training), returns `SampleLosses`: each sample's cross-entropy summed over
+        its target tokens and their count, computing the LM head only at those positions — no (batch x length x
+        vocab) logits.
         """
         qformer_text = _qformer_text(qformer_input_ids, qformer_attention_mask)
         inputs_embeds, injection = self.prepare_inputs(input_ids, pixel_values, vision_features, image_counts,
@@ -305,7 +313,7 @@ class VPGCModel(nn.Module):
         if labels is None:
             raise ValueError("return_sample_losses needs labels")
         hidden = self._run_language_model(injection, self.language_model.get_decoder(), **lm_inputs, **kwargs)[0]
-        return SampleLosses(response_losses(hidden, labels, self.language_model.get_output_embeddings()))
+        return response_losses(hidden, labels, self.language_model.get_output_embeddings())
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None = None,
@@ -329,26 +337,83 @@ class VPGCModel(nn.Module):
 
 @dataclasses.dataclass
 class SampleLosses:
-    sample_losses: torch.Tensor  # (B,)
+    """Each sample's next-token cross-entropy over its target tokens, as a sum and a count, so that a training
+    step can average over samples or over tokens (`LossReduction`)."""
+
+    token_sums: torch.Tensor  # (B,) summed cross-entropy of each sample's target tokens
+    token_counts: torch.Tensor  # (B,) how many target tokens each sample has
+
+    @property
+    def sample_losses(self) -> torch.Tensor:
+        """(B,) each sample's mean token loss."""
+        return self.token_sums / self.token_counts.clamp(min=1)
 
     @property
     def loss(self) -> torch.Tensor:
+        """The mean over samples of their mean token loss."""
         return self.sample_losses.mean()
 
 
-def response_losses(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
-    """Mean next-token cross-entropy over each sample's target tokens (labels != -100), (B,).
+def response_losses(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module) -> SampleLosses:
+    """Next-token cross-entropy summed over each sample's target tokens (labels != -100), and their number.
 
-    The LM head runs only where a token is predicted, and the mean is per sample, so every sample weighs the same
-    whatever its length and the average over data-parallel ranks equals the single-process loss.
-    """
+    The LM head runs only where a token is predicted: no (batch x length x vocab) logits elsewhere."""
     targets = labels[:, 1:]
     selected = targets != -100
     logits = lm_head(hidden[:, :-1][selected]).float()
     token_loss = nn.functional.cross_entropy(logits, targets[selected], reduction="none")
     rows = torch.nonzero(selected, as_tuple=True)[0]
     totals = torch.zeros(labels.shape[0], dtype=token_loss.dtype, device=labels.device).index_add(0, rows, token_loss)
-    return totals / selected.sum(1).clamp(min=1)
+    return SampleLosses(totals, selected.sum(1))
+
+
+@dataclasses.dataclass(frozen=True)
+class LossReduction:
+    """How one optimiser step averages its losses (`train.loss_reduction`), whatever its split into `parts`
+    equal micro-batches (data-parallel ranks x gradient-accumulation steps).
+
+    - `sample`: each sample's mean token loss, averaged over the step's samples: every sample weighs the same.
+    - `token`: every target token's loss, averaged over all target tokens of the step (`step_tokens`, counted over
+      every rank): the official model's loss, Hugging Face's `CrossEntropyLoss()` mean over the batch
+      (`modeling_llama.py` L736-746), where long answers weigh more.
+
+    DeepSpeed divides each micro-batch's loss by the accumulation steps and averages gradients over ranks. A sample
+    mean per equal micro-batch already sums to the step's mean that way; a token sum is scaled by `parts` and
+    divided by the step's token count, so the micro-batches add up to the step's token mean too."""
+
+    mode: str = "sample"
+    parts: int = 1
+    step_tokens: float | None = None
+
+    @classmethod
+    def for_step(cls, mode: str, parts: int, local_tokens: int, device: torch.device | str = "cpu"
+                 ) -> "LossReduction":
+        """The reduction of one step; for `token`, all-reduces this rank's target-token count (a collective: every
+        rank calls it)."""
+        if mode == "sample":
+            return cls("sample", parts)
+        if mode != "token":
+            raise ValueError(f"loss reduction must be 'sample' or 'token', got {mode!r}")
+        count = torch.tensor([float(local_tokens)], dtype=torch.float64, device=device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(count)
+        return cls("token", parts, float(count.item()))
+
+    def __call__(self, outputs: list[SampleLosses]) -> tuple[torch.Tensor, tuple[float, float]]:
+        """(the micro-batch's loss to back-propagate, (numerator, denominator) of the step's loss for logging)."""
+        total: Any = 0.0
+        if self.mode == "sample":
+            n = 0
+            for out in outputs:
+                total = total + out.sample_losses.sum()
+                n += len(out.token_sums)
+            loss = total / n
+            return loss, (loss.item() * n, float(n))
+        tokens = 0
+        for out in outputs:
+            total = total + out.token_sums.sum()
+            tokens += int(out.token_counts.sum())
+        return total * self.parts / max(self.step_tokens or 0.0, 1.0), (total.item(), float(tokens))
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:

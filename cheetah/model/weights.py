@@ -29,8 +29,13 @@ class IncompatibleWeights(CheetahError, ValueError):
     """VPG-C weights that do not fit the backbone they are being loaded into."""
 
 
-def card_for(model: Any) -> dict[str, Any]:
-    """The compatibility facts of a VPGCModel (everything but the hashes)."""
+def card_for(model: Any, trained_template: str | None = None) -> dict[str, Any]:
+    """The compatibility facts of a VPGCModel (everything but the hashes).
+
+    `template` is the chat rendering to use the weights with (evaluation, serving); `trained_template` the one
+    they were trained with: the same for weights trained here, and for the imported official release the training
+    configs' `prompt_template` rendering (`vicuna-train` / `llama2-train`), while `template` is the official
+    inference rendering the released checkpoints were evaluated with (see cheetah/model/prompts.py)."""
     cfg = model.backbone.config
     return {
         "format_version": FORMAT_VERSION,
@@ -38,7 +43,13 @@ def card_for(model: Any) -> dict[str, Any]:
         "backbone_abspath": _abspath_if_dir(model.backbone_info.source),
         "backbone_fingerprint": model.backbone_info.fingerprint(),
         "backbone_class": type(model.backbone).__name__,
+        # How the backbone's weights came about (its cheetah_backbone.json), and whether they were random weights
+        # built in the training process, which exist nowhere else: such VPG-C weights are for planning and
+        # benchmarks, not for registration.
+        "backbone_init": model.backbone_info.init,
+        "random_backbone": model.backbone_info.random_weights,
         "template": model.backbone_info.template.name,
+        "trained_template": trained_template or model.backbone_info.template.name,
         "update_layer": model.update_layer,
         "num_llm_layers": cfg.text_config.num_hidden_layers,
         "num_query_tokens": model.num_query_tokens,
@@ -52,7 +63,8 @@ def _abspath_if_dir(source: str) -> str | None:
 
 
 def save_vpgc(model: Any, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None,
-              extra: dict[str, Any] | None = None, *, protect: Iterable[str | Path] = ()) -> Path:
+              extra: dict[str, Any] | None = None, trained_template: str | None = None, *,
+              protect: Iterable[str | Path] = ()) -> Path:
     """Write the VPG-C weights and card atomically. Pass `state_dict` when it had to be gathered (ZeRO-3). An
     existing folder is replaced only if it holds earlier VPG-C weights (`cheetah.io.check_output`)."""
     state = state_dict if state_dict is not None else model.vpgc.state_dict()
@@ -60,7 +72,7 @@ def save_vpgc(model: Any, directory: str | Path, state_dict: dict[str, torch.Ten
     with atomic_dir(directory, kind=VPGC_KIND, protect=protect) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         card = {
-            **card_for(model),
+            **card_for(model, trained_template),
             "tensors": {k: list(v.shape) for k, v in tensors.items()},
             "sha256": sha256_file(tmp / WEIGHTS_FILE),
             **(extra or {}),

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import io
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +12,7 @@ import numpy as np
 from PIL import Image
 
 from cheetah.config import ConfigError
+from cheetah.io import DataError
 
 
 @dataclasses.dataclass
@@ -98,7 +101,16 @@ class SourceItem:
     path: Path
     caption: str
     scene: Any = None
+    sha256: str = ""
+    """SHA-256 of the image file as read when the corpus was checked (part of the synthesis shards' keys)."""
 
     def load_image(self) -> Image.Image:
-        with Image.open(self.path) as im:
+        """The image, as RGB. With `sha256` set, bytes other than those checked are refused (DataError): a shard's
+        key names the image it was made from, so a file changed since (or another copy on a worker) must not be
+        used in its place."""
+        data = self.path.read_bytes()
+        if self.sha256 and hashlib.sha256(data).hexdigest() != self.sha256:
+            raise DataError(f"{self.image}: the image of record {self.id!r} changed since the corpus was checked "
+                            f"(sha256 {hashlib.sha256(data).hexdigest()[:12]}..., checked {self.sha256[:12]}...)")
+        with Image.open(io.BytesIO(data)) as im:
             return im.convert("RGB")

@@ -16,15 +16,21 @@ Starting the language model on images straight from random weights does not work
 language long before it learns to read the image tokens (tests on this machine: no grounding after 600 steps),
 whereas with a pretrained vision side it reads them within a few hundred steps.
 
-For real presets this stage does not run: `model.backbone_dir` points at the user's checkpoint directory.
 Output: a backbone directory (weights, tokenizer trained on the world's language, image processor) that
 `cheetah.model.backbones.load_backbone` reads like any real checkpoint, and `metrics/base.json` with the
 held-out captioning quality.
+
+That is `base.init: pretrain`. The stage is the pipeline's one source of the backbone at every scale
+(`base_stage`): with `init: checkpoint` it brings a real checkpoint directory (e.g. the official Vicuna-7B release
+after `cheetah model import`) into `base.out`, so DVC versions the exact weights later stages read; with
+`init: random` it saves a preset's shapes with random weights (the CPU test of the real-scale path, and planning).
 """
 
 from __future__ import annotations
 
 import math
+import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -35,8 +41,9 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from cheetah.config import ConfigError, Params, to_dict
-from cheetah.io import DataError, check_output, read_jsonl, safe_join, write_metrics
-from cheetah.model.backbones import BACKBONE_KIND, build_backbone, save_backbone
+from cheetah.io import (DataError, atomic_dir, atomic_write_json, check_output, read_json, read_jsonl, safe_join,
+                        write_metrics)
+from cheetah.model.backbones import BACKBONE_KIND, build_backbone, load_backbone, save_backbone
 from cheetah.model.prompts import PromptBuilder
 from cheetah.train.data import load_pixels
 from cheetah.train.vpgc import lr_lambda
@@ -226,14 +233,79 @@ def _qformer(model: Any, features: torch.Tensor) -> torch.Tensor:
     return model.qformer(query_embeds=queries, encoder_hidden_states=features, encoder_attention_mask=mask).last_hidden_state
 
 
+def base_stage(params: Params) -> dict[str, Any]:
+    """`cheetah base`: write the backbone to `base.out` as `base.init` says; returns the metrics."""
+    from cheetah.tracking import stage_run
+
+    cfg = params.base
+    if cfg.init == "pretrain":
+        return pretrain_base(params)
+    tracked = to_dict(cfg) | {"preset": params.model.preset}
+    with stage_run("base", tracked, experiment=params.register.experiment) as run:
+        metrics = random_base(params) if cfg.init == "random" else checkpoint_base(params)
+        write_metrics(cfg.metrics, metrics)
+        if run is not None:
+            import mlflow
+
+            mlflow.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+    return metrics
+
+
+def random_base(params: Params) -> dict[str, Any]:
+    """`model.preset`'s shapes with random weights (seed `base.seed`) in `model.dtype`, a tokenizer trained on the
+    world's language, saved as a checkpoint directory: every later stage reads it as it would a 7B one."""
+    import torch as _torch
+
+    cfg = params.base
+    tokenizer = train_tokenizer(cfg.vocab_size)
+    backbone = build_backbone(params.model.preset, tokenizer=tokenizer, seed=cfg.seed,
+                              image_size=params.world.image_size if params.model.preset == "tiny" else None,
+                              dtype=getattr(_torch, params.model.dtype), template=params.model.template)
+    save_backbone(backbone, cfg.out, extra_meta={"init": "random", "seed": cfg.seed})  # nothing to protect: no inputs
+    return {"init": "random", "preset": params.model.preset, "fingerprint": backbone.fingerprint(),
+            "parameters": sum(p.numel() for p in backbone.model.parameters())}
+
+
+def checkpoint_base(params: Params) -> dict[str, Any]:
+    """Bring the checkpoint directory `base.checkpoint` into `base.out`: checked to load as a BLIP-2-family backbone
+    (config, tokenizer, image token; on the meta device, so in seconds), then hard-linked file by file (copied where
+    the file system cannot link). A different checkpoint path reruns the stage; to have DVC notice weights replaced
+    in place, `dvc repro --force base`."""
+    cfg = params.base
+    if not cfg.checkpoint:
+        raise ConfigError("base.init is `checkpoint` but base.checkpoint names no directory")
+    source = Path(cfg.checkpoint)
+    try:
+        backbone = load_backbone(source, device="meta")
+    except (FileNotFoundError, ValueError, OSError) as e:
+        raise DataError(f"base.checkpoint: {e}") from None
+    files = sorted(p for p in source.rglob("*") if p.is_file())
+    with atomic_dir(cfg.out, kind=BACKBONE_KIND, protect=[source]) as tmp:
+        for f in files:
+            target = tmp / f.relative_to(source)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(f, target)
+            except OSError:
+                shutil.copy2(f, target)
+        meta = {"template": backbone.template.name, "preset": params.model.preset}
+        if (source / "cheetah_backbone.json").is_file():
+            meta.update(read_json(source / "cheetah_backbone.json"))
+        meta.update(init="checkpoint", checkpoint=str(source.resolve()))
+        atomic_write_json(tmp / "cheetah_backbone.json", meta)
+    return {"init": "checkpoint", "checkpoint": str(source.resolve()), "fingerprint": backbone.fingerprint(),
+            "parameters": sum(p.numel() for p in backbone.model.parameters()), "files": len(files),
+            "bytes": sum(f.stat().st_size for f in files)}
+
+
 def pretrain_base(params: Params) -> dict[str, Any]:
     """Train the tiny backbone from scratch on the source corpus; write it to `params.base.out`."""
     from cheetah.tracking import stage_run
 
     cfg, world = params.base, params.world
     if params.model.preset != "tiny":
-        raise ConfigError(f"the base stage pretrains the embedded `tiny` preset only; for {params.model.preset!r} "
-                         "point model.backbone_dir at your checkpoint directory instead")
+        raise ConfigError(f"base.init `pretrain` trains the embedded `tiny` preset only; for {params.model.preset!r} "
+                          "use base.init `checkpoint` (with base.checkpoint) or `random`")
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     source = Path(world.out)
@@ -330,7 +402,7 @@ def pretrain_base(params: Params) -> dict[str, Any]:
             "image_examples": len(encoded),
             "chat_examples": len(chat),
         }
-        save_backbone(backbone, cfg.out, extra_meta={"base_metrics": metrics}, protect=[source])
+        save_backbone(backbone, cfg.out, extra_meta={"init": "pretrain", "base_metrics": metrics}, protect=[source])
         write_metrics(cfg.metrics, {**metrics, "examples": quality["examples"]})
         if run is not None:
             import mlflow

@@ -1,17 +1,31 @@
 """Process-group and DeepSpeed set-up that works the same under `python`, `torchrun` and `deepspeed`.
 
 A plain `python`/`cheetah` process gets the rank variables of a one-process group (DeepSpeed otherwise falls back
-to MPI discovery). CPU runs use gloo and DeepSpeed's CPU accelerator; GPU runs use NCCL.
+to MPI discovery). CPU runs use gloo and DeepSpeed's CPU accelerator; GPU runs use NCCL. `train.launcher` makes a
+plain process re-run itself under `torchrun` or `deepspeed` (`relaunch`), which is how `dvc repro` and the Prefect
+flow start distributed training. The DeepSpeed config is generated from the `train` settings, and a user's JSON file
+(`train.deepspeed_config`) is merged over it (`deepspeed_config`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import shlex
+import signal
 import socket
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import torch
+
+from cheetah.config import ConfigError
+
+# How each launcher is told to run `python -m cheetah.cli` (the arguments then follow unchanged).
+LAUNCHERS = {"torchrun": ["-m", "cheetah.cli"], "deepspeed": ["--module", "cheetah.cli"]}
 
 
 def _free_port() -> int:
@@ -44,6 +58,85 @@ def init() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def launched() -> bool:
+    """Whether this process was started by a launcher (torchrun, deepspeed, ...): it then never relaunches."""
+    return "RANK" in os.environ
+
+
+def local_rank_and_size() -> tuple[int, int]:
+    """(rank on this node, processes on this node): torchrun says LOCAL_WORLD_SIZE, DeepSpeed's launcher LOCAL_SIZE."""
+    size = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or "1"
+    return int(os.environ.get("LOCAL_RANK", 0)), int(size)
+
+
+def launcher_command(launcher: str, argv: list[str]) -> list[str]:
+    """`train.launcher` + `python -m cheetah.cli <argv>` as the launcher spells it. The launcher's executable is
+    taken from this interpreter's environment when it is there (so the same installation runs every rank)."""
+    parts = shlex.split(os.path.expandvars(launcher))
+    name = Path(parts[0]).name if parts else ""
+    if name not in LAUNCHERS:
+        raise ConfigError(f"train.launcher {launcher!r} must start with one of {sorted(LAUNCHERS)} "
+                          "(e.g. `torchrun --nproc_per_node 8` or `deepspeed --hostfile hostfile`)")
+    local = Path(sys.executable).with_name(parts[0])
+    executable = str(local) if "/" not in parts[0] and local.exists() else parts[0]
+    return [executable, *parts[1:], *LAUNCHERS[name], *argv]
+
+
+def _option(parts: list[str], *names: str) -> str | None:
+    for i, part in enumerate(parts):
+        for name in names:
+            if part == name and i + 1 < len(parts):
+                return parts[i + 1]
+            if part.startswith(name + "="):
+                return part.split("=", 1)[1]
+    return None
+
+
+def launcher_world_size(launcher: str | None) -> int | None:
+    """The number of processes `train.launcher` starts, where its options say it (None: cannot tell, e.g. a
+    torchrun node range or a DeepSpeed hostfile that is not here)."""
+    if not launcher:
+        return 1
+    parts = shlex.split(os.path.expandvars(launcher))
+    name = Path(parts[0]).name if parts else ""
+    if name == "torchrun":
+        per_node, nodes = _option(parts, "--nproc_per_node", "--nproc-per-node") or "1", _option(parts, "--nnodes")
+        nodes = nodes or "1"
+        if not per_node.isdigit() or not nodes.isdigit():
+            return None
+        return int(per_node) * int(nodes)
+    if name == "deepspeed":
+        gpus, nodes, hostfile = (_option(parts, "--num_gpus"), _option(parts, "--num_nodes"),
+                                 _option(parts, "--hostfile", "-H"))
+        if hostfile is not None and gpus is None:
+            try:
+                slots = [int(_option(line.split(), "slots") or line.split("slots=")[1])
+                         for line in Path(hostfile).read_text().splitlines() if "slots=" in line and
+                         not line.lstrip().startswith("#")]
+            except (OSError, ValueError, IndexError):
+                return None
+            return sum(slots[: int(nodes)] if nodes and nodes.isdigit() else slots) or None
+        if gpus is not None and gpus.isdigit():
+            return int(gpus) * (int(nodes) if nodes and nodes.isdigit() else 1)
+    return None
+
+
+def relaunch(launcher: str, argv: list[str]) -> int:
+    """Run `cheetah <argv>` under `launcher` and wait; returns the launcher's exit status. The processes it starts
+    have RANK set, so they run the command instead of launching again. SIGTERM and SIGINT (a cancelled Prefect run,
+    Ctrl-C) are passed on to the launcher, which stops its ranks."""
+    cmd = launcher_command(launcher, argv)
+    print("launching: " + shlex.join(cmd), flush=True)
+    proc = subprocess.Popen(cmd)
+    forwarded = (signal.SIGTERM, signal.SIGINT)
+    previous = {s: signal.signal(s, lambda signum, _: proc.send_signal(signum)) for s in forwarded}
+    try:
+        return proc.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def barrier() -> None:
     import torch.distributed as dist
 
@@ -61,14 +154,23 @@ def shutdown() -> None:
 
 
 def deepspeed_config(*, micro_batch: int, accumulation: int, zero_stage: int, precision: str, grad_clip: float,
-                     persist_numel: int) -> dict[str, Any]:
-    """The engine's JSON config. `persist_numel`: parameters up to this size stay whole under ZeRO-3, so small
-    ones read outside a module's forward (the query tokens) are never seen partitioned."""
+                     persist_numel: int, bucket_numel: int | None = None, world: int = 1,
+                     user: str | Path | None = None) -> dict[str, Any]:
+    """The engine's JSON config, with the user's file (`train.deepspeed_config`) merged over it.
+
+    `persist_numel`: parameters up to this size stay whole under ZeRO-3, so small ones read outside a module's
+    forward (the query tokens) are never seen partitioned. `bucket_numel` (the trainable parameters): gradient
+    reduction and all-gather buckets of that size. DeepSpeed's default buckets hold 5e8 elements, allocated in every
+    step (1 GB in bf16, twice that with overlap_comm) for the 6.3M parameters VPG-C trains."""
+    zero: dict[str, Any] = {"stage": zero_stage}
+    if bucket_numel:
+        zero.update(reduce_bucket_size=bucket_numel, allgather_bucket_size=bucket_numel)
     cfg: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": accumulation,
+        "train_batch_size": micro_batch * accumulation * world,
         "gradient_clipping": grad_clip,
-        "zero_optimization": {"stage": zero_stage},
+        "zero_optimization": zero,
         # A torch optimizer: nothing is JIT-compiled, on CPU or GPU.
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
@@ -81,4 +183,75 @@ def deepspeed_config(*, micro_batch: int, accumulation: int, zero_stage: int, pr
         cfg["bf16"] = {"enabled": True}
     elif precision == "fp16":
         cfg["fp16"] = {"enabled": True, "initial_scale_power": 16}
-    return cfg
+    if user is None:
+        return cfg
+    decided = {"bf16.enabled": precision == "bf16", "fp16.enabled": precision == "fp16"}
+    return merge_user_config(cfg, user, decided)
+
+
+# DeepSpeed keys that other `train` settings decide: a user's file may repeat them (or say "auto"), not change them.
+_DECIDED_BY = {
+    "train_micro_batch_size_per_gpu": "train.synthetic_batch + caption_batch over world size x gradient_accumulation",
+    "gradient_accumulation_steps": "train.gradient_accumulation",
+    "train_batch_size": "train.synthetic_batch + caption_batch",
+    "gradient_clipping": "train.grad_clip",
+    "zero_optimization.stage": "train.zero_stage",
+    "bf16.enabled": "train.precision",
+    "fp16.enabled": "train.precision",
+    "zero_allow_untested_optimizer": "the torch AdamW optimiser cheetah trains with",
+}
+_REFUSED = {"optimizer": "train.lr, weight_decay and betas (a torch AdamW)",
+            "scheduler": "train.warmup_steps and schedule"}
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if v == "auto":  # Hugging Face's convention: take the generated value
+            continue
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def merge_user_config(generated: dict[str, Any], path: str | Path, decided: dict[str, Any]) -> dict[str, Any]:
+    """`generated` with the JSON object in `path` merged over it. Where the file sets a key that `train` decides
+    (batch sizes, accumulation, ZeRO stage, precision, clipping, the optimiser) to another value, or a ZeRO setting
+    DeepSpeed does not know, this raises ConfigError naming the file and the key."""
+    path = Path(path)
+    try:
+        user = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such DeepSpeed config (train.deepspeed_config)") from None
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: not a readable JSON file (train.deepspeed_config): {e}") from None
+    if not isinstance(user, dict):
+        raise ConfigError(f"{path}: a DeepSpeed config must be a JSON object, got {type(user).__name__}")
+    for key, why in _REFUSED.items():
+        if key in user:
+            raise ConfigError(f"{path}: `{key}` cannot be set here: the optimiser and its schedule come from {why}")
+    expected = {**_flat(generated), **decided}
+    given = _flat(user)
+    for key, what in _DECIDED_BY.items():
+        if key in given and given[key] != "auto" and given[key] != expected.get(key, False):
+            raise ConfigError(f"{path}: {key} is {given[key]!r}, but {what} make it {expected.get(key, False)!r}; "
+                              "change the train setting (or remove the key) instead")
+    merged = _merge(generated, user)
+    from deepspeed.runtime.zero.config import get_zero_config
+    from pydantic import ValidationError
+
+    try:
+        get_zero_config(merged)
+    except ValidationError as e:
+        raise ConfigError(f"{path}: zero_optimization: " + "; ".join(
+            f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())) from None
+    return merged

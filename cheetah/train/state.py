@@ -37,8 +37,9 @@ RECORD = "cheetah_state.json"
 STATE_KIND = "training state"  # the kind of folder `train.state_dir` is (cheetah.io.claim_dir)
 # train.* keys that do not change what a resumed run computes: a state written under other values is still resumed
 # (a run stopped by a DivergenceError resumes with a larger max_skipped_steps).
-VOLATILE_KEYS = ("out", "state_dir", "metrics", "curve", "log_every", "checkpoint_every", "keep_checkpoints",
-                 "eval_every", "feature_cache", "max_skipped_steps")
+VOLATILE_KEYS = ("out", "state_dir", "metrics", "curve", "curve_image", "log_every", "checkpoint_every",
+                 "keep_checkpoints", "eval_every", "feature_cache", "workers", "launcher", "deepspeed_config",
+                 "max_skipped_steps")
 
 
 class UnsafeState(CheetahError):
@@ -81,11 +82,13 @@ class _TensorsOnly:
         return load_tensors_only(path, map_location)
 
 
-def fingerprint(params: Params, world: int, data_files: list[Path]) -> str:
-    """What a resumable state depends on: a state written under other settings or data is not resumed."""
+def fingerprint(params: Params, world: int, data_files: list[Path], engine_config: dict[str, Any] | None = None
+                ) -> str:
+    """What a resumable state depends on: a state written under other settings, data or DeepSpeed config (the
+    merged one the engine runs with) is not resumed."""
     train = {k: v for k, v in to_dict(params.train).items() if k not in VOLATILE_KEYS}
     key = {"train": train, "model": to_dict(params.model), "world": world,
-           "data": [sha256_file(f) for f in data_files]}
+           "data": [sha256_file(f) for f in data_files], "deepspeed": engine_config}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 

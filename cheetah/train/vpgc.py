@@ -4,8 +4,10 @@ Read top to bottom: set-up (process group, model, data), the DeepSpeed engine, r
 The same code runs one process on a laptop CPU (gloo) and many GPU processes under `torchrun` or `deepspeed`.
 
 Each optimiser step takes `synthetic_batch` discriminative and `caption_batch` caption examples (the paper:
-24 + 64), split evenly over ranks and gradient-accumulation micro-batches. The loss is the mean over samples of
-each sample's mean response-token cross-entropy, so 1 and N processes compute the same step.
+24 + 64), split evenly over ranks and gradient-accumulation micro-batches. The loss is the response-token
+cross-entropy averaged over the step's samples or over all its tokens (`train.loss_reduction`, see
+`cheetah.model.vpgc.LossReduction`), so 1 and N processes compute the same step. A non-finite loss or weight stops
+the run (`DivergenceError`); resumable state lives in `train.state_dir` (`cheetah/train/state.py`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import csv
 import logging
 import math
 import random
+import resource
 import time
 from pathlib import Path
 from typing import Any
@@ -25,22 +28,23 @@ from tqdm import tqdm
 
 from cheetah.config import ConfigError, Params, TrainConfig, to_dict
 from cheetah.errors import DivergenceError
-from cheetah.io import atomic_write_bytes, atomic_write_text, check_output, claim_dir, write_metrics
-from cheetah.model.backbones import load_backbone
-from cheetah.model.prompts import PromptBuilder
-from cheetah.model.vpgc import VPGCModel
+from cheetah.io import atomic_write_bytes, atomic_write_json, atomic_write_text, check_output, claim_dir, write_metrics
+from cheetah.model.backbones import load_backbone, random_backbone
+from cheetah.model.prompts import IGNORE_INDEX, PromptBuilder
+from cheetah.model.vpgc import LossReduction, VPGCModel
 from cheetah.model.weights import VPGC_KIND, save_vpgc
 from cheetah.train import distributed
-from cheetah.train.state import STATE_KIND, TrainingState, fingerprint, rng_state, set_rng_state
 from cheetah.train.data import (
-    EncodedExample,
-    FeatureCache,
+    FEATURE_DTYPES,
+    Collator,
+    ExampleBatches,
+    ExampleFile,
     JointSampler,
-    collate,
-    encode_examples,
-    load_examples,
-    split_heldout,
+    StepBatches,
+    batches,
+    build_feature_store,
 )
+from cheetah.train.state import STATE_KIND, TrainingState, fingerprint, rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
 
@@ -66,13 +70,13 @@ def make_optimizer(model: VPGCModel, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), foreach=False)
 
 
-def _split(cfg: TrainConfig, world: int) -> int:
+def micro_batch_size(cfg: TrainConfig, world: int) -> int:
     """Examples per micro-batch per rank; refuses batches that do not split evenly (the loss would differ)."""
     parts = world * cfg.gradient_accumulation
     for name in ("synthetic_batch", "caption_batch"):
         if getattr(cfg, name) % parts:
             raise ConfigError(f"train.{name}={getattr(cfg, name)} must be divisible by world size x "
-                             f"gradient_accumulation = {world} x {cfg.gradient_accumulation}")
+                              f"gradient_accumulation = {world} x {cfg.gradient_accumulation}")
     return (cfg.synthetic_batch + cfg.caption_batch) // parts
 
 
@@ -81,15 +85,17 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def heldout_loss(engine: Any, builder: PromptBuilder, items: list[EncodedExample], features: FeatureCache,
-                 device: torch.device, rank: int, world: int, batch_size: int = 32) -> float:
-    """Mean per-sample loss over held-out examples, split over ranks."""
-    mine = items[rank::world]
+def heldout_loss(engine: Any, held: ExampleBatches, device: torch.device, workers: int) -> float:
+    """Mean per-sample loss over held-out examples (`held`: this rank's share), summed over ranks (in eval mode:
+    no Q-Former dropout)."""
+    engine.module.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)
-    for start in range(0, len(mine), batch_size):
-        batch = _to_device(collate(builder, mine[start:start + batch_size], features), device)
+    for batch in batches(held, range(len(held)), workers, pin_memory=device.type == "cuda"):
+        batch.pop("example_ids")
+        batch = _to_device(batch, device)
         losses = engine(**batch, return_sample_losses=True).sample_losses
         total += torch.stack([losses.double().sum(), torch.tensor(float(len(losses)), device=device)])
+    engine.module.train()
     dist.all_reduce(total)
     return float(total[0] / total[1]) if total[1] > 0 else float("nan")
 
@@ -134,48 +140,70 @@ def train_vpgc(params: Params, restart: bool = False) -> dict[str, Any]:
     cfg = params.train
     # Before any work: the weights folder replaces only earlier weights, and never holds the state or the inputs.
     inputs = [p for p in (cfg.data, params.model.backbone_dir) if p]
-    check_output(cfg.out, VPGC_KIND, protect=[cfg.state_dir, cfg.metrics, cfg.curve, *inputs])
+    check_output(cfg.out, VPGC_KIND, protect=[cfg.state_dir, cfg.metrics, cfg.curve, cfg.curve_image, *inputs])
+    claim_dir(cfg.state_dir, STATE_KIND, protect=inputs, create=False)
     rank, world = distributed.init()
     device = distributed.device()
-    micro = _split(cfg, world)
+    micro = micro_batch_size(cfg, world)
     if rank == 0:
         claim_dir(cfg.state_dir, STATE_KIND, protect=inputs)
     random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
 
     # -- model: frozen backbone + zero-initialised VPG-C ------------------------------------------------------
     # The frozen backbone is loaded in `model.dtype` (bf16 for 7B: no fp32 copy of the weights); DeepSpeed keeps
-    # fp32 master weights for the trainable VPG-C parameters.
-    backbone = load_backbone(params.model.preset, backbone_dir=params.model.backbone_dir,
-                             template=params.model.template, dtype=getattr(torch, params.model.dtype))
-    model = VPGCModel(backbone, update_layer=params.model.update_layer).to(device)
+    # fp32 master weights for the trainable VPG-C parameters. `model.random_backbone`: the preset's shapes with
+    # random weights, built here (planning, benchmarks), and marked so in the weights card.
+    dtype = getattr(torch, params.model.dtype)
+    if params.model.random_backbone:
+        backbone = random_backbone(params.model.preset, tokenizer_dir=params.model.backbone_dir, device=device,
+                                   dtype=dtype, template=params.model.template, seed=cfg.seed)
+    else:
+        backbone = load_backbone(params.model.preset, backbone_dir=params.model.backbone_dir,
+                                 template=params.model.template, dtype=dtype)
+    model = VPGCModel(backbone, update_layer=params.model.update_layer, qformer_dropout=cfg.qformer_dropout).to(device)
     if cfg.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     builder = PromptBuilder.for_backbone(backbone, max_length=cfg.max_length)
+    llm_parameters = sum(p.numel() for p in model.language_model.parameters())  # for model-TFLOP/s
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)  # peak memory of training, not of building the model
 
     # -- data ------------------------------------------------------------------------------------------------
+    # Examples are indexed, not loaded; the vision features of every image are computed once, before the first
+    # step (a share on each rank when they go to disk); DataLoader workers build each step's batches.
     data = Path(cfg.data)
     data_files = [data / "synthetic.jsonl", data / "captions.jsonl"]
-    synthetic, captions = (load_examples(f) for f in data_files)
-    train_syn, heldout = split_heldout(synthetic, cfg.heldout_fraction)
-    train_cap, _ = split_heldout(captions, cfg.heldout_fraction)
-    enc_syn = encode_examples(builder, train_syn, "synthetic")
-    enc_cap = encode_examples(builder, train_cap, "caption")
-    enc_held = encode_examples(builder, heldout, "synthetic")
-    sampler = JointSampler(len(enc_syn), len(enc_cap), cfg.synthetic_batch, cfg.caption_batch, cfg.seed)
-    features = FeatureCache.from_setting(cfg.feature_cache, lambda px: model.vision_features(px.to(device)),
-                                         backbone.image_processor, backbone.fingerprint())
+    synthetic, captions = (ExampleFile(f) for f in data_files)
+    train_syn, heldout = synthetic.split(cfg.heldout_fraction)
+    train_cap, _ = captions.split(cfg.heldout_fraction)
+    sampler = JointSampler(len(train_syn), len(train_cap), cfg.synthetic_batch, cfg.caption_batch, cfg.seed)
+    local_rank, local_world = distributed.local_rank_and_size()
+    store = build_feature_store(
+        cfg.feature_cache, [synthetic, captions], encode=lambda px: model.vision_features(px.to(device)),
+        image_processor=backbone.image_processor, fingerprint=backbone.fingerprint(),
+        dtype=model.backbone.vision_model.post_layernorm.weight.dtype if cfg.feature_dtype == "auto"
+        else FEATURE_DTYPES[cfg.feature_dtype],
+        workers=cfg.workers, rank=rank, world=world, local_rank=local_rank, local_world=local_world,
+        barrier=distributed.barrier, log=print if rank == 0 else lambda _: None)
+    collate = Collator(builder, store, backbone.image_processor)
+    steps_data = StepBatches(sampler, [(synthetic, train_syn), (captions, train_cap)], collate, cfg.steps, rank,
+                             world, cfg.gradient_accumulation)
+    held = ExampleBatches(synthetic, heldout[rank::world], collate)
 
     # -- engine ----------------------------------------------------------------------------------------------
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, cfg.steps, cfg.schedule))
     ds_config = distributed.deepspeed_config(
         micro_batch=micro, accumulation=cfg.gradient_accumulation, zero_stage=cfg.zero_stage,
-        precision=cfg.precision, grad_clip=cfg.grad_clip, persist_numel=model.vpgc.query_tokens.numel() + 1)
+        precision=cfg.precision, grad_clip=cfg.grad_clip, persist_numel=model.vpgc.query_tokens.numel() + 1,
+        bucket_numel=sum(p.numel() for p in model.vpgc.parameters()), world=world, user=cfg.deepspeed_config)
+    if rank == 0:  # the config the engine really ran with, next to the state (and logged with the run below)
+        atomic_write_json(Path(cfg.state_dir) / "deepspeed_config.json", ds_config)
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                    config=ds_config)
 
     # -- resume: the newest intact checkpoint, read as tensors and data only (cheetah/train/state.py) -----------
-    state = TrainingState(cfg.state_dir, cfg.keep_checkpoints, rank, fingerprint(params, world, data_files))
+    state = TrainingState(cfg.state_dir, cfg.keep_checkpoints, rank, fingerprint(params, world, data_files, ds_config))
     if restart:
         state.restart()
     start, history, evals, skipped = 0, [], [], []
@@ -196,33 +224,33 @@ def train_vpgc(params: Params, restart: bool = False) -> dict[str, Any]:
 
     with stage_run("train", to_dict(params), experiment=params.register.experiment, enabled=rank == 0,
                    system_metrics=True) as run:
-        if start == 0 and enc_held:
-            evals.append({"step": 0, "heldout_loss": heldout_loss(engine, builder, enc_held, features, device,
-                                                                  rank, world)})
+        if run is not None:
+            import mlflow
+
+            mlflow.log_dict(ds_config, "train/deepspeed_config.json")
+        if start == 0 and len(heldout):
+            evals.append({"step": 0, "heldout_loss": heldout_loss(engine, held, device, cfg.workers)})
         bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=rank != 0, desc="train VPG-C",
                    dynamic_ncols=True)
         pending_metrics: list[tuple[int, dict[str, float]]] = []
+        step_batches = batches(steps_data, range(start, cfg.steps), cfg.workers, pin_memory=device.type == "cuda")
         for step in bar:
             t0 = time.perf_counter()
-            syn_idx, cap_idx = sampler.step(step)
-            syn = [enc_syn[i] for i in syn_idx][rank::world]
-            cap = [enc_cap[i] for i in cap_idx][rank::world]
-            ids = ([train_syn[i].id for i in syn_idx][rank::world], [train_cap[i].id for i in cap_idx][rank::world])
-            stats = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, samples, tokens
-            accum = cfg.gradient_accumulation
-            for m in range(accum):
+            micro_batches = next(step_batches)  # this rank's share of the step, built ahead by the workers
+            reduce = LossReduction.for_step(cfg.loss_reduction, world * cfg.gradient_accumulation,
+                                            sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum())
+                                                for groups in micro_batches for b in groups), device)
+            stats = torch.zeros(3, dtype=torch.float64, device=device)  # loss numerator, denominator, tokens
+            for groups in micro_batches:
                 # One forward per source: synthetic and caption examples differ in length, so padding them into
-                # one batch would waste compute. The loss is still the mean over all samples of the micro-batch.
-                groups = [(source, items, names) for source, items, names in
-                          (("synthetic", syn[m::accum], ids[0][m::accum]), ("caption", cap[m::accum], ids[1][m::accum]))
-                          if items]
-                loss_sum, n_items, nonfinite = 0.0, sum(len(g[1]) for g in groups), []
-                for source, items, names in groups:
-                    batch = _to_device(collate(builder, items, features), device)
-                    losses = engine(**batch, return_sample_losses=True).sample_losses
-                    nonfinite += [f"{source} {n}" for n, ok in zip(names, torch.isfinite(losses.detach()).tolist())
-                                  if not ok]
-                    loss_sum = loss_sum + losses.sum()
+                # one batch would waste compute. The loss still averages over the whole micro-batch.
+                outputs, nonfinite = [], []
+                for batch in groups:
+                    names = batch.pop("example_ids")
+                    batch = _to_device(batch, device)
+                    outputs.append(engine(**batch, return_sample_losses=True))
+                    finite = torch.isfinite(outputs[-1].sample_losses.detach()).tolist()
+                    nonfinite += [n for n, ok in zip(names, finite) if not ok]
                     stats[2] += float(batch["attention_mask"].sum())
                 nonfinite = _on_any_rank(nonfinite, device)
                 if nonfinite:  # every rank sees the same list, so every rank skips (or stops) together
@@ -233,10 +261,10 @@ def train_vpgc(params: Params, restart: bool = False) -> dict[str, Any]:
                             f"train.max_skipped_steps={cfg.max_skipped_steps}). Lower train.lr, check these "
                             "examples, or allow skipping; no weights or metrics were written")
                     break
-                loss = loss_sum / n_items
+                loss, logged = reduce(outputs)
                 engine.backward(loss)
                 engine.step()
-                stats[:2] += torch.tensor([loss.item() * n_items, n_items], dtype=torch.float64, device=device)
+                stats[:2] += torch.tensor(logged, dtype=torch.float64, device=device)
             if nonfinite:  # skipped (accumulation is 1, so nothing was applied): the schedule still follows the step
                 skipped.append({"step": step + 1, "examples": nonfinite})
                 scheduler.step()
@@ -251,14 +279,16 @@ def train_vpgc(params: Params, restart: bool = False) -> dict[str, Any]:
             dist.all_reduce(stats)
             elapsed = time.perf_counter() - t0
             record = {"step": step + 1, "loss": float(stats[0] / stats[1]), "lr": scheduler.get_last_lr()[0],
-                      "samples_per_s": float(stats[1]) / elapsed, "tokens_per_s": float(stats[2]) / elapsed}
+                      "samples_per_s": float(stats[1]) / elapsed, "tokens_per_s": float(stats[2]) / elapsed,
+                      # 2N FLOPs per token forward + N for the input gradients of the upper half (N = LLM
+                      # parameters), as benchmarks/train_step.py and the GPU anchors count.
+                      "model_tflops": 3 * llm_parameters * float(stats[2]) / elapsed / 1e12}
             history.append(record)
             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                             samples_s=f"{record['samples_per_s']:.1f}")
             pending_metrics.append((step + 1, {k: v for k, v in record.items() if k != "step"}))
-            if enc_held and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
-                evals.append({"step": step + 1, "heldout_loss": heldout_loss(engine, builder, enc_held, features,
-                                                                             device, rank, world)})
+            if len(heldout) and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
+                evals.append({"step": step + 1, "heldout_loss": heldout_loss(engine, held, device, cfg.workers)})
                 if not math.isfinite(evals[-1]["heldout_loss"]):
                     raise DivergenceError(f"train: the held-out loss after step {step + 1} is "
                                           f"{evals[-1]['heldout_loss']}; no weights or metrics were written")
@@ -276,25 +306,32 @@ def train_vpgc(params: Params, restart: bool = False) -> dict[str, Any]:
             "final_train_loss": history[-1]["loss"] if history else None,
             "heldout_loss_init": evals[0]["heldout_loss"] if evals and evals[0]["step"] == 0 else None,
             "heldout_loss_final": evals[-1]["heldout_loss"] if evals else None,
-            "heldout_examples": len(enc_held),
-            "train_examples": {"synthetic": len(enc_syn), "caption": len(enc_cap)},
-            "samples_per_s": float(np.median([h["samples_per_s"] for h in history[-50:]])) if history else None,
+            "heldout_examples": len(heldout),
+            "train_examples": {"synthetic": len(train_syn), "caption": len(train_cap)},
+            "samples_per_s": _median(history, "samples_per_s"),
+            "model_tflops": _median(history, "model_tflops"),
+            "peak_device_memory_gb": (torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda"
+                                      else None),
+            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
             "skipped_steps": len(skipped),
             "world_size": world,
             "zero_stage": cfg.zero_stage,
             "precision": cfg.precision,
+            "preset": params.model.preset,
+            "launcher": cfg.launcher,
+            "offload_optimizer": ds_config["zero_optimization"].get("offload_optimizer", {}).get("device", "none"),
         }
         if rank == 0:
             save_vpgc(model, cfg.out, state_dict=weights, extra={"training": metrics},
-                      protect=[cfg.state_dir, cfg.metrics, cfg.curve, *inputs])
+                      protect=[cfg.state_dir, cfg.metrics, cfg.curve, cfg.curve_image, *inputs])
             write_metrics(cfg.metrics, metrics)
-            _write_curve(cfg.curve, history, evals)
+            _write_curve(cfg.curve, cfg.curve_image, history, evals)
             if run is not None:
                 import mlflow
 
                 mlflow.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None})
                 mlflow.log_artifact(cfg.curve, artifact_path="train")
-                mlflow.log_artifact(str(Path(cfg.curve).with_suffix(".png")), artifact_path="train")
+                mlflow.log_artifact(cfg.curve_image, artifact_path="train")
                 mlflow.log_artifact(str(Path(cfg.out) / "vpgc.json"), artifact_path="train")
     distributed.barrier()
     return metrics if rank == 0 else None
@@ -310,7 +347,14 @@ def _log_metrics(run_id: str, pending: list[tuple[int, dict[str, float]]]) -> No
         MlflowClient().log_batch(run_id, metrics=batch[i:i + 900], synchronous=True)
 
 
-def _write_curve(path: str | Path, history: list[dict[str, float]], evals: list[dict[str, float]]) -> None:
+def _median(history: list[dict[str, float]], key: str) -> float | None:
+    """The median of the last 50 steps (the first steps of a run include warm-up)."""
+    values = [h[key] for h in history[-50:] if key in h]
+    return float(np.median(values)) if values else None
+
+
+def _write_curve(path: str | Path, image: str | Path, history: list[dict[str, float]],
+                 evals: list[dict[str, float]]) -> None:
     """CSV for `dvc plots` (step, loss, lr) and a PNG with the held-out loss on top."""
     import io
 
@@ -333,5 +377,5 @@ def _write_curve(path: str | Path, history: list[dict[str, float]], evals: list[
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
-    atomic_write_bytes(Path(path).with_suffix(".png"), png.getvalue())
+    atomic_write_bytes(image, png.getvalue())
 

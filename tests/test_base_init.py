@@ -1,0 +1,53 @@
+"""The base stage at every scale (`base.init`): a real checkpoint brought in by hard links, random weights at a
+preset's shapes saved as a checkpoint, and `pretrain` refused for presets it cannot train."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import make_tokenizer
+
+from cheetah.config import ConfigError, load_params
+from cheetah.io import DataError
+from cheetah.model.backbones import build_backbone, load_backbone, save_backbone
+from cheetah.train.base import base_stage
+
+
+def _params(tmp_path, **base):
+    overrides = [f"base.{k}={json.dumps(v)}" for k, v in {"out": str(tmp_path / "out"),
+                                                          "metrics": str(tmp_path / "base.json"), **base}.items()]
+    return load_params(None, overrides)
+
+
+def test_checkpoint_is_linked_in_and_loads_like_the_original(tmp_path):
+    source = save_backbone(build_backbone("tiny", tokenizer=make_tokenizer(), image_size=32, seed=3),
+                           tmp_path / "checkpoint")
+    metrics = base_stage(_params(tmp_path, init="checkpoint", checkpoint=str(source)))
+    out = tmp_path / "out"
+    weights = next(source.glob("*.safetensors"))
+    assert (out / weights.name).stat().st_ino == weights.stat().st_ino  # a hard link: no second copy
+    assert json.loads((out / "cheetah_backbone.json").read_text())["init"] == "checkpoint"
+    a, b = load_backbone(source), load_backbone(out)
+    assert b.init == "checkpoint" and a.fingerprint() == b.fingerprint() == metrics["fingerprint"]
+    assert all(torch.equal(x, y) for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values()))
+    assert json.loads((tmp_path / "base.json").read_text())["files"] == metrics["files"] > 0
+    with pytest.raises(DataError, match="base.checkpoint: .*nowhere: backbone directory not found"):
+        base_stage(_params(tmp_path, init="checkpoint", checkpoint=str(tmp_path / "nowhere")))
+    with pytest.raises(ConfigError, match="names no directory"):
+        base_stage(_params(tmp_path, init="checkpoint"))
+
+
+def test_random_weights_at_a_presets_shapes_are_a_checkpoint_directory(tmp_path):
+    params = load_params(None, ["model.preset=mini", "model.dtype=bfloat16", f"base.out={tmp_path / 'out'}",
+                                f"base.metrics={tmp_path / 'base.json'}", "base.init=random"])
+    metrics = base_stage(params)
+    backbone = load_backbone(tmp_path / "out", dtype=torch.bfloat16)
+    assert backbone.init == "random" and not backbone.random_weights  # loadable: not in-process weights
+    assert backbone.model.config.text_config.vocab_size == 32001  # the preset's rows, whatever the tokenizer's size
+    built = build_backbone("mini", tokenizer=make_tokenizer(), dtype=torch.bfloat16)  # what --random-backbone runs
+    assert [p.dtype for p in built.model.parameters()] == [p.dtype for p in backbone.model.parameters()]
+    assert metrics["parameters"] == sum(p.numel() for p in backbone.model.parameters())
+    with pytest.raises(ConfigError, match="`pretrain` trains the embedded `tiny` preset only"):
+        base_stage(load_params(None, ["model.preset=mini", "base.init=pretrain"]))
