@@ -80,8 +80,8 @@ def stage_run(stage: str, params: dict[str, Any] | None = None, experiment: str 
     None when tracking is disabled (e.g. on non-zero ranks of a distributed job).
 
     `system_metrics`: sample the machine's system metrics into the run while it is open (see the module doc).
-    Entered while a run of the same stage is active (the CLI opens the evaluation's run around the whole stage, so
-    its system metrics cover the generation), it yields that run instead of starting another."""
+    Entered while a run of the same stage is active (`cheetah.evaluate.run.evaluate` opens its run around the whole
+    stage, so its system metrics cover the generation), it yields that run instead of starting another."""
     if not enabled or os.environ.get("CHEETAH_TRACKING", "1") == "0":
         yield None
         return

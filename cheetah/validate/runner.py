@@ -12,7 +12,7 @@ A run writes its report folder atomically:
         quarantine.jsonl         every record that failed an expectation, with the reasons and the record
 
 The expectations are the GX suites in `expectations/<suite>-<table>.json` (one definition, diffable); bounds from
-`params.yaml` fill their suite parameters (`SUITE_PARAMETERS`).
+`params.yaml` fill their suite parameters (`suite_parameters`).
 """
 
 from __future__ import annotations
