@@ -37,7 +37,7 @@ check: setup
 	$(VENV)/bin/cheetah pipeline check
 
 lock:
-	uv pip compile --python-version 3.11 $(FIND_LINKS) requirements/requirements.in -o requirements/lock.txt
+	$(UV) pip compile --python-version 3.11 $(FIND_LINKS) requirements/requirements.in -o requirements/lock.txt
 
 clean-venv:
 	rm -rf $(VENV)

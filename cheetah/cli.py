@@ -293,6 +293,7 @@ def _add_world(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_synthesize(args: argparse.Namespace) -> int:
     from cheetah.synthesize import synthesize
+    from cheetah.synthesize.contact_sheet import SHEETS_DIR
     from cheetah.synthesize.pipeline import default_backbone
 
     p = _params(args, {"synthesize.source": args.source, "synthesize.out": args.out, "synthesize.n": args.n,
@@ -304,7 +305,7 @@ def _cmd_synthesize(args: argparse.Namespace) -> int:
     with stage_run("synthesize", to_dict(p.synthesize), experiment=p.register.experiment) as run:
         stats = synthesize(p.synthesize, backbone)
         _log_results(run, {k: v for k, v in stats.items() if k != "settings"},
-                     (str(Path(p.synthesize.out) / "stats.json"),))
+                     (str(Path(p.synthesize.out) / "stats.json"), str(Path(p.synthesize.out) / SHEETS_DIR)))
     _print_json({k: v for k, v in stats.items() if k != "settings"})
     return 0
 
@@ -336,11 +337,13 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         _log_results(run, {"success": int(result.success), "failed_expectations": len(result.failures)},
                      (str(Path(p.validate.docs_dir) / (args.suite if result.success else f"{args.suite}-failed")),))
     print(result.summary())
-    return 0 if result.success else 1
+    # A failed suite is bad input, like a malformed record elsewhere: exit 2, which the Prefect flow never retries.
+    return 0 if result.success else EXIT_USER_ERROR
 
 
 def _add_validate(sub: argparse._SubParsersAction) -> None:
-    v = sub.add_parser("validate", help="Great Expectations suites; exits 1 if any expectation fails (params: validate)")
+    v = sub.add_parser("validate", help="Great Expectations suites; exits 2 if any expectation fails, with the "
+                                        "records named and quarantined (params: validate)")
     v.add_argument("suite", choices=["source", "synthetic", "demon", "mme"])
     v.add_argument("path", help="source or synthetic folder, DEMON root (<Dataset>/core/core.json) or MME root")
     v.add_argument("--docs-dir", help="report folder root (default: validate.docs_dir)")

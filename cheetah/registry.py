@@ -518,13 +518,29 @@ def _log_model(vpgc_dir: Path, card: Mapping[str, Any], params: Params, backbone
     """Log the pyfunc (models from code: `cheetah/registry_model.py`) with the VPG-C weights + card as artifacts,
     the `cheetah` package itself as its code (so it serves where the project is not installed), pinned
     requirements, a signature with an input example, and the logged backbone's reference."""
+    import shutil
+    import tempfile
+
     import cheetah
+    import pandas as pd
+
+    # The package as the model's code, without what serving never uses (the Data Docs' web assets, bytecode).
+    code = Path(tempfile.mkdtemp(prefix="cheetah-code-")) / "cheetah"
+    shutil.copytree(Path(cheetah.__file__).parent, code, ignore=shutil.ignore_patterns("__pycache__", "static"))
+    try:
+        return _log_pyfunc(vpgc_dir, card, params, backbone, code)
+    finally:
+        shutil.rmtree(code.parent, ignore_errors=True)
+
+
+def _log_pyfunc(vpgc_dir: Path, card: Mapping[str, Any], params: Params, backbone: Mapping[str, str] | None,
+                code: Path) -> Any:
     import pandas as pd
 
     return mlflow.pyfunc.log_model(
         name=MODEL_NAME_IN_RUN,
         python_model=str(Path(__file__).with_name("registry_model.py")),  # models from code: no pickle
-        code_paths=[str(Path(cheetah.__file__).parent)],
+        code_paths=[str(code)],
         artifacts={"vpgc": str(vpgc_dir)},
         pip_requirements=pip_requirements(),
         signature=_signature(params.evaluate.max_new_tokens),

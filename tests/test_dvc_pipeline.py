@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from cheetah.cli import build_parser
-from cheetah.config import Params, load_params, to_dict
+from cheetah.config import Params, WorldConfig, load_params, to_dict
 from cheetah.io import DataError
 from cheetah.config import ConfigError
 from cheetah.pipeline import (DATA_DVC, SOURCE, ensure_source, read_data_dvc, read_stages, reads_source, stage_order,
@@ -38,14 +38,21 @@ def _outs(name: str, stages: dict = STAGES) -> set[str]:
 
 
 def test_stages_run_in_order_and_each_depends_on_what_it_reads():
-    assert stage_order(REPO) == list(STAGES) == ["base", "synthesize", "validate", "train", "benchmarks", "evaluate",
+    assert stage_order(REPO) == list(STAGES) == ["validate_source", "base", "synthesize", "validate", "train",
+                                                 "benchmarks", "validate_demon", "validate_mme", "evaluate",
                                                  "register"]
     deps = {n: set(s["deps"]) for n, s in STAGES.items()}
     assert {"data/source"} <= deps["base"] and {"data/source", "data/backbone"} <= deps["synthesize"]
     assert "data/synthetic" in deps["validate"]
-    # Training waits for a passing validation (its result file), and reads the data and the backbone.
+    # Every input is validated before it is used: a stage waits for a passing suite (its deterministic result file).
+    assert "data/source" in deps["validate_source"]
+    assert "reports/data_docs/source/result.json" in deps["base"] & deps["synthesize"]
     assert {"data/synthetic", "data/backbone", "reports/data_docs/synthetic/result.json"} <= deps["train"]
-    assert {"data/benchmarks/demon", "data/benchmarks/mme", "checkpoints/vpgc", "data/backbone"} <= deps["evaluate"]
+    assert "data/benchmarks/demon" in deps["validate_demon"] and "data/benchmarks/mme" in deps["validate_mme"]
+    assert {"data/benchmarks/demon", "data/benchmarks/mme", "checkpoints/vpgc", "data/backbone",
+            "reports/data_docs/demon/result.json", "reports/data_docs/mme/result.json"} <= deps["evaluate"]
+    # The benchmark suites ask the evaluation's loaders too: a change to them reruns the validation.
+    assert "cheetah/evaluate/demon.py" in deps["validate_demon"] and "cheetah/evaluate/mme.py" in deps["validate_mme"]
     assert {"checkpoints/vpgc", "metrics/eval.json"} <= deps["register"]
     # Benchmarks come from the world's held-out scenes, not from the corpus.
     assert "data/source" not in deps["benchmarks"] and "cheetah/world" in deps["benchmarks"]
@@ -68,6 +75,10 @@ def test_paths_in_dvc_yaml_are_the_configured_ones():
     assert _outs("synthesize") == {p.synthesize.out} and p.train.data == p.synthesize.out
     assert _outs("validate") == {f"{p.validate.docs_dir}/synthetic"}
     assert STAGES["validate"]["cmd"] == f"cheetah validate synthetic {p.synthesize.out}"
+    for suite, path in (("source", p.synthesize.source), ("demon", p.evaluate.demon_dir),
+                        ("mme", p.evaluate.mme_dir)):
+        assert _outs(f"validate_{suite}") == {f"{p.validate.docs_dir}/{suite}"}
+        assert STAGES[f"validate_{suite}"]["cmd"] == f"cheetah validate {suite} {path}"
     assert _outs("train") == {p.train.out, p.train.state_dir, p.train.metrics, p.train.curve, p.train.curve_image}
     assert _outs("benchmarks") == {p.world.benchmarks}
     assert {p.evaluate.demon_dir, p.evaluate.mme_dir} == {f"{p.world.benchmarks}/demon", f"{p.world.benchmarks}/mme"}
@@ -83,12 +94,12 @@ def test_paths_in_dvc_yaml_are_the_configured_ones():
     raw_stages = DVC_YAML["stages"]
     train_outs = {k: v for o in raw_stages["train"]["outs"] if isinstance(o, dict) for k, v in o.items()}
     assert train_outs["${train.state_dir}"] == {"persist": True}
-    assert raw_stages["register"]["metrics"] == [{"metrics/register.json": {"persist": True}}]
+    assert raw_stages["register"]["outs"] == [{"metrics/register.json": {"persist": True}}]
     for name in ("base", "train", "evaluate"):
         for m in raw_stages[name]["metrics"]:
             assert list(m.values())[0] == {"cache": False}, (name, m)
-    assert set(DVC_YAML["metrics"]) == {"${base.metrics}", "${train.metrics}", "${evaluate.metrics}",
-                                        "metrics/register.json"}
+    # The receipt is an output, not a metric: `dvc metrics show` lists results only (and a fresh clone has no receipt).
+    assert set(DVC_YAML["metrics"]) == {"${base.metrics}", "${train.metrics}", "${evaluate.metrics}"}
 
 
 def test_every_cmd_is_a_cheetah_command_and_every_param_exists():
@@ -325,3 +336,35 @@ def test_stale_stages_names_the_code_and_parameters_that_differ_from_dvc_lock(tm
     assert metric_differences("m.json", committed, 0.1, repo) == ["m.json: new appeared"]
     assert metric_differences("m.json", committed, 0.0, repo) == ["m.json: a.score was 50.0, now 50.4",
                                                                  "m.json: new appeared"]
+
+
+def test_a_corrupt_record_in_your_corpus_stops_the_pipeline_at_validation(tmp_path):
+    """`dvc repro base` on a corpus of your own with a non-UTF-8 caption, a caption holding `<image>` and a missing
+    image: the validate_source stage fails (exit 2) naming each record, writes the quarantine, and base never runs."""
+    from conftest import copy_checkout
+
+    from cheetah.pipeline import dvc as run_dvc
+    from cheetah.world import write_corpus
+
+    repo = copy_checkout(_dvc_repo(tmp_path / "repo"), ["cheetah", "dvc.yaml", "params.yaml", ".dvcignore"])
+    corpus = write_corpus(WorldConfig(out=str(repo / SOURCE), n=6, seed=0))
+    (corpus / "world.json").unlink()  # your own corpus, not the embedded world
+    rows = [json.loads(line) for line in (corpus / "captions.jsonl").read_text().splitlines()]
+    rows[2]["caption"] = "two <image> circles"
+    rows[4]["image"] = "images/lost.png"
+    lines = [json.dumps(r).encode() for r in rows]
+    lines[3] = lines[3].replace(b'"caption": "', b'"caption": "\xff')
+    (corpus / "captions.jsonl").write_bytes(b"".join(line + b"\n" for line in lines))
+
+    done = run_dvc("repro", "base", root=repo, capture=True)
+    out = done.stdout + done.stderr
+    assert done.returncode != 0 and "validate_source" in out
+    assert "captions.jsonl:3 (id '000002'): caption contains the image placeholder <image>" in out
+    assert "captions.jsonl:4 (id None): not UTF-8 text (byte 0xff" in out
+    assert "captions.jsonl:5 (id '000004'): image: images/lost.png does not exist" in out
+    assert "failed to reproduce 'validate_source'" in out and "exited with 2" in out  # bad data: no retry
+    quarantine = [json.loads(line) for line in
+                  (repo / "reports/data_docs/source-failed/quarantine.jsonl").read_text().splitlines()]
+    assert [q["where"] for q in quarantine] == ["captions.jsonl:3", "captions.jsonl:4", "captions.jsonl:5"]
+    assert not (repo / "data" / "backbone").exists() and not (repo / "reports/data_docs/source").exists()
+

@@ -87,6 +87,7 @@ def test_benchmarks_command_writes_loadable_embedded_benchmarks(bench):
 def test_cli_evaluate_end_to_end(bench, models, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")  # samples even from a short run
     monkeypatch.delenv("CHEETAH_PARENT_RUN_ID", raising=False)
     argv = ["--params", str(tmp_path / "absent-is-defaults.yaml")]
     (tmp_path / "absent-is-defaults.yaml").write_text("{}\n")
@@ -137,7 +138,24 @@ def test_cli_evaluate_end_to_end(bench, models, tmp_path, monkeypatch, capsys):
     assert runs.iloc[0]["metrics.base.demon_average"] == pytest.approx(base_demon["average"])
     assert runs.iloc[0]["metrics.demon_average"] == pytest.approx(demon["average"])
     artifacts = {Path(a.path).name for a in mlflow.MlflowClient().list_artifacts(runs.iloc[0]["run_id"], "evaluate")}
-    assert {"report.md", "demon_categories.png", "eval.json"} <= artifacts
+    assert {"report.md", "demon_categories.png", "mme_subtasks.png", "eval.json", "demon-World_Story.png",
+            "mme-count.png", "demon_vpgc.csv"} <= artifacts
+    # The run spans the whole evaluation, generation included, and holds the machine's system metrics.
+    assert runs.iloc[0]["metrics.system/cpu_utilization_percentage"] >= 0
+    assert runs.iloc[0]["metrics.system/system_memory_usage_megabytes"] > 0
+
+    # Pictures: every chart and example sheet the report shows exists; the dvc plots tables hold the scores.
+    import re
+
+    shown = re.findall(r"!\[[^]]*\]\(([^)]+)\)", report)
+    assert {"demon_categories.png", "mme_subtasks.png"} <= set(shown)
+    assert sorted(p for p in shown if p.startswith("examples/")) == sorted(
+        [f"examples/demon-{t.dataset}.png" for t in load_demon(bench["demon"])]
+        + [f"examples/mme-{s}.png" for s in load_mme(bench["mme"])])
+    assert all((out / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in shown)
+    rows = (out / "plots" / "demon_vpgc.csv").read_text().splitlines()
+    assert rows[0] == "category,score" and rows[-1] == f"Average,{demon['average']}"
+    assert len(rows) == 2 + len(demon["categories"])
 
 
 class _Killed(Exception):

@@ -10,8 +10,9 @@
 4. `dvc exp run -S register.margin=...` reruns register only; the new version, no better, stays challenger
    (tests/test_dvc_pipeline.py runs `dvc exp run -S train.lr=...` on a small pipeline);
 5. `dvc push` to the default remote and `dvc pull` in a fresh clone round-trip the outputs and data/source;
-6. another `world.n` is recorded in data.dvc and reruns the stages that read data/source (base, synthesize: then,
-   through their outputs, everything downstream but benchmarks); the previous data.dvc is restored from the cache.
+6. another `world.n` is recorded in data.dvc and reruns the stages that read data/source (validate_source, base,
+   synthesize: then, through their outputs, everything downstream but benchmarks); the previous data.dvc is restored
+   from the cache.
 
 The tests share one pipeline run and follow each other (module-scoped state); they run in file order.
 """
@@ -35,8 +36,8 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 # What the pipeline needs from the checkout (plus .gitignore files): code, DAG, params, DVC and Prefect config.
-COPY = ["cheetah", "configs", "flows", "dvc.yaml", "params.yaml", "data.dvc", "prefect.yaml", "pyproject.toml", ".dvc/config",
-        ".dvcignore", ".gitignore", "data/.gitignore"]
+COPY = ["cheetah", "configs", "flows", "dvc.yaml", "params.yaml", "data.dvc", "prefect.yaml", "pyproject.toml",
+        ".dvc/config", ".dvc/plots", ".dvcignore", ".gitignore", "data/.gitignore"]
 # Every stage, shrunk: the whole pipeline in about a minute and a half on 2 cores.
 TINY = {
     "world": {"n": 32, "image_size": 32},
@@ -46,7 +47,8 @@ TINY = {
               "warmup_steps": 1, "log_every": 1},
     "evaluate": {"demon_per_task": 1, "mme_per_subtask": 2, "max_new_tokens": 4, "batch_size": 16},
 }
-DVC_STAGES = ["base", "synthesize", "validate", "train", "benchmarks", "evaluate", "register"]
+DVC_STAGES = ["validate_source", "base", "synthesize", "validate", "train", "benchmarks", "validate_demon",
+              "validate_mme", "evaluate", "register"]
 STAGES = ["source", *DVC_STAGES]  # the flow's tasks: the source corpus (data.dvc), then the stages of dvc.yaml
 SHARD_TASKS = [f"synthesize shard {k}" for k in range(3)]  # made as task runs before the stage merges them
 
@@ -101,6 +103,7 @@ def env(tmp_path_factory):
     mp.setenv("DVC_NO_ANALYTICS", "1")
     mp.setenv("DS_ACCELERATOR", "cpu")
     mp.setenv("TOKENIZERS_PARALLELISM", "false")
+    mp.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")  # system metrics even from the shrunk stages
     mp.setenv("HF_HUB_OFFLINE", "1")
     mp.setenv("TRANSFORMERS_OFFLINE", "1")
     mp.delenv("CHEETAH_PARENT_RUN_ID", raising=False)
@@ -173,14 +176,25 @@ def test_flow_runs_every_stage_with_tracking_and_an_evaluation_artifact(env, flo
     children = mlflow.search_runs(experiment_ids=[parent.info.experiment_id], output_format="list",
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     child_stages = {str(c.data.tags.get("cheetah.stage")).split("-")[0] for c in children}  # validate-synthetic
-    assert {"base", "train", "evaluate", "register"} <= child_stages <= set(DVC_STAGES)
+    assert {"base", "train", "evaluate", "register", "validate"} <= child_stages <= set(DVC_STAGES)
+    # The stages that do the work log the machine's system metrics (CPU, memory, ...) on their runs.
+    by_stage = {c.data.tags.get("cheetah.stage"): c for c in children}
+    for stage in ("base", "train", "evaluate"):
+        assert "system/cpu_utilization_percentage" in by_stage[stage].data.metrics, stage
+    # Every input was validated, each with its Data Docs: the source corpus, the synthetic set, both benchmarks.
+    assert {"validate-source", "validate-synthetic", "validate-demon", "validate-mme"} <= set(by_stage)
+    # The synthesis run holds the contact sheets of the set it wrote.
+    sheets = {Path(a.path).name for a in client.list_artifacts(by_stage["synthesize"].info.run_id, "contact_sheet")}
+    pairs = [json.loads(line) for line in (repo / "data/synthetic/synthetic.jsonl").read_text().splitlines()]
+    assert sheets == {f"{p['edit']['type']}.png" for p in pairs} and sheets
     assert parent.data.tags["stages_run"].split(",") == STAGES
     assert parent.data.tags["cheetah.source"] == "recorded"
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"pipeline", "eval", "data_docs"} <= artifacts
     assert "pipeline/dvc.lock" in {a.path for a in client.list_artifacts(parent.info.run_id, "pipeline")}
-    assert "data_docs/synthetic/index.html" in {a.path for a in client.list_artifacts(parent.info.run_id,
-                                                                                         "data_docs/synthetic")}
+    for suite in ("source", "synthetic", "demon", "mme"):
+        assert f"data_docs/{suite}/index.html" in {a.path for a in client.list_artifacts(parent.info.run_id,
+                                                                                           f"data_docs/{suite}")}
     eval_metrics = json.loads((repo / "metrics/eval.json").read_text())
     assert parent.data.metrics["demon_average"] == pytest.approx(eval_metrics["demon_average"])
 
@@ -204,8 +218,12 @@ def test_flow_runs_every_stage_with_tracking_and_an_evaluation_artifact(env, flo
     files = shown[""]["data"]
     assert files["metrics/eval.json"]["data"]["demon_average"] == eval_metrics["demon_average"]
     assert files["metrics/register.json"]["data"]["version"] == 1
-    plots = dvc(repo, "plots", "show", "--json")
-    assert "plots/train_curve.csv" in plots and "reports/eval/demon_categories.png" in plots
+    plots = json.loads(dvc(repo, "plots", "show", "--json"))
+    assert not plots.get("errors"), plots.get("errors")
+    assert {"plots/train_curve.csv", "reports/eval/demon_categories.png", "reports/eval/mme_subtasks.png",
+            "eval_demon", "eval_mme"} <= set(plots["data"])
+    compared = plots["data"]["eval_demon"][0]["content"]["data"]["values"]
+    assert {v["filename"] for v in compared} == {"demon_base.csv", "demon_vpgc.csv"}
 
 
 def test_second_repro_reruns_nothing(env, flow_run):
@@ -312,7 +330,7 @@ def test_a_world_parameter_is_recorded_in_data_dvc_and_reruns_what_reads_the_cor
     assert ensure_source(load_params(repo / "params.yaml"), repo, echo=[].append) == "recorded"
     after = read_data_dvc(repo)
     assert after["md5"] != before["md5"] and after["world"]["n"] == TINY["world"]["n"] - 8
-    assert set(json.loads(dvc(repo, "status", "--json"))) == {"base", "synthesize"}
+    assert set(json.loads(dvc(repo, "status", "--json"))) == {"validate_source", "base", "synthesize"}
     # Back to the committed params.yaml and data.dvc: that corpus comes back from DVC's cache, nothing to run.
     git(repo, "checkout", "params.yaml", "data.dvc")
     assert ensure_source(load_params(repo / "params.yaml"), repo, echo=[].append) == "restored"

@@ -102,7 +102,7 @@ def test_bad_synthetic_records_are_caught_named_and_quarantined(clean, tmp_path,
     from cheetah.cli import main
     params = tmp_path / "params.yaml"
     params.write_text("")  # defaults, whatever the repository's params.yaml says
-    assert main(["--params", str(params), "validate", "synthetic", str(bad), "--docs-dir", str(docs), "--no-docs"]) == 1
+    assert main(["--params", str(params), "validate", "synthetic", str(bad), "--docs-dir", str(docs), "--no-docs"]) == 2
     out = capsys.readouterr().out
     assert "FAILED" in out and "synthetic.jsonl:3 (id 'syn-000002')" in out
     assert main(["--params", str(params), "validate", "synthetic", str(clean["synthetic"]), "--docs-dir", str(docs),
@@ -169,6 +169,39 @@ def test_source_suite_catches_bad_records(clean, tmp_path):
     sized = run_suite("source", clean["source"], ValidateConfig(docs_dir=str(tmp_path / "d"), image_size=32),
                       docs=False)
     assert not sized.success and "is 64x64, expected 32x32" in _messages(sized)
+
+
+def test_source_suite_refuses_what_the_stages_cannot_load(clean, tmp_path):
+    """Non-UTF-8 text and a literal image placeholder would pass a lenient reader and then crash base and
+    synthesize (UnicodeDecodeError) or training (image-token count): the suite refuses them, naming the record,
+    and what it accepts, the stages load."""
+    from cheetah.synthesize import load_source
+    from cheetah.train.base import _read_source
+
+    bad = _copy(clean["source"], tmp_path / "bad")
+    rows = [json.loads(line) for line in (bad / "captions.jsonl").read_text().splitlines()]
+    rows[2]["caption"] = "a large <image> red circle"
+    rows[3]["image"] = "images/nowhere.png"
+    lines = [json.dumps(r).encode() for r in rows]
+    lines[1] = lines[1].replace(b'"caption": "', b'"caption": "caf\xe9 ')  # a Latin-1 byte
+    (bad / "captions.jsonl").write_bytes(b"".join(line + b"\n" for line in lines))
+    result = run_suite("source", bad, ValidateConfig(docs_dir=str(tmp_path / "d")), docs=False)
+    text = _messages(result)
+    assert "captions.jsonl:2 (id None): not UTF-8 text (byte 0xe9 at column" in text
+    assert ("captions.jsonl:3 (id '000002'): caption contains the image placeholder <image> (only instructions "
+            "may hold it)") in text
+    assert "captions.jsonl:4 (id '000003'): image: images/nowhere.png does not exist" in text
+    quarantined = {q["where"]: q for q in _quarantine(result)}
+    assert set(quarantined) == {"captions.jsonl:2", "captions.jsonl:3", "captions.jsonl:4"}
+    assert "caf\ufffd" in quarantined["captions.jsonl:2"]["record"]  # kept, readable, in the quarantine
+
+    # The same corpus without the three records passes, and both stages that read a corpus load all of it.
+    keep = [line for k, line in enumerate((bad / "captions.jsonl").read_bytes().split(b"\n")) if k not in (1, 2, 3)]
+    (bad / "captions.jsonl").write_bytes(b"\n".join(keep))
+    assert run_suite("source", bad, ValidateConfig(docs_dir=str(tmp_path / "d")), docs=False).success
+    items, rejects, n = load_source(bad, need_scenes=True)
+    records, _ = _read_source(bad)
+    assert len(items) == len(records) == n == 13 and rejects == []
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -238,6 +271,42 @@ def test_demon_suite(tmp_path):
     assert f"{f} (id 'Spot-the-Diff'): metadata.num_sample is 3 but data has 4 samples" in text
     assert "NLVR2/core/core.json:data[1] (id 'NLVR2/1'): a multi-choice sample needs" in text
     assert "Broken/core/core.json (id None): not valid JSON" in text
+    assert "Broken/core/core.json (id None): folder Broken: unknown DEMON dataset 'Broken'" in text
+
+
+def test_demon_suite_accepts_only_what_evaluation_loads(tmp_path):
+    """Problems only the evaluation's loader sees (the task table decides that NLVR2 is multi-choice whatever the
+    metadata says; an image path that is not a string) are reported as `load_problem`; what passes, loads."""
+    from cheetah.evaluate.demon import load_demon
+
+    root = _demon_set(tmp_path / "demon")
+    nlvr = root / "NLVR2" / "core" / "core.json"
+    doc = json.loads(nlvr.read_text())
+    doc["metadata"]["question_type"] = "open-ended"
+    del doc["data"][0]["task_instance"]["choice_list"]
+    nlvr.write_text(json.dumps(doc))
+    spot = root / "Spot-the-Diff" / "core" / "core.json"
+    doc = json.loads(spot.read_text())
+    doc["data"][1]["task_instance"]["images_path"][1] = 7
+    spot.write_text(json.dumps(doc))
+    cfg = ValidateConfig(docs_dir=str(tmp_path / "docs"))
+    result = run_suite("demon", root, cfg, docs=False)
+    text = _messages(result)
+    assert [f.title() for f in result.failures] == [
+        "core.json data: expect_column_values_to_be_null(load_problem): 2 bad row(s)"]
+    assert ("NLVR2/core/core.json:data[0] (id 'NLVR2/0'): sample_id 0: a multi-choice task needs "
+            "task_instance.choice_list") in text
+    assert ("Spot-the-Diff/core/core.json:data[1] (id 'Spot-the-Diff/1'): sample_id 1: images_path[1]: expected a "
+            "non-empty relative path, got 7") in text
+    with pytest.raises(DataError):
+        load_demon(root)
+    for path, k in ((nlvr, 0), (spot, 1)):
+        doc = json.loads(path.read_text())
+        del doc["data"][k]
+        doc["metadata"]["num_sample"] -= 1
+        path.write_text(json.dumps(doc))
+    assert run_suite("demon", root, cfg, docs=False).success
+    assert [len(t.samples) for t in load_demon(root)] == [2, 1]
 
 
 def _mme_file(folder: Path, stem: str, lines: list[str], image: bool = True) -> None:
@@ -257,7 +326,7 @@ def test_mme_suite(tmp_path):
     (split / "images" / "0003.png").write_bytes(_png(3))
     (split / "questions_answers_YN").mkdir()
     (split / "questions_answers_YN" / "0003.txt").write_text(f"{q}\tNo\n{q}\tYes\n")
-    cfg = ValidateConfig(docs_dir=str(tmp_path / "docs"))
+    cfg = ValidateConfig(docs_dir=str(tmp_path / "docs"), max_examples=20)
     result = run_suite("mme", root, cfg, docs=False)
     assert result.success, result.summary()
     assert result.rows == {"questions": 6}
@@ -266,17 +335,35 @@ def test_mme_suite(tmp_path):
     _mme_file(root / "count", "0005", [f"{q}\tYes", f"{q}\tMaybe"])
     _mme_file(root / "count", "0006", [f"{q}\tYes", f"{q} No"])
     _mme_file(root / "count", "0007", [f"{q}\tYes", f"{q}\tNo"], image=False)
+    _mme_file(root / "count", "0009", [f"<image> {q}\tYes", f"{q}\tNo"])
     _mme_file(root / "color", "0008", [f"{q}\tYes", f"{q}\tYes"])
     (root / "color" / "0008.png").write_bytes(b"not a png")
+    (root / "color" / "0010.png").write_bytes(_png(0))  # an image nobody asks about
+    (root / "color" / "0011.txt").write_bytes(f"{q}\tYes\n".encode() + b"Is it caf\xe9?\tNo\n")  # Latin-1
+    (root / "color" / "0011.png").write_bytes(_png(1))
     result = run_suite("mme", root, cfg, docs=False)
     text = _messages(result)
-    assert "count/0004.txt:3 (id 'count/0004'): count/0004.txt has 3 question line(s); expected exactly 2" in text
-    assert "count/0005.txt:2 (id 'count/0005'): answer must be one of ['Yes', 'No'] (got 'Maybe')" in text
-    assert "count/0006.txt:2 (id 'count/0006'): line must be 'question<TAB>Yes|No'" in text
+    # The evaluation's own loader (cheetah.evaluate.mme) reads every file; what it refuses is named here.
+    assert ("count/0004.txt (id 'count/0004'): expected exactly two lines 'question<TAB>Yes|No' (one image, two "
+            "questions), found 3") in text
+    assert "count/0005.txt (id 'count/0005'): line 2: the answer must be Yes or No, got 'Maybe'" in text
+    assert "count/0006.txt (id 'count/0006'): line 2: expected 'question<TAB>Yes|No'" in text
     assert "count/0007.txt:1 (id 'count/0007'): no image 0007.png/.jpg for count/0007.txt" in text
-    assert "color/0008.txt:1 (id 'color/0008'): image: 0008.png cannot be decoded" in text
-    assert "answers are ['Yes', 'Yes']; expected one Yes and one No" in text
-    assert {q["id"] for q in _quarantine(result)} == {f"count/000{k}" for k in (4, 5, 6, 7)} | {"color/0008"}
+    assert "count/0009.txt (id 'count/0009'): line 1: the question contains the image placeholder <image>" in text
+    assert "color/0008.txt (id 'color/0008'): image: 0008.png cannot be decoded" in text
+    assert "color/0008.txt (id 'color/0008'): the ground truths of an image's two questions must be one Yes" in text
+    assert "color/0010.png (id 'color/0010'): image color/0010.png has no question file 0010.txt" in text
+    assert "color/0011.txt (id 'color/0011'): not UTF-8 text" in text
+    assert {q["id"] for q in _quarantine(result)} == {f"count/000{k}" for k in (4, 5, 6, 7, 9)} | {
+        "color/0008", "color/0010", "color/0011"}
+    assert "question is missing" not in text  # a refused file is reported once, by the loader's message
+
+    # Whatever validation accepts, evaluation loads: the same folder without the bad files passes and loads.
+    from cheetah.evaluate.mme import load_mme
+    for bad in ("count", "color"):
+        shutil.rmtree(root / bad)
+    assert run_suite("mme", root, cfg, docs=False).success
+    assert sum(len(v) for v in load_mme(root).values()) == 6
 
 
 def test_top_level_problems_are_errors(tmp_path, capsys):
@@ -285,7 +372,7 @@ def test_top_level_problems_are_errors(tmp_path, capsys):
         run_suite("source", tmp_path, cfg)
     with pytest.raises(DataError, match="no DEMON core.json found"):
         run_suite("demon", tmp_path, cfg)
-    with pytest.raises(DataError, match="no MME subtask folders"):
+    with pytest.raises(DataError, match="no MME subtask folder"):
         run_suite("mme", tmp_path, cfg)
     with pytest.raises(DataError, match="unknown suite 'captions'"):
         run_suite("captions", tmp_path, cfg)

@@ -206,7 +206,7 @@ def _inline_choices(context: str) -> tuple[str, ...] | None:
     return None
 
 
-def _image_roots(split_dir: Path) -> list[Path]:
+def image_roots(split_dir: Path) -> list[Path]:
     # The official script joins `images_path` to `<split>/images`; a copy without that level keeps them beside
     # the json. Both roots are tried, each one refusing paths that escape it.
     images = split_dir / "images"
@@ -223,8 +223,9 @@ def _resolve_image(roots: list[Path], rel: Any, where: str) -> Path:
     raise DataError(f"{where}: image {rel!r} not found (looked for {' and '.join(tried)})")
 
 
-def _build_sample(info: DemonTaskInfo, rec: Any, index: int, instructions: list[str], roots: list[Path],
-                  path: Path) -> DemonSample:
+def build_sample(info: DemonTaskInfo, rec: Any, index: int, instructions: list[str], roots: list[Path],
+                 path: Path) -> DemonSample:
+    """Record `index` of `path` as a sample, or DataError naming it (the validation suite reports these too)."""
     where = f"{path}: data[{index}]"
     if not isinstance(rec, dict):
         raise DataError(f"{where}: expected an object, got {type(rec).__name__}")
@@ -314,8 +315,8 @@ def load_demon_task(root: str | Path, dataset: str, split: Split = "core") -> De
     if question_type and question_type != expected:
         log.warning("%s: metadata.question_type is %r but the task table scores %s with %s; using the table",
                     path, question_type, info.dataset, info.metric)
-    roots = _image_roots(path.parent)
-    samples = [_build_sample(info, rec, i, instructions, roots, path)
+    roots = image_roots(path.parent)
+    samples = [build_sample(info, rec, i, instructions, roots, path)
                for i, rec in enumerate(doc["data"])]
     seen: dict[str, int] = {}
     for i, s in enumerate(samples):

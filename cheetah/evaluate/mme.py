@@ -75,7 +75,7 @@ class MMESample:
         return self.answer
 
 
-def _find_root(root: Path) -> Path:
+def find_root(root: Path) -> Path:
     for candidate in (root, root / "MME_Benchmark"):
         if candidate.is_dir() and any(c.is_dir() and c.name.lower() in {s.lower() for s in SUBTASKS}
                                       for c in candidate.iterdir()):
@@ -83,7 +83,7 @@ def _find_root(root: Path) -> Path:
     raise DataError(f"{root}: no MME subtask folder ({', '.join(SUBTASKS)}) here or under MME_Benchmark/")
 
 
-def _subtask_dirs(root: Path) -> dict[str, Path]:
+def subtask_dirs(root: Path) -> dict[str, Path]:
     found: dict[str, Path] = {}
     for c in sorted(root.iterdir()):
         if c.is_dir() and c.name.lower() in {s.lower() for s in SUBTASKS}:
@@ -117,6 +117,8 @@ def read_question_file(path: Path) -> list[tuple[str, str]]:
         parts = line.split("\t")
         if len(parts) != 2 or not parts[0].strip():
             raise DataError(f"{path}:{n}: expected 'question<TAB>Yes|No', got {line!r}")
+        if IMAGE_TOKEN in parts[0]:  # the prompt puts one in front of the question: a second would be an image slot
+            raise DataError(f"{path}:{n}: the question contains the image placeholder {IMAGE_TOKEN}")
         answer = parts[1].strip().capitalize()
         if answer not in ("Yes", "No"):
             raise DataError(f"{path}:{n}: the answer must be Yes or No, got {parts[1]!r}")
@@ -125,7 +127,18 @@ def read_question_file(path: Path) -> list[tuple[str, str]]:
     return out
 
 
-def _load_subtask(name: str, folder: Path) -> list[MMESample]:
+@dataclasses.dataclass(frozen=True)
+class SubtaskFiles:
+    """The files of one subtask folder, in either layout, paired by stem (`<id>.txt` asks about `<id>.jpg|png`)."""
+
+    image_dir: Path
+    text_dir: Path
+    images: dict[str, Path]
+    texts: dict[str, Path]
+
+
+def subtask_files(folder: Path) -> SubtaskFiles:
+    """The images and question files of a subtask folder; two images sharing a stem are refused."""
     split = (folder / "images").is_dir() and (folder / "questions_answers_YN").is_dir()
     image_dir = folder / "images" if split else folder
     text_dir = folder / "questions_answers_YN" if split else folder
@@ -136,6 +149,12 @@ def _load_subtask(name: str, folder: Path) -> list[MMESample]:
                 raise DataError(f"{image_dir}: {images[p.stem].name} and {p.name} share the question file {p.stem}.txt")
             images[p.stem] = p
     texts = {p.stem: p for p in sorted(text_dir.iterdir()) if p.is_file() and p.suffix == ".txt"}
+    return SubtaskFiles(image_dir, text_dir, images, texts)
+
+
+def _load_subtask(name: str, folder: Path) -> list[MMESample]:
+    files = subtask_files(folder)
+    image_dir, text_dir, images, texts = files.image_dir, files.text_dir, files.images, files.texts
     orphans = sorted(set(images) - set(texts))
     if orphans:
         raise DataError(f"{text_dir}: image(s) {', '.join(images[s].name for s in orphans[:5])} have no question "
@@ -156,8 +175,8 @@ def load_mme(root: str | Path, subtasks: list[str] | None = None) -> dict[str, l
     """Every subtask folder under `root` (or the named ones), in the official order: {subtask: samples}.
 
     The two questions of an image are adjacent in each list, as the official calculation expects them."""
-    base = _find_root(Path(root))
-    dirs = _subtask_dirs(base)
+    base = find_root(Path(root))
+    dirs = subtask_dirs(base)
     wanted = list(dirs) if subtasks is None else [resolve_subtask(s) for s in subtasks]
     missing = [s for s in wanted if s not in dirs]
     if missing:

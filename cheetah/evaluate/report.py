@@ -1,4 +1,4 @@
-"""Reports: markdown tables and a bar chart comparing models, and the metrics file DVC and the registry read.
+"""Reports: markdown tables and charts comparing models, and the metrics file DVC and the registry read.
 
 Inputs are the dicts `score_demon` and `score_mme` return, one pair per model:
 `{"<model>": {"demon": {...} | None, "mme": {...} | None}}`.
@@ -6,7 +6,7 @@ Inputs are the dicts `score_demon` and `score_mme` return, one pair per model:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -92,36 +92,14 @@ def mme_table(results: Results) -> str:
 
 def category_chart(results: Results) -> bytes | None:
     """PNG bytes of a grouped bar chart: DEMON categories on the x axis, one bar per model. None without DEMON."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from cheetah.evaluate.figures import bar_chart
 
     models = [m for m, r in results.items() if r.get("demon")]
     if not models:
         return None
     cats = [c for c in CATEGORIES if any(c in results[m]["demon"]["categories"] for m in models)]
-    width = 0.8 / len(models)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.4 * len(cats) + 2), 4.0), dpi=100)
-    for i, m in enumerate(models):
-        values = [results[m]["demon"]["categories"].get(c, 0.0) for c in cats]
-        xs = [j + (i - (len(models) - 1) / 2) * width for j in range(len(cats))]
-        ax.bar(xs, values, width=width, label=m)
-    ax.set_xticks(range(len(cats)))
-    ax.set_xticklabels([CATEGORIES[c].replace(" ", "\n", 1) for c in cats], fontsize=8)
-    ax.set_ylabel("score (%)")
-    ax.set_ylim(0, 100)
-    ax.set_title("DEMON by category")
-    ax.legend(fontsize=8)
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    # No "Software" entry: the PNG's bytes then depend on the numbers only, so DVC sees no spurious change.
-    fig.savefig(buf, format="png", metadata={"Software": None})
-    plt.close(fig)
-    return buf.getvalue()
+    series = {m: [results[m]["demon"]["categories"].get(c, 0.0) for c in cats] for m in models}
+    return bar_chart("DEMON by category", [CATEGORIES[c] for c in cats], series, "score (%)", 100)
 
 
 def metrics_dict(demon: Mapping[str, Any] | None = None, mme: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -139,12 +117,17 @@ def metrics_dict(demon: Mapping[str, Any] | None = None, mme: Mapping[str, Any] 
 
 
 def write_report(out_dir: str | Path, results: Results, metrics_path: str | Path | None = None,
-                 metrics_model: str | None = None, title: str = "Evaluation") -> dict[str, Path]:
-    """Write `report.md` (all tables) and `demon_categories.png` into `out_dir`, and, when `metrics_path` is given,
-    the metrics JSON of `metrics_model` (default: the last model, e.g. the challenger after the baselines)."""
+                 metrics_model: str | None = None, title: str = "Evaluation",
+                 sections: Sequence[str] = ()) -> dict[str, Path]:
+    """Write `report.md` (all tables, the charts, then `sections`: markdown such as qualitative examples),
+    `demon_categories.png` and the figures of `cheetah.evaluate.figures` (MME chart, `dvc plots` tables) into
+    `out_dir`, and, when `metrics_path` is given, the metrics JSON of `metrics_model` (default: the last model,
+    e.g. the challenger after the baselines)."""
+    from cheetah.evaluate.figures import write_figures
+
     out_dir = Path(out_dir)
-    written: dict[str, Path] = {}
-    parts = [f"# {title}\n", demon_tables(results), mme_table(results)]
+    written, charts = write_figures(out_dir, results)
+    parts = [f"# {title}\n", demon_tables(results), mme_table(results), charts, *sections]
     written["report"] = atomic_write_text(out_dir / "report.md", "\n".join(p for p in parts if p))
     png = category_chart(results)
     if png is not None:

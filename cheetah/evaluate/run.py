@@ -5,7 +5,9 @@ For every model (by default `base` = the backbone, `vpgc` = the trained VPG-C we
     <evaluate.out>/<model>/predictions/demon/<Dataset>/pred.json     official DEMON prediction files
     <evaluate.out>/<model>/predictions/mme/<subtask>.txt             official MME calculation input
     <evaluate.out>/<model>/demon_scores.json, mme_scores.json        `cheetah score demon|mme` output
-    <evaluate.out>/report.md, demon_categories.png                   tables and bar chart comparing the models
+    <evaluate.out>/report.md, demon_categories.png, mme_subtasks.png tables and charts comparing the models
+    <evaluate.out>/examples/<benchmark>-<task>.png                    qualitative examples: each model's answers
+    <evaluate.out>/plots/<benchmark>_<model>.csv                      what dvc.yaml's evaluation plots draw
     <evaluate.out>/evaluation.json                                   what was evaluated, how, and where
     <evaluate.metrics>                                               metrics JSON (DVC, the registry's gate)
 
@@ -46,7 +48,7 @@ from typing import Any
 from cheetah.config import Params, to_dict
 from cheetah.io import DataError, atomic_write_json, claim_dir, sha256_file, write_metrics
 from cheetah.progress import StageBar
-from cheetah.tracking import flat_metrics
+from cheetah.tracking import flat_metrics, stage_run
 
 log = logging.getLogger(__name__)
 
@@ -289,7 +291,10 @@ def evaluate(params: Params, model_specs: Mapping[str, str] | None = None, bench
         claim_dir(out, REPORT_KIND, protect=inputs)
     ranks.barrier()
     # (On an error the process ends with it, and the launcher stops the other ranks: no barrier to wait at.)
-    result = _evaluate(params, specs, benchmark, demon_dir, mme_dir, out, ranks, restart, track)
+    # Rank 0's MLflow run spans the whole evaluation (`_track` logs into it), so its system metrics cover generation.
+    with stage_run("evaluate", experiment=params.register.experiment, enabled=track and ranks.rank == 0,
+                   system_metrics=True):
+        result = _evaluate(params, specs, benchmark, demon_dir, mme_dir, out, ranks, restart, track)
     ranks.close()
     return result
 
@@ -298,6 +303,7 @@ def _evaluate(params: Params, specs: Mapping[str, str], benchmark: str, demon_di
               out: Path, ranks: Ranks, restart: bool, track: bool) -> dict[str, Any]:
     import torch
 
+    from cheetah.evaluate.examples import write_examples
     from cheetah.evaluate.generation import Generator, load_model
     from cheetah.evaluate.report import metrics_dict, write_report
     from cheetah.evaluate.scoring import score_demon, score_mme
@@ -340,7 +346,8 @@ def _evaluate(params: Params, specs: Mapping[str, str], benchmark: str, demon_di
 
     if ranks.rank != 0:
         return {"models": {}, "metrics": {}, "paths": {}, "rank": ranks.rank}
-    written = write_report(out, results, title="Evaluation: " + ", ".join(specs))
+    examples, shown = write_examples(out, {name: out / name / "predictions" for name in specs}, demon_dir, mme_dir)
+    written = {**write_report(out, results, title="Evaluation: " + ", ".join(specs), sections=[shown]), **examples}
     champion = "vpgc" if "vpgc" in results else list(results)[-1]
     # The hash of the weights these numbers measured: registration refuses weights they were not measured on.
     metrics = {**metrics_dict(results[champion]["demon"], results[champion]["mme"]), "model": champion,
@@ -358,8 +365,6 @@ def _evaluate(params: Params, specs: Mapping[str, str], benchmark: str, demon_di
 
 def _track(params: Params, specs: Mapping[str, str], metrics: Mapping[str, Any], written: Mapping[str, Path],
            out: Path) -> None:
-    from cheetah.tracking import stage_run
-
     logged = {"evaluate": to_dict(params.evaluate), "model": {"dtype": params.model.dtype},
               "models": dict(specs)}
     with stage_run("evaluate", logged, experiment=params.register.experiment) as run:

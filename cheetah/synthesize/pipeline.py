@@ -14,6 +14,7 @@ Output folder (written atomically: a failed run leaves any previous output untou
     captions.jsonl         {id, images: [original], instruction, response}: the joint caption regulariser
     quarantine.jsonl       every rejected source record and edit candidate, with stage, reason and detail
     stats.json             counts by edit type and rejects by reason, and the settings that shaped the output
+    contact_sheet/<type>.png  a few pairs of each edit type, to look at (cheetah/synthesize/contact_sheet.py)
 
 Execution: the pairs are cut into shards (`cheetah.synthesize.shards`: deterministic, keyed by their inputs,
 written to a work area as they are made, so a killed run resumes with the missing shards only) and the shards run
@@ -54,6 +55,7 @@ from cheetah.io import DataError, atomic_dir, atomic_write_json, check_output, s
 from cheetah.progress import StageBar
 from cheetah.synthesize.apply import Applier, InpaintApplier, WorldApplier
 from cheetah.synthesize.common import Reject, SourceItem
+from cheetah.synthesize.contact_sheet import write_contact_sheets
 from cheetah.synthesize.edits import Editor, LabelEditor, WorldEditor
 from cheetah.synthesize.filters import Clip, ClipFilter, EditFilter, PixelFilter
 from cheetah.synthesize.masks import MaskSource, SamMasks, WorldMasks
@@ -634,5 +636,6 @@ def merge(run: SynthesisRun) -> dict[str, Any]:
             "settings": {k: getattr(cfg, k) for k in _RECORDED},
         }
         (tmp / "stats.json").write_text(json.dumps(stats, indent=2) + "\n", encoding="utf-8")
+        write_contact_sheets(tmp)  # pictures of the finished set, published with it
     work.remove()
     return stats

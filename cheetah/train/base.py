@@ -322,7 +322,7 @@ def pretrain_base(params: Params) -> dict[str, Any]:
     history: list[dict[str, float]] = []
 
     with stage_run("base", to_dict(params.base) | {"image_size": world.image_size},
-                   experiment=params.register.experiment) as run:
+                   experiment=params.register.experiment, system_metrics=True) as run:
         t_start = time.perf_counter()
 
         # -- 1. vision: ViT sees everything, the Q-Former learns what captions say --------------------------------

@@ -222,7 +222,8 @@ def train_vpgc(params: Params, restart: bool = False) -> dict[str, Any]:
     # -- loop ------------------------------------------------------------------------------------------------
     from cheetah.tracking import stage_run
 
-    with stage_run("train", to_dict(params), experiment=params.register.experiment, enabled=rank == 0) as run:
+    with stage_run("train", to_dict(params), experiment=params.register.experiment, enabled=rank == 0,
+                   system_metrics=True) as run:
         if run is not None:
             import mlflow
 

@@ -22,9 +22,18 @@ DEMON_PLACEHOLDER = re.compile(r"\{(?:image|table)#(\d+)\}")
 
 
 def read_jsonl_rows(path: Path) -> list[tuple[int, Any, str | None]]:
-    """(line number, parsed record or None, problem or None) for every non-blank line: nothing is skipped."""
+    """(line number, parsed record or None, problem or None) for every non-blank line: nothing is skipped.
+
+    Lines are decoded one by one as strict UTF-8, as every loader reads them: a line that is not UTF-8 is a problem
+    of that record (kept, with replacement characters, for the quarantine), not a whole-file failure."""
     rows = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+    for lineno, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            rows.append((lineno, raw.decode("utf-8", errors="replace"),
+                         f"not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})"))
+            continue
         if not line.strip():
             continue
         try:
@@ -112,6 +121,14 @@ def placeholder_problem(instruction: Any, images: Any) -> str | None:
     n = instruction.count(IMAGE_PLACEHOLDER)
     if n != len(images):
         return f"instruction has {n} {IMAGE_PLACEHOLDER} placeholder(s) for {len(images)} image(s)"
+    return None
+
+
+def placeholder_in_text_problem(value: Any, field: str) -> str | None:
+    """User text (a caption, a response) must not hold the image placeholder: every loader would take it for an
+    image slot, and the count of image tokens would no longer match the images."""
+    if isinstance(value, str) and IMAGE_PLACEHOLDER in value:
+        return f"{field} contains the image placeholder {IMAGE_PLACEHOLDER} (only instructions may hold it)"
     return None
 
 

@@ -5,10 +5,14 @@ A run writes its report folder atomically:
 
     <docs_dir>/<suite>/          when every expectation passed (replaces the previous passing report)
     <docs_dir>/<suite>-failed/   when something failed (the last passing report is left as it was)
-        index.html ...           GX data docs (GX's own site builder; its pages load CSS/JS from CDNs when
-                                 online and stay readable, unstyled, offline)
+        index.html ...           GX data docs (GX's own site builder), made to render offline: the scripts and
+                                 styles GX loads from CDNs are local copies (cheetah/validate/docs.py)
+        contact_sheet/           synthetic suite: the set's contact sheets, shown at the top of index.html
         result.json              the outcome: failed expectations with example rows, counts
         quarantine.jsonl         every record that failed an expectation, with the reasons and the record
+
+The expectations are the GX suites in `expectations/<suite>-<table>.json` (one definition, diffable); bounds from
+`params.yaml` fill their suite parameters (`suite_parameters`).
 """
 
 from __future__ import annotations
@@ -16,15 +20,39 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from cheetah.config import ValidateConfig
+from cheetah.evaluate.demon import Split
 from cheetah.io import DataError, atomic_dir, remove_output
+from cheetah.validate.docs import add_pictures, make_offline
 from cheetah.validate.suites import BUILDERS, SUITES, Table
+from cheetah.world.language import EDIT_TYPES
 
 _MAX_VALUE_CHARS = 120
+EXPECTATIONS = Path(__file__).parent / "expectations"
+"""The GX expectation suites, one JSON file per table: `<suite>-<table>.json` (`Table.suite_name`)."""
+
+
+def suite_parameters(cfg: ValidateConfig) -> dict[str, Any]:
+    """The values of the `{"$PARAMETER": name}` placeholders in the suite files: configured bounds, and the
+    constants whose one definition is in code."""
+    return {"max_text_chars": cfg.max_text_chars, "balance_tolerance": cfg.balance_tolerance,
+            "edit_types": list(EDIT_TYPES), "demon_splits": list(get_args(Split))}
+
+
+def load_expectations(name: str) -> list[dict[str, Any]]:
+    """The expectation configurations of the suite file `name` (a DataError names a missing or broken file)."""
+    path = EXPECTATIONS / f"{name}.json"
+    try:
+        spec = json.loads(path.read_text(encoding="utf-8"))
+        expectations = spec["expectations"]
+        if spec.get("name") != name or not isinstance(expectations, list):
+            raise ValueError(f"expected name {name!r} and a list of expectations")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{path}: not a Great Expectations suite file ({e})") from None
+    return expectations
 
 
 @dataclasses.dataclass
@@ -110,31 +138,32 @@ def _context() -> Any:
 
 
 def _build_docs(ctx: Any, folder: Path) -> None:
-    """GX data docs of every validation this context ran, as a static site in `folder`."""
+    """GX data docs of every validation this context ran, as a static site in `folder` that renders offline."""
     ctx.add_data_docs_site(site_name="cheetah", site_config={
         "class_name": "SiteBuilder",
         "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(folder.resolve())},
-        "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+        "site_index_builder": {"class_name": "DefaultSiteIndexBuilder", "show_how_to_buttons": False},
     })
     ctx.build_data_docs(site_names=["cheetah"])
+    make_offline(folder)
 
 
-def _validate(ctx: Any, suite: str, k: int, table: Table) -> Any:
+def _validate(ctx: Any, suite: str, k: int, table: Table, cfg: ValidateConfig) -> Any:
     import great_expectations as gx
-    import great_expectations.expectations as gxe
 
-    # GX turns suite names into data-docs paths (dots become folders): keep them to plain characters.
-    name = re.sub(r"[^A-Za-z0-9_-]+", "_", f"{suite}-{table.name}")
+    name = table.suite_name(suite)
+    expectations = load_expectations(name)
+    named = {e.get("kwargs", {}).get("column") for e in expectations} - {None}
+    missing = sorted(named - set(table.frame.columns))
+    if missing:  # a suite file out of step with the code that builds its table
+        raise DataError(f"{EXPECTATIONS / f'{name}.json'}: columns {missing} are not in the {table.name!r} table")
     batch = ctx.data_sources.add_pandas(f"{suite}-{k}").add_dataframe_asset(name) \
         .add_batch_definition_whole_dataframe("all_rows")
-    gx_suite = ctx.suites.add(gx.ExpectationSuite(name=name))
-    if table.records is not None:  # a file of records with none in it is not a data set
-        gx_suite.add_expectation(gxe.ExpectTableRowCountToBeBetween(min_value=1))
-    for expectation in table.expectations:
-        gx_suite.add_expectation(expectation)
+    gx_suite = ctx.suites.add(gx.ExpectationSuite(name=name, expectations=expectations))
     definition = ctx.validation_definitions.add(gx.ValidationDefinition(name=name, data=batch, suite=gx_suite))
     return definition.run(
         batch_parameters={"dataframe": table.frame},
+        expectation_parameters=suite_parameters(cfg),
         result_format={"result_format": "COMPLETE", "unexpected_index_column_names": list(table.index_columns)},
     )
 
@@ -189,7 +218,7 @@ def run_suite(suite: str, path: str | Path, cfg: ValidateConfig | None = None, d
     bad_rows: dict[str, list[str]] = {}
     quarantine = []
     for k, table in enumerate(tables):
-        n, fails = _collect(table, _validate(ctx, suite, k, table), cfg.max_examples, bad_rows)
+        n, fails = _collect(table, _validate(ctx, suite, k, table, cfg), cfg.max_examples, bad_rows)
         evaluated += n
         failures += fails
         if table.records is not None:
@@ -207,6 +236,12 @@ def run_suite(suite: str, path: str | Path, cfg: ValidateConfig | None = None, d
     with atomic_dir(final, kind="data docs", protect=[path]) as tmp:
         if docs:
             _build_docs(ctx, tmp)
+            if suite == "synthetic":
+                from cheetah.synthesize.contact_sheet import SHEETS_DIR
+
+                add_pictures(tmp, "Contact sheets", path / SHEETS_DIR,
+                             "A few pairs of each edit type (original, edited, instruction, response), as the "
+                             "synthesis stage drew them from the validated set.")
         (tmp / "quarantine.jsonl").write_text(
             "".join(json.dumps(q, ensure_ascii=False, default=str) + "\n" for q in quarantine), encoding="utf-8")
         (tmp / "result.json").write_text(json.dumps(result.to_dict(), indent=2, default=str) + "\n",

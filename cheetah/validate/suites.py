@@ -1,8 +1,14 @@
-"""The four suites: what each validates, as tables of records plus the expectations on them.
+"""The four suites: the tables of records each one validates.
 
 A suite turns files into one or more `Table`s: a pandas frame with one row per record (every column of object
-dtype, so types are checked per value), the locator columns `_where` (file:line) and `id`, derived `*_problem`
-columns for checks GX cannot express, and the list of GX expectations for that table.
+dtype, so types are checked per value), the locator columns `_where` (file:line) and `id`, and derived `*_problem`
+columns for checks GX cannot express. The expectations on each table are not code: they are the Great Expectations
+suite `expectations/<suite>-<table>.json` (`Table.suite_name`), read by the runner, so a reviewer sees and diffs
+exactly what is asserted. Bounds that come from `params.yaml` (`validate.max_text_chars`,
+`validate.balance_tolerance`) appear there as GX suite parameters, `{"$PARAMETER": "max_text_chars"}`.
+
+The benchmark suites also ask the evaluation's own loaders (`cheetah.evaluate.demon`, `cheetah.evaluate.mme`)
+about every record, so whatever validation accepts, evaluation loads.
 """
 
 from __future__ import annotations
@@ -14,10 +20,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import great_expectations.expectations as gxe
 import pandas as pd
 
 from cheetah.config import ValidateConfig
+from cheetah.evaluate import demon, mme
 from cheetah.io import DataError
 from cheetah.validate.checks import (
     Images,
@@ -26,52 +32,35 @@ from cheetah.validate.checks import (
     edit_problem,
     image_list_problem,
     joined,
+    placeholder_in_text_problem,
     placeholder_problem,
     read_jsonl_rows,
 )
 from cheetah.world.language import EDIT_TYPES
 
 SUITES = ("source", "synthetic", "demon", "mme")
-DEMON_QUESTION_TYPES = ["multi-choice", "open-ended", ""]  # the official ALFRED core.json ships "" (ROUGE-L task)
-DEMON_SPLITS = ["core", "full"]
 INLINE_CHOICES = re.compile(r"choice list\s*:\s*\[", re.IGNORECASE)
 
 
 @dataclasses.dataclass
 class Table:
-    """Rows of one kind of record, the expectations on them, and what to quarantine a bad row as."""
+    """Rows of one kind of record, and what to quarantine a bad row as. The expectations on it are the GX suite
+    named `suite_name(suite)`."""
 
     name: str
     frame: pd.DataFrame
-    expectations: list[Any]
     records: list[Any] | None = None
     """The raw record behind each row (same order), written to the quarantine; None for aggregate tables."""
     index_columns: tuple[str, ...] = ("_where", "id")
+
+    def suite_name(self, suite: str) -> str:
+        """`<suite>-<table>` in plain characters (GX turns dots in suite names into data-docs folders)."""
+        return re.sub(r"[^A-Za-z0-9_-]+", "_", f"{suite}-{self.name}")
 
 
 def _frame(rows: list[dict[str, Any]], columns: list[str]) -> pd.DataFrame:
     data = {c: [r.get(c) for r in rows] for c in columns}
     return pd.DataFrame(data, columns=columns, dtype=object)
-
-
-def _problems_null(*columns: str) -> list[Any]:
-    return [gxe.ExpectColumnValuesToBeNull(column=c) for c in columns]
-
-
-def _text(column: str, max_chars: int) -> list[Any]:
-    """Present, a string, not blank, and within the length bound."""
-    return [
-        gxe.ExpectColumnValuesToNotBeNull(column=column),
-        gxe.ExpectColumnValuesToBeOfType(column=column, type_="str"),
-        gxe.ExpectColumnValuesToMatchRegex(column=column, regex=r"\S"),
-        gxe.ExpectColumnValueLengthsToBeBetween(column=column, min_value=1, max_value=max_chars),
-    ]
-
-
-def _id(column: str = "id") -> list[Any]:
-    return [gxe.ExpectColumnValuesToNotBeNull(column=column),
-            gxe.ExpectColumnValuesToBeOfType(column=column, type_="str"),
-            gxe.ExpectColumnValuesToBeUnique(column=column)]
 
 
 def _jsonl(path: Path) -> list[tuple[int, Any, str | None]]:
@@ -96,20 +85,14 @@ def source_tables(root: Path, cfg: ValidateConfig) -> list[Table]:
         rows.append({
             "_where": f"captions.jsonl:{lineno}", "id": r.get("id"), "image": image, "caption": r.get("caption"),
             "record_problem": problem,
+            "text_problem": placeholder_in_text_problem(r.get("caption"), "caption"),
             "path_problem": images.path_problem(image, "image"),
             "image_problem": images.file_problem(image, "image", size),
         })
         records.append(rec)
-    frame = _frame(rows, ["_where", "id", "image", "caption", "record_problem", "path_problem", "image_problem"])
-    expectations = [
-        *_problems_null("record_problem"),
-        *_id(),
-        gxe.ExpectColumnValuesToNotBeNull(column="image"),
-        gxe.ExpectColumnValuesToBeOfType(column="image", type_="str"),
-        *_text("caption", cfg.max_text_chars),
-        *_problems_null("path_problem", "image_problem"),
-    ]
-    return [Table("captions.jsonl", frame, expectations, records)]
+    frame = _frame(rows, ["_where", "id", "image", "caption", "record_problem", "text_problem", "path_problem",
+                          "image_problem"])
+    return [Table("captions.jsonl", frame, records)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -132,6 +115,7 @@ def _instruction_rows(file: str, rows_in: list[tuple[int, Any, str | None]], ima
             "record_problem": problem,
             "images_problem": image_list_problem(paths, n_images, what),
             "placeholder_problem": placeholder_problem(r.get("instruction"), paths),
+            "text_problem": placeholder_in_text_problem(r.get("response"), "response"),
             "path_problem": joined([images.path_problem(p, f"images[{k}]") for k, p in refs]),
             "image_problem": joined([images.file_problem(p, f"images[{k}]", size) for k, p in refs]),
         }
@@ -146,7 +130,7 @@ def _instruction_rows(file: str, rows_in: list[tuple[int, Any, str | None]], ima
     return rows, records
 
 
-def _balance_table(pairs: list[dict[str, Any]], requested: list[str] | None, tolerance: float) -> Table:
+def _balance_table(pairs: list[dict[str, Any]], requested: list[str] | None) -> Table:
     """Each edit type's share of the valid pairs, against the uniform share (the requested types, when known)."""
     counts = Counter(p["edit_type"] for p in pairs if p.get("edit_type") in EDIT_TYPES)
     types = [t for t in requested if t in EDIT_TYPES] if requested else sorted(counts)
@@ -158,8 +142,7 @@ def _balance_table(pairs: list[dict[str, Any]], requested: list[str] | None, tol
                      "deviation": round(abs(share - 1 / len(types)), 4)})
     frame = pd.DataFrame(rows, columns=["edit_type", "count", "share", "deviation"])
     frame = frame.astype({"count": "int64", "share": "float64", "deviation": "float64"})
-    expectations = [gxe.ExpectColumnValuesToBeBetween(column="deviation", min_value=0, max_value=tolerance)]
-    return Table("edit balance", frame, expectations, None, index_columns=("edit_type", "share"))
+    return Table("edit balance", frame, None, index_columns=("edit_type", "share"))
 
 
 def synthetic_tables(root: Path, cfg: ValidateConfig) -> list[Table]:
@@ -175,39 +158,19 @@ def synthetic_tables(root: Path, cfg: ValidateConfig) -> list[Table]:
     caption_rows, caption_records = _instruction_rows("captions.jsonl", captions_in, images, size, 1,
                                                       "one image per caption sample", with_edit=False)
     common = ["_where", "id", "images", "instruction", "response", "record_problem", "images_problem",
-              "placeholder_problem", "path_problem", "image_problem"]
-    def sample_expectations() -> list[Any]:  # fresh objects per table: a GX expectation belongs to one suite
-        return [
-            *_problems_null("record_problem"),
-            *_id(),
-            gxe.ExpectColumnValuesToNotBeNull(column="images"),
-            gxe.ExpectColumnValuesToBeOfType(column="images", type_="list"),
-            *_text("instruction", cfg.max_text_chars),
-            *_text("response", cfg.max_text_chars),
-            *_problems_null("images_problem", "placeholder_problem", "path_problem", "image_problem"),
-        ]
-
-    pair_expectations = [
-        *sample_expectations(),
-        gxe.ExpectColumnValuesToNotBeNull(column="edit"),
-        gxe.ExpectColumnValuesToBeOfType(column="edit", type_="dict"),
-        gxe.ExpectColumnValuesToBeInSet(column="edit_type", value_set=list(EDIT_TYPES)),
-        *_problems_null("edit_problem"),
-        gxe.ExpectColumnValuesToNotBeNull(column="source_id"),
-        gxe.ExpectColumnValuesToBeOfType(column="source_id", type_="str"),
-    ]
+              "placeholder_problem", "text_problem", "path_problem", "image_problem"]
     requested = None
     stats = root / "stats.json"
     if stats.is_file():
         try:
             requested = json.loads(stats.read_text(encoding="utf-8")).get("settings", {}).get("edit_types")
-        except (json.JSONDecodeError, AttributeError):
+        except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
             requested = None  # stats.json is informative only; balance then uses the types present
     return [
         Table("synthetic.jsonl", _frame(pair_rows, common + ["edit", "source_id", "edit_type", "edit_problem"]),
-              pair_expectations, pair_records),
-        Table("captions.jsonl", _frame(caption_rows, common), sample_expectations(), caption_records),
-        _balance_table(pair_rows, requested if isinstance(requested, list) else None, cfg.balance_tolerance),
+              pair_records),
+        Table("captions.jsonl", _frame(caption_rows, common), caption_records),
+        _balance_table(pair_rows, requested if isinstance(requested, list) else None),
     ]
 
 
@@ -239,6 +202,16 @@ def choice_problem(question_type: Any, context: Any, choices: Any) -> str | None
     return None
 
 
+def _loader_problem(error: DataError, where: Path) -> str:
+    """A loader's message without the path it starts with (the row already names the file and record)."""
+    text = str(error)
+    if not text.startswith(str(where)):
+        return text
+    rest = text[len(str(where)):]
+    line = re.match(r":(\d+): ", rest)
+    return f"line {line.group(1)}: {rest[line.end():]}" if line else rest.lstrip(": ")
+
+
 def demon_tables(path: Path, cfg: ValidateConfig) -> list[Table]:
     meta_rows, meta_records, data_rows, data_records = [], [], [], []
     base = path if path.is_dir() else path.parent.parent.parent
@@ -258,19 +231,30 @@ def demon_tables(path: Path, cfg: ValidateConfig) -> list[Table]:
         good_instructions = (isinstance(instructions, list) and instructions
                              and all(isinstance(t, str) and t.strip() for t in instructions))
         dataset = meta.get("dataset")
+        # Evaluation finds a task by its folder name in the task table (it decides the metric): an unknown
+        # folder would be refused there.
+        try:
+            info, dataset_problem = demon.resolve_dataset(file.parent.parent.name), None
+        except DataError as e:
+            info, dataset_problem = None, f"folder {file.parent.parent.name}: {e}"
+        count_problem = None
+        if problem is None and meta.get("num_sample") != len(data):
+            count_problem = f"metadata.num_sample is {meta.get('num_sample')!r} but data has {len(data)} samples"
+        elif problem is None and not data:
+            count_problem = "data is empty"
         meta_rows.append({
             "_where": rel, "id": dataset, "split": meta.get("split"), "num_sample": meta.get("num_sample"),
             "question_type": meta.get("question_type"), "record_problem": problem,
+            "dataset_problem": dataset_problem,
             "instruction_problem": None if problem or good_instructions else
             "metadata.task_instruction must be a non-empty list of non-empty strings",
-            "count_problem": None if problem or meta.get("num_sample") == len(data) else
-            f"metadata.num_sample is {meta.get('num_sample')!r} but data has {len(data)} samples",
+            "count_problem": count_problem,
         })
         meta_records.append(meta)
         # The official loader joins images_path to <split>/images; copies without that level keep them beside
         # the json (the evaluation loader accepts both).
-        images = Images(file.parent / "images" if (file.parent / "images").is_dir() else file.parent,
-                        cfg.image_size)
+        roots = demon.image_roots(file.parent)
+        images = Images(roots[0], cfg.image_size)
         size = (cfg.image_size, cfg.image_size) if cfg.image_size else None  # real benchmark images vary in size
         for k, item in enumerate(data):
             it = item if isinstance(item, dict) else {}
@@ -283,7 +267,7 @@ def demon_tables(path: Path, cfg: ValidateConfig) -> list[Table]:
             row_problem = None
             if not isinstance(item, dict) or not isinstance(it.get("task_instance"), dict):
                 row_problem = "sample must be an object with a task_instance object"
-            data_rows.append({
+            row = {
                 "_where": f"{rel}:data[{k}]",
                 "id": f"{dataset}/{it.get('sample_id')}",
                 "sample_id": it.get("sample_id"),
@@ -299,105 +283,65 @@ def demon_tables(path: Path, cfg: ValidateConfig) -> list[Table]:
                 "placeholder_problem": demon_placeholder_problem(inst.get("context"), choices, paths),
                 "path_problem": joined([images.path_problem(p, f"images_path[{j}]") for j, p in refs]),
                 "image_problem": joined([images.file_problem(p, f"images_path[{j}]", size) for j, p in refs]),
-            })
+                "load_problem": None,
+            }
+            # What the evaluation's loader refuses and no check above named (so nothing is reported twice).
+            if info is not None and good_instructions and not any(v for c, v in row.items() if c.endswith("_problem")):
+                try:
+                    demon.build_sample(info, item, k, instructions, roots, file)
+                except DataError as e:
+                    row["load_problem"] = _loader_problem(e, file)
+            data_rows.append(row)
             data_records.append(item)
     meta_frame = _frame(meta_rows, ["_where", "id", "split", "num_sample", "question_type", "record_problem",
-                                    "instruction_problem", "count_problem"])
-    meta_expectations = [
-        *_problems_null("record_problem"),
-        *_id(),
-        gxe.ExpectColumnValuesToBeInSet(column="split", value_set=DEMON_SPLITS),
-        gxe.ExpectColumnValuesToNotBeNull(column="question_type"),
-        gxe.ExpectColumnValuesToBeInSet(column="question_type", value_set=DEMON_QUESTION_TYPES),
-        gxe.ExpectColumnValuesToBeOfType(column="num_sample", type_="int"),
-        *_problems_null("instruction_problem", "count_problem"),
-    ]
+                                    "dataset_problem", "instruction_problem", "count_problem"])
     data_frame = _frame(data_rows, ["_where", "id", "sample_id", "context", "images_path", "response",
                                     "record_problem", "instruction_id_problem", "choice_problem",
-                                    "placeholder_problem", "path_problem", "image_problem"])
-    data_expectations = [
-        *_problems_null("record_problem"),
-        gxe.ExpectColumnValuesToNotBeNull(column="sample_id"),
-        gxe.ExpectColumnValuesToBeInTypeList(column="sample_id", type_list=["int", "str"]),
-        gxe.ExpectColumnValuesToBeUnique(column="id"),
-        *_text("context", cfg.max_text_chars),
-        gxe.ExpectColumnValuesToNotBeNull(column="images_path"),
-        gxe.ExpectColumnValuesToBeOfType(column="images_path", type_="list"),
-        *_text("response", cfg.max_text_chars),
-        *_problems_null("instruction_id_problem", "choice_problem", "placeholder_problem", "path_problem",
-                        "image_problem"),
-    ]
-    return [Table("core.json metadata", meta_frame, meta_expectations, meta_records),
-            Table("core.json data", data_frame, data_expectations, data_records)]
+                                    "placeholder_problem", "path_problem", "image_problem", "load_problem"])
+    return [Table("core.json metadata", meta_frame, meta_records),
+            Table("core.json data", data_frame, data_records)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# mme: <task>/<id>.png|jpg + <task>/<id>.txt, or <task>/images/ + <task>/questions_answers_YN/
+# mme: <task>/<id>.png|jpg + <task>/<id>.txt, or <task>/images/ + <task>/questions_answers_YN/ (found and read by
+# cheetah.evaluate.mme, the evaluation's loader)
 # ---------------------------------------------------------------------------------------------------------------
-
-MME_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-
-
-def _mme_tasks(path: Path) -> list[tuple[Path, Path, Path]]:
-    """(task folder, folder of .txt files, folder of images) for each task under `path` (or `path` itself)."""
-
-    def layout(task: Path) -> tuple[Path, Path, Path] | None:
-        if (task / "questions_answers_YN").is_dir():
-            return task, task / "questions_answers_YN", task / "images"
-        if any(task.glob("*.txt")):
-            return task, task, task
-        return None
-
-    if not path.is_dir():
-        raise DataError(f"{path}: not a folder (expected an MME root with one folder per subtask)")
-    own = layout(path)
-    tasks = [own] if own else [t for t in (layout(d) for d in sorted(path.iterdir()) if d.is_dir()) if t]
-    if not tasks:
-        raise DataError(f"{path}: no MME subtask folders found (<task>/<id>.txt or <task>/questions_answers_YN/)")
-    return tasks
 
 
 def mme_tables(path: Path, cfg: ValidateConfig) -> list[Table]:
+    """One row per question of every question file the evaluation would read; a file it refuses is one row with
+    its message (and no question or answer), and so is an image without a question file."""
+    if not path.is_dir():
+        raise DataError(f"{path}: not a folder (expected an MME root with one folder per subtask)")
+    root = mme.find_root(path)
+    size = (cfg.image_size, cfg.image_size) if cfg.image_size else None
     rows, records = [], []
-    for task, txt_dir, img_dir in _mme_tasks(path):
-        images = Images(img_dir, cfg.image_size)
-        size = (cfg.image_size, cfg.image_size) if cfg.image_size else None
-        for txt in sorted(txt_dir.glob("*.txt")):
-            rel = f"{task.name}/{txt.relative_to(task).as_posix()}"
-            candidates = [txt.stem + s for s in MME_IMAGE_SUFFIXES]
-            image = next((c for c in candidates if (img_dir / c).is_file()), None)
-            image_problem = (f"no image {txt.stem}.png/.jpg for {rel}" if image is None
-                             else images.file_problem(image, "image", size))
-            lines = [ln for ln in txt.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
-            parsed = [ln.split("\t") for ln in lines]
-            answers = [p[1].strip() if len(p) == 2 else None for p in parsed]
-            file_problem = None
-            if len(lines) != 2:
-                file_problem = f"{rel} has {len(lines)} question line(s); expected exactly 2"
-            elif sorted(a or "" for a in answers) != ["No", "Yes"]:
-                file_problem = f"{rel} answers are {answers}; expected one Yes and one No"
-            # An empty file still gets one row, so its file_problem is reported against it.
-            entries = list(enumerate(zip(lines, parsed), start=1)) or [(0, ("", []))]
-            for k, (line, parts) in entries:
-                ok = len(parts) == 2
-                rows.append({
-                    "_where": f"{rel}:{k}", "id": f"{task.name}/{txt.stem}", "key": f"{rel}:{k}",
-                    "question": parts[0].strip() if ok else None, "answer": parts[1].strip() if ok else None,
-                    "format_problem": None if ok or k == 0 else "line must be 'question<TAB>Yes|No'",
-                    "file_problem": file_problem, "image_problem": image_problem,
-                })
-                records.append(line)
-    frame = _frame(rows, ["_where", "id", "key", "question", "answer", "format_problem", "file_problem",
-                          "image_problem"])
-    expectations = [
-        *_problems_null("format_problem", "file_problem"),
-        gxe.ExpectColumnValuesToBeUnique(column="key"),
-        *_text("question", cfg.max_text_chars),
-        gxe.ExpectColumnValuesToNotBeNull(column="answer"),
-        gxe.ExpectColumnValuesToBeInSet(column="answer", value_set=["Yes", "No"]),
-        *_problems_null("image_problem"),
-    ]
-    return [Table("questions", frame, expectations, records)]
+    for subtask, folder in mme.subtask_dirs(root).items():
+        files = mme.subtask_files(folder)
+        images = Images(files.image_dir, cfg.image_size)
+        for stem, txt in files.texts.items():
+            rel = f"{folder.name}/{txt.relative_to(folder).as_posix()}"
+            image = files.images.get(stem)
+            image_problem = (f"no image {stem}.png/.jpg for {rel}" if image is None
+                             else images.file_problem(image.name, "image", size))
+            try:
+                questions, file_problem = mme.read_question_file(txt), None
+            except DataError as e:
+                questions, file_problem = [], _loader_problem(e, txt)
+            raw = txt.read_bytes().decode("utf-8", errors="replace")
+            for k, (question, answer) in enumerate(questions or [(None, None)], start=1):
+                rows.append({"_where": f"{rel}:{k}" if questions else rel, "id": f"{subtask}/{stem}",
+                             "key": f"{rel}:{k}", "question": question, "answer": answer,
+                             "file_problem": file_problem, "image_problem": image_problem})
+                records.append(f"{question}\t{answer}" if questions else raw)
+        for stem in sorted(set(files.images) - set(files.texts)):
+            rel = f"{folder.name}/{files.images[stem].relative_to(folder).as_posix()}"
+            rows.append({"_where": rel, "id": f"{subtask}/{stem}", "key": rel, "question": None, "answer": None,
+                         "file_problem": f"image {rel} has no question file {stem}.txt (every MME image is asked "
+                                         "a pair of questions)", "image_problem": None})
+            records.append(rel)
+    frame = _frame(rows, ["_where", "id", "key", "question", "answer", "file_problem", "image_problem"])
+    return [Table("questions", frame, records)]
 
 
 BUILDERS = {"source": source_tables, "synthetic": synthetic_tables, "demon": demon_tables, "mme": mme_tables}
