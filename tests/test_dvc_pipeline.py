@@ -368,3 +368,16 @@ def test_a_corrupt_record_in_your_corpus_stops_the_pipeline_at_validation(tmp_pa
     assert [q["where"] for q in quarantine] == ["captions.jsonl:3", "captions.jsonl:4", "captions.jsonl:5"]
     assert not (repo / "data" / "backbone").exists() and not (repo / "reports/data_docs/source").exists()
 
+
+
+def test_dvc_plots_render_offline():
+    """`dvc plots show` uses .dvc/plots/offline.html: DVC's page with the Vega scripts inlined, so the HTML it writes
+    loads nothing from the network."""
+    import configparser
+    import re
+
+    config = configparser.ConfigParser()
+    config.read(REPO / ".dvc" / "config")
+    template = (REPO / ".dvc" / config["plots"]["html_template"]).read_text()
+    assert "{plot_divs}" in template and "vegaEmbed" in template
+    assert not re.search(r"""<(script|link)[^>]+(src|href)=["']?https?:""", template)
