@@ -7,6 +7,7 @@ own flags, then calls the stage's public function. Nothing here holds logic of i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import os
@@ -18,6 +19,7 @@ from cheetah.config import ConfigError, Params, load_params, to_dict
 from cheetah.errors import EXIT_USER_ERROR, CheetahError
 from cheetah.io import DataError, allow_overwrite
 from cheetah.pipeline import RECEIPT
+from cheetah.pipeline.run import EXIT_STATUS_ENV
 from cheetah.progress import LEVELS, LOG_ENV, configure_logging
 from cheetah.tracking import flat_metrics, stage_run
 
@@ -633,6 +635,23 @@ def _accept_common_options(sub: argparse._SubParsersAction) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command's exit status (0; 2 for a `CheetahError`: bad configuration or data; 1 for a crash), also
+    written to $CHEETAH_EXIT_STATUS_FILE when it is set: how `cheetah pipeline run` and the Prefect flow tell bad
+    input from a crash in a stage that DVC ran."""
+    status = 1  # a crash (an exception that escapes) exits 1, as Python does
+    try:
+        status = _main(argv)
+        return status
+    except SystemExit as e:  # argparse: --help, --version (0) and usage errors (2)
+        status = e.code if isinstance(e.code, int) else 1
+        raise
+    finally:
+        if os.environ.get(EXIT_STATUS_ENV):
+            with contextlib.suppress(OSError):
+                Path(os.environ[EXIT_STATUS_ENV]).write_text(f"{status}\n")
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv  # what `train.launcher` runs again on every rank

@@ -1,22 +1,22 @@
 """The Cheetah pipeline as a Prefect flow: the source corpus, then one task per DVC stage, in the order of dvc.yaml.
 
-Why the tasks run DVC stages (`dvc repro --single-item <stage>`) rather than calling the stage functions:
-DVC owns the DAG and the caching, Prefect owns scheduling, retries and observability. `dvc.yaml` stays the one
-definition of the pipeline — which stages exist, what each depends on, in which order they run — and the flow reads
-it (`cheetah.pipeline.stage_order`) instead of repeating it. Each task asks DVC to bring one stage up to date, so a
-scheduled run of an unchanged pipeline does nothing, a changed parameter reruns exactly the stages that use it,
-and `dvc.lock` records every run, whether it came from `dvc repro`, `make run` or a Prefect deployment. Calling the
-stage functions directly would mean a second DAG in Python that could drift from dvc.yaml, and outputs DVC does not
-know about. Stages still run the same CLI (`cheetah <stage>`), so there is one code path per stage.
+The flow runs `cheetah.pipeline.Pipeline`, the one definition of a pipeline run that `cheetah pipeline run` (make
+run) also calls: the source corpus in line with data.dvc (`ensure_source`), a stale registration receipt
+forgotten, no MLflow run when nothing changed, otherwise one parent MLflow run and `dvc repro --single-item
+<stage>` for each stage, then the run's record. The flow only passes its own step functions — the same ones, as
+Prefect tasks — and a hook for the synthesis shards.
 
-The first task, `source`, is not a DVC stage: data/source is data, versioned by data.dvc. It calls
-`cheetah.pipeline.ensure_source`, as `cheetah pipeline run` does (restore from DVC's cache or remote, regenerate the
-embedded world, or record a changed corpus with `dvc add`), so that DVC's hash check then decides what reruns.
+Why the tasks run DVC stages rather than calling the stage functions: DVC owns the DAG and the caching, Prefect owns
+scheduling, retries and observability. `dvc.yaml` stays the one definition of the pipeline — which stages exist,
+what each depends on, in which order they run — and the flow reads it instead of repeating it. Each task asks DVC
+to bring one stage up to date, so a scheduled run of an unchanged pipeline does nothing, a changed parameter reruns
+exactly the stages that use it, and `dvc.lock` records every run, whether it came from `dvc repro`, `make run` or
+a Prefect deployment. Stages still run the same CLI (`cheetah <stage>`), so there is one code path per stage.
 
 What Prefect adds: retries of transient failures (a killed process, a lock held by another DVC process; not a
-bad parameter or a failed data validation, which would fail again), task runs named after the stages, logs of
-every stage in the UI, schedules (prefect.yaml: nightly), and a markdown artifact with the evaluation table. Like
-`cheetah pipeline run`, the flow opens one parent MLflow run; each stage logs a child run of it.
+stage whose command exits 2 — bad parameters or data, a failed validation — which would fail again), task runs
+named after the stages, logs of every stage in the UI, schedules (prefect.yaml: nightly), and a markdown artifact
+with the evaluation table.
 
 Progress: every stage logs `progress <stage> <done>/<total>` lines (cheetah.progress); the task that runs the stage
 keeps a Prefect progress artifact per stage up to date from them (key `cheetah-progress-<stage>`).
@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import re
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -57,43 +56,20 @@ from cheetah.config import ConfigError  # noqa: E402
 from cheetah.io import DataError  # noqa: E402
 from cheetah.pipeline import (  # noqa: E402
     RECEIPT,
-    ensure_source,
-    forget_stale_receipt,
+    SOURCE_STEP,
+    Pipeline,
+    StageFailed,
+    dvc_stage,
     is_up_to_date,
-    log_record,
-    parent_run,
-    reads_source,
-    repro_command,
-    stage_env,
-    stage_order,
-    stages_in_output,
+    source_step,
 )
 
 ARTIFACT_KEY = "cheetah-evaluation"
 SHARDED_STAGE = "synthesize"  # its shards run as task runs before the stage itself merges them
-SOURCE_TASK = "source"  # the task before the DVC stages: data/source in line with data.dvc (not a DVC stage)
-# Exit statuses of a stage command that mean "the inputs are wrong", not "something went wrong": cheetah's CLI exits
-# 2 on bad configuration or data, and `cheetah validate` exits 1 when the data fails its expectations.
-_NOT_TRANSIENT = {"*": {2}, "validate": {1}}
-
-
-class StageFailed(RuntimeError):
-    def __init__(self, stage: str, returncode: int, command_status: int | None, tail: str):
-        self.stage, self.returncode, self.command_status = stage, returncode, command_status
-        how = (f"its command exited with {command_status}" if command_status is not None
-               else f"dvc exited with {returncode}")
-        super().__init__(f"stage {stage!r} failed ({how}):\n{tail}")
-
-    @property
-    def transient(self) -> bool:
-        status = self.command_status
-        if status is None:
-            return True  # DVC itself failed (e.g. a lock held by another process)
-        return status not in _NOT_TRANSIENT["*"] | _NOT_TRANSIENT.get(self.stage, set())
 
 
 def _retry_transient(task: Any, task_run: Any, state: Any) -> bool:
-    """Prefect retry condition: retry unless the stage failed for a reason a retry cannot fix."""
+    """Prefect retry condition: retry unless the step failed for a reason a retry cannot fix."""
     try:
         state.result()
     except StageFailed as e:
@@ -125,58 +101,44 @@ class _ProgressArtifacts:
             update_progress_artifact(self.ids[stage], progress=percent, description=description)
 
 
-def _stream(stage: str, cmd: list[str], root: Path, env: dict[str, str]) -> tuple[int, list[str]]:
-    """Run `cmd`, sending each output line to the task's log (progress bars: the last state of each line) and its
-    progress lines to the stage's progress artifact."""
+def _log_lines(stage: str) -> Any:
+    """A line callback for a stage's output: each line to the task's log, its progress lines to the stage's progress
+    artifact."""
     from cheetah.progress import parse_progress_line
 
     logger = get_run_logger()
     progress = _ProgressArtifacts()
-    lines: list[str] = []
-    with subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          errors="replace", bufsize=1) as proc:
-        assert proc.stdout is not None
-        for raw in proc.stdout:
-            line = raw.rstrip("\n").split("\r")[-1].rstrip()
-            if line:
-                lines.append(line)
-                logger.info("%s | %s", stage, line)
-                parsed = parse_progress_line(line)
-                if parsed:
-                    progress.update(*parsed)
-        proc.wait()
-    return proc.returncode, lines
+
+    def on_line(line: str) -> None:
+        logger.info("%s | %s", stage, line)
+        parsed = parse_progress_line(line)
+        if parsed:
+            progress.update(*parsed)
+
+    return on_line
 
 
 @task(retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=_retry_transient, task_run_name="{stage}",
       log_prints=True)
 def run_stage(stage: str, repo_dir: str, parent_run_id: str | None = None, force: bool = False) -> dict[str, Any]:
-    """`dvc repro --single-item <stage>`: run the stage if DVC finds it changed (or `force`)."""
-    root = Path(repo_dir)
-    cmd = [sys.executable, "-m", "dvc", *repro_command(stage, force=force)]
-    env = stage_env(parent_run_id)
-    env.setdefault("TQDM_MININTERVAL", "10")  # progress bars become log lines here: one every 10 s is plenty
-    returncode, lines = _stream(stage, cmd, root, env)
-    text = "\n".join(lines)
-    if returncode != 0:
-        found = re.findall(r"exited with (-?\d+)", text)
-        raise StageFailed(stage, returncode, int(found[-1]) if found else None, "\n".join(lines[-30:]))
-    ran = stage in stages_in_output(text)
-    return {"stage": stage, "ran": ran, "up_to_date": not ran}
+    """`cheetah.pipeline.dvc_stage` as a task: `dvc repro --single-item <stage>`, its output in the task's log."""
+    import os
+
+    os.environ.setdefault("TQDM_MININTERVAL", "10")  # progress bars become log lines here: one every 10 s is plenty
+    return dvc_stage(repo_dir, stage, parent_run_id, force, on_line=_log_lines(stage))
 
 
-@task(retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=_retry_transient, task_run_name=SOURCE_TASK,
+@task(retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=_retry_transient, task_run_name=SOURCE_STEP,
       log_prints=True)
 def source(repo_dir: str) -> dict[str, Any]:
-    """data/source in line with data.dvc and params.yaml (`cheetah.pipeline.ensure_source`)."""
+    """`cheetah.pipeline.source_step` as a task: data/source in line with data.dvc and params.yaml."""
     from cheetah.config import load_params
 
     root = Path(repo_dir)
     logger = get_run_logger()
-    action = ensure_source(load_params(root / "params.yaml"), root, echo=logger.info)
-    logger.info("%s: %s", SOURCE_TASK, action)
-    return {"stage": SOURCE_TASK, "ran": action != "up to date", "up_to_date": action == "up to date",
-            "action": action}
+    result = source_step(root, load_params(root / "params.yaml"), echo=logger.info)
+    logger.info("%s: %s", SOURCE_STEP, result["action"])
+    return result
 
 
 @task(retries=1, retry_delay_seconds=[10], retry_condition_fn=_retry_transient, cache_policy=NO_CACHE)
@@ -236,10 +198,6 @@ def synthesize_shards(root: Path, force: bool = False) -> dict[str, Any] | None:
     return {"shards": len(run.shards), "made": len(run.todo), "done_before": len(run.shards) - len(run.todo)}
 
 
-def _ran(summary: dict[str, Any]) -> list[str]:
-    return [stage for stage, result in summary["stages"].items() if result.get("ran")]
-
-
 def evaluation_markdown(root: Path, summary: dict[str, Any]) -> str:
     """The markdown artifact: the evaluation report (<evaluate.out>/report.md) under a header with the outcome."""
     import json
@@ -247,7 +205,7 @@ def evaluation_markdown(root: Path, summary: dict[str, Any]) -> str:
     from cheetah.config import load_params
 
     parts = ["# Cheetah pipeline run", ""]
-    ran = _ran(summary)
+    ran = [s for s, r in summary["stages"].items() if r.get("ran")]
     parts.append(f"Stages run: {', '.join(ran) if ran else 'none (everything was up to date)'}  ")
     if summary.get("mlflow_run_id"):
         parts.append(f"MLflow parent run: `{summary['mlflow_run_id']}`  ")
@@ -264,58 +222,31 @@ def evaluation_markdown(root: Path, summary: dict[str, Any]) -> str:
 
 @flow(name="cheetah-pipeline", log_prints=True)
 def pipeline(repo_dir: str | None = None, stages: list[str] | None = None, force: bool = False) -> dict[str, Any]:
-    """Bring the pipeline up to date: the source corpus (task `source`), then one task per DVC stage (all, or only
-    `stages`, in dvc.yaml order) under one parent MLflow run; publish the evaluation table as a markdown artifact.
-    `stages` may name `source` too; without it, only the named DVC stages run (each one alone, as selected). The
-    `source` task runs in a full run of a pipeline whose stages read data/source, or when `stages` names it."""
-    from cheetah.config import load_params
+    """Bring the pipeline up to date: `cheetah.pipeline.Pipeline`, the sequence `cheetah pipeline run` runs, with
+    the source step and every stage as a task (`stages`: these and what they need; `source` alone brings data/source
+    in line), the synthesis shards as task runs before their stage, and the evaluation table as a markdown
+    artifact."""
+    from prefect.runtime import flow_run
 
     logger = get_run_logger()
     root = Path(repo_dir or REPO).resolve()
-    order = stage_order(root)
-    unknown = sorted(set(stages or []) - set(order) - {SOURCE_TASK})
-    if unknown:
-        raise ValueError(f"unknown stage(s) {unknown}; the flow has {[SOURCE_TASK, *order]}")
-    selected = [s for s in order if not stages or s in stages]
-    params = load_params(root / "params.yaml")
-    experiment = params.register.experiment
-    summary: dict[str, Any] = {"repo_dir": str(root), "stages": {}, "mlflow_run_id": None}
-    if SOURCE_TASK in (stages or []) or (not stages and reads_source(root)):  # (a pipeline without data/source)
-        summary["stages"][SOURCE_TASK] = source(str(root))
-    if not selected:
-        return summary
-    if forget_stale_receipt(root, experiment):
-        logger.info("%s names a version the tracking store does not hold: registering again", RECEIPT)
-    if not force and is_up_to_date(root, selected):
-        # Still one task per stage (the schedule's record shows each was checked), but no empty MLflow run.
-        logger.info("DVC finds every stage up to date: checking them without an MLflow run")
-        for stage in selected:
-            summary["stages"][stage] = run_stage.with_options(name=stage)(stage, str(root), None, False)
+    run = Pipeline(root, stages, force)
+
+    def before(stage: str) -> Any:
+        return synthesize_shards(root, force) if stage == SHARDED_STAGE else None
+
+    summary = run.run(run_stage=lambda stage, parent, f: run_stage.with_options(name=stage)(stage, str(root), parent, f),
+                      run_source=lambda: source(str(root)), before_stage=before, check_when_up_to_date=True,
+                      run_name="pipeline (prefect)", echo=logger.info,
+                      tags={"prefect.flow_run_id": str(flow_run.id or ""),
+                            "prefect.flow_run_name": str(flow_run.name or "")})
+    if SHARDED_STAGE in summary["before"]:
+        summary["shards"] = summary["before"][SHARDED_STAGE]
+    if run.selected:
+        unchanged = summary["mlflow_run_id"] is None
         create_markdown_artifact(key=ARTIFACT_KEY, markdown=evaluation_markdown(root, summary),
-                                 description="Cheetah: DEMON / MME evaluation (unchanged: everything up to date)")
-        return summary
-    from prefect.runtime import flow_run
-
-    tags = {"prefect.flow_run_id": str(flow_run.id or ""), "prefect.flow_run_name": str(flow_run.name or "")}
-    if SOURCE_TASK in summary["stages"]:
-        tags["cheetah.source"] = summary["stages"][SOURCE_TASK]["action"]
-    with parent_run(root, experiment, run_name="pipeline (prefect)", tags=tags) as run:
-        summary["mlflow_run_id"] = run.info.run_id
-        try:
-            for stage in selected:
-                if stage == SHARDED_STAGE:
-                    summary["shards"] = synthesize_shards(root, force)
-                summary["stages"][stage] = run_stage.with_options(name=stage)(stage, str(root), run.info.run_id,
-                                                                             force)
-        except BaseException:
-            import mlflow
-
-            log_record(run.info.run_id, root, params, stages_run=_ran(summary))
-            mlflow.end_run(status="FAILED")
-            raise
-        summary["record"] = log_record(run.info.run_id, root, params, stages_run=_ran(summary))
-    create_markdown_artifact(key=ARTIFACT_KEY, markdown=evaluation_markdown(root, summary),
-                             description="Cheetah: DEMON / MME evaluation of this pipeline run")
+                                 description="Cheetah: DEMON / MME evaluation" +
+                                 (" (unchanged: everything up to date)" if unchanged else " of this pipeline run"))
     return summary
 
 

@@ -353,8 +353,8 @@ def test_flow_retries_a_killed_stage_but_not_a_bad_input(env, prefect_api, flow_
         "    cmd: python -c \"import os, signal, pathlib; m = pathlib.Path('tried'); first = not m.exists(); "
         "m.touch(); first and os.kill(os.getpid(), signal.SIGKILL); pathlib.Path('out.txt').write_text('ok')\"\n"
         "    outs: [out.txt]\n"
-        "  bad:\n"
-        "    cmd: python -c \"import sys; sys.exit(2)\"\n"
+        "  bad:\n"  # a cheetah command refusing its input: exit 2, left in $CHEETAH_EXIT_STATUS_FILE
+        "    cmd: cheetah --params no-such-params.yaml model summary --meta\n"
         "    deps: [out.txt]\n")
     (small / "params.yaml").write_text("register:\n  experiment: retries\n")
     git(small, "init", "-q")
