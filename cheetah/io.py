@@ -70,11 +70,11 @@ def atomic_write_json(path: str | Path, obj: Any, indent: int | None = 2) -> Pat
     return atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=False, ensure_ascii=False) + "\n")
 
 
-def _nonfinite_paths(tree: Any, prefix: str = "") -> list[str]:
+def nonfinite_paths(tree: Any, prefix: str = "") -> list[str]:
     if isinstance(tree, dict):
-        return [p for k, v in tree.items() for p in _nonfinite_paths(v, f"{prefix}{k}.")]
+        return [p for k, v in tree.items() for p in nonfinite_paths(v, f"{prefix}{k}.")]
     if isinstance(tree, (list, tuple)):
-        return [p for i, v in enumerate(tree) for p in _nonfinite_paths(v, f"{prefix}{i}.")]
+        return [p for i, v in enumerate(tree) for p in nonfinite_paths(v, f"{prefix}{i}.")]
     if isinstance(tree, float) and not math.isfinite(tree):
         return [f"{prefix[:-1]} = {tree}"]
     return []
@@ -83,7 +83,7 @@ def _nonfinite_paths(tree: Any, prefix: str = "") -> list[str]:
 def write_metrics(path: str | Path, metrics: dict[str, Any]) -> Path:
     """A metrics file (what DVC, the report and the registry read): refused, naming the key, if a number in it is
     NaN or infinite, so a failed run never leaves results that look like measurements."""
-    bad = _nonfinite_paths(metrics)
+    bad = nonfinite_paths(metrics)
     if bad:
         raise DataError(f"{path}: refusing to write non-finite metrics: {', '.join(bad[:10])}")
     return atomic_write_json(path, metrics)

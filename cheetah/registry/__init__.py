@@ -1,0 +1,28 @@
+"""MLflow registration, promotion and serving of VPG-C (`cheetah register`, `cheetah registry ...`, `cheetah predict`).
+
+One job per module:
+
+    pyfunc.py     the served model (`VPGCPyfunc`): logged with its code, pinned requirements, a signature, an input
+                  example and a reference to its backbone (logged once per weights digest), so it serves anywhere
+    provenance.py where a model came from (git commit and uncommitted files, dvc.lock and data hashes, the
+                  configuration) and whether it may become champion (committed, not a `dvc exp run` experiment)
+    gate.py       what is registered is verified first (weights against their card, loadable, finite; metrics finite
+                  and naming the weights they measured); `challenger` always, `champion` by the rules; every
+                  decision recorded; `demote`, `promote`, `history`
+    serve.py      `load` and `predict` (`mlflow.pyfunc.load_model("models:/<name>@champion").predict(df)`, columns
+                  `instruction` and `images`: paths or `data:image/png;base64,...` URIs)
+"""
+
+from cheetah.registry.gate import (CHALLENGER, CHAMPION, MEASURED_WEIGHTS_FIELD, RANDOM_BACKBONE_FIELD, decide,
+                                   demote, history, logged_metric, metric_value, promote, read_measured_metrics,
+                                   receipt_is_current, register, verify_weights)
+from cheetah.registry.provenance import champion_eligibility, config_tags, lineage, uncommitted_changes
+from cheetah.registry.pyfunc import (BACKBONE_ENV, VPGCPyfunc, fetch_backbone, log_backbone, log_model,
+                                     pip_requirements, resolve_backbone_dir, with_image_placeholders)
+from cheetah.registry.serve import load, predict
+
+__all__ = ["BACKBONE_ENV", "CHALLENGER", "CHAMPION", "MEASURED_WEIGHTS_FIELD", "RANDOM_BACKBONE_FIELD", "VPGCPyfunc",
+           "champion_eligibility", "config_tags", "decide", "demote", "fetch_backbone", "history", "lineage", "load",
+           "log_backbone", "log_model", "logged_metric", "metric_value", "pip_requirements", "predict", "promote",
+           "read_measured_metrics", "receipt_is_current", "register", "resolve_backbone_dir", "uncommitted_changes",
+           "verify_weights", "with_image_placeholders"]
