@@ -210,8 +210,13 @@ def test_sigkill_then_resume_ends_with_identical_weights(workspace):
         if proc.poll() is not None:
             pytest.fail("training finished before it could be killed")
         time.sleep(0.05)
+    import psutil
+
+    workers = psutil.Process(proc.pid).children(recursive=True)  # its DataLoader workers
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    _, alive = psutil.wait_procs(workers, timeout=30)
+    assert not alive, f"{len(alive)} DataLoader worker(s) outlived the killed run"
     stopped_at = (state / "latest").read_text().strip()
     assert stopped_at < "step-000012", "the run was not killed mid-way"
     assert not (workspace / "killed" / "vpgc").exists()
