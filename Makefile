@@ -29,8 +29,10 @@ $(VENV)/.installed: requirements/lock.txt pyproject.toml
 run: setup
 	$(VENV)/bin/cheetah pipeline run
 
+# Two pytest-xdist workers, one per core of the CI machine; whole files per worker, so a file's module fixtures
+# (a pipeline run, a Prefect server) are built once. `pytest tests/x.py` alone runs in one process.
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 # The committed dvc.lock, data.dvc and metrics/ are those of the committed code and parameters (what .ci/run enforces).
 check: setup

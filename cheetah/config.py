@@ -355,7 +355,7 @@ class RegisterConfig:
 
     model_name: str = "cheetah-vpgc"
     experiment: str = "cheetah"
-    metric: str = "demon_average"
+    metric: str = "demon.average"
     """Metric from the evaluation metrics file that decides promotion (higher is better)."""
     margin: float = Field(default=0.0, ge=0)
     """The challenger becomes champion only if it beats the champion's metric by more than this."""

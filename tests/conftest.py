@@ -8,11 +8,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# `make test` runs two pytest-xdist workers on this 2-core machine: one thread each (and in what they launch), or
+# torch's thread pools oversubscribe the cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Tests never write into the checkout's MLflow store: one throwaway store per session (tests may override it).
 os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{__import__('tempfile').mkdtemp(prefix='cheetah-mlflow-')}/mlflow.db")
 
 import pytest
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 TEST_CORPUS = [
     "###Human: <Img></Img> Describe the difference between the images. ###Assistant: ",
@@ -174,3 +181,10 @@ def copy_checkout(dest, paths):
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             (dest / rel).write_bytes((repo / rel).read_bytes())
     return dest
+
+
+def pytest_collection_modifyitems(items):
+    """Files with slow tests first (in-file order kept): `make test` hands whole files to its two workers in this
+    order, and a slow file left for last would run alone at the end."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)

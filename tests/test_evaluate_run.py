@@ -122,10 +122,10 @@ def test_cli_evaluate_end_to_end(bench, models, tmp_path, monkeypatch, capsys):
     assert (out / "demon_categories.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     metrics = json.loads((tmp_path / "metrics" / "eval.json").read_text())
     assert metrics["model"] == "vpgc"
-    assert metrics["demon_average"] == metrics["models"]["vpgc"]["demon_average"] == demon["average"]
+    assert metrics["demon"]["average"] == demon["average"] and "vpgc" not in metrics["baselines"]
     base_demon = json.loads((out / "base" / "demon_scores.json").read_text())
-    assert metrics["models"]["base"]["demon_average"] == base_demon["average"]
-    assert set(metrics["mme"]) >= {"perception", "subtasks"} and "perception" in metrics["models"]["base"]["mme"]
+    assert metrics["baselines"]["base"]["demon"]["average"] == base_demon["average"]
+    assert set(metrics["mme"]) >= {"perception", "subtasks"} and "perception" in metrics["baselines"]["base"]["mme"]
     assert printed["metrics"] == metrics
     summary = json.loads((out / "evaluation.json").read_text())
     assert summary["models"]["vpgc"]["identity"]["vpgc_sha256"] and summary["models"]["base"]["generated"]
@@ -135,8 +135,8 @@ def test_cli_evaluate_end_to_end(bench, models, tmp_path, monkeypatch, capsys):
 
     runs = mlflow.search_runs(experiment_names=["cheetah"], filter_string="tags.`cheetah.stage` = 'evaluate'")
     assert len(runs) == 1
-    assert runs.iloc[0]["metrics.base.demon_average"] == pytest.approx(base_demon["average"])
-    assert runs.iloc[0]["metrics.demon_average"] == pytest.approx(demon["average"])
+    assert runs.iloc[0]["metrics.base.demon.average"] == pytest.approx(base_demon["average"])
+    assert runs.iloc[0]["metrics.demon.average"] == pytest.approx(demon["average"])
     artifacts = {Path(a.path).name for a in mlflow.MlflowClient().list_artifacts(runs.iloc[0]["run_id"], "evaluate")}
     assert {"report.md", "demon_categories.png", "mme_subtasks.png", "eval.json", "demon-World_Story.png",
             "mme-count.png", "demon_vpgc.csv"} <= artifacts
@@ -264,6 +264,7 @@ def _files(folder: Path) -> dict[str, bytes]:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow
 def test_two_ranks_give_the_one_process_predictions_and_resume_after_a_kill(bench, models, tmp_path):
     specs = {"vpgc": models["vpgc"]}
     one = evaluate(_params(bench, models, tmp_path / "one"), specs, track=False)

@@ -196,7 +196,7 @@ def test_flow_runs_every_stage_with_tracking_and_an_evaluation_artifact(env, flo
         assert f"data_docs/{suite}/index.html" in {a.path for a in client.list_artifacts(parent.info.run_id,
                                                                                            f"data_docs/{suite}")}
     eval_metrics = json.loads((repo / "metrics/eval.json").read_text())
-    assert parent.data.metrics["demon_average"] == pytest.approx(eval_metrics["demon_average"])
+    assert parent.data.metrics["demon.average"] == pytest.approx(eval_metrics["demon"]["average"])
 
     # The registry: version 1, challenger and (no champion before) champion, with its lineage.
     version = client.get_model_version_by_alias("cheetah-vpgc", "challenger")
@@ -216,7 +216,7 @@ def test_flow_runs_every_stage_with_tracking_and_an_evaluation_artifact(env, flo
     assert set(lock["stages"]) == set(DVC_STAGES)
     shown = json.loads(dvc(repo, "metrics", "show", "--json"))
     files = shown[""]["data"]
-    assert files["metrics/eval.json"]["data"]["demon_average"] == eval_metrics["demon_average"]
+    assert files["metrics/eval.json"]["data"]["demon"]["average"] == eval_metrics["demon"]["average"]
     assert "metrics/register.json" not in files  # the receipt is an output, not a metric
     assert not any("error" in f for f in files.values())
     plots = json.loads(dvc(repo, "plots", "show", "--json"))

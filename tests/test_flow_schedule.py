@@ -204,3 +204,4 @@ def test_prefect_yaml_deploys_the_nightly_pipeline_and_a_worker_runs_it(server, 
 
     assert (repo / "data/source/captions.jsonl").is_file()
     assert read_data_dvc(repo)["world"]["n"] == TINY["world"]["n"]
+    assert not (repo / "dvc.lock").exists()  # `stages: [source]` is that step alone: no DVC stage ran

@@ -80,7 +80,7 @@ def test_cli_evaluate_on_an_instructblip_backbone(saved, tmp_path, monkeypatch, 
         assert len(demon["tasks"]) == 7 and "average" in demon
         assert json.loads((tmp_path / "eval" / name / "mme_scores.json").read_text())["perception"] is not None
     metrics = json.loads((tmp_path / "eval.json").read_text())
-    assert set(metrics["models"]) == {"base", "vpgc"}
+    assert metrics["model"] == "vpgc" and set(metrics["baselines"]) == {"base"}
 
 
 def test_cli_predict_with_an_instructblip_model(saved, tmp_path, monkeypatch, capsys):
@@ -92,7 +92,7 @@ def test_cli_predict_with_an_instructblip_model(saved, tmp_path, monkeypatch, ca
     from cheetah.model.weights import read_card
 
     sha = read_card(root / "vpgc")["sha256"]  # the metrics name the weights they measured
-    (tmp_path / "eval.json").write_text(json.dumps({"demon_average": 1.0, "vpgc_sha256": sha}))
+    (tmp_path / "eval.json").write_text(json.dumps({"demon": {"average": 1.0}, "vpgc_sha256": sha}))
     receipt = register(Params(), tmp_path / "eval.json", root / "vpgc", out=tmp_path / "register.json", root=tmp_path)
     instruction = "What is different between the images?"
     assert main(["predict", "--model", receipt["model_uri"], "--image", str(images[0]), "--image", str(images[1]),

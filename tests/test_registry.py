@@ -78,10 +78,10 @@ def _metrics_file(world, name: str, seed: int, value: float, **extra) -> Path:
     from cheetah.model.weights import read_card
 
     path = world["root"] / name
-    path.write_text(json.dumps({"demon_average": value, "demon": {"average": value, "tasks": {"t": 1.0}},
+    path.write_text(json.dumps({"demon": {"average": value, "tasks": {"t": 1.0}},
                                 "mme": {"perception": extra.get("perception", 100.0)},
                                 "vpgc_sha256": extra.get("sha", read_card(world["vpgc"][seed])["sha256"]),
-                                "models": {"base": {"demon_average": 0.1}}}))
+                                "baselines": {"base": {"demon": {"average": 0.1}}}}))
     return path
 
 
@@ -132,8 +132,8 @@ def test_versions_carry_lineage_and_metric_tags(registered, world):
     assert tags["dvc_lock_hash"] == hashlib.sha256(json.dumps(upstream, sort_keys=True).encode()).hexdigest()
     assert tags["data_hash"] == "aaaa1111.dir" and tags["backbone_hash"] == "bbbb2222.dir"
     assert tags["vpgc_sha256"] == read_card(world["vpgc"][3])["sha256"]
-    assert float(tags["metric.demon_average"]) == 0.60 and float(tags["metric.mme.perception"]) == 103.0
-    assert "metric.demon.tasks.t" not in tags and "metric.models.base.demon_average" not in tags  # headline only
+    assert float(tags["metric.demon.average"]) == 0.60 and float(tags["metric.mme.perception"]) == 103.0
+    assert "metric.demon.tasks.t" not in tags and "metric.baselines.base.demon.average" not in tags  # headline only
     # The model holds the VPG-C weights and card, never the backbone.
     import mlflow
 
@@ -149,7 +149,7 @@ def test_versions_carry_lineage_and_metric_tags(registered, world):
     assert sorted(d.dataset.name for d in inputs) == ["corpus", "demon", "mme", "synthetic"]
     model_id = _client().get_model_version(NAME, "4").source.removeprefix("models:/")
     logged = {m.key: m.value for m in _client().get_logged_model(model_id).metrics}
-    assert logged["demon_average"] == 0.60 and logged["mme.perception"] == 103.0
+    assert logged["demon.average"] == 0.60 and logged["mme.perception"] == 103.0
 
 
 def test_predict_cli_and_pyfunc_answer_with_the_champion(registered, world, capsys):
@@ -263,12 +263,12 @@ def test_decide_and_metric_lookup():
         for champion in (0.5, None):
             with pytest.raises(DataError, match="not a finite number"):
                 decide(bad, champion, 0.0)
-    metrics = {"demon_average": 0.3, "mme": {"perception": 120.5}}
-    assert metric_value(metrics, "mme.perception") == 120.5 and metric_value(metrics, "demon_average") == 0.3
+    metrics = {"demon": {"average": 0.3}, "mme": {"perception": 120.5}}
+    assert metric_value(metrics, "mme.perception") == 120.5 and metric_value(metrics, "demon.average") == 0.3
     with pytest.raises(DataError, match="no metric 'mme.cognition'"):
         metric_value(metrics, "mme.cognition", "metrics/eval.json")
     with pytest.raises(DataError, match="not a number"):
-        metric_value({"demon_average": "high"}, "demon_average")
+        metric_value({"demon": {"average": "high"}}, "demon.average")
 
 
 def test_register_refuses_missing_inputs(world, tmp_path):
@@ -279,7 +279,7 @@ def test_register_refuses_missing_inputs(world, tmp_path):
     (tmp_path / "eval.json").write_text(json.dumps({"mme": {"perception": 1.0}}))
     with pytest.raises(DataError, match="does not name the weights it measured"):
         register(Params(), tmp_path / "eval.json", world["vpgc"][1], out=tmp_path / "r.json")
-    with pytest.raises(DataError, match="no metric 'demon_average'"):
+    with pytest.raises(DataError, match="no metric 'demon.average'"):
         register(Params(), _no_demon(world, tmp_path), world["vpgc"][1], out=tmp_path / "r.json")
     assert not (tmp_path / "r.json").exists()
 
@@ -309,7 +309,7 @@ def test_broken_inputs_never_reach_champion(world, tmp_path):
     params, vpgc = _gate_params("broken-inputs"), world["vpgc"][1]
     for value, match in ((float("nan"), "non-finite metric"), (float("inf"), "non-finite metric")):
         path = tmp_path / "nan.json"
-        path.write_text(json.dumps({"demon_average": value, "vpgc_sha256": read_card(vpgc)["sha256"]}))
+        path.write_text(json.dumps({"demon": {"average": value}, "vpgc_sha256": read_card(vpgc)["sha256"]}))
         with pytest.raises(DataError, match=match):
             register(params, path, vpgc, out=tmp_path / "r.json")
     good = _metrics_file(world, "good-for-1.json", 1, 0.5)
@@ -397,7 +397,7 @@ def test_gate_compares_the_champions_logged_metric_not_its_tags(world, tmp_path)
     first = register(params, _metrics_file(world, "l1.json", 1, 0.5), world["vpgc"][1], out=tmp_path / "r1.json",
                      root=world["repo"])
     assert first["promoted"]
-    _client().set_model_version_tag("logged-metrics", "1", "metric.demon_average", "0.0")
+    _client().set_model_version_tag("logged-metrics", "1", "metric.demon.average", "0.0")
     second = register(params, _metrics_file(world, "l2.json", 2, 0.4), world["vpgc"][2], out=tmp_path / "r2.json",
                       root=world["repo"])
     assert not second["promoted"] and second["previous_champion"] == {"version": 1, "value": 0.5}

@@ -55,8 +55,7 @@ def test_mme_table():
 
 def test_metrics_dict():
     m = metrics_dict(VPGC_DEMON, VPGC_MME)
-    assert m == {"demon_average": 62.5,
-                 "demon": {"average": 62.5, "categories": {"multi_image_reasoning": 62.5}, "tasks": {"NLVR2": 62.5}},
+    assert m == {"demon": {"average": 62.5, "categories": {"multi_image_reasoning": 62.5}, "tasks": {"NLVR2": 62.5}},
                  "mme": {"perception": 281.667, "subtasks": {"existence": 185.0, "count": 96.667}}}
 
 
@@ -65,7 +64,7 @@ def test_write_report_and_cli(tmp_path, capsys):
     assert (tmp_path / "r" / "report.md").read_text().startswith("# Evaluation\n")
     with Image.open(written["chart"]) as im:
         assert im.format == "PNG" and im.size[0] >= 600
-    assert json.loads((tmp_path / "m.json").read_text())["demon_average"] == 62.5  # the last model by default
+    assert json.loads((tmp_path / "m.json").read_text())["demon"]["average"] == 62.5  # the last model by default
     png = written["chart"].read_bytes()
     write_report(tmp_path / "r", RESULTS)
     assert written["chart"].read_bytes() == png  # byte-identical for the same numbers
@@ -76,7 +75,7 @@ def test_write_report_and_cli(tmp_path, capsys):
     assert main(["score", "report", f"base={tmp_path / 'd.json'}", f"vpgc={tmp_path / 'e.json'},{tmp_path / 'f.json'}",
                  "--out", str(tmp_path / "cli"), "--metrics", str(tmp_path / "cm.json"),
                  "--metrics-model", "base"]) == 0
-    assert json.loads((tmp_path / "cm.json").read_text())["demon_average"] == 31.1725
+    assert json.loads((tmp_path / "cm.json").read_text())["demon"]["average"] == 31.1725
     assert "| existence | 185.00 |" in (tmp_path / "cli" / "report.md").read_text()
     capsys.readouterr()
     (tmp_path / "bad.json").write_text("{}")

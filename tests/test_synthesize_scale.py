@@ -35,6 +35,7 @@ def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_dask_cluster_gives_the_bytes_of_the_local_executor_for_1_and_2_workers(source, backbone, tmp_path, capsys):
     from cheetah.cli import main
 

@@ -147,6 +147,7 @@ def _assert_matches(workspace: Path, name: str, reference: str, world: int) -> N
         torch.testing.assert_close(_weights(workspace, name)[k], v, rtol=1e-4, atol=2e-5)
 
 
+@pytest.mark.slow
 def test_torchrun_two_nodes_match_one(workspace, one_process):
     """Two torchrun launchers (`--nnodes 2`, one rank each) meeting at a c10d rendezvous on localhost, as two nodes
     would: the single-process weights."""
@@ -162,6 +163,7 @@ def test_torchrun_two_nodes_match_one(workspace, one_process):
     _assert_matches(workspace, "nodes", one_process, world=2)
 
 
+@pytest.mark.slow
 def test_deepspeed_launcher_matches_one(workspace, one_process):
     """`deepspeed --num_gpus 2 --module cheetah.cli ... train`: the launcher appends --local_rank=N to each rank's
     arguments, which the CLI accepts."""
@@ -175,6 +177,7 @@ def test_deepspeed_launcher_matches_one(workspace, one_process):
     _assert_matches(workspace, "ds", one_process, world=2)
 
 
+@pytest.mark.slow
 def test_token_loss_reduction_two_processes_match_one(workspace):
     """The official token-mean loss (issue 12) keeps 2 ranks = 1 process: the step's target-token count is
     all-reduced (the ranks' halves hold different counts)."""
@@ -192,6 +195,7 @@ def test_token_loss_reduction_two_processes_match_one(workspace):
     assert abs(_curve(workspace, "one-token")[0] - _curve(workspace, "one-sample")[0]) > 1e-3, sample
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_ends_with_identical_weights(workspace):
     steps = dict(steps=12, checkpoint_every=2, eval_every=6)
     straight = _write_params(workspace, "straight", **steps)

@@ -103,11 +103,10 @@ def category_chart(results: Results) -> bytes | None:
 
 
 def metrics_dict(demon: Mapping[str, Any] | None = None, mme: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The metrics file of one model: nested for DVC, with `demon_average` at the top for the registry's gate.
+    """The metrics of one model, nested for DVC, one name per quantity (`demon.average`, `mme.perception`, …).
     Totals that do not exist (no cognition subtask evaluated) are left out rather than written as null."""
     out: dict[str, Any] = {}
     if demon:
-        out["demon_average"] = demon["average"]
         out["demon"] = {"average": demon["average"], "categories": dict(demon["categories"]),
                         "tasks": {t: v["score"] for t, v in demon["tasks"].items()}}
     if mme:

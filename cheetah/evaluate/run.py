@@ -23,10 +23,10 @@ its own; when all ranks are done, rank 0 merges the journals into the official f
 reports. The merged files equal a one-process run's (in fp32; see the generation module on bf16), and a killed
 multi-rank run resumes, with any number of ranks, where its ranks stopped.
 
-The metrics file holds the `vpgc` model's metrics at the top level (`demon_average` is what the registry promotes
-on; without a `vpgc` model, the last one's), and every model's under `models.<name>`, so the base model's numbers
-sit beside the challenger's: `{"demon_average": …, "demon": {…}, "mme": {…}, "model": "vpgc",
-"models": {"base": {…}, "vpgc": {…}}}`.
+The metrics file holds the `vpgc` model's metrics at the top level (`demon.average` is what the registry promotes
+on; without a `vpgc` model, the last one's) and the other models' under `baselines.<name>`, each number once so
+that `dvc exp show` stays readable: `{"demon": {"average": …, …}, "mme": {…}, "model": "vpgc", "vpgc_sha256": …,
+"baselines": {"base": {"demon": {…}, "mme": {…}}}}`.
 """
 
 from __future__ import annotations
@@ -352,7 +352,7 @@ def _evaluate(params: Params, specs: Mapping[str, str], benchmark: str, demon_di
     # The hash of the weights these numbers measured: registration refuses weights they were not measured on.
     metrics = {**metrics_dict(results[champion]["demon"], results[champion]["mme"]), "model": champion,
                "vpgc_sha256": runs[champion]["identity"]["vpgc_sha256"],
-               "models": {n: metrics_dict(r["demon"], r["mme"]) for n, r in results.items()}}
+               "baselines": {n: metrics_dict(r["demon"], r["mme"]) for n, r in results.items() if n != champion}}
     written["metrics"] = write_metrics(cfg.metrics, metrics)
     summary = {"benchmark": benchmark, "data": {"demon": demon_dir, "mme": mme_dir}, "batch_size": cfg.batch_size,
                "device": device.type, "ranks": ranks.world, "models": runs,
@@ -372,8 +372,8 @@ def _track(params: Params, specs: Mapping[str, str], metrics: Mapping[str, Any],
             return
         import mlflow
 
-        flat = flat_metrics({k: v for k, v in metrics.items() if k != "models"})
-        flat.update(flat_metrics(metrics["models"]))
+        flat = flat_metrics({k: v for k, v in metrics.items() if k != "baselines"})
+        flat.update(flat_metrics(metrics["baselines"]))
         mlflow.log_metrics(flat)
         for path in written.values():
             mlflow.log_artifact(str(path), artifact_path="evaluate")

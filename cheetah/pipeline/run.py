@@ -124,7 +124,7 @@ class Pipeline:
         unknown = sorted(set(named) - set(order))
         if unknown:
             raise ConfigError(f"unknown stage(s) {unknown}; dvc.yaml has {order} (and the step `{SOURCE_STEP}`)")
-        wanted = with_upstream(self.root, named) if named else set(order)
+        wanted = with_upstream(self.root, named) if stages else set(order)  # ["source"]: that step alone
         self.selected = [s for s in order if s in wanted]
         self.with_source = SOURCE_STEP in (stages or []) or (bool(self.selected) and reads_source(self.root, named))
 

@@ -153,8 +153,8 @@ def register(params: Params, metrics_path: str | Path | None = None, vpgc_dir: s
     metrics = read_measured_metrics(metrics_path, card)
     value = metric_value(metrics, cfg.metric, str(metrics_path))
     numbers = flat_metrics(metrics)
-    # Headline numbers only (e.g. demon_average, demon.average, mme.perception): not per task, not the baselines.
-    headline = {k: v for k, v in numbers.items() if k.count(".") <= 1 and not k.startswith("models.")}
+    # Headline numbers only (e.g. demon.average, mme.perception): not per task, not the baselines.
+    headline = {k: v for k, v in numbers.items() if k.count(".") <= 1 and not k.startswith("baselines.")}
     tags = {**lineage(root), "vpgc_sha256": str(card["sha256"]), "backbone": str(card.get("backbone")),
             "metric": cfg.metric, **{f"metric.{k}": repr(v) for k, v in headline.items()}}
     tags[f"metric.{cfg.metric}"] = repr(value)
@@ -253,7 +253,7 @@ def _versions(client: Any, name: str) -> list[Any]:
     return sorted(client.search_model_versions(f"name='{name}'"), key=lambda mv: int(mv.version))
 
 
-def demote(name: str, version: int | str, reason: str, metric: str = "demon_average") -> dict[str, Any]:
+def demote(name: str, version: int | str, reason: str, metric: str = "demon.average") -> dict[str, Any]:
     """Mark a version broken (`demoted` tag with the reason) and, if it was champion, give `champion` to the best
     remaining eligible version by its logged `metric` (or to none). Returns what happened."""
     from mlflow.tracking import MlflowClient

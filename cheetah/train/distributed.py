@@ -34,6 +34,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# Whether `init` made this process a group of one (it then set the rank variables itself).
+_GROUP_OF_ONE = False
+
+
 def device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -46,9 +50,11 @@ def init() -> tuple[int, int]:
 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    global _GROUP_OF_ONE
     if "RANK" not in os.environ:  # not launched by torchrun / deepspeed: a group of one
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
+        _GROUP_OF_ONE = True
     if not dist.is_initialized():
         import deepspeed
 
@@ -59,8 +65,9 @@ def init() -> tuple[int, int]:
 
 
 def launched() -> bool:
-    """Whether this process was started by a launcher (torchrun, deepspeed, ...): it then never relaunches."""
-    return "RANK" in os.environ
+    """Whether this process was started by a launcher (torchrun, deepspeed, ...): it then never relaunches. The
+    rank variables `init` set for a group of one (a process that trains more than once) do not count."""
+    return "RANK" in os.environ and not _GROUP_OF_ONE
 
 
 def local_rank_and_size() -> tuple[int, int]:
