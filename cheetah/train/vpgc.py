@@ -145,8 +145,6 @@ def train_vpgc(params: Params, restart: bool = False) -> dict[str, Any]:
     rank, world = distributed.init()
     device = distributed.device()
     micro = micro_batch_size(cfg, world)
-    if rank == 0:
-        claim_dir(cfg.state_dir, STATE_KIND, protect=inputs)
     random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
 
     # -- model: frozen backbone + zero-initialised VPG-C ------------------------------------------------------
@@ -161,6 +159,8 @@ def train_vpgc(params: Params, restart: bool = False) -> dict[str, Any]:
         backbone = load_backbone(params.model.preset, backbone_dir=params.model.backbone_dir,
                                  template=params.model.template, dtype=dtype)
     model = VPGCModel(backbone, update_layer=params.model.update_layer, qformer_dropout=cfg.qformer_dropout).to(device)
+    if rank == 0:  # created once the inputs have loaded: a missing backbone leaves no empty state folder behind
+        claim_dir(cfg.state_dir, STATE_KIND, protect=inputs)
     if cfg.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     builder = PromptBuilder.for_backbone(backbone, max_length=cfg.max_length)
