@@ -65,13 +65,6 @@ def test_task_table_matches_the_paper():
     assert all(t.startswith("World_") for t in TASKS if TASKS[t].embedded)
 
 
-def test_image_placeholder_is_the_models():
-    from cheetah.evaluate.demon import IMAGE_TOKEN
-    from cheetah.model.prompts import IMAGE_TOKEN as MODEL_IMAGE_TOKEN
-
-    assert IMAGE_TOKEN == MODEL_IMAGE_TOKEN == "<image>"
-
-
 def test_dataset_names_casing_and_suggestions():
     assert resolve_dataset("nuscenes").dataset == "nuScenes"  # the official shell script's spelling
     assert resolve_dataset("mmcoqa").dataset == "MMCoQA"

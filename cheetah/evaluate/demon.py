@@ -26,12 +26,11 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
+from cheetah.formats import IMAGE_TOKEN
 from cheetah.io import DataError, atomic_write_json, read_json, safe_join
 
 log = logging.getLogger(__name__)
 
-IMAGE_TOKEN = "<image>"
-"""The project's image placeholder (the same string as `cheetah.model.prompts.IMAGE_TOKEN`, which needs torch)."""
 
 Metric = Literal["rouge_l", "accuracy"]
 Split = Literal["core", "full"]

@@ -18,7 +18,8 @@ from typing import Any, Literal
 
 import torch
 
-IMAGE_TOKEN = "<image>"
+from cheetah.formats import IMAGE_TOKEN
+
 IGNORE_INDEX = -100
 QFORMER_MAX_LENGTH = 128
 

@@ -41,6 +41,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from cheetah.config import ConfigError, Params, to_dict
+from cheetah.formats import IMAGE_TOKEN
 from cheetah.io import (DataError, atomic_dir, atomic_write_json, check_output, read_json, read_jsonl, safe_join,
                         write_metrics)
 from cheetah.model.backbones import BACKBONE_KIND, build_backbone, load_backbone, save_backbone
@@ -142,7 +143,7 @@ def _chat_examples(scenes: list[Scene], rng: np.random.Generator) -> list[tuple[
 
 
 def _without_images(text: str) -> str:
-    return " ".join(text.replace("<image>", " ").split())
+    return " ".join(text.replace(IMAGE_TOKEN, " ").split())
 
 
 class TagProbe(nn.Module):

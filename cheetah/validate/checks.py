@@ -15,9 +15,9 @@ from typing import Any
 
 from PIL import Image
 
+from cheetah.formats import IMAGE_TOKEN
 from cheetah.io import DataError, safe_join
 
-IMAGE_PLACEHOLDER = "<image>"
 DEMON_PLACEHOLDER = re.compile(r"\{(?:image|table)#(\d+)\}")
 
 
@@ -118,17 +118,17 @@ def placeholder_problem(instruction: Any, images: Any) -> str | None:
     """One `<image>` placeholder per image, or the model would silently drop or misplace images."""
     if not isinstance(instruction, str) or not isinstance(images, list):
         return None
-    n = instruction.count(IMAGE_PLACEHOLDER)
+    n = instruction.count(IMAGE_TOKEN)
     if n != len(images):
-        return f"instruction has {n} {IMAGE_PLACEHOLDER} placeholder(s) for {len(images)} image(s)"
+        return f"instruction has {n} {IMAGE_TOKEN} placeholder(s) for {len(images)} image(s)"
     return None
 
 
 def placeholder_in_text_problem(value: Any, field: str) -> str | None:
     """User text (a caption, a response) must not hold the image placeholder: every loader would take it for an
     image slot, and the count of image tokens would no longer match the images."""
-    if isinstance(value, str) and IMAGE_PLACEHOLDER in value:
-        return f"{field} contains the image placeholder {IMAGE_PLACEHOLDER} (only instructions may hold it)"
+    if isinstance(value, str) and IMAGE_TOKEN in value:
+        return f"{field} contains the image placeholder {IMAGE_TOKEN} (only instructions may hold it)"
     return None
 
 

@@ -19,6 +19,7 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
+from cheetah.formats import IMAGE_TOKEN
 from cheetah.world.scene import CELLS, COLORS, SHAPES, SIZES, TEXTURES, Obj, Scene, generate_scene
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -253,8 +254,7 @@ def yes_no_pair(scene: Scene, kind: str, rng: np.random.Generator) -> tuple[str,
 # Corpus and tokenizer
 # ---------------------------------------------------------------------------------------------------------------
 
-SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<s>", "</s>", "<unk>", "<image>")
-IMAGE_TOKEN = "<image>"
+SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<s>", "</s>", "<unk>", IMAGE_TOKEN)
 
 # The corpus is built from this fixed stream of scenes, so it (and the tokenizer) never changes with params.
 _CORPUS_SEED = 20240116
