@@ -10,11 +10,12 @@ import pytest
 from cheetah.config import EvaluateConfig, WorldConfig
 from cheetah.evaluate import embedded
 from cheetah.evaluate.demon import CATEGORIES, TASKS, load_demon
-from cheetah.evaluate.embedded import (DEMON_BUILDERS, MME_SLOTS, write_embedded_benchmarks, write_embedded_demon,
-                                       write_embedded_mme)
+from cheetah.evaluate.embedded import (DEMON_BUILDERS, MME_SLOTS, MME_SPLITS, read_mme_splits,
+                                       write_embedded_benchmarks, write_embedded_demon, write_embedded_mme)
 from cheetah.evaluate.mme import load_mme
 from cheetah.evaluate.predictions import PredictionStore
-from cheetah.evaluate.scoring import score_demon, score_mme
+from cheetah.evaluate.scoring import score_demon, score_mme, score_mme_splits
+from cheetah.io import DataError
 from cheetah.world import generate_scene
 
 WORLD = WorldConfig(image_size=48)
@@ -118,6 +119,28 @@ def test_mme_subtasks_load_back_and_score(bench, tmp_path):
     assert out["subtasks"] == {s: 200.0 for s in MME_SLOTS} and out["perception"] == 800.0
     out = score_mme(tmp_path / "yes")
     assert out["subtasks"] == {s: 50.0 for s in MME_SLOTS}  # acc 50, acc+ 0: every No-question wrong
+
+
+def test_mme_questions_split_into_primary_and_detail(bench, tmp_path):
+    splits = read_mme_splits(bench[1])
+    assert list(splits) == list(MME_SLOTS)
+    data = load_mme(bench[1])
+    for subtask, samples in data.items():
+        assert set(splits[subtask].values()) == {"primary", "detail"}
+        for s in samples:
+            assert f" {MME_SPLITS[splits[subtask][s.image]]} " in s.question  # large / small objects
+        # A model that knows the large objects and says "Yes" to every question about small ones.
+        store = PredictionStore(tmp_path / "primary-only", "mme", subtask)
+        for s in samples:
+            store.add_sample(s, s.answer if splits[subtask][s.image] == "primary" else "Yes")
+        store.finalize([s.key for s in samples])
+    out = score_mme_splits(tmp_path / "primary-only", splits)
+    assert out["primary"]["subtasks"] == {s: 200.0 for s in MME_SLOTS} and out["primary"]["total"] == 800.0
+    assert out["detail"]["subtasks"] == {s: 50.0 for s in MME_SLOTS} and out["detail"]["acc"] == 50.0
+    assert out["primary"]["n_questions"] + out["detail"]["n_questions"] == 2 * PER_SUBTASK * len(MME_SLOTS)
+    with pytest.raises(DataError, match="in no split"):
+        score_mme_splits(tmp_path / "primary-only", {"existence": {"0000.png": "primary"}})
+    assert read_mme_splits(tmp_path) is None  # not an embedded benchmark: no split
 
 
 def test_deterministic_and_seeded(bench, tmp_path):

@@ -65,8 +65,9 @@ def test_batch_size_1_and_n_give_identical_answers_on_embedded_benchmarks(model,
     assert ids1 == ids8  # token for token
     one, eight = gen1.answer(requests), gen8.answer(requests)
     assert one == eight == [gen1.decode(row) for row in ids1]
-    # Not a degenerate model: the answers differ from each other (and are not empty).
-    assert len(set(one)) > len(one) // 2 and all(one)
+    # Not a degenerate model: the answers differ from each other, and most are not empty (a random model may end
+    # one at once).
+    assert len(set(one)) > len(one) // 2 and sum(map(bool, one)) > len(one) // 2
     # Padding really happened: some batch mixes prompt lengths (and image counts).
     lengths = [len(e.input_ids) for e in gen8._encode(requests)]
     assert any(len({lengths[i] for i in batch}) > 1 for batch in gen8.plan(lengths))

@@ -15,6 +15,7 @@ from cheetah.world import (
     CELLS,
     EDIT_TYPES,
     PALETTE,
+    PERCEPTION_KINDS,
     POSITION_PHRASES,
     SPECIAL_TOKENS,
     YES_NO_KINDS,
@@ -153,6 +154,56 @@ def test_questions_have_true_answers():
                     _, size, color, shape = q.split(" in the image")[0].split()[-4:]
                     return any((o.size, o.color, o.shape) == (size, color, shape) for o in scene.objects)
                 assert present(yes) and not present(no)
+
+
+_AT = "|".join(POSITION_PHRASES.values())
+
+
+def _yes_no_truth(scene: Scene, kind: str, question: str) -> bool:
+    """Whether a yes/no question about `scene` is true, read back from its words (independently of how it was made)."""
+    import re
+
+    cell = {v: k for k, v in POSITION_PHRASES.items()}
+    objs = scene.objects
+    q = question.removesuffix(" Please answer yes or no.")
+    if kind == "existence":
+        size, color, shape = re.fullmatch(r"Is there an? (\w+) (\w+) (\w+) in the image\?", q).groups()
+        return any((o.size, o.color, o.shape) == (size, color, shape) for o in objs)
+    if kind == "count":
+        n, size = re.fullmatch(r"(?:Is|Are) there (\w+) (\w+) objects? in the image\?", q).groups()
+        return sum(o.size == size for o in objs) == NUMBER_WORDS.index(n)
+    if kind == "position":
+        size, color, shape, at = re.fullmatch(rf"Is the (\w+) (\w+) (\w+) ({_AT}) of the image\?", q).groups()
+        return any((o.size, o.color, o.shape, o.cell) == (size, color, shape, cell[at]) for o in objs)
+    if kind == "color":
+        size, shape, at, color = re.fullmatch(rf"Is the (\w+) (\w+) ({_AT}) (\w+)\?", q).groups()
+        target = next(o for o in objs if (o.size, o.shape, o.cell) == (size, shape, cell[at]))
+        return target.color == color
+    if kind == "shape":
+        size, color, at, shape = re.fullmatch(rf"Is the (\w+) (\w+) object ({_AT}) an? (\w+)\?", q).groups()
+        target = next(o for o in objs if (o.size, o.color, o.cell) == (size, color, cell[at]))
+        return target.shape == shape
+    size, color, shape, at, texture = re.fullmatch(rf"Is the (\w+) (\w+) (\w+) ({_AT}) (\w+)\?", q).groups()
+    target = next(o for o in objs if (o.size, o.color, o.shape, o.cell) == (size, color, shape, cell[at]))
+    return target.texture == texture
+
+
+@pytest.mark.parametrize("size", ["large", "small", None])
+def test_yes_no_pairs_are_true_and_about_the_size_asked(size):
+    rng = np.random.default_rng(3)
+    for i in range(40):
+        scene = generate_scene(8, i, 64)
+        for kind in (*YES_NO_KINDS, *PERCEPTION_KINDS):
+            yes, no = yes_no_pair(scene, kind, rng, size=size)
+            assert _yes_no_truth(scene, kind, yes) and not _yes_no_truth(scene, kind, no), (kind, yes, no)
+            if size is not None:
+                assert f" {size} " in yes and f" {size} " in no
+            if kind == "count" and size == "large":  # the wrong number is one a scene could hold: no prior helps
+                assert {yes.split()[2], no.split()[2]} == {"one", "two"}
+    with pytest.raises(ValueError, match="unknown yes/no kind"):
+        yes_no_pair(scene, "smell", rng)
+    with pytest.raises(ValueError, match="size must be"):
+        yes_no_pair(scene, "color", rng, size="huge")
 
 
 def test_difference_sentences_name_object_and_attributes():

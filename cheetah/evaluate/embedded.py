@@ -13,7 +13,8 @@ not draw):
                                 World_TextCloze           the missing caption among captions one word apart
     multi_modal_dialogue        World_Dialogue            the last answer of a question-answer dialogue on 2 images
     visual_story_telling_list   World_Story               three images, two edits: tell what happens last
-MME subtasks: existence, count, position, color (flat layout), one Yes- and one No-question per image.
+MME subtasks: existence, count, position, color (flat layout), one Yes- and one No-question per image; half the
+images are asked about a large object (primary: what captions cover), half about a small one (detail).
 
 Everything is drawn from the held-out seed stream (`WorldConfig.heldout_seed`), each task from its own slice of it
 (and with its own random generator), so the output is byte-identical for the same parameters and adding a task
@@ -32,7 +33,7 @@ import numpy as np
 from cheetah.config import EvaluateConfig, WorldConfig
 from cheetah.evaluate.demon import TASKS, write_demon_task
 from cheetah.evaluate.mme import write_mme_subtask
-from cheetah.io import atomic_dir, atomic_write_json
+from cheetah.io import DataError, atomic_dir, atomic_write_json, read_json
 from cheetah.world import (SHAPES, TEXTURES, Obj, Scene, caption, difference_sentence, heldout_scenes, png_bytes,
                            questions, render, yes_no_pair)
 from cheetah.world.scene import place, pick_color
@@ -318,22 +319,50 @@ def write_embedded_demon(out: str | Path, world: WorldConfig, per_task: int = 40
     return Path(out)
 
 
+MME_SPLITS: dict[str, str] = {"primary": "large", "detail": "small"}
+"""MME-format questions ask about one object size each: the large objects captions describe (primary) or the small
+details they never mention (detail). Images alternate between the two (even index primary, odd detail)."""
+
+
 def write_embedded_mme(out: str | Path, world: WorldConfig, per_subtask: int = 30) -> Path:
-    """Write MME-format existence / count / position / color with `per_subtask` images (two questions each)."""
+    """Write MME-format existence / count / position / color with `per_subtask` images (two questions each), half of
+    them about a large object (primary), half about a small one (detail); `benchmark.json` lists which is which."""
     with atomic_dir(out, kind="MME benchmark") as tmp:
+        splits: dict[str, dict[str, str]] = {}
         for subtask, slot in MME_SLOTS.items():
             scenes, rng = _SceneStream(world, slot), np.random.default_rng([world.heldout_seed, slot])
             items = []
+            splits[subtask] = {}
             for i in range(per_subtask):
+                split = list(MME_SPLITS)[i % len(MME_SPLITS)]
                 scene = scenes.next()
-                yes, no = yes_no_pair(scene, subtask, rng)
-                items.append((f"{i:04d}.png", png_bytes(render(scene).image), [(yes, "Yes"), (no, "No")]))
+                yes, no = yes_no_pair(scene, subtask, rng, size=MME_SPLITS[split])
+                name = f"{i:04d}.png"
+                items.append((name, png_bytes(render(scene).image), [(yes, "Yes"), (no, "No")]))
+                splits[subtask][name] = split
             write_mme_subtask(tmp, subtask, items)
         atomic_write_json(tmp / "benchmark.json", {"generator": "cheetah.evaluate.embedded", "format": "mme",
                                                    "heldout_seed": world.heldout_seed,
                                                    "image_size": world.image_size, "per_subtask": per_subtask,
-                                                   "subtasks": list(MME_SLOTS)})
+                                                   "subtasks": list(MME_SLOTS), "splits": splits})
     return Path(out)
+
+
+def read_mme_splits(mme_dir: str | Path) -> dict[str, dict[str, str]] | None:
+    """{subtask: {image file name: split}} of an embedded MME-format benchmark; None for any other MME folder (the
+    official release has no such split)."""
+    path = Path(mme_dir) / "benchmark.json"
+    if not path.is_file():
+        return None
+    meta = read_json(path)
+    splits = meta.get("splits") if isinstance(meta, dict) and meta.get("generator") == "cheetah.evaluate.embedded" \
+        else None
+    if splits is None:
+        return None
+    if not isinstance(splits, dict) or not all(isinstance(v, dict) and set(v.values()) <= set(MME_SPLITS)
+                                               for v in splits.values()):
+        raise DataError(f"{path}: field splits must map each subtask to {{image: {' | '.join(MME_SPLITS)}}}")
+    return splits
 
 
 def write_embedded_benchmarks(world: WorldConfig, evaluate: EvaluateConfig) -> dict[str, Path]:

@@ -305,8 +305,10 @@ def _evaluate(params: Params, specs: Mapping[str, str], benchmark: str, demon_di
 
     from cheetah.evaluate.examples import write_examples
     from cheetah.evaluate.generation import Generator, load_model
+    from cheetah.evaluate.diagnostics import MME_CONSTANT_SCORE, constant_reference
+    from cheetah.evaluate.embedded import read_mme_splits
     from cheetah.evaluate.report import metrics_dict, write_report
-    from cheetah.evaluate.scoring import score_demon, score_mme
+    from cheetah.evaluate.scoring import score_demon, score_mme, score_mme_splits
 
     cfg = params.evaluate
     device = ranks.device(cfg.device)
@@ -340,14 +342,23 @@ def _evaluate(params: Params, specs: Mapping[str, str], benchmark: str, demon_di
             atomic_write_json(model_dir / "demon_scores.json", entry["demon"])
         if mme_dir is not None:
             entry["mme"] = score_mme(pred_dir / "mme")
+            splits = read_mme_splits(mme_dir)
+            if splits:  # the embedded benchmark: primary (large objects) and detail (small objects) questions
+                entry["mme"]["splits"] = score_mme_splits(pred_dir / "mme", splits)
             atomic_write_json(model_dir / "mme_scores.json", entry["mme"])
+        entry["answers"] = _answers(demon_dir, mme_dir, pred_dir, generated)
+        atomic_write_json(model_dir / "answers.json", entry["answers"])
         results[name] = entry
         runs[name] = {**meta, "generated": generated, "seconds": round(time.perf_counter() - started, 3)}
 
     if ranks.rank != 0:
         return {"models": {}, "metrics": {}, "paths": {}, "rank": ranks.rank}
     examples, shown = write_examples(out, {name: out / name / "predictions" for name in specs}, demon_dir, mme_dir)
-    written = {**write_report(out, results, title="Evaluation: " + ", ".join(specs), sections=[shown]), **examples}
+    datasets = [t.split("/", 1)[1] for t in next(iter(runs.values()))["generated"] if t.startswith("demon/")]
+    reference = {"demon": constant_reference(demon_dir, datasets, cfg.demon_option_rule) if demon_dir else {},
+                 "mme": MME_CONSTANT_SCORE}
+    written = {**write_report(out, results, title="Evaluation: " + ", ".join(specs), sections=[shown],
+                              reference=reference, provenance=provenance(params, runs)), **examples}
     champion = "vpgc" if "vpgc" in results else list(results)[-1]
     # The hash of the weights these numbers measured: registration refuses weights they were not measured on.
     metrics = {**metrics_dict(results[champion]["demon"], results[champion]["mme"]), "model": champion,
@@ -361,6 +372,36 @@ def _evaluate(params: Params, specs: Mapping[str, str], benchmark: str, demon_di
     if track:
         _track(params, specs, metrics, written, out)
     return {"models": results, "metrics": metrics, "paths": {k: str(v) for k, v in written.items()}}
+
+
+def _answers(demon_dir: str | None, mme_dir: str | None, pred_dir: Path, generated: Mapping[str, int]
+             ) -> dict[str, Any]:
+    """How the model answered each task (`cheetah.evaluate.diagnostics`): distinct answers, options chosen, examples."""
+    from cheetah.evaluate.diagnostics import demon_answers, mme_answers
+
+    tasks = {b: [t.split("/", 1)[1] for t in generated if t.startswith(b + "/")] for b in BENCHMARKS}
+    return {"demon": demon_answers(demon_dir, pred_dir / "demon", tasks["demon"]) if demon_dir else {},
+            "mme": mme_answers(pred_dir / "mme", tasks["mme"]) if mme_dir else {}}
+
+
+def provenance(params: Params, runs: Mapping[str, Mapping[str, Any]], root: str | Path = ".") -> dict[str, Any]:
+    """What produced a report: the code (git commit, uncommitted changes), the pipeline state (`dvc.lock` hash, data
+    and backbone hashes), the evaluation and model parameters, and per model its weights (hashes, the VPG-C card's
+    training record) and decoding settings."""
+    from cheetah.evaluate.generation import is_vpgc_dir
+    from cheetah.model.weights import read_card
+    from cheetah.registry import lineage
+
+    models: dict[str, Any] = {}
+    for name, run in runs.items():
+        info = {"spec": run["spec"], "identity": run["identity"], "decoding": run["decoding"]}
+        if is_vpgc_dir(run["spec"]):
+            card = read_card(run["spec"])
+            info["training"] = card.get("training")
+        models[name] = info
+    return {"lineage": lineage(root, stage="evaluate"), "params": {"evaluate": to_dict(params.evaluate),
+                                                                   "model": to_dict(params.model)},
+            "models": models}
 
 
 def _track(params: Params, specs: Mapping[str, str], metrics: Mapping[str, Any], written: Mapping[str, Path],

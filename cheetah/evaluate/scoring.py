@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -100,6 +100,19 @@ def option_similarities(pred: str, options: Sequence[str]) -> list[float] | None
     return [float(x) for x in cosine_similarity(matrix[0:1], matrix[1:]).ravel()]
 
 
+def _nearest(sims: list[float] | None) -> int | None:
+    """The argmax of a similarity row (the first on ties); None for no row or an all-zero one (no option matched)."""
+    if sims is None or not any(sims):
+        return None
+    return max(range(len(sims)), key=lambda i: (sims[i], -i))
+
+
+def nearest_option(pred: str, options: Sequence[str]) -> int | None:
+    """Index of the option nearest to `pred` by TF-IDF cosine (the first on ties), both normalised; None when the
+    answer matches no option: it shares no term with any, or TF-IDF has no vocabulary at all."""
+    return _nearest(option_similarities(normalize_answer(pred), [normalize_answer(o) for o in options]))
+
+
 def multi_choice_correct(pred: str, gt: str, options: Sequence[str], rule: OptionRule = "official"
                          ) -> tuple[bool, bool]:
     """(correct, matched an option) for a text multi-choice answer.
@@ -116,9 +129,10 @@ def multi_choice_correct(pred: str, gt: str, options: Sequence[str], rule: Optio
     sims = option_similarities(p, opts)
     if sims is None:
         return p == g, False
-    if not any(sims):
+    chosen = _nearest(sims)
+    if chosen is None:
         return (opts[0] == g if rule == "official" else p == g), False
-    return opts[max(range(len(sims)), key=lambda i: (sims[i], -i))] == g, True
+    return opts[chosen] == g, True
 
 
 def image_choice_correct(pred: str, gt: str, n_options: int = 4) -> bool:
@@ -230,7 +244,8 @@ def category_means(tasks: Sequence[TaskScore]) -> dict[str, float]:
     return out
 
 
-def _prediction_file(pred_dir: Path, info: DemonTaskInfo) -> Path | None:
+def prediction_file(pred_dir: Path, info: DemonTaskInfo) -> Path | None:
+    """`<pred_dir>/<Dataset>/pred.json` of a task, the folder matched case-insensitively; None when there is none."""
     for folder in [info.dataset] + sorted(p.name for p in pred_dir.iterdir()
                                           if p.is_dir() and p.name.lower() == info.dataset.lower()):
         if (pred_dir / folder / "pred.json").is_file():
@@ -268,7 +283,7 @@ def score_demon(data_dir: str | Path, predictions_dir: str | Path, split: Split 
             raise DataError(f"{pred_dir / name / 'pred.json'}: predictions for {name}, which {data_dir} does not hold "
                             f"(it has {', '.join(available)})")
         task = load_demon_task(data_dir, name, split)
-        source = _prediction_file(pred_dir, task.info)
+        source = prediction_file(pred_dir, task.info)
         if source is None:
             raise DataError(f"{pred_dir / name / 'pred.json'}: file not found")
         scores.append(score_demon_task(task, read_demon_predictions(source), source, option_rule))
@@ -377,3 +392,33 @@ def score_mme(results_dir: str | Path) -> dict[str, Any]:
         "missing": [s for s in SUBTASKS if s not in details],
         "ignored_files": ignored,
     }
+
+
+def score_mme_splits(results_dir: str | Path, splits: Mapping[str, Mapping[str, str]]) -> dict[str, Any]:
+    """MME scores per split of the images (e.g. the embedded benchmark's primary / detail): for every split, each
+    subtask's score over that split's images only (acc + acc+, at most 200), their sum (`total`, out of `max`) and
+    the accuracy over all its questions. `splits` is {subtask: {image file name: split}}; every image of a scored
+    subtask must be in it."""
+    results_dir = Path(results_dir)
+    out: dict[str, dict[str, Any]] = {}
+    for subtask, images in splits.items():
+        path = results_dir / f"{subtask}.txt"
+        if not path.is_file():
+            continue
+        rows = read_results_file(path)
+        unknown = sorted({r.image for r in rows} - set(images))
+        if unknown:
+            raise DataError(f"{path}: image(s) {_ids(unknown)} are in no split")
+        for split in sorted(set(images.values())):
+            mine = [r for r in rows if images.get(r.image) == split]
+            if mine:
+                entry = out.setdefault(split, {"subtasks": {}, "correct": 0, "n_questions": 0})
+                scored = score_mme_subtask(mine, path)
+                entry["subtasks"][subtask] = scored["score"]
+                entry["correct"] += round(scored["acc"] * scored["n_questions"] / 100)
+                entry["n_questions"] += scored["n_questions"]
+    for entry in out.values():
+        entry["total"] = round(math.fsum(entry["subtasks"].values()), 4)
+        entry["max"] = 200 * len(entry["subtasks"])
+        entry["acc"] = round(100.0 * entry.pop("correct") / entry["n_questions"], 4)
+    return out

@@ -6,7 +6,7 @@ Public API:
     png_bytes(image) -> bytes                         deterministic PNG encoding
     caption(scene, template=0) -> str                 primary objects and background only
     questions(scene) -> list[QA]; sample_question(scene, rng) -> QA; existence_questions(scene, rng)
-    yes_no_pair(scene, kind, rng) -> (yes_question, no_question)       MME-style
+    yes_no_pair(scene, kind, rng, size=None) -> (yes_question, no_question)   MME-style
     difference_sentence(edit_type, before, after) -> str
     language_corpus() -> list[str]; train_tokenizer(vocab_size=512) -> PreTrainedTokenizerFast
     write_corpus(cfg: WorldConfig) -> Path            `cheetah world`
@@ -20,6 +20,7 @@ from cheetah.world.language import (
     DIFFERENCE_INSTRUCTIONS,
     EDIT_TYPES,
     IMAGE_TOKEN,
+    PERCEPTION_KINDS,
     POSITION_PHRASES,
     QA,
     SPECIAL_TOKENS,
@@ -39,7 +40,7 @@ from cheetah.world.render import Rendered, cell_mask, footprint, png_bytes, rend
 from cheetah.world.scene import CELLS, COLORS, PALETTE, SHAPES, SIZES, TEXTURES, Obj, Scene, generate_scene
 
 __all__ = [
-    "CAPTION_PROMPTS", "CELLS", "COLORS", "DIFFERENCE_INSTRUCTIONS", "EDIT_TYPES", "IMAGE_TOKEN", "PALETTE",
+    "CAPTION_PROMPTS", "CELLS", "COLORS", "DIFFERENCE_INSTRUCTIONS", "EDIT_TYPES", "IMAGE_TOKEN", "PALETTE", "PERCEPTION_KINDS",
     "POSITION_PHRASES", "QA", "SHAPES", "SIZES", "SPECIAL_TOKENS", "TEXTURES", "YES_NO_KINDS", "Obj", "Rendered",
     "Scene", "caption", "cell_mask", "corpus_caption", "corpus_scene", "describe", "difference_sentence",
     "existence_questions", "footprint", "generate_scene", "heldout_scenes", "language_corpus", "png_bytes",

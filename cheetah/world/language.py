@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 
 from cheetah.formats import IMAGE_TOKEN
-from cheetah.world.scene import CELLS, COLORS, SHAPES, SIZES, TEXTURES, Obj, Scene, generate_scene
+from cheetah.world.scene import CELLS, COLORS, N_LARGE, N_SMALL, SHAPES, SIZES, TEXTURES, Obj, Scene, generate_scene
 
 # ---------------------------------------------------------------------------------------------------------------
 # Phrases
@@ -208,45 +208,79 @@ def sample_question(scene: Scene, rng: np.random.Generator) -> QA:
 
 YES_NO_SUFFIX = "Please answer yes or no."
 YES_NO_KINDS: tuple[str, ...] = ("existence", "count", "position", "color")
+"""The MME perception subtasks the world can pose (the embedded MME-format benchmark)."""
+PERCEPTION_KINDS: tuple[str, ...] = ("existence", "color", "shape", "texture", "count")
+"""What a caption covers about its objects, asked as yes/no questions: the base stage learns these about the large
+objects, and `metrics/base.json` measures them on held-out scenes (large objects) and on the details."""
+# How many objects of each size a scene can hold (inclusive), for count questions whose wrong number is plausible.
+_COUNTS = {"large": N_LARGE, "small": N_SMALL}
 
 
-def yes_no_pair(scene: Scene, kind: str, rng: np.random.Generator) -> tuple[str, str]:
+def _count_phrase(n: int, size: str) -> str:
+    return f"Is there one {size} object" if n == 1 else f"Are there {number_word(n)} {size} objects"
+
+
+def yes_no_pair(scene: Scene, kind: str, rng: np.random.Generator, size: str | None = None) -> tuple[str, str]:
     """(question whose answer is Yes, question whose answer is No) about `scene`, MME-style.
 
-    Both end with 'Please answer yes or no.'. Kinds mirror MME's perception subtasks the world can pose:
-    existence ('Is there a small red star in the image?'), count ('Are there four small objects in the
-    image?'), position ('Is the small red star at the top left of the image?') and color ('Is the small star
-    at the top left red?'). The questions are about the small details more often than not, because those are
-    what a caption-biased model misses.
+    Both end with 'Please answer yes or no.'. Kinds: existence ('Is there a small red star in the image?'), count
+    ('Are there four small objects in the image?'), position ('Is the small red star at the top left of the
+    image?'), color ('Is the small star at the top left red?'), shape ('Is the small red object at the top left a
+    star?') and texture ('Is the small red star at the top left striped?'); the first four are MME's perception
+    subtasks the world can pose (YES_NO_KINDS).
+
+    `size` ("large" or "small") asks about an object of that size only — the large ones are what captions
+    describe (primary), the small ones what they never mention (details); None draws among all objects, so the
+    details (3-6 of a scene's 4-8 objects) are asked about more often than not. The wrong value of the
+    No-question is always one the scene could hold: a count in the range of that size, a colour other than the
+    background's, an absent object of the same size.
     """
-    objs = list(scene.objects)
+    if size is not None and size not in SIZES:
+        raise ValueError(f"size must be one of {list(SIZES)} or None, got {size!r}")
+    objs = [o for o in scene.objects if size in (None, o.size)]
+    if not objs:
+        raise ValueError(f"scene {scene.id} has no {size} object")
     o = objs[int(rng.integers(len(objs)))]
+    at = POSITION_PHRASES[o.cell]
     if kind == "existence":
-        present = {(x.size, x.color, x.shape) for x in objs}
-        absent = [(s, c, sh) for s in SIZES for c in COLORS for sh in SHAPES
-                  if (s, c, sh) not in present and c != scene.background_color]
+        present = {(x.size, x.color, x.shape) for x in scene.objects}
+        absent = [(o.size, c, sh) for c in COLORS for sh in SHAPES
+                  if (o.size, c, sh) not in present and c != scene.background_color]
         s, c, sh = absent[int(rng.integers(len(absent)))]
         yes = f"Is there {article(o.size)} {o.size} {o.color} {o.shape} in the image?"
         no = f"Is there {article(s)} {s} {c} {sh} in the image?"
     elif kind == "count":
-        size = SIZES[int(rng.integers(len(SIZES)))]
-        n = len(_unique(scene, size=size))
-        wrong = [k for k in range(1, 8) if k != n]
+        size_ = size or SIZES[int(rng.integers(len(SIZES)))]
+        n = len(_unique(scene, size=size_))
+        lo, hi = _COUNTS[size_]
+        wrong = [k for k in range(lo, hi + 1) if k != n]
         m = wrong[int(rng.integers(len(wrong)))]
-        yes = f"Are there {number_word(n)} {size} objects in the image?"
-        no = f"Are there {number_word(m)} {size} objects in the image?"
+        yes = f"{_count_phrase(n, size_)} in the image?"
+        no = f"{_count_phrase(m, size_)} in the image?"
     elif kind == "position":
-        others = [c for c in CELLS if c != o.cell]
+        # Not where a twin (same size, colour and shape) is: the No-question would be true.
+        twins = {x.cell for x in _unique(scene, size=o.size, color=o.color, shape=o.shape)}
+        others = [c for c in CELLS if c not in twins]
         wrong = others[int(rng.integers(len(others)))]
-        yes = f"Is the {o.size} {o.color} {o.shape} {POSITION_PHRASES[o.cell]} of the image?"
+        yes = f"Is the {o.size} {o.color} {o.shape} {at} of the image?"
         no = f"Is the {o.size} {o.color} {o.shape} {POSITION_PHRASES[wrong]} of the image?"
     elif kind == "color":
         others = [c for c in COLORS if c not in (o.color, scene.background_color)]
         wrong = others[int(rng.integers(len(others)))]
-        yes = f"Is the {o.size} {o.shape} {POSITION_PHRASES[o.cell]} {o.color}?"
-        no = f"Is the {o.size} {o.shape} {POSITION_PHRASES[o.cell]} {wrong}?"
+        yes = f"Is the {o.size} {o.shape} {at} {o.color}?"
+        no = f"Is the {o.size} {o.shape} {at} {wrong}?"
+    elif kind == "shape":
+        others = [s for s in SHAPES if s != o.shape]
+        wrong = others[int(rng.integers(len(others)))]
+        yes = f"Is the {o.size} {o.color} object {at} {article(o.shape)} {o.shape}?"
+        no = f"Is the {o.size} {o.color} object {at} {article(wrong)} {wrong}?"
+    elif kind == "texture":
+        others = [t for t in TEXTURES if t != o.texture]
+        wrong = others[int(rng.integers(len(others)))]
+        yes = f"Is the {o.size} {o.color} {o.shape} {at} {o.texture}?"
+        no = f"Is the {o.size} {o.color} {o.shape} {at} {wrong}?"
     else:
-        raise ValueError(f"unknown yes/no kind {kind!r}; expected one of {list(YES_NO_KINDS)}")
+        raise ValueError(f"unknown yes/no kind {kind!r}; expected one of {[*YES_NO_KINDS, 'shape', 'texture']}")
     return f"{yes} {YES_NO_SUFFIX}", f"{no} {YES_NO_SUFFIX}"
 
 
@@ -288,8 +322,8 @@ def language_corpus(n_scenes: int = _CORPUS_SCENES) -> list[str]:
         lines.append(CHAT_AND_BENCHMARK_TEXT[i % 2])
         for qa in questions(scene) + existence_questions(scene, rng):
             lines += [qa.question, qa.answer]
-        for kind in YES_NO_KINDS:
-            lines += yes_no_pair(scene, kind, rng)
+        for kind in ("position", *PERCEPTION_KINDS):
+            lines += yes_no_pair(scene, kind, rng, size=SIZES[i % 2])
         # One sentence of each edit type about a random object, with random new attributes.
         o = scene.objects[int(rng.integers(len(scene.objects)))].attrs()
         new_color = COLORS[int(rng.integers(len(COLORS)))]
