@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from collections.abc import Callable
 
-from cheetah.config import ConfigError, Params, load_params, to_dict
+from cheetah.config import STUDY_ARMS, ConfigError, Params, load_params, to_dict
 from cheetah.errors import EXIT_USER_ERROR, CheetahError
 from cheetah.io import DataError, allow_overwrite
 from cheetah.pipeline import RECEIPT
@@ -424,6 +424,27 @@ def _add_benchmarks(sub: argparse._SubParsersAction) -> None:
     b.set_defaults(func=_cmd_benchmarks)
 
 
+def _cmd_study(args: argparse.Namespace) -> int:
+    from cheetah.study import run_study
+
+    p = _params(args, {"study.seeds": args.seeds, "study.arms": args.arms})
+    result = run_study(p, restart=args.restart, track=not args.no_track)
+    _print_json({"metrics": p.study.metrics, "report": p.study.report, "expectations": result["expectations"]})
+    return 0
+
+
+def _add_study(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser("study", help="the ablation study (paper Table 4 in miniature): every arm trained and "
+                                     "evaluated per seed, mean and 95%% CI (params: study and the stages'); resumes",
+                       description="Arms: base, vpgc_captions, vpgc_synthetic, vpgc_random_target, blind "
+                                   "(cheetah/study.py). Steps already done with the same inputs are reused.")
+    s.add_argument("--seeds", type=int, nargs="+", help="seeds (default: study.seeds)")
+    s.add_argument("--arms", nargs="+", choices=list(STUDY_ARMS), help="arms (default: study.arms)")
+    s.add_argument("--restart", action="store_true", help="redo every step instead of reusing finished ones")
+    s.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    s.set_defaults(func=_cmd_study)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # register, predict, pipeline
 # ---------------------------------------------------------------------------------------------------------------
@@ -593,7 +614,7 @@ def _add_pipeline(sub: argparse._SubParsersAction) -> None:
 _ADDERS: list[Callable[[argparse._SubParsersAction], None]] = [_add_model, _add_training, _add_score,
                                                              _add_world, _add_synthesize, _add_validate,
                                                              _add_evaluate, _add_benchmarks]
-_ADDERS += [_add_register, _add_registry, _add_predict, _add_pipeline]
+_ADDERS += [_add_register, _add_registry, _add_predict, _add_pipeline, _add_study]
 
 
 def build_parser() -> argparse.ArgumentParser:

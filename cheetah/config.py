@@ -221,7 +221,8 @@ class TrainConfig:
     curve_image: str | None = None
     """The same curve with the held-out loss, as an image; None: next to `curve`, as .png."""
     steps: int = Field(default=300, ge=1)
-    synthetic_batch: int = Field(default=12, ge=1)
+    synthetic_batch: int = Field(default=12, ge=0)
+    """Synthetic discriminative examples per step; 0 trains on captions only (the ablation of the paper's Table 4)."""
     caption_batch: int = Field(default=32, ge=0)
     lr: float = Field(default=1e-3, gt=0)
     weight_decay: float = Field(default=0.05, ge=0)
@@ -277,6 +278,8 @@ class TrainConfig:
 
     @model_validator(mode="after")
     def _skipping_needs_whole_steps(self) -> "TrainConfig":
+        if self.synthetic_batch + self.caption_batch < 1:
+            raise ValueError("synthetic_batch + caption_batch must be at least 1 (a step needs examples)")
         if not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"betas must both be in [0, 1) (AdamW's moment decay rates), got {list(self.betas)}")
         if self.max_skipped_steps and self.gradient_accumulation != 1:
@@ -361,6 +364,39 @@ class RegisterConfig:
     """The challenger becomes champion only if it beats the champion's metric by more than this."""
 
 
+STUDY_ARMS: tuple[str, ...] = ("base", "vpgc_captions", "vpgc_synthetic", "vpgc_random_target", "blind")
+"""The arms of the ablation study (cheetah/study.py ARMS says what each is)."""
+
+
+@dataclass(config=_STRICT)
+class StudyConfig:
+    """The ablation study (`cheetah study`, the paper's Table 4 in miniature): every arm trained and evaluated once
+    per seed with the other sections' settings, then mean and 95 % confidence interval over the seeds."""
+
+    seeds: list[int] = dataclasses.field(default_factory=lambda: [0, 1, 2])
+    """One run of every arm per seed; a seed sets base.seed, synthesize.seed and train.seed (the corpus and the
+    benchmarks stay the same)."""
+    arms: list[Literal["base", "vpgc_captions", "vpgc_synthetic", "vpgc_random_target", "blind"]] = \
+        dataclasses.field(default_factory=lambda: list(STUDY_ARMS))
+    """Which arms to run (the ones an arm needs run too: `blind` evaluates the `vpgc_synthetic` weights)."""
+    work: str = "data/study"
+    """Per seed: the backbone, synthetic data, weights and evaluations; what is there and current is reused."""
+    metrics: str = "metrics/study.json"
+    report: str = "reports/study"
+    """Folder of the table (study.md) and the plot (study.png)."""
+
+    @model_validator(mode="after")
+    def _seeds_and_arms(self) -> "StudyConfig":
+        if not self.seeds:
+            raise ValueError("seeds must name at least one seed")
+        for name, items in (("seeds", self.seeds), ("arms", self.arms)):
+            if len(set(items)) != len(items):
+                raise ValueError(f"{name} has repeats: {items}")
+        if not self.arms:
+            raise ValueError("arms must name at least one arm")
+        return self
+
+
 @dataclass(config=_STRICT)
 class Params:
     """All of `params.yaml`."""
@@ -373,6 +409,7 @@ class Params:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = dataclasses.field(default_factory=EvaluateConfig)
     register: RegisterConfig = dataclasses.field(default_factory=RegisterConfig)
+    study: StudyConfig = dataclasses.field(default_factory=StudyConfig)
 
 
 # ---------------------------------------------------------------------------------------------------------------

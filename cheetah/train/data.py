@@ -171,8 +171,8 @@ class JointSampler:
     """
 
     def __init__(self, n_synthetic: int, n_captions: int, synthetic_batch: int, caption_batch: int, seed: int):
-        if n_synthetic == 0:
-            raise DataError("no synthetic training examples")
+        if synthetic_batch and n_synthetic == 0:
+            raise DataError("synthetic_batch > 0 but there are no synthetic training examples")
         if caption_batch and n_captions == 0:
             raise DataError("caption_batch > 0 but there are no caption examples")
         self.sizes = (n_synthetic, n_captions)
