@@ -272,7 +272,8 @@ def _arm_train(p: Params, arm: str, folder: Path) -> Params:
     spec = ARMS[arm]
     train = dataclasses.replace(p.train, data=str(folder / f"synthetic-{spec.data}"), out=str(folder / arm / "vpgc"),
                                 state_dir=str(folder / arm / "state"), metrics=str(folder / arm / "train.json"),
-                                curve=str(folder / arm / "train_curve.csv"))
+                                curve=str(folder / arm / "train_curve.csv"),
+                                curve_image=str(folder / arm / "train_curve.png"))
     if spec.captions_only:
         train = dataclasses.replace(train, synthetic_batch=0,
                                     caption_batch=p.train.synthetic_batch + p.train.caption_batch)

@@ -21,7 +21,7 @@ TOY = {
     "base": {"vision_steps": 2, "steps": 2, "batch_size": 4, "eval_scenes": 2, "out": "unused-backbone"},
     "synthesize": {"n": 8, "captions": 8, "shard_size": 8},
     "train": {"steps": 2, "synthetic_batch": 2, "caption_batch": 2, "eval_every": 1, "checkpoint_every": 2,
-              "warmup_steps": 1, "heldout_fraction": 0.2},
+              "warmup_steps": 1, "heldout_fraction": 0.2, "curve_image": "plots/train_curve.png"},
     "evaluate": {"demon_per_task": 2, "mme_per_subtask": 2, "max_new_tokens": 3, "batch_size": 8, "device": "cpu"},
     "study": {"seeds": [0], "work": "work", "metrics": "metrics/study.json", "report": "reports/study"},
 }
@@ -69,12 +69,18 @@ def _mtimes(folder):
     return {p.name: p.stat().st_mtime_ns for p in sorted((folder / "work" / "steps").iterdir())}
 
 
+@pytest.mark.slow
 def test_study_end_to_end(project, monkeypatch, one_thread):
     import mlflow
 
     monkeypatch.chdir(project)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
+    before_files = {p.relative_to(project).as_posix() for p in project.rglob("*") if p.is_file()}
     assert main(["study"]) == 0
+    # The arms write under study.work only, never where the pipeline's own stages write (e.g. train.curve_image).
+    added = {p.relative_to(project).as_posix() for p in project.rglob("*") if p.is_file()} - before_files
+    assert {a.split("/")[0] for a in added} == {"work", "metrics", "reports", "mlflow.db", "mlartifacts"}, added
+    assert {a for a in added if a.startswith("metrics/")} == {"metrics/study.json"}
     doc = json.loads((project / "metrics" / "study.json").read_text())
     assert doc["seeds"] == [0] and list(doc["arms"]) == list(STUDY_ARMS)
     for arm, entry in doc["arms"].items():
