@@ -241,6 +241,25 @@ def test_state_from_other_settings_is_not_resumed(workspace, capsys):
     assert "it was written under other settings or data" in out and "starting afresh" in out
 
 
+def test_state_on_other_backbone_weights_is_not_resumed(workspace, tmp_path, capsys):
+    """A base stage that reran writes the same architecture with other weights to the same folder: the finished
+    state of the old backbone must not be resumed (it would hand back the old VPG-C weights unchanged)."""
+    import shutil
+
+    shutil.copytree(workspace / "backbone", tmp_path / "backbone")
+    train = {**_params(tmp_path, "rebased", steps=3, checkpoint_every=3)["train"], "data": str(workspace / "syn")}
+    overrides = [f"model.backbone_dir={json.dumps(str(tmp_path / 'backbone'))}"]
+    overrides += [f"train.{k}={json.dumps(v)}" for k, v in train.items()]
+    train_vpgc(load_params(None, overrides))
+    first = load_file(str(tmp_path / "rebased" / "vpgc" / "vpgc.safetensors"))
+    save_backbone(build_backbone("tiny", tokenizer=make_tokenizer(), image_size=32, seed=1), tmp_path / "backbone")
+    capsys.readouterr()
+    train_vpgc(load_params(None, overrides))
+    assert "starting afresh" in capsys.readouterr().out
+    second = load_file(str(tmp_path / "rebased" / "vpgc" / "vpgc.safetensors"))
+    assert any(not torch.equal(first[k], second[k]) for k in first)
+
+
 def test_uneven_batch_split_is_refused(workspace):
     with pytest.raises(ValueError, match="synthetic_batch=3 must be divisible"):
         _run(workspace, "uneven", synthetic_batch=3, gradient_accumulation=2)

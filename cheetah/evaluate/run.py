@@ -46,7 +46,8 @@ from pathlib import Path
 from typing import Any
 
 from cheetah.config import Params, to_dict
-from cheetah.io import DataError, atomic_write_json, claim_dir, sha256_file, write_metrics
+from cheetah.io import DataError, atomic_write_json, claim_dir, write_metrics
+from cheetah.model.weights import weights_digest
 from cheetah.progress import StageBar
 from cheetah.tracking import flat_metrics, stage_run
 
@@ -54,8 +55,6 @@ log = logging.getLogger(__name__)
 
 BENCHMARKS = ("demon", "mme")
 REPORT_KIND = "evaluation report"  # the kind of folder `evaluate.out` is (cheetah.io.claim_dir)
-_HASH_WHOLE_LIMIT = 2 << 30  # weight files up to 2 GiB are hashed whole; larger ones by size + head + tail
-_PARTIAL = 16 << 20
 
 
 def default_model_specs(params: Params) -> dict[str, str]:
@@ -82,30 +81,6 @@ def parse_model_specs(items: Sequence[str]) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------------------------
 # Identity of a model (what the prediction journal is tagged with)
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def _file_digest(path: Path) -> str:
-    size = path.stat().st_size
-    if size <= _HASH_WHOLE_LIMIT:
-        return sha256_file(path)
-    h = hashlib.sha256(f"size={size}".encode())
-    with open(path, "rb") as f:
-        h.update(f.read(_PARTIAL))
-        f.seek(size - _PARTIAL)
-        h.update(f.read(_PARTIAL))
-    return "partial:" + h.hexdigest()
-
-
-def weights_digest(directory: str | Path) -> str | None:
-    """SHA-256 over a Hugging Face directory's weight files (names and contents); None without any."""
-    directory = Path(directory)
-    files = sorted(p for p in directory.iterdir() if p.is_file() and p.suffix in (".safetensors", ".bin"))
-    if not files:
-        return None
-    h = hashlib.sha256()
-    for p in files:
-        h.update(f"{p.name}\0{_file_digest(p)}\n".encode())
-    return h.hexdigest()
 
 
 def model_identity(spec: str, model: Any) -> dict[str, Any]:

@@ -8,6 +8,7 @@ its users got garbage output without an error.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable
 from pathlib import Path
@@ -27,6 +28,34 @@ VPGC_KIND = "VPG-C weights"  # the kind of output folder save_vpgc writes (cheet
 
 class IncompatibleWeights(CheetahError, ValueError):
     """VPG-C weights that do not fit the backbone they are being loaded into."""
+
+
+_HASH_WHOLE_LIMIT = 2 << 30  # weight files up to 2 GiB are hashed whole; larger ones by size + head + tail
+_PARTIAL = 16 << 20
+
+
+def _file_digest(path: Path) -> str:
+    size = path.stat().st_size
+    if size <= _HASH_WHOLE_LIMIT:
+        return sha256_file(path)
+    h = hashlib.sha256(f"size={size}".encode())
+    with open(path, "rb") as f:
+        h.update(f.read(_PARTIAL))
+        f.seek(size - _PARTIAL)
+        h.update(f.read(_PARTIAL))
+    return "partial:" + h.hexdigest()
+
+
+def weights_digest(directory: str | Path) -> str | None:
+    """SHA-256 over a Hugging Face directory's weight files (names and contents); None without any."""
+    directory = Path(directory)
+    files = sorted(p for p in directory.iterdir() if p.is_file() and p.suffix in (".safetensors", ".bin"))
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for p in files:
+        h.update(f"{p.name}\0{_file_digest(p)}\n".encode())
+    return h.hexdigest()
 
 
 def card_for(model: Any, trained_template: str | None = None) -> dict[str, Any]:

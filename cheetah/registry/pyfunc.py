@@ -74,7 +74,7 @@ def fetch_backbone(uri: str, digest: str) -> Path:
     import shutil
     import tempfile
 
-    from cheetah.evaluate.run import weights_digest
+    from cheetah.model.weights import weights_digest
 
     cache = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "cheetah") / "backbones" / digest
     if cache.is_dir():
@@ -99,7 +99,7 @@ def log_backbone(directory: str | Path) -> dict[str, str]:
     that reaches the server. Returns {"uri", "sha256"}."""
     from mlflow.tracking import MlflowClient
 
-    from cheetah.evaluate.run import weights_digest
+    from cheetah.model.weights import weights_digest
 
     digest = weights_digest(directory)
     if digest is None:

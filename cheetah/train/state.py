@@ -82,13 +82,13 @@ class _TensorsOnly:
         return load_tensors_only(path, map_location)
 
 
-def fingerprint(params: Params, world: int, data_files: list[Path], engine_config: dict[str, Any] | None = None
-                ) -> str:
-    """What a resumable state depends on: a state written under other settings, data or DeepSpeed config (the
-    merged one the engine runs with) is not resumed."""
+def fingerprint(params: Params, world: int, data_files: list[Path], engine_config: dict[str, Any] | None = None,
+                backbone: str | None = None) -> str:
+    """What a resumable state depends on: a state written under other settings, data, backbone weights (`backbone`:
+    their digest) or DeepSpeed config (the merged one the engine runs with) is not resumed."""
     train = {k: v for k, v in to_dict(params.train).items() if k not in VOLATILE_KEYS}
     key = {"train": train, "model": to_dict(params.model), "world": world,
-           "data": [sha256_file(f) for f in data_files], "deepspeed": engine_config}
+           "data": [sha256_file(f) for f in data_files], "deepspeed": engine_config, "backbone": backbone}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 

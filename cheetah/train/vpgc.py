@@ -32,7 +32,7 @@ from cheetah.io import atomic_write_bytes, atomic_write_json, atomic_write_text,
 from cheetah.model.backbones import load_backbone, random_backbone
 from cheetah.model.prompts import IGNORE_INDEX, PromptBuilder
 from cheetah.model.vpgc import LossReduction, VPGCModel
-from cheetah.model.weights import VPGC_KIND, save_vpgc
+from cheetah.model.weights import VPGC_KIND, save_vpgc, weights_digest
 from cheetah.train import distributed
 from cheetah.train.data import (
     FEATURE_DTYPES,
@@ -203,7 +203,11 @@ def train_vpgc(params: Params, restart: bool = False) -> dict[str, Any]:
                                                    config=ds_config)
 
     # -- resume: the newest intact checkpoint, read as tensors and data only (cheetah/train/state.py) -----------
-    state = TrainingState(cfg.state_dir, cfg.keep_checkpoints, rank, fingerprint(params, world, data_files, ds_config))
+    # The backbone's weights too: a base stage that reran (same architecture, other weights) must not be resumed on.
+    directory = params.model.backbone_dir
+    digest = weights_digest(directory) if directory and not params.model.random_backbone else None
+    state = TrainingState(cfg.state_dir, cfg.keep_checkpoints, rank,
+                          fingerprint(params, world, data_files, ds_config, backbone=digest))
     if restart:
         state.restart()
     start, history, evals, skipped = 0, [], [], []
