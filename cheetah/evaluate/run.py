@@ -291,6 +291,8 @@ def _evaluate(params: Params, specs: Mapping[str, str], benchmark: str, demon_di
         log.info("evaluate: rank %d of %d on %s", ranks.rank, ranks.world, device)
     results: dict[str, dict[str, Any]] = {}
     runs: dict[str, Any] = {}
+    # The embedded MME-format benchmark's primary / detail questions (None for the official release): read once.
+    splits = read_mme_splits(mme_dir) if mme_dir is not None else None
     for name, spec in specs.items():
         model_dir = out / name
         pred_dir = model_dir / "predictions"
@@ -312,13 +314,12 @@ def _evaluate(params: Params, specs: Mapping[str, str], benchmark: str, demon_di
         entry: dict[str, Any] = {"demon": None, "mme": None}
         if demon_dir is not None:
             entry["demon"] = score_demon(demon_dir, pred_dir / "demon",
-                                         datasets=[t.split("/", 1)[1] for t in generated if t.startswith("demon/")],
+                                         datasets=_tasks(generated, "demon"),
                                          option_rule=cfg.demon_option_rule)
             atomic_write_json(model_dir / "demon_scores.json", entry["demon"])
         if mme_dir is not None:
             entry["mme"] = score_mme(pred_dir / "mme")
-            splits = read_mme_splits(mme_dir)
-            if splits:  # the embedded benchmark: primary (large objects) and detail (small objects) questions
+            if splits:
                 entry["mme"]["splits"] = score_mme_splits(pred_dir / "mme", splits)
             atomic_write_json(model_dir / "mme_scores.json", entry["mme"])
         entry["answers"] = _answers(demon_dir, mme_dir, pred_dir, generated)
@@ -329,7 +330,7 @@ def _evaluate(params: Params, specs: Mapping[str, str], benchmark: str, demon_di
     if ranks.rank != 0:
         return {"models": {}, "metrics": {}, "paths": {}, "rank": ranks.rank}
     examples, shown = write_examples(out, {name: out / name / "predictions" for name in specs}, demon_dir, mme_dir)
-    datasets = [t.split("/", 1)[1] for t in next(iter(runs.values()))["generated"] if t.startswith("demon/")]
+    datasets = _tasks(next(iter(runs.values()))["generated"], "demon")
     reference = {"demon": constant_reference(demon_dir, datasets, cfg.demon_option_rule) if demon_dir else {},
                  "mme": MME_CONSTANT_SCORE}
     written = {**write_report(out, results, title="Evaluation: " + ", ".join(specs), sections=[shown],
@@ -354,9 +355,13 @@ def _answers(demon_dir: str | None, mme_dir: str | None, pred_dir: Path, generat
     """How the model answered each task (`cheetah.evaluate.diagnostics`): distinct answers, options chosen, examples."""
     from cheetah.evaluate.diagnostics import demon_answers, mme_answers
 
-    tasks = {b: [t.split("/", 1)[1] for t in generated if t.startswith(b + "/")] for b in BENCHMARKS}
-    return {"demon": demon_answers(demon_dir, pred_dir / "demon", tasks["demon"]) if demon_dir else {},
-            "mme": mme_answers(pred_dir / "mme", tasks["mme"]) if mme_dir else {}}
+    return {"demon": demon_answers(demon_dir, pred_dir / "demon", _tasks(generated, "demon")) if demon_dir else {},
+            "mme": mme_answers(pred_dir / "mme", _tasks(generated, "mme")) if mme_dir else {}}
+
+
+def _tasks(generated: Mapping[str, int], benchmark: str) -> list[str]:
+    """The tasks of `benchmark` among `generate_predictions`' keys ("<benchmark>/<task>")."""
+    return [t.split("/", 1)[1] for t in generated if t.startswith(benchmark + "/")]
 
 
 def provenance(params: Params, runs: Mapping[str, Mapping[str, Any]], root: str | Path = ".") -> dict[str, Any]:
