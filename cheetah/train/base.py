@@ -54,6 +54,7 @@ from cheetah.world import (
     COLORS,
     DIFFERENCE_INSTRUCTIONS,
     EDIT_TYPES,
+    PERCEPTION_KINDS,
     QA,
     SHAPES,
     SIZES,
@@ -73,6 +74,9 @@ from cheetah.world import (
 from cheetah.world.language import CAPTION_TEMPLATES
 
 PRIMARY_KINDS = ("color", "shape", "texture", "position", "background")
+# The Yes/No questions the base is measured on: what captions cover (PERCEPTION_KINDS), and where it is.
+YES_NO_KINDS_ASKED = (*PERCEPTION_KINDS, "position")
+YES_NO_SEED = 20_000  # the held-out questions' own stream, apart from the scenes' and the benchmarks'
 
 
 def primary_questions(scene: Scene) -> list[QA]:
@@ -226,6 +230,48 @@ def caption_quality(backbone: Any, scenes: list[Scene], batch_size: int = 32, ma
     rouge = float(np.mean([max(rouge_l(a, x) for x in r) for a, r in zip(answers, refs)])) * 100
     examples = [{"reference": r[0], "generated": a} for r, a in list(zip(refs, answers))[:5]]
     return {"caption_exact_match": exact, "caption_rouge_l": rouge, "examples": examples, "n": len(scenes)}
+
+
+@torch.no_grad()
+def yes_no_accuracy(backbone: Any, scenes: list[Scene], batch_size: int = 32) -> dict[str, Any]:
+    """Accuracy (%) of greedy Yes/No answers about held-out scenes, per object size and kind of question.
+
+    For every scene, size and kind, one question whose answer is Yes and one whose answer is No (`yes_no_pair`),
+    parsed with the official MME rule: `primary` asks about the large objects (what captions cover), `detail` about
+    the small ones no caption mentions, where a caption-trained model should be near chance. `accuracy` is over
+    PERCEPTION_KINDS (existence, colour, shape, texture, count); `position` is reported beside it (captions do not
+    say where things are). `yes_share`: the share of Yes answers (100 or 0: one constant answer)."""
+    from cheetah.evaluate.generation import Generator, Request
+    from cheetah.evaluate.scoring import parse_yes_no
+    from cheetah.model.vpgc import VPGCModel
+
+    rng = np.random.default_rng([YES_NO_SEED, len(scenes)])
+    asked = []  # (size, kind, question, truth, image)
+    for scene in scenes:
+        image = render(scene).image
+        for size in SIZES:
+            for kind in YES_NO_KINDS_ASKED:
+                yes, no = yes_no_pair(scene, kind, rng, size=size)
+                asked += [(size, kind, yes, "yes", image), (size, kind, no, "no", image)]
+    model = VPGCModel(backbone)  # zero-initialised VPG-C: exactly the backbone
+    generator = Generator(model, batch_size=batch_size, max_new_tokens=4)
+    answers = generator.answer([Request(f"{IMAGE_TOKEN} {q}", [image]) for _, _, q, _, image in asked])
+    model.detach_from_backbone()
+    right = [parse_yes_no(a) == truth for (_, _, _, truth, _), a in zip(asked, answers)]
+    said_yes = [parse_yes_no(a) == "yes" for a in answers]
+
+    def pct(rows: list[int], of: list[bool]) -> float:
+        return round(100.0 * float(np.mean([of[i] for i in rows])), 2)
+
+    out: dict[str, Any] = {}
+    for split, size in (("primary", "large"), ("detail", "small")):
+        rows = [i for i, a in enumerate(asked) if a[0] == size]
+        scored = [i for i in rows if asked[i][1] in PERCEPTION_KINDS]
+        out[split] = {"accuracy": pct(scored, right), "n": len(scored), "yes_share": pct(scored, said_yes),
+                      "kinds": {k: pct([i for i in rows if asked[i][1] == k], right) for k in YES_NO_KINDS_ASKED}}
+    out["examples"] = [{"question": q, "truth": t, "answer": a} for (_, _, q, t, _), a in
+                       list(zip(asked, answers))[:2 * len(YES_NO_KINDS_ASKED)]]
+    return out
 
 
 def _qformer(model: Any, features: torch.Tensor) -> torch.Tensor:
@@ -387,6 +433,7 @@ def pretrain_base(params: Params) -> dict[str, Any]:
         model.requires_grad_(False)
         heldout = list(heldout_scenes(world, cfg.eval_scenes))
         quality = caption_quality(backbone, heldout)
+        yes_no = yes_no_accuracy(backbone, heldout)
         last = [h for h in history if h["phase"] == 2][-20:]
         metrics = {
             "vision_steps": cfg.vision_steps,
@@ -399,12 +446,14 @@ def pretrain_base(params: Params) -> dict[str, Any]:
             "heldout_scenes": quality["n"],
             "caption_exact_match": quality["caption_exact_match"],
             "caption_rouge_l": quality["caption_rouge_l"],
+            "yes_no_primary_accuracy": yes_no["primary"]["accuracy"],
+            "yes_no_detail_accuracy": yes_no["detail"]["accuracy"],
             "parameters": sum(p.numel() for p in model.parameters()),
             "image_examples": len(encoded),
             "chat_examples": len(chat),
         }
         save_backbone(backbone, cfg.out, extra_meta={"init": "pretrain", "base_metrics": metrics}, protect=[source])
-        write_metrics(cfg.metrics, {**metrics, "examples": quality["examples"]})
+        write_metrics(cfg.metrics, {**metrics, "yes_no": yes_no, "examples": quality["examples"]})
         if run is not None:
             import mlflow
 
