@@ -14,14 +14,16 @@ import os
 import sys
 from pathlib import Path
 from collections.abc import Callable
+from typing import Any
 
-from cheetah.config import STUDY_ARMS, ConfigError, Params, load_params, to_dict
+from cheetah.config import STUDY_ARMS, ConfigError, Params, load_params
 from cheetah.errors import EXIT_USER_ERROR, CheetahError
 from cheetah.io import DataError, allow_overwrite
 from cheetah.pipeline import RECEIPT
 from cheetah.pipeline.run import EXIT_STATUS_ENV
 from cheetah.progress import LEVELS, LOG_ENV, configure_logging
-from cheetah.tracking import flat_metrics, stage_run
+from cheetah import stages
+from cheetah.tracking import StageResult, track_stage
 
 
 _USER_FIXABLE_ERRNO = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.EPERM}
@@ -42,23 +44,13 @@ def _print_json(obj: object) -> None:
     print(json.dumps(obj, indent=2, ensure_ascii=False))
 
 
-def _log_results(run: object, results: dict, artifacts: tuple[str, ...] = ()) -> None:
-    """Numbers and files of a stage whose function does not track itself, on its MLflow child run."""
-    if run is None:
-        return
-    import mlflow
-
-    mlflow.log_metrics(flat_metrics(results))
-    for path in artifacts:
-        if Path(path).is_dir():
-            mlflow.log_artifacts(path, artifact_path=Path(path).name)
-        elif Path(path).is_file():
-            mlflow.log_artifact(path)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# model
-# ---------------------------------------------------------------------------------------------------------------
+def _stage(name: str, p: Params, sections: tuple[str, ...], run: Callable[[], StageResult | None],
+           **tracking: Any) -> StageResult | None:
+    """Run a stage (cheetah/stages.py) inside its MLflow run (`track_stage`) and print what it returns."""
+    result = track_stage(name, p, sections, run, **tracking)
+    if result is not None and result.printed is not None:
+        print(result.printed) if isinstance(result.printed, str) else _print_json(result.printed)
+    return result
 
 
 def _cmd_model_summary(args: argparse.Namespace) -> int:
@@ -142,25 +134,10 @@ def _cmd_score_demon(args: argparse.Namespace) -> int:
 
 
 def _cmd_score_report(args: argparse.Namespace) -> int:
-    from cheetah.evaluate.report import write_report
-    from cheetah.io import read_json
+    from cheetah.evaluate.report import read_model_scores, write_report
 
-    results: dict[str, dict[str, object]] = {}
-    for spec in args.models:
-        name, sep, paths = spec.partition("=")
-        if not sep or not name or not paths:
-            raise DataError(f"model spec {spec!r} must look like NAME=scores.json[,scores.json]")
-        entry: dict[str, object] = {}
-        for path in paths.split(","):
-            scores = read_json(path)
-            # `score demon` output has "tasks", `score mme` output has "subtasks".
-            kind = "demon" if isinstance(scores, dict) and "tasks" in scores else \
-                "mme" if isinstance(scores, dict) and "subtasks" in scores else None
-            if kind is None:
-                raise DataError(f"{path}: neither `cheetah score demon` nor `cheetah score mme` output")
-            entry[kind] = scores
-        results[name] = entry
-    written = write_report(args.out, results, metrics_path=args.metrics, metrics_model=args.metrics_model)
+    written = write_report(args.out, read_model_scores(args.models), metrics_path=args.metrics,
+                           metrics_model=args.metrics_model)
     _print_json({k: str(v) for k, v in written.items()})
     return 0
 
@@ -200,42 +177,22 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_base(args: argparse.Namespace) -> int:
-    from cheetah.train.base import base_stage
-
     p = _params(args, {"base.steps": args.steps, "base.out": args.out})
-    _print_json(base_stage(p))
+    _stage("base", p, ("base", "model", "world"), lambda: stages.base(p), system_metrics=True)
     return 0
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from cheetah.train import distributed
-    from cheetah.train.vpgc import micro_batch_size, train_vpgc
-
     p = _params(args, {"train.steps": args.steps, "train.out": args.out, "train.data": args.data,
                        "train.zero_stage": args.zero_stage, "train.precision": args.precision,
                        "model.random_backbone": True if args.random_backbone else None})
     if args.plan:
-        from cheetah.train.plan import plan_memory
-
-        world = args.world_size or distributed.launcher_world_size(p.train.launcher) or 1
-        lengths = args.lengths.split(",")
-        if len(lengths) != 2 or not all(x.isdigit() for x in lengths):
-            raise ConfigError(f"--lengths {args.lengths!r}: expected SYN,CAP token counts, e.g. 128,64")
-        _print_json(plan_memory(p, world, lengths=(int(lengths[0]), int(lengths[1]))))
+        _print_json(stages.train_plan(p, args.world_size, args.lengths))
         return 0
-    if p.train.launcher and not distributed.launched():
-        # `train.launcher`: run this same command under torchrun / deepspeed (what `dvc repro` and the Prefect flow
-        # do), after the checks that would otherwise fail on every rank.
-        world = distributed.launcher_world_size(p.train.launcher)
-        if world:
-            micro_batch_size(p.train, world)
-        return distributed.relaunch(p.train.launcher, args.argv)
-    try:
-        metrics = train_vpgc(p, restart=args.restart)
-    finally:
-        distributed.shutdown()
-    if metrics is not None:
-        _print_json(metrics)
+    status = stages.train_launch(p, args.argv)
+    if status is not None:
+        return status
+    _stage("train", p, ("train", "model"), lambda: stages.train(p, restart=args.restart), system_metrics=True)
     return 0
 
 
@@ -273,14 +230,9 @@ def _add_training(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_world(args: argparse.Namespace) -> int:
-    from cheetah.world import write_corpus
-
     p = _params(args, {"world.out": args.out, "world.n": args.n, "world.seed": args.seed,
                        "world.image_size": args.image_size})
-    with stage_run("world", to_dict(p.world), experiment=p.register.experiment) as run:
-        out = write_corpus(p.world)
-        _log_results(run, {"n": p.world.n})
-    _print_json({"out": str(out), "n": p.world.n, "seed": p.world.seed, "image_size": p.world.image_size})
+    _stage("world", p, ("world",), lambda: stages.world(p))
     return 0
 
 
@@ -294,21 +246,12 @@ def _add_world(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_synthesize(args: argparse.Namespace) -> int:
-    from cheetah.synthesize import synthesize
-    from cheetah.synthesize.contact_sheet import SHEETS_DIR
-    from cheetah.synthesize.pipeline import default_backbone
-
     p = _params(args, {"synthesize.source": args.source, "synthesize.out": args.out, "synthesize.n": args.n,
                        "synthesize.captions": args.captions, "synthesize.seed": args.seed,
                        "synthesize.workers": args.workers, "synthesize.selector": args.selector,
                        "synthesize.executor": args.executor, "synthesize.address": args.address,
                        "synthesize.shard_size": args.shard_size})
-    backbone = default_backbone(p, args.backbone)
-    with stage_run("synthesize", to_dict(p.synthesize), experiment=p.register.experiment) as run:
-        stats = synthesize(p.synthesize, backbone)
-        _log_results(run, {k: v for k, v in stats.items() if k != "settings"},
-                     (str(Path(p.synthesize.out) / "stats.json"), str(Path(p.synthesize.out) / SHEETS_DIR)))
-    _print_json({k: v for k, v in stats.items() if k != "settings"})
+    _stage("synthesize", p, ("synthesize", "model"), lambda: stages.synthesize(p, args.backbone))
     return 0
 
 
@@ -330,17 +273,12 @@ def _add_synthesize(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from cheetah.validate import run_suite
-
     p = _params(args, {"validate.docs_dir": args.docs_dir, "validate.image_size": args.image_size})
-    with stage_run(f"validate-{args.suite}", to_dict(p.validate) | {"suite": args.suite, "path": args.path},
-                   experiment=p.register.experiment) as run:
-        result = run_suite(args.suite, args.path, p.validate, docs=not args.no_docs)
-        _log_results(run, {"success": int(result.success), "failed_expectations": len(result.failures)},
-                     (str(Path(p.validate.docs_dir) / (args.suite if result.success else f"{args.suite}-failed")),))
-    print(result.summary())
+    result = _stage(f"validate-{args.suite}", p, ("validate",),
+                    lambda: stages.validate(p, args.suite, args.path, docs=not args.no_docs),
+                    extra_params={"suite": args.suite, "path": args.path})
     # A failed suite is bad input, like a malformed record elsewhere: exit 2, which the Prefect flow never retries.
-    return 0 if result.success else EXIT_USER_ERROR
+    return 0 if result is not None and result.metrics["success"] else EXIT_USER_ERROR
 
 
 def _add_validate(sub: argparse._SubParsersAction) -> None:
@@ -360,35 +298,19 @@ def _add_validate(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from cheetah.evaluate.run import evaluate, parse_model_specs
-
-    flags: dict[str, object] = {"evaluate.batch_size": args.batch_size, "evaluate.device": args.device,
-                                "evaluate.out": args.out, "evaluate.metrics": args.metrics,
-                                "evaluate.decoding": args.decoding}
-    if args.data_dir is not None:
-        if args.benchmark == "all":
-            raise DataError("--data-dir needs --benchmark demon or --benchmark mme (it replaces that one's folder)")
-        flags[f"evaluate.{args.benchmark}_dir"] = args.data_dir
-    p = _params(args, flags)
-    specs = parse_model_specs(args.model) if args.model else None
-    result = evaluate(p, specs, benchmark=args.benchmark, restart=args.restart, track=not args.no_track)
-    if result.get("rank", 0) == 0:  # under torchrun, rank 0 has the results
-        _print_json({"metrics": result["metrics"], "paths": result["paths"]})
+    p = _params(args, {"evaluate.batch_size": args.batch_size, "evaluate.device": args.device,
+                       "evaluate.out": args.out, "evaluate.metrics": args.metrics, "evaluate.decoding": args.decoding})
+    _stage("evaluate", p, ("evaluate", "model"),
+           lambda: stages.evaluate(p, args.model, args.benchmark, args.data_dir, restart=args.restart),
+           enabled=not args.no_track, system_metrics=True, extra_params={"models": ",".join(args.model or []) or "default"})
     return 0
 
 
 def _cmd_benchmarks(args: argparse.Namespace) -> int:
-    from cheetah.evaluate.embedded import write_embedded_benchmarks
-
     p = _params(args, {"evaluate.demon_per_task": args.demon_per_task,
                        "evaluate.mme_per_subtask": args.mme_per_subtask})
-    # Written under world.benchmarks unless told otherwise: never into the real benchmarks evaluate.* may name.
-    p.evaluate.demon_dir = args.demon_dir or f"{p.world.benchmarks}/demon"
-    p.evaluate.mme_dir = args.mme_dir or f"{p.world.benchmarks}/mme"
-    with stage_run("benchmarks", {"world": to_dict(p.world), "demon_per_task": p.evaluate.demon_per_task,
-                                  "mme_per_subtask": p.evaluate.mme_per_subtask}, experiment=p.register.experiment):
-        written = write_embedded_benchmarks(p.world, p.evaluate)
-    _print_json({k: str(v) for k, v in written.items()})
+    _stage("benchmarks", p, ("world",), lambda: stages.benchmarks(p, args.demon_dir, args.mme_dir),
+           extra_params={"demon_per_task": p.evaluate.demon_per_task, "mme_per_subtask": p.evaluate.mme_per_subtask})
     return 0
 
 
@@ -451,11 +373,9 @@ def _add_study(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_register(args: argparse.Namespace) -> int:
-    from cheetah.registry import register
-
     p = _params(args, {"register.model_name": args.model_name, "register.metric": args.metric,
                        "register.margin": args.margin})
-    _print_json(register(p, metrics_path=args.metrics, vpgc_dir=args.vpgc_dir, out=args.out))
+    _stage("register", p, ("register",), lambda: stages.register(p, args.metrics, args.vpgc_dir, args.out))
     return 0
 
 

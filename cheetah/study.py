@@ -24,7 +24,6 @@ why a command rather than a DVC experiment queue or a Prefect flow: docs/study.m
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -33,7 +32,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -147,20 +146,6 @@ class Steps:
         atomic_write_json(path, {"step": name, "fingerprint": fp, "seconds": seconds})
         self.ran.append(name)
         self.seconds[name] = seconds
-
-
-@contextlib.contextmanager
-def _untracked() -> Iterator[None]:
-    """The stage functions log MLflow runs of their own; in a study the arm's child run records what matters."""
-    before = os.environ.get("CHEETAH_TRACKING")
-    os.environ["CHEETAH_TRACKING"] = "0"
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop("CHEETAH_TRACKING", None)
-        else:
-            os.environ["CHEETAH_TRACKING"] = before
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -337,35 +322,34 @@ def run_study(params: Params, root: str | Path = ".", restart: bool = False, tra
         folder = work / f"seed{seed}"
         p = _seeded(params, seed, folder)
         fp: dict[str, str] = {}
-        with _untracked():
-            fp["base"] = fingerprint(code["base"], corpus, to_dict(p.world), to_dict(p.base), p.model.preset)
-            steps.run(f"seed{seed}/base", fp["base"], lambda stale: pretrain_base(p))
-            for selector in sorted({ARMS[a].data for a in arms if ARMS[a].data}):
-                syn = dataclasses.replace(p.synthesize, selector=selector, out=str(folder / f"synthetic-{selector}"))
-                fp[selector] = fingerprint(code["synthesize"], fp["base"], to_dict(syn))
-                steps.run(f"seed{seed}/synthetic-{selector}", fp[selector],
-                          lambda stale, syn=syn: synthesize(syn, p.base.out if syn.selector == "attention" else None))
-            for arm in [a for a in arms if ARMS[a].data]:
-                pa = _arm_train(p, arm, folder)
-                fp[arm] = fingerprint(code["train"], fp[ARMS[arm].data], to_dict(pa.train), to_dict(pa.model))
-                steps.run(f"seed{seed}/{arm}", fp[arm], lambda stale, pa=pa: train_vpgc(pa, restart=stale))
-            for blank in (False, True):
-                names = [a for a in arms if ARMS[a].blank == blank]
-                if not names:
-                    continue
-                bench_dir = work / ("benchmarks-blank" if blank else "benchmarks")
-                out = folder / ("eval-blind" if blank else "eval")
-                pe = dataclasses.replace(p, evaluate=dataclasses.replace(
-                    ev, demon_dir=str(bench_dir / "demon"), mme_dir=str(bench_dir / "mme"), out=str(out),
-                    metrics=str(out.with_suffix(".json"))))
-                specs = {a: (p.base.out if a == "base" else
-                             str(folder / (ARMS[a].weights_of or a) / "vpgc")) for a in names}
-                models = {a: fp["base" if a == "base" else ARMS[a].weights_of or a] for a in names}
-                fp_eval = fingerprint(code["evaluate"], fp_bench, blank, to_dict(pe.evaluate), models)
-                steps.run(f"seed{seed}/{out.name}", fp_eval,
-                          lambda stale, pe=pe, specs=specs: evaluate(pe, specs, restart=stale, track=False))
-                for a in names:
-                    cells[a][seed] = _cell(out, a)
+        fp["base"] = fingerprint(code["base"], corpus, to_dict(p.world), to_dict(p.base), p.model.preset)
+        steps.run(f"seed{seed}/base", fp["base"], lambda stale: pretrain_base(p))
+        for selector in sorted({ARMS[a].data for a in arms if ARMS[a].data}):
+            syn = dataclasses.replace(p.synthesize, selector=selector, out=str(folder / f"synthetic-{selector}"))
+            fp[selector] = fingerprint(code["synthesize"], fp["base"], to_dict(syn))
+            steps.run(f"seed{seed}/synthetic-{selector}", fp[selector],
+                      lambda stale, syn=syn: synthesize(syn, p.base.out if syn.selector == "attention" else None))
+        for arm in [a for a in arms if ARMS[a].data]:
+            pa = _arm_train(p, arm, folder)
+            fp[arm] = fingerprint(code["train"], fp[ARMS[arm].data], to_dict(pa.train), to_dict(pa.model))
+            steps.run(f"seed{seed}/{arm}", fp[arm], lambda stale, pa=pa: train_vpgc(pa, restart=stale))
+        for blank in (False, True):
+            names = [a for a in arms if ARMS[a].blank == blank]
+            if not names:
+                continue
+            bench_dir = work / ("benchmarks-blank" if blank else "benchmarks")
+            out = folder / ("eval-blind" if blank else "eval")
+            pe = dataclasses.replace(p, evaluate=dataclasses.replace(
+                ev, demon_dir=str(bench_dir / "demon"), mme_dir=str(bench_dir / "mme"), out=str(out),
+                metrics=str(out.with_suffix(".json"))))
+            specs = {a: (p.base.out if a == "base" else
+                         str(folder / (ARMS[a].weights_of or a) / "vpgc")) for a in names}
+            models = {a: fp["base" if a == "base" else ARMS[a].weights_of or a] for a in names}
+            fp_eval = fingerprint(code["evaluate"], fp_bench, blank, to_dict(pe.evaluate), models)
+            steps.run(f"seed{seed}/{out.name}", fp_eval,
+                      lambda stale, pe=pe, specs=specs: evaluate(pe, specs, restart=stale))
+            for a in names:
+                cells[a][seed] = _cell(out, a)
         for arm in arms:
             extra[arm][seed] = _arm_record(folder, arm)
 
