@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from cheetah.config import Params, to_dict
+from cheetah.formats import SOURCE_CAPTIONS, SOURCE_SCENES
 from cheetah.evaluate.demon import CATEGORIES
 from cheetah.io import DataError, atomic_dir, atomic_write_bytes, atomic_write_json, atomic_write_text, read_json, \
     write_metrics
@@ -267,7 +268,7 @@ def _arm_train(p: Params, arm: str, folder: Path) -> Params:
 
 def _corpus_digest(source: Path) -> str:
     h = hashlib.sha256()
-    for name in ("captions.jsonl", "scenes.jsonl"):
+    for name in (SOURCE_CAPTIONS, SOURCE_SCENES):
         if (source / name).is_file():
             h.update(name.encode() + b"\0" + (source / name).read_bytes())
     return h.hexdigest()
@@ -295,7 +296,7 @@ def run_study(params: Params, root: str | Path = ".", restart: bool = False, tra
     arms = needed_arms(cfg.arms)
     work = Path(cfg.work)
     source = Path(params.world.out)
-    if not (source / "captions.jsonl").is_file():
+    if not (source / SOURCE_CAPTIONS).is_file():
         from cheetah.pipeline import ensure_source
 
         ensure_source(params, root)

@@ -40,8 +40,8 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from cheetah.config import ConfigError, Params
-from cheetah.formats import IMAGE_TOKEN
-from cheetah.io import (DataError, atomic_dir, atomic_write_json, check_output, read_json, read_jsonl, safe_join,
+from cheetah.formats import IMAGE_TOKEN, SOURCE_CAPTIONS, SOURCE_SCENES, read_records, source_problem
+from cheetah.io import (DataError, atomic_dir, atomic_write_json, check_output, read_json, safe_join,
                         write_metrics)
 from cheetah.model.backbones import BACKBONE_KIND, build_backbone, load_backbone, save_backbone
 from cheetah.model.prompts import PromptBuilder
@@ -86,7 +86,7 @@ def _image_examples(source: Path, records: list[dict[str, Any]], scenes: dict[st
     rng = np.random.default_rng(seed)
     paths, examples = [], []
     for i, rec in enumerate(records):
-        paths.append(safe_join(source, rec["image"], what=f"{source / 'captions.jsonl'} id={rec['id']}: image"))
+        paths.append(safe_join(source, rec["image"], what=f"{source / SOURCE_CAPTIONS} (id {rec['id']!r}): image"))
         prompt = CAPTION_PROMPTS[int(rng.integers(len(CAPTION_PROMPTS)))]
         examples.append((i, prompt, rec["caption"]))
         scene = scenes[rec["id"]]
@@ -101,16 +101,11 @@ def _image_examples(source: Path, records: list[dict[str, Any]], scenes: dict[st
 
 def _read_source(source: Path) -> tuple[list[dict[str, Any]], dict[str, Scene]]:
     """The corpus' caption records and the scene graph of every one of them (the base stage learns from both)."""
-    records = read_jsonl(source / "captions.jsonl")
-    for i, rec in enumerate(records):
-        for field in ("id", "image", "caption"):
-            if not isinstance(rec.get(field), str) or not rec[field]:
-                raise DataError(f"{source / 'captions.jsonl'}: record {i + 1} (id={rec.get('id')!r}): "
-                                f"field {field!r} missing or empty")
-    scenes = read_scenes(source / "scenes.jsonl")
+    records = [rec for _, rec in read_records(source / SOURCE_CAPTIONS, source_problem)]
+    scenes = read_scenes(source / SOURCE_SCENES)
     missing = [r["id"] for r in records if r["id"] not in scenes]
     if missing:
-        raise DataError(f"{source / 'scenes.jsonl'}: no scene graph for image id(s) {missing[:5]} (the base stage "
+        raise DataError(f"{source / SOURCE_SCENES}: no scene graph for image id(s) {missing[:5]} (the base stage "
                         "learns from the world's scene graphs)")
     return records, scenes
 

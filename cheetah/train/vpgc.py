@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from cheetah.config import ConfigError, Params, TrainConfig
 from cheetah.errors import DivergenceError
+from cheetah.formats import SYNTHETIC_CAPTIONS, SYNTHETIC_PAIRS
 from cheetah.io import atomic_write_bytes, atomic_write_json, atomic_write_text, check_output, claim_dir, write_metrics
 from cheetah.model.backbones import load_backbone, random_backbone
 from cheetah.model.prompts import IGNORE_INDEX, PromptBuilder
@@ -172,7 +173,7 @@ def train_vpgc(params: Params, restart: bool = False) -> dict[str, Any]:
     # Examples are indexed, not loaded; the vision features of every image are computed once, before the first
     # step (a share on each rank when they go to disk); DataLoader workers build each step's batches.
     data = Path(cfg.data)
-    data_files = [data / "synthetic.jsonl", data / "captions.jsonl"]
+    data_files = [data / SYNTHETIC_PAIRS, data / SYNTHETIC_CAPTIONS]
     synthetic, captions = (ExampleFile(f) for f in data_files)
     train_syn, heldout = synthetic.split(cfg.heldout_fraction)
     train_cap, _ = captions.split(cfg.heldout_fraction)
