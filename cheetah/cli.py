@@ -358,8 +358,8 @@ def _cmd_study(args: argparse.Namespace) -> int:
 def _add_study(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("study", help="the ablation study (paper Table 4 in miniature): every arm trained and "
                                      "evaluated per seed, mean and 95%% CI (params: study and the stages'); resumes",
-                       description="Arms: base, vpgc_captions, vpgc_synthetic, vpgc_random_target, blind "
-                                   "(cheetah/study.py). Steps already done with the same inputs are reused.")
+                       description=f"Arms: {', '.join(STUDY_ARMS)} (cheetah/study.py). Steps already done with "
+                                   "the same inputs are reused.")
     s.add_argument("--seeds", type=int, nargs="+", help="seeds (default: study.seeds)")
     s.add_argument("--arms", nargs="+", choices=list(STUDY_ARMS), help="arms (default: study.arms)")
     s.add_argument("--restart", action="store_true", help="redo every step instead of reusing finished ones")

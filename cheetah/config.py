@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import ConfigDict, Field, ValidationError, model_validator
@@ -364,8 +364,9 @@ class RegisterConfig:
     """The challenger becomes champion only if it beats the champion's metric by more than this."""
 
 
-STUDY_ARMS: tuple[str, ...] = ("base", "vpgc_captions", "vpgc_synthetic", "vpgc_random_target", "blind")
-"""The arms of the ablation study (cheetah/study.py ARMS says what each is)."""
+StudyArm = Literal["base", "vpgc_captions", "vpgc_synthetic", "vpgc_random_target", "blind"]
+"""An arm of the ablation study (cheetah/study.py ARMS says what each is, in this order)."""
+STUDY_ARMS: tuple[str, ...] = get_args(StudyArm)
 
 
 @dataclass(config=_STRICT)
@@ -376,8 +377,7 @@ class StudyConfig:
     seeds: list[int] = dataclasses.field(default_factory=lambda: [0, 1, 2])
     """One run of every arm per seed; a seed sets base.seed, synthesize.seed and train.seed (the corpus and the
     benchmarks stay the same)."""
-    arms: list[Literal["base", "vpgc_captions", "vpgc_synthetic", "vpgc_random_target", "blind"]] = \
-        dataclasses.field(default_factory=lambda: list(STUDY_ARMS))
+    arms: list[StudyArm] = dataclasses.field(default_factory=lambda: list(STUDY_ARMS))
     """Which arms to run (the ones an arm needs run too: `blind` evaluates the `vpgc_synthetic` weights)."""
     work: str = "data/study"
     """Per seed: the backbone, synthetic data, weights and evaluations; what is there and current is reused."""

@@ -36,7 +36,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from cheetah.config import Params, to_dict
+from cheetah.config import STUDY_ARMS, Params, to_dict
 from cheetah.formats import SOURCE_CAPTIONS, SOURCE_SCENES
 from cheetah.evaluate.demon import CATEGORIES
 from cheetah.io import DataError, atomic_dir, atomic_write_bytes, atomic_write_json, atomic_write_text, read_json, \
@@ -69,6 +69,7 @@ ARMS: dict[str, Arm] = {
     "vpgc_random_target": Arm("(d) VPG-C, captions + synthetic (random targets)", data="random"),
     "blind": Arm("(e) blind: (c) on blank images", weights_of="vpgc_synthetic", blank=True),
 }
+assert tuple(ARMS) == STUDY_ARMS, f"ARMS must describe every arm of cheetah.config.StudyArm, in order: {STUDY_ARMS}"
 DETAIL_CATEGORIES = ("visual_relation_inference", "multi_image_reasoning")
 """The DEMON-format categories whose tasks hinge on the small objects (the edits and the questions are about them)."""
 MME_SPLITS = ("primary", "detail")

@@ -56,3 +56,22 @@ def test_template_names_are_the_prompt_templates():
 
     names = typing.get_args(typing.get_args(typing.get_type_hints(ModelConfig)["template"])[0])
     assert set(names) == set(TEMPLATES)
+
+
+def test_the_study_arms_are_defined_once():
+    """One Literal (cheetah.config.StudyArm): the tuple, the config's accepted values, study.py's table and the CLI's
+    choices all come from it."""
+    from typing import get_args
+
+    from cheetah.cli import build_parser
+    from cheetah.config import STUDY_ARMS, StudyArm, StudyConfig
+    from cheetah.study import ARMS
+
+    assert STUDY_ARMS == get_args(StudyArm) == tuple(ARMS) and len(STUDY_ARMS) == 5
+    assert StudyConfig().arms == list(STUDY_ARMS)
+    with pytest.raises(ConfigError, match="study.arms.0: Input should be 'base'"):
+        load_params(None, ["study.arms=[bogus]"])
+    study = build_parser()._subparsers._group_actions[0].choices["study"]
+    arms = next(a for a in study._actions if a.dest.endswith("arms"))
+    assert tuple(arms.choices) == STUDY_ARMS
+    assert all(arm in study.description for arm in STUDY_ARMS)
