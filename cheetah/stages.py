@@ -69,13 +69,9 @@ def base(p: Params) -> StageResult:
 
 def train(p: Params, restart: bool = False) -> StageResult | None:
     """`cheetah train` on this rank: VPG-C weights in `train.out`, the learning curve; None on ranks other than 0."""
-    from cheetah.train import distributed
     from cheetah.train.vpgc import train_vpgc
 
-    try:
-        metrics = train_vpgc(p, restart=restart)
-    finally:
-        distributed.shutdown()
+    metrics = train_vpgc(p, restart=restart)
     if metrics is None:
         return None
     cfg = p.train

@@ -129,13 +129,20 @@ def _full_fp32(model: VPGCModel) -> dict[str, torch.Tensor]:
     return out
 
 
-def train_vpgc(params: Params, restart: bool = False) -> dict[str, Any]:
+def train_vpgc(params: Params, restart: bool = False) -> dict[str, Any] | None:
     """Train VPG-C per `params.train` on the backbone of `params.model`; returns the final metrics (on rank 0).
 
     Resumes from the newest intact checkpoint in `train.state_dir` unless `restart` (which removes them first).
-    Joins the process group (creating a one-process group when not launched by torchrun/deepspeed) and leaves
-    it up, so several runs can share one process; the CLI tears it down at exit (`distributed.shutdown`).
+    Joins the process group (creating a one-process group when not launched by torchrun/deepspeed) and leaves it
+    at the end, so nothing of it outlives the run (`distributed.shutdown`).
     """
+    try:
+        return _train(params, restart)
+    finally:
+        distributed.shutdown()
+
+
+def _train(params: Params, restart: bool) -> dict[str, Any] | None:
     import deepspeed
 
     cfg = params.train
