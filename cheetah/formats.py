@@ -40,6 +40,9 @@ SYNTHETIC_CAPTIONS = "captions.jsonl"
 DEMON_SPLIT_FILE = "core/core.json"
 """A DEMON task's file under `<root>/<Dataset>/` (`full/full.json` for DEMON-Full)."""
 
+DATASETS = ("source", "synthetic", "demon", "mme")
+"""The kinds of data folder above, one validation suite each (`cheetah validate <kind> PATH`)."""
+
 Record = dict[str, Any]
 Check = Callable[[Record], "str | None"]
 

@@ -129,11 +129,16 @@ def track_stage(stage: str, params: Any, sections: Sequence[str], run: Callable[
                 enabled: bool = True, system_metrics: bool = False,
                 extra_params: Mapping[str, Any] | None = None) -> StageResult | None:
     """Run one stage inside its MLflow run (`stage_run`) and log what it returns: the params of `sections` of
-    `params` (a `cheetah.config.Params`) and `extra_params`, the metrics flattened, the artifacts. Only rank 0 of a
+    `params` (a `cheetah.config.Params`; "section" or "section.field") and `extra_params`, the metrics flattened, the artifacts. Only rank 0 of a
     distributed job tracks (the others have no run)."""
     from cheetah.config import to_dict
 
-    logged = {name: to_dict(getattr(params, name)) for name in sections} | dict(extra_params or {})
+    logged: dict[str, Any] = {}
+    for spec in sections:  # "train" (the section) or "evaluate.demon_per_task" (one field of it)
+        section, _, field = spec.partition(".")
+        values = to_dict(getattr(params, section))
+        logged.setdefault(section, {}).update({field: values[field]} if field else values)
+    logged |= dict(extra_params or {})
     rank0 = os.environ.get("RANK", "0") == "0"
     with stage_run(stage, logged, experiment=params.register.experiment, enabled=enabled and rank0,
                    system_metrics=system_metrics) as active:

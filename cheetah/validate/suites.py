@@ -26,6 +26,7 @@ from cheetah.config import ValidateConfig
 from cheetah.evaluate import demon, mme
 from cheetah.io import DataError
 from cheetah.formats import (
+    DATASETS,
     DEMON_SPLIT_FILE,
     SOURCE_CAPTIONS,
     SYNTHETIC_CAPTIONS,
@@ -39,7 +40,7 @@ from cheetah.formats import (
 from cheetah.validate.checks import Images, common_size, demon_placeholder_problem, edit_problem, joined
 from cheetah.world.language import EDIT_TYPES
 
-SUITES = ("source", "synthetic", "demon", "mme")
+SUITES = DATASETS
 INLINE_CHOICES = re.compile(r"choice list\s*:\s*\[", re.IGNORECASE)
 
 
