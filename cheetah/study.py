@@ -76,12 +76,12 @@ MME_SPLITS = ("primary", "detail")
 # The code each step runs, as dvc.yaml lists it for the stage: a change there makes the step's results stale.
 STEP_CODE: dict[str, tuple[str, ...]] = {
     "benchmarks": ("cheetah/world", "cheetah/evaluate/embedded.py", "cheetah/evaluate/demon.py",
-                   "cheetah/evaluate/mme.py", "cheetah/study.py"),
-    "base": ("cheetah/world", "cheetah/model", "cheetah/train/base.py"),
-    "synthesize": ("cheetah/synthesize", "cheetah/world", "cheetah/model"),
+                   "cheetah/evaluate/mme.py", "cheetah/formats.py", "cheetah/study.py"),
+    "base": ("cheetah/world", "cheetah/model", "cheetah/train/base.py", "cheetah/formats.py"),
+    "synthesize": ("cheetah/synthesize", "cheetah/world", "cheetah/model", "cheetah/formats.py"),
     "train": ("cheetah/train/vpgc.py", "cheetah/train/data.py", "cheetah/train/distributed.py",
-              "cheetah/train/state.py", "cheetah/model"),
-    "evaluate": ("cheetah/evaluate", "cheetah/model"),
+              "cheetah/train/state.py", "cheetah/model", "cheetah/formats.py"),
+    "evaluate": ("cheetah/evaluate", "cheetah/model", "cheetah/formats.py"),
 }
 BLANK_RGB = (122, 116, 104)
 """The blank image: the CLIP normalisation mean (BLIP's image processors), i.e. all zeros once normalised."""
@@ -319,7 +319,6 @@ def run_study(params: Params, root: str | Path = ".", restart: bool = False, tra
 
     cells: dict[str, dict[int, dict[str, Any]]] = {a: {} for a in arms}
     extra: dict[str, dict[int, dict[str, Any]]] = {a: {} for a in arms}
-    # One process; training leaves its one-process group up for the next arm (cheetah.train.vpgc.train_vpgc).
     for seed in cfg.seeds:
         folder = work / f"seed{seed}"
         p = _seeded(params, seed, folder)
