@@ -30,9 +30,11 @@ run: setup
 	$(VENV)/bin/cheetah pipeline run
 
 # Two pytest-xdist workers, one per core of the CI machine; whole files per worker, so a file's module fixtures
-# (a pipeline run, a Prefect server) are built once. `pytest tests/x.py` alone runs in one process.
+# (a pipeline run, a Prefect server) are built once. `pytest tests/x.py` alone runs in one process. In file order
+# (pytest-randomly off): the tests also pass shuffled (`-p randomly`, README "Tests"), but a fixed order keeps the
+# slow files first and the timing stable.
 test: setup
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PY) -m pytest -q -n 2 --dist loadfile -p no:randomly
 
 # The committed dvc.lock, data.dvc and metrics/ are those of the committed code and parameters (what .ci/run enforces).
 check: setup

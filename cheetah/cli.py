@@ -1,7 +1,9 @@
 """`cheetah <command>`: the one entry point used by people, `dvc.yaml` and the Prefect flow.
 
-Each command reads its section of `params.yaml` (`--params`), applies `--set section.key=value` overrides and its
-own flags, then calls the stage's public function. Nothing here holds logic of its own.
+Each command reads the sections of `params.yaml` (`--params`) it needs, applies `--set section.key=value`
+overrides and then its options, which are generated from those sections' fields (`--train.steps`, with the field's
+docstring as help; cheetah/options.py), and calls the stage's function (cheetah/stages.py) inside its MLflow run.
+Nothing here holds logic of its own.
 """
 
 from __future__ import annotations
@@ -14,14 +16,17 @@ import os
 import sys
 from pathlib import Path
 from collections.abc import Callable
+from typing import Any
 
-from cheetah.config import STUDY_ARMS, ConfigError, Params, load_params, to_dict
+from cheetah.config import STUDY_ARMS, ConfigError, Params, load_params
 from cheetah.errors import EXIT_USER_ERROR, CheetahError
+from cheetah.formats import DATASETS
 from cheetah.io import DataError, allow_overwrite
 from cheetah.pipeline import RECEIPT
 from cheetah.pipeline.run import EXIT_STATUS_ENV
 from cheetah.progress import LEVELS, LOG_ENV, configure_logging
-from cheetah.tracking import flat_metrics, stage_run
+from cheetah import options, stages
+from cheetah.tracking import StageResult, track_stage
 
 
 _USER_FIXABLE_ERRNO = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.EPERM}
@@ -29,43 +34,51 @@ OVERWRITE_HELP = ("let an output folder replace files its stage did not write (r
                   "files are listed in the new folder's .cheetah-output.json")
 
 
-def _params(args: argparse.Namespace, flag_overrides: dict[str, object] | None = None) -> Params:
-    """params.yaml + `--set` overrides + explicit flags (flags win; a flag left at None is not an override)."""
-    overrides = list(args.set or [])
-    for key, value in (flag_overrides or {}).items():
-        if value is not None:
-            overrides.append(f"{key}={json.dumps(value)}")
-    return load_params(args.params, overrides)
+def _params(args: argparse.Namespace) -> Params:
+    """params.yaml + `--set` overrides + the config options given (they win)."""
+    return load_params(args.params, [*(args.set or []), *options.overrides(args)])
+
+
+def _command(sub: argparse._SubParsersAction, name: str, sections: tuple[str, ...] = (),
+             aliases: dict[str, str] | None = None, **kwargs: Any) -> argparse.ArgumentParser:
+    """A command whose options are the fields of the config `sections` it reads (`aliases`: short names kept)."""
+    parser = sub.add_parser(name, **kwargs)
+    options.add_config_options(parser, sections, aliases)
+    return parser
 
 
 def _print_json(obj: object) -> None:
     print(json.dumps(obj, indent=2, ensure_ascii=False))
 
 
-def _log_results(run: object, results: dict, artifacts: tuple[str, ...] = ()) -> None:
-    """Numbers and files of a stage whose function does not track itself, on its MLflow child run."""
-    if run is None:
-        return
-    import mlflow
+# The sections of params.yaml each stage's command reads: its options (`--section.field`) and the params logged
+# with its MLflow run.
+STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
+    "world": ("world",),
+    "base": ("base", "world", "model"),
+    "synthesize": ("synthesize", "model"),
+    "validate": ("validate",),
+    "train": ("train", "model"),
+    "benchmarks": ("world", "evaluate.demon_per_task", "evaluate.mme_per_subtask"),
+    "evaluate": ("evaluate", "model"),
+    "register": ("register",),
+}
 
-    mlflow.log_metrics(flat_metrics(results))
-    for path in artifacts:
-        if Path(path).is_dir():
-            mlflow.log_artifacts(path, artifact_path=Path(path).name)
-        elif Path(path).is_file():
-            mlflow.log_artifact(path)
 
-
-# ---------------------------------------------------------------------------------------------------------------
-# model
-# ---------------------------------------------------------------------------------------------------------------
+def _stage(name: str, p: Params, run: Callable[[], StageResult | None], run_name: str | None = None,
+           **tracking: Any) -> StageResult | None:
+    """Run a stage (cheetah/stages.py) inside its MLflow run (`track_stage`) and print what it returns."""
+    result = track_stage(run_name or name, p, STAGE_SECTIONS[name], run, **tracking)
+    if result is not None and result.printed is not None:
+        print(result.printed) if isinstance(result.printed, str) else _print_json(result.printed)
+    return result
 
 
 def _cmd_model_summary(args: argparse.Namespace) -> int:
     from cheetah.model.backbones import load_backbone
     from cheetah.model.vpgc import VPGCModel
 
-    p = _params(args, {"model.update_layer": args.update_layer})
+    p = _params(args)
     backbone = load_backbone(args.preset or p.model.preset, device="meta" if args.meta else "cpu",
                              random_init=args.random or args.meta, backbone_dir=args.backbone_dir)
     model = VPGCModel(backbone, update_layer=p.model.update_layer)
@@ -89,14 +102,15 @@ def _cmd_model_import(args: argparse.Namespace) -> int:
 
 def _add_model(sub: argparse._SubParsersAction) -> None:
     model = sub.add_parser("model", help="backbones and VPG-C: summary, import of the official checkpoints")
-    msub = model.add_subparsers(dest="model_command", required=True)
+    msub = model.add_subparsers(dest="model_command", required=True, metavar="MODEL_COMMAND", help="what to do")
 
-    s = msub.add_parser("summary", help="print parameter counts and VPG-C settings as JSON")
+    s = _command(msub, "summary", ("model.update_layer",), {"update-layer": "model.update_layer"},
+                 help="print parameter counts and VPG-C settings as JSON")
     s.add_argument("--preset", help="preset name or local backbone directory (default: model.preset)")
-    s.add_argument("--backbone-dir", help="load the preset's weights from this directory")
+    s.add_argument("--backbone-dir", help="load the preset's weights from this directory (default: none; with "
+                                          "--meta or --random none is needed)")
     s.add_argument("--meta", action="store_true", help="build on the meta device: counts without allocating weights")
     s.add_argument("--random", action="store_true", help="random weights instead of loading a directory")
-    s.add_argument("--update-layer", type=int)
     s.set_defaults(func=_cmd_model_summary)
 
     i = msub.add_parser("import", help="convert the official Cheetah release into a backbone dir + VPG-C weights")
@@ -104,12 +118,14 @@ def _add_model(sub: argparse._SubParsersAction) -> None:
     i.add_argument("--eva-vit", required=True, help="LAVIS eva_vit_g.pth")
     i.add_argument("--qformer", required=True, help="LAVIS blip2_pretrained_flant5xxl.pth (Q-Former + ln_vision)")
     i.add_argument("--llm", required=True, help="LLaMA/Vicuna directory in Hugging Face format")
-    i.add_argument("--out-backbone", required=True)
-    i.add_argument("--out-vpgc", required=True)
+    i.add_argument("--out-backbone", required=True, help="folder for the converted backbone (a Hugging Face "
+                                                          "InstructBLIP directory with its tokenizer)")
+    i.add_argument("--out-vpgc", required=True, help="folder for the converted VPG-C weights and their card")
     i.add_argument("--template", choices=["vicuna", "llama2"], default=None,
                    help="official chat rendering of the LLM (default: detected from it, and printed)")
-    i.add_argument("--update-layer", type=int, default=None)
-    i.add_argument("--image-size", type=int, default=224)
+    i.add_argument("--update-layer", type=int, default=None,
+                   help="LLM layer VPG-C corrects (default: the checkpoint's, else L/2)")
+    i.add_argument("--image-size", type=int, default=224, help="input resolution of the ViT (default: %(default)s)")
     i.set_defaults(func=_cmd_model_import)
 
 
@@ -142,32 +158,18 @@ def _cmd_score_demon(args: argparse.Namespace) -> int:
 
 
 def _cmd_score_report(args: argparse.Namespace) -> int:
-    from cheetah.evaluate.report import write_report
-    from cheetah.io import read_json
+    from cheetah.evaluate.report import read_model_scores, write_report
 
-    results: dict[str, dict[str, object]] = {}
-    for spec in args.models:
-        name, sep, paths = spec.partition("=")
-        if not sep or not name or not paths:
-            raise DataError(f"model spec {spec!r} must look like NAME=scores.json[,scores.json]")
-        entry: dict[str, object] = {}
-        for path in paths.split(","):
-            scores = read_json(path)
-            # `score demon` output has "tasks", `score mme` output has "subtasks".
-            kind = "demon" if isinstance(scores, dict) and "tasks" in scores else \
-                "mme" if isinstance(scores, dict) and "subtasks" in scores else None
-            if kind is None:
-                raise DataError(f"{path}: neither `cheetah score demon` nor `cheetah score mme` output")
-            entry[kind] = scores
-        results[name] = entry
-    written = write_report(args.out, results, metrics_path=args.metrics, metrics_model=args.metrics_model)
+    written = write_report(args.out, read_model_scores(args.models), metrics_path=args.metrics,
+                           metrics_model=args.metrics_model)
     _print_json({k: str(v) for k, v in written.items()})
     return 0
 
 
 def _add_score(sub: argparse._SubParsersAction) -> None:
     score = sub.add_parser("score", help="score DEMON/MME predictions in the official formats (any model's)")
-    ssub = score.add_subparsers(dest="score_command", required=True)
+    ssub = score.add_subparsers(dest="score_command", required=True, metavar="SCORE_COMMAND",
+                                help="what to score or report")
 
     m = ssub.add_parser("mme", help="official MME calculation over <subtask>.txt results files; prints JSON")
     m.add_argument("--results-dir", required=True, help="folder of <subtask>.txt: image, question, gt, prediction")
@@ -177,7 +179,8 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
     d = ssub.add_parser("demon", help="score <predictions>/<Dataset>/pred.json against the data; prints JSON")
     d.add_argument("--data-dir", required=True, help="DEMON root holding <Dataset>/core/core.json")
     d.add_argument("--predictions", required=True, help="folder holding <Dataset>/pred.json")
-    d.add_argument("--split", choices=["core", "full"], default="core")
+    d.add_argument("--split", choices=["core", "full"], default="core",
+                   help="DEMON-Core (core/core.json) or DEMON-Full (full/full.json) (default: %(default)s)")
     d.add_argument("--tasks", nargs="+", metavar="DATASET", help="only these datasets (default: every pred.json)")
     d.add_argument("--out", help="also write the JSON here")
     d.add_argument("--option-rule", choices=["official", "strict"], default="official",
@@ -200,64 +203,37 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_base(args: argparse.Namespace) -> int:
-    from cheetah.train.base import base_stage
-
-    p = _params(args, {"base.steps": args.steps, "base.out": args.out})
-    _print_json(base_stage(p))
+    p = _params(args)
+    _stage("base", p, lambda: stages.base(p), system_metrics=True)
     return 0
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from cheetah.train import distributed
-    from cheetah.train.vpgc import micro_batch_size, train_vpgc
-
-    p = _params(args, {"train.steps": args.steps, "train.out": args.out, "train.data": args.data,
-                       "train.zero_stage": args.zero_stage, "train.precision": args.precision,
-                       "model.random_backbone": True if args.random_backbone else None})
+    p = _params(args)
     if args.plan:
-        from cheetah.train.plan import plan_memory
-
-        world = args.world_size or distributed.launcher_world_size(p.train.launcher) or 1
-        lengths = args.lengths.split(",")
-        if len(lengths) != 2 or not all(x.isdigit() for x in lengths):
-            raise ConfigError(f"--lengths {args.lengths!r}: expected SYN,CAP token counts, e.g. 128,64")
-        _print_json(plan_memory(p, world, lengths=(int(lengths[0]), int(lengths[1]))))
+        _print_json(stages.train_plan(p, args.world_size, args.lengths))
         return 0
-    if p.train.launcher and not distributed.launched():
-        # `train.launcher`: run this same command under torchrun / deepspeed (what `dvc repro` and the Prefect flow
-        # do), after the checks that would otherwise fail on every rank.
-        world = distributed.launcher_world_size(p.train.launcher)
-        if world:
-            micro_batch_size(p.train, world)
-        return distributed.relaunch(p.train.launcher, args.argv)
-    try:
-        metrics = train_vpgc(p, restart=args.restart)
-    finally:
-        distributed.shutdown()
-    if metrics is not None:
-        _print_json(metrics)
+    status = stages.train_launch(p, args.argv)
+    if status is not None:
+        return status
+    _stage("train", p, lambda: stages.train(p, restart=args.restart), system_metrics=True)
     return 0
 
 
 def _add_training(sub: argparse._SubParsersAction) -> None:
-    b = sub.add_parser("base", help="the backbone every later stage reads, in base.out: pretrain the embedded `tiny` "
-                                    "one, bring in a checkpoint, or random weights (params: base.init)")
-    b.add_argument("--steps", type=int)
-    b.add_argument("--out")
+    b = _command(sub, "base", STAGE_SECTIONS["base"], {"steps": "base.steps", "out": "base.out"},
+                 help="the backbone every later stage reads, in base.out: pretrain the embedded `tiny` one, bring in "
+                      "a checkpoint, or random weights (params: base.init)")
     b.set_defaults(func=_cmd_base)
 
-    t = sub.add_parser("train", help="train VPG-C with DeepSpeed (params: train, model); resumes a killed run",
-                       description="Run as is for one process; under `torchrun --nproc_per_node N` or `deepspeed` "
-                                   "for several (the global batch stays the same).")
-    t.add_argument("--steps", type=int)
-    t.add_argument("--data")
-    t.add_argument("--out")
-    t.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3])
-    t.add_argument("--precision", choices=["fp32", "bf16", "fp16"])
+    t = _command(sub, "train", STAGE_SECTIONS["train"],
+                 {"steps": "train.steps", "data": "train.data", "out": "train.out", "zero-stage": "train.zero_stage",
+                  "precision": "train.precision", "random-backbone": "model.random_backbone"},
+                 help="train VPG-C with DeepSpeed (params: train, model); resumes a killed run",
+                 description="Run as is for one process; under `torchrun --nproc_per_node N` or `deepspeed` for "
+                             "several (the global batch stays the same).")
     t.add_argument("--restart", action="store_true",
                    help="start over: remove the checkpoints in train.state_dir instead of resuming from them")
-    t.add_argument("--random-backbone", action="store_true",
-                   help="build model.preset's backbone with random weights (planning, benchmarks; marked in the card)")
     t.add_argument("--plan", action="store_true",
                    help="print the estimated memory per rank for these settings and exit (meta device: allocates "
                         "nothing, needs no weights)")
@@ -273,83 +249,49 @@ def _add_training(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_world(args: argparse.Namespace) -> int:
-    from cheetah.world import write_corpus
-
-    p = _params(args, {"world.out": args.out, "world.n": args.n, "world.seed": args.seed,
-                       "world.image_size": args.image_size})
-    with stage_run("world", to_dict(p.world), experiment=p.register.experiment) as run:
-        out = write_corpus(p.world)
-        _log_results(run, {"n": p.world.n})
-    _print_json({"out": str(out), "n": p.world.n, "seed": p.world.seed, "image_size": p.world.image_size})
+    p = _params(args)
+    _stage("world", p, lambda: stages.world(p))
     return 0
 
 
 def _add_world(sub: argparse._SubParsersAction) -> None:
-    w = sub.add_parser("world", help="write the embedded world's source corpus: images + captions.jsonl (params: world)")
-    w.add_argument("--out", help="corpus folder (default: world.out)")
-    w.add_argument("--n", type=int, help="number of scenes")
-    w.add_argument("--seed", type=int)
-    w.add_argument("--image-size", type=int)
+    w = _command(sub, "world", STAGE_SECTIONS["world"],
+                 {"out": "world.out", "n": "world.n", "seed": "world.seed", "image-size": "world.image_size"},
+                 help="write the embedded world's source corpus: images + captions.jsonl (params: world)")
     w.set_defaults(func=_cmd_world)
 
 
 def _cmd_synthesize(args: argparse.Namespace) -> int:
-    from cheetah.synthesize import synthesize
-    from cheetah.synthesize.contact_sheet import SHEETS_DIR
-    from cheetah.synthesize.pipeline import default_backbone
-
-    p = _params(args, {"synthesize.source": args.source, "synthesize.out": args.out, "synthesize.n": args.n,
-                       "synthesize.captions": args.captions, "synthesize.seed": args.seed,
-                       "synthesize.workers": args.workers, "synthesize.selector": args.selector,
-                       "synthesize.executor": args.executor, "synthesize.address": args.address,
-                       "synthesize.shard_size": args.shard_size})
-    backbone = default_backbone(p, args.backbone)
-    with stage_run("synthesize", to_dict(p.synthesize), experiment=p.register.experiment) as run:
-        stats = synthesize(p.synthesize, backbone)
-        _log_results(run, {k: v for k, v in stats.items() if k != "settings"},
-                     (str(Path(p.synthesize.out) / "stats.json"), str(Path(p.synthesize.out) / SHEETS_DIR)))
-    _print_json({k: v for k, v in stats.items() if k != "settings"})
+    p = _params(args)
+    _stage("synthesize", p, lambda: stages.synthesize(p, args.backbone))
     return 0
 
 
 def _add_synthesize(sub: argparse._SubParsersAction) -> None:
-    s = sub.add_parser("synthesize", help="attention-guided synthetic pairs + caption samples (params: synthesize)")
-    s.add_argument("--source", help="source corpus folder (captions.jsonl + images)")
-    s.add_argument("--out", help="output folder")
-    s.add_argument("--n", type=int, help="number of (original, edited) pairs")
-    s.add_argument("--captions", type=int, help="number of caption samples")
-    s.add_argument("--seed", type=int)
-    s.add_argument("--workers", type=int, help="processes of the local Dask cluster (output is identical for any "
-                                               "number)")
-    s.add_argument("--executor", choices=["local", "dask"], help="run the shards in this process or on Dask")
-    s.add_argument("--address", help="Dask scheduler to connect to (default: start a local cluster)")
-    s.add_argument("--shard-size", type=int, help="pairs per shard (the unit of resume; never changes the output)")
-    s.add_argument("--selector", choices=["attention", "random"])
+    s = _command(sub, "synthesize", STAGE_SECTIONS["synthesize"],
+                 {k.replace("_", "-"): f"synthesize.{k}" for k in ("source", "out", "n", "captions", "seed", "workers",
+                                                                   "executor", "address", "shard_size", "selector")},
+                 help="attention-guided synthetic pairs + caption samples (params: synthesize)")
     s.add_argument("--backbone", help="backbone directory for attention selection (default: model.backbone_dir)")
     s.set_defaults(func=_cmd_synthesize)
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from cheetah.validate import run_suite
-
-    p = _params(args, {"validate.docs_dir": args.docs_dir, "validate.image_size": args.image_size})
-    with stage_run(f"validate-{args.suite}", to_dict(p.validate) | {"suite": args.suite, "path": args.path},
-                   experiment=p.register.experiment) as run:
-        result = run_suite(args.suite, args.path, p.validate, docs=not args.no_docs)
-        _log_results(run, {"success": int(result.success), "failed_expectations": len(result.failures)},
-                     (str(Path(p.validate.docs_dir) / (args.suite if result.success else f"{args.suite}-failed")),))
-    print(result.summary())
+    p = _params(args)
+    result = _stage("validate", p, lambda: stages.validate(p, args.suite, args.path, docs=not args.no_docs),
+                    run_name=f"validate-{args.suite}", extra_params={"suite": args.suite, "path": args.path})
     # A failed suite is bad input, like a malformed record elsewhere: exit 2, which the Prefect flow never retries.
-    return 0 if result.success else EXIT_USER_ERROR
+    return 0 if result is not None and result.metrics["success"] else EXIT_USER_ERROR
 
 
 def _add_validate(sub: argparse._SubParsersAction) -> None:
-    v = sub.add_parser("validate", help="Great Expectations suites; exits 2 if any expectation fails, with the "
-                                        "records named and quarantined (params: validate)")
-    v.add_argument("suite", choices=["source", "synthetic", "demon", "mme"])
+    v = _command(sub, "validate", STAGE_SECTIONS["validate"],
+                 {"docs-dir": "validate.docs_dir", "image-size": "validate.image_size"},
+                 help="Great Expectations suites; exits 2 if any expectation fails, with the records named and "
+                      "quarantined (params: validate)")
+    v.add_argument("suite", choices=DATASETS, help="which suite: the source corpus, the synthetic set, or a DEMON or "
+                                                 "MME benchmark folder")
     v.add_argument("path", help="source or synthetic folder, DEMON root (<Dataset>/core/core.json) or MME root")
-    v.add_argument("--docs-dir", help="report folder root (default: validate.docs_dir)")
-    v.add_argument("--image-size", type=int, help="expected width and height of every image")
     v.add_argument("--no-docs", action="store_true", help="skip the HTML data docs (result.json and quarantine only)")
     v.set_defaults(func=_cmd_validate)
 
@@ -360,86 +302,62 @@ def _add_validate(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from cheetah.evaluate.run import evaluate, parse_model_specs
-
-    flags: dict[str, object] = {"evaluate.batch_size": args.batch_size, "evaluate.device": args.device,
-                                "evaluate.out": args.out, "evaluate.metrics": args.metrics,
-                                "evaluate.decoding": args.decoding}
-    if args.data_dir is not None:
-        if args.benchmark == "all":
-            raise DataError("--data-dir needs --benchmark demon or --benchmark mme (it replaces that one's folder)")
-        flags[f"evaluate.{args.benchmark}_dir"] = args.data_dir
-    p = _params(args, flags)
-    specs = parse_model_specs(args.model) if args.model else None
-    result = evaluate(p, specs, benchmark=args.benchmark, restart=args.restart, track=not args.no_track)
-    if result.get("rank", 0) == 0:  # under torchrun, rank 0 has the results
-        _print_json({"metrics": result["metrics"], "paths": result["paths"]})
+    p = _params(args)
+    _stage("evaluate", p, lambda: stages.evaluate(p, args.model, args.benchmark, args.data_dir, restart=args.restart),
+           enabled=not args.no_track, system_metrics=True,
+           extra_params={"models": ",".join(args.model or []) or "default"})
     return 0
 
 
 def _cmd_benchmarks(args: argparse.Namespace) -> int:
-    from cheetah.evaluate.embedded import write_embedded_benchmarks
-
-    p = _params(args, {"evaluate.demon_per_task": args.demon_per_task,
-                       "evaluate.mme_per_subtask": args.mme_per_subtask})
-    # Written under world.benchmarks unless told otherwise: never into the real benchmarks evaluate.* may name.
-    p.evaluate.demon_dir = args.demon_dir or f"{p.world.benchmarks}/demon"
-    p.evaluate.mme_dir = args.mme_dir or f"{p.world.benchmarks}/mme"
-    with stage_run("benchmarks", {"world": to_dict(p.world), "demon_per_task": p.evaluate.demon_per_task,
-                                  "mme_per_subtask": p.evaluate.mme_per_subtask}, experiment=p.register.experiment):
-        written = write_embedded_benchmarks(p.world, p.evaluate)
-    _print_json({k: str(v) for k, v in written.items()})
+    p = _params(args)
+    _stage("benchmarks", p, lambda: stages.benchmarks(p, args.demon_dir, args.mme_dir))
     return 0
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
-    e = sub.add_parser("evaluate", help="generate, score and report DEMON/MME for the base and VPG-C models "
-                                        "(params: evaluate); resumes a killed run",
-                       description="Run as is for one process; under `torchrun --nproc_per_node N` (or `deepspeed "
-                                   "--no_local_rank`) for one model per device, each rank a shard of the samples.")
-    e.add_argument("--benchmark", choices=["demon", "mme", "all"], default="all")
+    e = _command(sub, "evaluate", STAGE_SECTIONS["evaluate"],
+                 {k.replace("_", "-"): f"evaluate.{k}" for k in ("batch_size", "device", "out", "metrics", "decoding")},
+                 help="generate, score and report DEMON/MME for the base and VPG-C models (params: evaluate); "
+                      "resumes a killed run",
+                 description="Run as is for one process; under `torchrun --nproc_per_node N` (or `deepspeed "
+                             "--no_local_rank`) for one model per device, each rank a shard of the samples.")
+    e.add_argument("--benchmark", choices=["demon", "mme", "all"], default="all",
+                   help="which benchmark to run (default: %(default)s)")
     e.add_argument("--data-dir", help="data folder of the chosen --benchmark (default: evaluate.demon_dir/mme_dir)")
     e.add_argument("--model", action="append", metavar="NAME=SPEC",
                    help="a model to evaluate: a VPG-C weights dir, backbone dir or preset (repeatable; default: "
                         "base=model.backbone_dir and vpgc=train.out)")
-    e.add_argument("--batch-size", type=int, help="generation batch (answers do not depend on it)")
-    e.add_argument("--device", help="auto, cpu, cuda, cuda:N (default: evaluate.device)")
-    e.add_argument("--out", help="report folder (default: evaluate.out)")
-    e.add_argument("--metrics", help="metrics JSON (default: evaluate.metrics)")
-    e.add_argument("--decoding", choices=["official-demon"],
-                   help="a named decoding setting (evaluate.decoding): official-demon samples as the official DEMON "
-                        "script (top-k 50, top-p 0.9, temperature 1.0, 300 new tokens), seeded (evaluate.seed, 0)")
     e.add_argument("--restart", action="store_true", help="discard saved predictions instead of resuming them")
     e.add_argument("--no-track", action="store_true", help="do not log to MLflow")
     e.set_defaults(func=_cmd_evaluate)
 
 
 def _add_benchmarks(sub: argparse._SubParsersAction) -> None:
-    b = sub.add_parser("benchmarks", help="write the embedded DEMON- and MME-format benchmarks from held-out world "
-                                          "scenes (params: world, evaluate)")
-    b.add_argument("--demon-dir", help="default: <world.benchmarks>/demon")
-    b.add_argument("--mme-dir", help="default: <world.benchmarks>/mme")
-    b.add_argument("--demon-per-task", type=int)
-    b.add_argument("--mme-per-subtask", type=int)
+    b = _command(sub, "benchmarks", STAGE_SECTIONS["benchmarks"],
+                 {"demon-per-task": "evaluate.demon_per_task", "mme-per-subtask": "evaluate.mme_per_subtask"},
+                 help="write the embedded DEMON- and MME-format benchmarks from held-out world scenes (params: world, "
+                      "evaluate)")
+    b.add_argument("--demon-dir", help="where the DEMON-format tasks go (default: <world.benchmarks>/demon)")
+    b.add_argument("--mme-dir", help="where the MME-format subtasks go (default: <world.benchmarks>/mme)")
     b.set_defaults(func=_cmd_benchmarks)
 
 
 def _cmd_study(args: argparse.Namespace) -> int:
     from cheetah.study import run_study
 
-    p = _params(args, {"study.seeds": args.seeds, "study.arms": args.arms})
+    p = _params(args)
     result = run_study(p, restart=args.restart, track=not args.no_track)
     _print_json({"metrics": p.study.metrics, "report": p.study.report, "expectations": result["expectations"]})
     return 0
 
 
 def _add_study(sub: argparse._SubParsersAction) -> None:
-    s = sub.add_parser("study", help="the ablation study (paper Table 4 in miniature): every arm trained and "
-                                     "evaluated per seed, mean and 95%% CI (params: study and the stages'); resumes",
-                       description="Arms: base, vpgc_captions, vpgc_synthetic, vpgc_random_target, blind "
-                                   "(cheetah/study.py). Steps already done with the same inputs are reused.")
-    s.add_argument("--seeds", type=int, nargs="+", help="seeds (default: study.seeds)")
-    s.add_argument("--arms", nargs="+", choices=list(STUDY_ARMS), help="arms (default: study.arms)")
+    s = _command(sub, "study", ("study",), {"seeds": "study.seeds", "arms": "study.arms"},
+                 help="the ablation study (paper Table 4 in miniature): every arm trained and evaluated per seed, "
+                      "mean and 95%% CI (params: study and the stages'); resumes",
+                 description=f"Arms: {', '.join(STUDY_ARMS)} (cheetah/study.py). Steps already done with the same "
+                             "inputs are reused. The stages' settings: --set section.key=value.")
     s.add_argument("--restart", action="store_true", help="redo every step instead of reusing finished ones")
     s.add_argument("--no-track", action="store_true", help="do not log to MLflow")
     s.set_defaults(func=_cmd_study)
@@ -451,23 +369,19 @@ def _add_study(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_register(args: argparse.Namespace) -> int:
-    from cheetah.registry import register
-
-    p = _params(args, {"register.model_name": args.model_name, "register.metric": args.metric,
-                       "register.margin": args.margin})
-    _print_json(register(p, metrics_path=args.metrics, vpgc_dir=args.vpgc_dir, out=args.out))
+    p = _params(args)
+    _stage("register", p, lambda: stages.register(p, args.metrics, args.vpgc_dir, args.out))
     return 0
 
 
 def _add_register(sub: argparse._SubParsersAction) -> None:
-    r = sub.add_parser("register", help="log VPG-C as an MLflow model, register a version with lineage tags, alias "
-                                        "challenger; champion if it wins (params: register)")
+    r = _command(sub, "register", STAGE_SECTIONS["register"],
+                 {"model-name": "register.model_name", "metric": "register.metric", "margin": "register.margin"},
+                 help="log VPG-C as an MLflow model, register a version with lineage tags, alias challenger; champion "
+                      "if it wins (params: register)")
     r.add_argument("--vpgc-dir", help="VPG-C weights + card (default: train.out)")
     r.add_argument("--metrics", help="evaluation metrics JSON (default: evaluate.metrics)")
     r.add_argument("--out", default=RECEIPT, help="registration receipt (default: %(default)s)")
-    r.add_argument("--model-name")
-    r.add_argument("--metric", help="metric that decides promotion, higher is better (dotted for nested)")
-    r.add_argument("--margin", type=float, help="champion moves only if beaten by more than this")
     r.set_defaults(func=_cmd_register)
 
 
@@ -477,7 +391,7 @@ def _cmd_registry(args: argparse.Namespace) -> int:
 
     p = _params(args)
     configure(p.register.experiment)
-    name = args.model_name or p.register.model_name
+    name = p.register.model_name
     if args.registry_command == "history":
         _print_json(registry.history(name))
     elif args.registry_command == "demote":
@@ -490,13 +404,15 @@ def _cmd_registry(args: argparse.Namespace) -> int:
 def _add_registry(sub: argparse._SubParsersAction) -> None:
     rg = sub.add_parser("registry", help="the model registry's record: history, demote a broken version, promote by "
                                          "hand (params: register)")
-    rsub = rg.add_subparsers(dest="registry_command", required=True)
-    h = rsub.add_parser("history", help="every version with its aliases, lineage and gate decisions (JSON)")
-    d = rsub.add_parser("demote", help="mark a version broken; if it is champion, the best remaining eligible "
-                                       "version by its logged register.metric takes over")
-    pr = rsub.add_parser("promote", help="make a version champion by hand, whatever the gate said (recorded)")
-    for command in (h, d, pr):
-        command.add_argument("--model-name", help="registered model (default: register.model_name)")
+    rsub = rg.add_subparsers(dest="registry_command", required=True, metavar="REGISTRY_COMMAND", help="what to do")
+    sections, aliases = ("register",), {"model-name": "register.model_name"}
+    h = _command(rsub, "history", sections, aliases,
+                 help="every version with its aliases, lineage and gate decisions (JSON)")
+    d = _command(rsub, "demote", sections, aliases,
+                 help="mark a version broken; if it is champion, the best remaining eligible version by its logged "
+                      "register.metric takes over")
+    pr = _command(rsub, "promote", sections, aliases,
+                  help="make a version champion by hand, whatever the gate said (recorded)")
     for command in (d, pr):
         command.add_argument("version", type=int, help="the model version")
         command.add_argument("--reason", required=True, help="why (recorded on the version)")
@@ -517,14 +433,15 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _add_predict(sub: argparse._SubParsersAction) -> None:
-    pr = sub.add_parser("predict", help="answer an instruction about images with a registered model (default: "
-                                        "models:/<register.model_name>@champion)")
+    pr = _command(sub, "predict", ("register.model_name", "register.experiment"),
+                  help="answer an instruction about images with a registered model (default: "
+                       "models:/<register.model_name>@champion)")
     pr.add_argument("--model", help="MLflow model URI, e.g. models:/cheetah-vpgc@champion or models:/cheetah-vpgc/3")
     pr.add_argument("--image", action="append", metavar="PATH", help="an image (repeatable, in order)")
     pr.add_argument("--instruction", required=True,
                     help="the instruction; `<image>` marks where each image goes (added in front when absent)")
     pr.add_argument("--backbone-dir", help="the backbone's directory, if not where the model's card records it")
-    pr.add_argument("--max-new-tokens", type=int)
+    pr.add_argument("--max-new-tokens", type=int, help="longest answer, in tokens (default: the model's setting)")
     pr.set_defaults(func=_cmd_predict)
 
 
@@ -579,7 +496,7 @@ def _cmd_pipeline_stages(args: argparse.Namespace) -> int:
 
 def _add_pipeline(sub: argparse._SubParsersAction) -> None:
     pl = sub.add_parser("pipeline", help="run dvc.yaml under one parent MLflow run (what `make run` does)")
-    psub = pl.add_subparsers(dest="pipeline_command", required=True)
+    psub = pl.add_subparsers(dest="pipeline_command", required=True, metavar="PIPELINE_COMMAND", help="what to do")
     r = psub.add_parser("run", help="dvc repro (all stages, or the given ones and what they need) with a parent "
                                     "MLflow run whose children are the stages; logs dvc.lock, reports, metrics")
     r.add_argument("stages", nargs="*", metavar="STAGE", help="stages of dvc.yaml (default: all)")
@@ -622,7 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="cheetah", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"cheetah {__version__}")
-    parser.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
+    parser.add_argument("--params", default="params.yaml", metavar="FILE", help="parameters file (default: params.yaml)")
     parser.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                         help="override a parameter, e.g. --set train.lr=1e-4 (repeatable)")
     parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
@@ -630,7 +547,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"log level of cheetah's messages (default: ${LOG_ENV}, else INFO)")
     # DeepSpeed's launcher appends --local_rank=N to every rank's arguments (the rank is in $LOCAL_RANK too).
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help="what to run")
     for add in _ADDERS:
         add(sub)
     _accept_common_options(sub)
@@ -640,7 +557,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _accept_common_options(sub: argparse._SubParsersAction) -> None:
     """`--params` and `--set` also work after the command (`cheetah train --set train.lr=1e-4`)."""
     for command in sub.choices.values():
-        command.add_argument("--params", dest="params_after", default=argparse.SUPPRESS,
+        command.add_argument("--params", dest="params_after", default=argparse.SUPPRESS, metavar="FILE",
                              help="parameters file (default: params.yaml)")
         command.add_argument("--set", dest="set_after", action="append", default=argparse.SUPPRESS,
                              metavar="SECTION.KEY=VALUE", help="override a parameter (repeatable)")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import ConfigDict, Field, ValidationError, model_validator
@@ -17,7 +17,9 @@ from pydantic.dataclasses import dataclass
 
 from cheetah.errors import CheetahError
 
-_STRICT = ConfigDict(extra="forbid", validate_assignment=True)
+_STRICT = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+"""Every section: unknown keys refused, assignments validated, and each field's docstring as its description (the
+CLI's help text, cheetah/options.py)."""
 
 
 class ConfigError(CheetahError, ValueError):
@@ -44,6 +46,7 @@ class ModelConfig:
     the preset's. `vicuna`/`llama2`: the official inference rendering the released checkpoints were evaluated with
     (real presets); `vicuna-train`/`llama2-train`: the training configs' `prompt_template` rendering (`tiny`)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Weight dtype of the backbone and VPG-C (the real presets default to bfloat16)."""
     random_backbone: bool = False
     """`cheetah train` builds the preset's backbone with random weights (seeded by train.seed) instead of loading
     `backbone_dir` (whose tokenizer is used when it has one): planning and benchmarking at real shapes without a
@@ -59,9 +62,13 @@ class WorldConfig:
     """The embedded procedural world: the source image-caption corpus and held-out scenes for evaluation."""
 
     out: str = "data/source"
+    """The source corpus folder `cheetah world` writes (images, captions.jsonl, scenes.jsonl, world.json)."""
     n: int = Field(default=1200, ge=1)
+    """Number of scenes (image-caption records) in the corpus."""
     seed: int = Field(default=0, ge=0)
+    """Seed of the corpus' scenes (scene i of seed s is always the same)."""
     image_size: int = Field(default=64, ge=16, le=1024)
+    """Width and height of every rendered image, in pixels."""
     heldout_seed: int = Field(default=10_000, ge=0)
     """Held-out scenes (benchmarks, base-model evaluation) are drawn from seeds that training never sees."""
     benchmarks: str = "data/benchmarks"
@@ -91,18 +98,27 @@ class BaseConfig:
     """`init: checkpoint`: a Hugging Face BLIP-2/InstructBLIP `save_pretrained` directory with its tokenizer, e.g.
     written by `cheetah model import`."""
     out: str = "data/backbone"
+    """Where the backbone is written (a Hugging Face directory with its tokenizer); = `model.backbone_dir`."""
     metrics: str = "metrics/base.json"
+    """The base stage's metrics JSON (caption quality on held-out scenes; for `dvc metrics`)."""
     vision_steps: int = Field(default=300, ge=0)
     """Phase 1: ViT (all objects) and Q-Former (caption content) on the world's tags; batches of 2 x batch_size."""
     steps: int = Field(default=600, ge=1)
     """Phase 2: projection + language model on captions, primary-content questions and text-only instructions."""
     batch_size: int = Field(default=32, ge=1)
+    """Examples per step (pretraining)."""
     lr: float = Field(default=2e-3, gt=0)
+    """AdamW learning rate of both pretraining phases."""
     weight_decay: float = Field(default=0.01, ge=0)
+    """AdamW weight decay of both pretraining phases."""
     warmup_steps: int = Field(default=50, ge=0)
+    """Linear warm-up steps of phase 2 (then cosine decay)."""
     vocab_size: int = Field(default=512, ge=64)
+    """Size of the tokenizer trained on the world's language (`pretrain`, `random`)."""
     seed: int = 0
+    """Seed of the weights' initialisation and of the examples' order."""
     eval_scenes: int = Field(default=64, ge=1)
+    """Held-out scenes the pretrained backbone captions for the metrics (ROUGE-L, exact match)."""
 
 
 @dataclass(config=_STRICT)
@@ -110,12 +126,15 @@ class SynthesizeConfig:
     """Attention-guided synthetic discriminative data (paper §2.2), plus caption samples for the joint regulariser."""
 
     source: str = "data/source"
+    """The source corpus folder (captions.jsonl + images; scenes.jsonl for `masks: world`)."""
     out: str = "data/synthetic"
+    """The synthetic set's folder (synthetic.jsonl, captions.jsonl, images, quarantine, stats, contact sheets)."""
     n: int = Field(default=2000, ge=1)
     """Number of synthetic (original, edited) pairs to produce."""
     captions: int = Field(default=2000, ge=0)
     """Number of caption samples for the joint caption regulariser."""
     seed: int = Field(default=0, ge=0)
+    """Seed of the draws: which source image, edit type, target and caption sample each pair gets."""
     workers: int = Field(default=1, ge=1)
     """Worker processes of the local Dask cluster that `executor: dask` starts when `address` is null (with a GPU
     `device`: one worker per GPU). Any number gives byte-identical output (one seed per sample, merged in order)."""
@@ -152,7 +171,9 @@ class SynthesizeConfig:
     inpaint_dir: str | None = None
     """Local diffusers inpainting pipeline directory (e.g. a Stable Diffusion inpainting snapshot)."""
     inpaint_steps: int = Field(default=25, ge=1)
+    """Diffusion steps of the inpainting pipeline (`apply: inpaint`)."""
     inpaint_guidance: float = Field(default=7.5, ge=0)
+    """Classifier-free guidance scale of the inpainting pipeline (`apply: inpaint`)."""
     clip_dir: str | None = None
     """Local Hugging Face CLIP directory: the `clip` filter, and names for SAM's objects."""
     clip_min_similarity: float = Field(default=0.2, ge=-1, le=1)
@@ -194,6 +215,7 @@ class ValidateConfig:
     """Great Expectations suites: bounds and tolerances."""
 
     max_text_chars: int = Field(default=2000, ge=1)
+    """Longest caption, instruction or response accepted, in characters."""
     balance_tolerance: float = Field(default=0.1, ge=0, le=1)
     """Each edit type's share may differ from the uniform share by at most this fraction (absolute)."""
     docs_dir: str = "reports/data_docs"
@@ -211,31 +233,48 @@ class TrainConfig:
     """VPG-C training with DeepSpeed. Defaults are the scaled-down `tiny` recipe; 7B presets use the paper's."""
 
     data: str = "data/synthetic"
+    """The synthetic set to train on (synthetic.jsonl + captions.jsonl + images)."""
     out: str = "checkpoints/vpgc"
     """Final VPG-C weights + card (what evaluation and registration read)."""
     state_dir: str = "checkpoints/vpgc-state"
     """Resumable training state (weights, optimiser, scheduler, RNG, data position); a killed run resumes here."""
     metrics: str = "metrics/train.json"
+    """The training metrics JSON (held-out loss before and after, speed, memory; for `dvc metrics`)."""
     curve: str = "plots/train_curve.csv"
     """Learning curve for `dvc plots` (step, loss, lr)."""
     curve_image: str | None = None
     """The same curve with the held-out loss, as an image; None: next to `curve`, as .png."""
     steps: int = Field(default=300, ge=1)
+    """Optimiser steps."""
     synthetic_batch: int = Field(default=12, ge=0)
     """Synthetic discriminative examples per step; 0 trains on captions only (the ablation of the paper's Table 4)."""
     caption_batch: int = Field(default=32, ge=0)
+    """Caption samples per step (the joint caption regulariser)."""
     lr: float = Field(default=1e-3, gt=0)
+    """Peak AdamW learning rate."""
     weight_decay: float = Field(default=0.05, ge=0)
+    """AdamW weight decay."""
     warmup_steps: int = Field(default=30, ge=0)
+    """Linear warm-up steps before the schedule."""
     schedule: Literal["cosine", "constant"] = "cosine"
+    """Learning-rate schedule after warm-up: cosine decay to 0, or constant."""
     betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW's moment decay rates (beta1, beta2), each in [0, 1)."""
     zero_stage: Literal[0, 1, 2, 3] = 2
+    """DeepSpeed ZeRO stage: 0 (plain data parallel), 1 (optimiser state), 2 (+ gradients), 3 (+ weights)
+    partitioned over the ranks."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Training precision: fp32, bf16 or fp16 (loss scaling) mixed precision."""
     gradient_accumulation: int = Field(default=1, ge=1)
+    """Micro-batches accumulated per step (the step's batch stays synthetic_batch + caption_batch)."""
     grad_clip: float = Field(default=1.0, ge=0)
+    """Gradient norm clipping (0: none)."""
     gradient_checkpointing: bool = False
+    """Recompute the LLM's activations in the backward pass (less memory, more compute)."""
     checkpoint_every: int = Field(default=100, ge=1)
+    """Steps between saves of the resumable state in `state_dir`."""
     keep_checkpoints: int = Field(default=2, ge=1)
+    """Saved states kept in `state_dir` (older ones are removed)."""
     feature_cache: str | None = "memory"
     """Frozen-ViT features of every training image, computed once before the first step: "memory" (in each
     process), a directory (sharded .npy files shared by every rank and node, read without keeping them in RAM;
@@ -256,9 +295,13 @@ class TrainConfig:
     heldout_fraction: float = Field(default=0.05, ge=0, lt=1)
     """Source images held out of training (all their examples), for the held-out difference-description loss."""
     eval_every: int = Field(default=100, ge=1)
+    """Steps between evaluations of the held-out loss."""
     max_length: int = Field(default=256, ge=16)
+    """Longest tokenised example; a longer prompt is an error, a longer response is cut."""
     seed: int = 0
+    """Seed of the data order, the joint sampler and (with `model.random_backbone`) the backbone's weights."""
     log_every: int = Field(default=10, ge=1)
+    """Steps between writes of the learning curve to MLflow."""
     loss_reduction: Literal["sample", "token"] = "sample"
     """How a step's losses are averaged. `token`: the mean over every response token of the step's global batch
     (all ranks, micro-batches and both sources), as the official model's Hugging Face loss (`cheetah_vicuna.py`
@@ -300,9 +343,14 @@ class EvaluateConfig:
     """DEMON and MME evaluation: embedded benchmark sizes, generation and outputs."""
 
     demon_dir: str = "data/benchmarks/demon"
+    """The DEMON root evaluated (<Dataset>/core/core.json), the embedded one by default."""
     mme_dir: str = "data/benchmarks/mme"
+    """The MME root evaluated (one folder per subtask), the embedded one by default."""
     out: str = "reports/eval"
+    """The report folder: predictions per model (resumable), scores, report.md, charts, examples."""
     metrics: str = "metrics/eval.json"
+    """The evaluation metrics JSON of the evaluated VPG-C model, with the other models under baselines (for `dvc
+    metrics` and the registry's gate)."""
     demon_per_task: int = Field(default=40, ge=1)
     """Samples per embedded DEMON-format task (World_*)."""
     mme_per_subtask: int = Field(default=30, ge=2)
@@ -317,6 +365,7 @@ class EvaluateConfig:
     (DECODING_SETTINGS; `seed` stays yours, 0 when unset). `official-demon` samples as the official DEMON script
     did (i4_cheetah_llama2.py through Chat.batch_answer), seeded. None: the fields below as they are."""
     do_sample: bool = False
+    """Sample answers (with temperature, top_p, top_k and a seed) instead of greedy decoding."""
     seed: int | None = None
     """Required when `do_sample` is true: sampling without a seed is refused."""
     temperature: float = Field(default=1.0, gt=0)
@@ -357,15 +406,18 @@ class RegisterConfig:
     """MLflow registration and the champion/challenger gate."""
 
     model_name: str = "cheetah-vpgc"
+    """The registered MLflow model's name."""
     experiment: str = "cheetah"
+    """The MLflow experiment every stage's run goes to."""
     metric: str = "demon.average"
     """Metric from the evaluation metrics file that decides promotion (higher is better)."""
     margin: float = Field(default=0.0, ge=0)
     """The challenger becomes champion only if it beats the champion's metric by more than this."""
 
 
-STUDY_ARMS: tuple[str, ...] = ("base", "vpgc_captions", "vpgc_synthetic", "vpgc_random_target", "blind")
-"""The arms of the ablation study (cheetah/study.py ARMS says what each is)."""
+StudyArm = Literal["base", "vpgc_captions", "vpgc_synthetic", "vpgc_random_target", "blind"]
+"""An arm of the ablation study (cheetah/study.py ARMS says what each is, in this order)."""
+STUDY_ARMS: tuple[str, ...] = get_args(StudyArm)
 
 
 @dataclass(config=_STRICT)
@@ -376,12 +428,12 @@ class StudyConfig:
     seeds: list[int] = dataclasses.field(default_factory=lambda: [0, 1, 2])
     """One run of every arm per seed; a seed sets base.seed, synthesize.seed and train.seed (the corpus and the
     benchmarks stay the same)."""
-    arms: list[Literal["base", "vpgc_captions", "vpgc_synthetic", "vpgc_random_target", "blind"]] = \
-        dataclasses.field(default_factory=lambda: list(STUDY_ARMS))
+    arms: list[StudyArm] = dataclasses.field(default_factory=lambda: list(STUDY_ARMS))
     """Which arms to run (the ones an arm needs run too: `blind` evaluates the `vpgc_synthetic` weights)."""
     work: str = "data/study"
     """Per seed: the backbone, synthetic data, weights and evaluations; what is there and current is reused."""
     metrics: str = "metrics/study.json"
+    """The study's results JSON (every arm's mean and 95 % interval per seed set)."""
     report: str = "reports/study"
     """Folder of the table (study.md) and the plot (study.png)."""
 

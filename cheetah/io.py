@@ -324,20 +324,12 @@ def read_jsonl_at(f: Any, path: str | Path, offset: int) -> dict[str, Any]:
 
 
 def _parse_jsonl_line(path: Path, lineno: int | None, raw: bytes) -> dict[str, Any]:
-    where = f"{path}:{lineno}" if lineno is not None else str(path)
-    try:
-        rec = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise DataError(f"{where}: not UTF-8 text ({e})") from None
-    except json.JSONDecodeError as e:
-        raise DataError(f"{where}: malformed JSON: {e.msg}") from None
-    if not isinstance(rec, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    from cheetah.formats import parse_line, where  # (formats reads DataError from here)
+
+    rec, problem = parse_line(raw)
+    if problem is not None:
+        raise DataError(f"{where(path, lineno, rec)}: {problem}")
     return rec
-
-
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    return [rec for _, rec in iter_jsonl(path)]
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -24,7 +24,6 @@ why a command rather than a DVC experiment queue or a Prefect flow: docs/study.m
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -33,11 +32,12 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from cheetah.config import Params, to_dict
+from cheetah.config import STUDY_ARMS, Params, to_dict
+from cheetah.formats import SOURCE_CAPTIONS, SOURCE_SCENES
 from cheetah.evaluate.demon import CATEGORIES
 from cheetah.io import DataError, atomic_dir, atomic_write_bytes, atomic_write_json, atomic_write_text, read_json, \
     write_metrics
@@ -69,18 +69,19 @@ ARMS: dict[str, Arm] = {
     "vpgc_random_target": Arm("(d) VPG-C, captions + synthetic (random targets)", data="random"),
     "blind": Arm("(e) blind: (c) on blank images", weights_of="vpgc_synthetic", blank=True),
 }
+assert tuple(ARMS) == STUDY_ARMS, f"ARMS must describe every arm of cheetah.config.StudyArm, in order: {STUDY_ARMS}"
 DETAIL_CATEGORIES = ("visual_relation_inference", "multi_image_reasoning")
 """The DEMON-format categories whose tasks hinge on the small objects (the edits and the questions are about them)."""
 MME_SPLITS = ("primary", "detail")
 # The code each step runs, as dvc.yaml lists it for the stage: a change there makes the step's results stale.
 STEP_CODE: dict[str, tuple[str, ...]] = {
     "benchmarks": ("cheetah/world", "cheetah/evaluate/embedded.py", "cheetah/evaluate/demon.py",
-                   "cheetah/evaluate/mme.py", "cheetah/study.py"),
-    "base": ("cheetah/world", "cheetah/model", "cheetah/train/base.py"),
-    "synthesize": ("cheetah/synthesize", "cheetah/world", "cheetah/model"),
+                   "cheetah/evaluate/mme.py", "cheetah/formats.py", "cheetah/study.py"),
+    "base": ("cheetah/world", "cheetah/model", "cheetah/train/base.py", "cheetah/formats.py"),
+    "synthesize": ("cheetah/synthesize", "cheetah/world", "cheetah/model", "cheetah/formats.py"),
     "train": ("cheetah/train/vpgc.py", "cheetah/train/data.py", "cheetah/train/distributed.py",
-              "cheetah/train/state.py", "cheetah/model"),
-    "evaluate": ("cheetah/evaluate", "cheetah/model"),
+              "cheetah/train/state.py", "cheetah/model", "cheetah/formats.py"),
+    "evaluate": ("cheetah/evaluate", "cheetah/model", "cheetah/formats.py"),
 }
 BLANK_RGB = (122, 116, 104)
 """The blank image: the CLIP normalisation mean (BLIP's image processors), i.e. all zeros once normalised."""
@@ -147,20 +148,6 @@ class Steps:
         atomic_write_json(path, {"step": name, "fingerprint": fp, "seconds": seconds})
         self.ran.append(name)
         self.seconds[name] = seconds
-
-
-@contextlib.contextmanager
-def _untracked() -> Iterator[None]:
-    """The stage functions log MLflow runs of their own; in a study the arm's child run records what matters."""
-    before = os.environ.get("CHEETAH_TRACKING")
-    os.environ["CHEETAH_TRACKING"] = "0"
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop("CHEETAH_TRACKING", None)
-        else:
-            os.environ["CHEETAH_TRACKING"] = before
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -282,7 +269,7 @@ def _arm_train(p: Params, arm: str, folder: Path) -> Params:
 
 def _corpus_digest(source: Path) -> str:
     h = hashlib.sha256()
-    for name in ("captions.jsonl", "scenes.jsonl"):
+    for name in (SOURCE_CAPTIONS, SOURCE_SCENES):
         if (source / name).is_file():
             h.update(name.encode() + b"\0" + (source / name).read_bytes())
     return h.hexdigest()
@@ -310,7 +297,7 @@ def run_study(params: Params, root: str | Path = ".", restart: bool = False, tra
     arms = needed_arms(cfg.arms)
     work = Path(cfg.work)
     source = Path(params.world.out)
-    if not (source / "captions.jsonl").is_file():
+    if not (source / SOURCE_CAPTIONS).is_file():
         from cheetah.pipeline import ensure_source
 
         ensure_source(params, root)
@@ -332,40 +319,38 @@ def run_study(params: Params, root: str | Path = ".", restart: bool = False, tra
 
     cells: dict[str, dict[int, dict[str, Any]]] = {a: {} for a in arms}
     extra: dict[str, dict[int, dict[str, Any]]] = {a: {} for a in arms}
-    # One process; training leaves its one-process group up for the next arm (cheetah.train.vpgc.train_vpgc).
     for seed in cfg.seeds:
         folder = work / f"seed{seed}"
         p = _seeded(params, seed, folder)
         fp: dict[str, str] = {}
-        with _untracked():
-            fp["base"] = fingerprint(code["base"], corpus, to_dict(p.world), to_dict(p.base), p.model.preset)
-            steps.run(f"seed{seed}/base", fp["base"], lambda stale: pretrain_base(p))
-            for selector in sorted({ARMS[a].data for a in arms if ARMS[a].data}):
-                syn = dataclasses.replace(p.synthesize, selector=selector, out=str(folder / f"synthetic-{selector}"))
-                fp[selector] = fingerprint(code["synthesize"], fp["base"], to_dict(syn))
-                steps.run(f"seed{seed}/synthetic-{selector}", fp[selector],
-                          lambda stale, syn=syn: synthesize(syn, p.base.out if syn.selector == "attention" else None))
-            for arm in [a for a in arms if ARMS[a].data]:
-                pa = _arm_train(p, arm, folder)
-                fp[arm] = fingerprint(code["train"], fp[ARMS[arm].data], to_dict(pa.train), to_dict(pa.model))
-                steps.run(f"seed{seed}/{arm}", fp[arm], lambda stale, pa=pa: train_vpgc(pa, restart=stale))
-            for blank in (False, True):
-                names = [a for a in arms if ARMS[a].blank == blank]
-                if not names:
-                    continue
-                bench_dir = work / ("benchmarks-blank" if blank else "benchmarks")
-                out = folder / ("eval-blind" if blank else "eval")
-                pe = dataclasses.replace(p, evaluate=dataclasses.replace(
-                    ev, demon_dir=str(bench_dir / "demon"), mme_dir=str(bench_dir / "mme"), out=str(out),
-                    metrics=str(out.with_suffix(".json"))))
-                specs = {a: (p.base.out if a == "base" else
-                             str(folder / (ARMS[a].weights_of or a) / "vpgc")) for a in names}
-                models = {a: fp["base" if a == "base" else ARMS[a].weights_of or a] for a in names}
-                fp_eval = fingerprint(code["evaluate"], fp_bench, blank, to_dict(pe.evaluate), models)
-                steps.run(f"seed{seed}/{out.name}", fp_eval,
-                          lambda stale, pe=pe, specs=specs: evaluate(pe, specs, restart=stale, track=False))
-                for a in names:
-                    cells[a][seed] = _cell(out, a)
+        fp["base"] = fingerprint(code["base"], corpus, to_dict(p.world), to_dict(p.base), p.model.preset)
+        steps.run(f"seed{seed}/base", fp["base"], lambda stale: pretrain_base(p))
+        for selector in sorted({ARMS[a].data for a in arms if ARMS[a].data}):
+            syn = dataclasses.replace(p.synthesize, selector=selector, out=str(folder / f"synthetic-{selector}"))
+            fp[selector] = fingerprint(code["synthesize"], fp["base"], to_dict(syn))
+            steps.run(f"seed{seed}/synthetic-{selector}", fp[selector],
+                      lambda stale, syn=syn: synthesize(syn, p.base.out if syn.selector == "attention" else None))
+        for arm in [a for a in arms if ARMS[a].data]:
+            pa = _arm_train(p, arm, folder)
+            fp[arm] = fingerprint(code["train"], fp[ARMS[arm].data], to_dict(pa.train), to_dict(pa.model))
+            steps.run(f"seed{seed}/{arm}", fp[arm], lambda stale, pa=pa: train_vpgc(pa, restart=stale))
+        for blank in (False, True):
+            names = [a for a in arms if ARMS[a].blank == blank]
+            if not names:
+                continue
+            bench_dir = work / ("benchmarks-blank" if blank else "benchmarks")
+            out = folder / ("eval-blind" if blank else "eval")
+            pe = dataclasses.replace(p, evaluate=dataclasses.replace(
+                ev, demon_dir=str(bench_dir / "demon"), mme_dir=str(bench_dir / "mme"), out=str(out),
+                metrics=str(out.with_suffix(".json"))))
+            specs = {a: (p.base.out if a == "base" else
+                         str(folder / (ARMS[a].weights_of or a) / "vpgc")) for a in names}
+            models = {a: fp["base" if a == "base" else ARMS[a].weights_of or a] for a in names}
+            fp_eval = fingerprint(code["evaluate"], fp_bench, blank, to_dict(pe.evaluate), models)
+            steps.run(f"seed{seed}/{out.name}", fp_eval,
+                      lambda stale, pe=pe, specs=specs: evaluate(pe, specs, restart=stale))
+            for a in names:
+                cells[a][seed] = _cell(out, a)
         for arm in arms:
             extra[arm][seed] = _arm_record(folder, arm)
 

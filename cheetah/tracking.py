@@ -5,6 +5,11 @@ it (e.g. a shared server). A pipeline run is one parent MLflow run with a child 
 separate processes (under `dvc repro` or Prefect), so the parent run's id travels in the `CHEETAH_PARENT_RUN_ID`
 environment variable; without it, a stage logs a standalone run. `CHEETAH_TRACKING=0` turns tracking off.
 
+Every stage is logged the same way, by `track_stage` at the CLI boundary (which DVC and the Prefect flow call): the
+stage function (cheetah/stages.py) takes its typed config and returns a `StageResult`; the wrapper opens the stage's
+run, logs the params of the sections the stage reads (`section.key`), every finite number of its metrics (flattened,
+`a.b.c`) and its artifacts. What a stage logs while it runs (a training curve per step) goes through `log_steps`.
+
 The stages that do the work (base, train, evaluate) also log MLflow's system metrics while they run: CPU, memory,
 disk and network, and GPU utilisation and memory where `pynvml` sees a GPU, as `system/*` metrics of the stage's
 run (the run's "System metrics" tab). MLflow's own settings apply: `MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=false`
@@ -15,10 +20,13 @@ sets how often they are sampled.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import re
-from collections.abc import Iterator, Mapping
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -103,3 +111,68 @@ def stage_run(stage: str, params: dict[str, Any] | None = None, experiment: str 
     with mlflow.start_run(run_name=stage, tags=tags, log_system_metrics=log_system) as run:
         _log_params(params)
         yield run
+
+
+@dataclasses.dataclass
+class StageResult:
+    """What a stage hands back to the boundary: its numbers, its artifacts and what `cheetah <stage>` prints."""
+
+    metrics: dict[str, Any]
+    """Nested numbers; every finite one is logged as a metric under its dotted path (`flat_metrics`)."""
+    artifacts: list[tuple[str | Path | dict[str, Any], str | None]] = dataclasses.field(default_factory=list)
+    """(file or folder, folder in the run) pairs; a dict is logged as a JSON document, the second item its name."""
+    printed: Any = None
+    """What the command prints as JSON (None: nothing, e.g. on the non-zero ranks of a distributed job)."""
+
+
+def track_stage(stage: str, params: Any, sections: Sequence[str], run: Callable[[], StageResult | None], *,
+                enabled: bool = True, system_metrics: bool = False,
+                extra_params: Mapping[str, Any] | None = None) -> StageResult | None:
+    """Run one stage inside its MLflow run (`stage_run`) and log what it returns: the params of `sections` of
+    `params` (a `cheetah.config.Params`; "section" or "section.field") and `extra_params`, the metrics flattened, the artifacts. Only rank 0 of a
+    distributed job tracks (the others have no run)."""
+    from cheetah.config import to_dict
+
+    logged: dict[str, Any] = {}
+    for spec in sections:  # "train" (the section) or "evaluate.demon_per_task" (one field of it)
+        section, _, field = spec.partition(".")
+        values = to_dict(getattr(params, section))
+        logged.setdefault(section, {}).update({field: values[field]} if field else values)
+    logged |= dict(extra_params or {})
+    rank0 = os.environ.get("RANK", "0") == "0"
+    with stage_run(stage, logged, experiment=params.register.experiment, enabled=enabled and rank0,
+                   system_metrics=system_metrics) as active:
+        result = run()
+        if active is not None and result is not None:
+            _log_result(result)
+    return result
+
+
+def _log_result(result: StageResult) -> None:
+    import mlflow
+
+    mlflow.log_metrics(flat_metrics(result.metrics))
+    for what, where in result.artifacts:
+        if isinstance(what, dict):
+            mlflow.log_dict(what, str(where))
+        elif Path(what).is_dir():
+            mlflow.log_artifacts(str(what), artifact_path=where or Path(what).name)
+        elif Path(what).is_file():
+            mlflow.log_artifact(str(what), artifact_path=where)
+
+
+def log_steps(steps: Sequence[tuple[int, Mapping[str, float]]]) -> None:
+    """Metrics a stage logs while it runs (a learning curve), as (step, {name: value}) pairs, on the active run;
+    nothing when there is none (tracking off, or a rank other than 0)."""
+    mlflow = sys.modules.get("mlflow")  # (not imported: no run is open, and importing it takes seconds)
+    run = mlflow.active_run() if mlflow is not None else None
+    if run is None or not steps:
+        return
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    now = int(time.time() * 1000)
+    batch = [Metric(k, float(v), now, step) for step, values in steps for k, v in values.items()
+             if v is not None and math.isfinite(float(v))]
+    for i in range(0, len(batch), 900):  # the REST API accepts at most 1000 metrics per batch
+        MlflowClient().log_batch(run.info.run_id, metrics=batch[i:i + 900], synchronous=True)

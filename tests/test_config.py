@@ -56,3 +56,82 @@ def test_template_names_are_the_prompt_templates():
 
     names = typing.get_args(typing.get_args(typing.get_type_hints(ModelConfig)["template"])[0])
     assert set(names) == set(TEMPLATES)
+
+
+def test_the_study_arms_are_defined_once():
+    """One Literal (cheetah.config.StudyArm): the tuple, the config's accepted values, study.py's table and the CLI's
+    choices all come from it."""
+    from typing import get_args
+
+    from cheetah.cli import build_parser
+    from cheetah.config import STUDY_ARMS, StudyArm, StudyConfig
+    from cheetah.study import ARMS
+
+    assert STUDY_ARMS == get_args(StudyArm) == tuple(ARMS) and len(STUDY_ARMS) == 5
+    assert StudyConfig().arms == list(STUDY_ARMS)
+    with pytest.raises(ConfigError, match="study.arms.0: Input should be 'base'"):
+        load_params(None, ["study.arms=[bogus]"])
+    study = build_parser()._subparsers._group_actions[0].choices["study"]
+    arms = next(a for a in study._actions if a.dest.endswith("arms"))
+    assert tuple(arms.choices) == STUDY_ARMS
+    assert all(arm in study.description for arm in STUDY_ARMS)
+
+
+def _commands(parser, path=()):
+    """(command path, parser) of every command and subcommand of the CLI."""
+    import argparse
+
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _commands(sub, (*path, name))
+
+
+def test_every_option_of_every_command_has_help_and_the_config_options_come_from_the_config():
+    """`cheetah <command> --help` documents every option (a field's option has the field's docstring), and no
+    argparse internals (dest names, suppressed defaults) show."""
+    import argparse
+
+    from cheetah.cli import STAGE_SECTIONS, build_parser
+    from cheetah.options import PREFIX, section_class
+
+    commands = dict(_commands(build_parser()))
+    assert len(commands) > 20
+    for path, parser in commands.items():
+        for action in parser._actions:
+            if action.help == argparse.SUPPRESS:  # (--local_rank, which DeepSpeed's launcher passes: hidden)
+                continue
+            assert action.help and action.help.strip(), (path, action.option_strings or action.dest)
+            if action.dest.startswith(PREFIX):
+                section, field = action.dest[len(PREFIX):].split(".")
+                assert action.help == section_class(section).__pydantic_fields__[field].description.replace("%", "%%")
+                assert f"--{section}.{field}" in action.option_strings
+        text = parser.format_help()
+        for leak in ("_AFTER", "==SUPPRESS==", PREFIX):
+            assert leak not in text, (path, leak)
+    # Each stage's command has an option for every field of the sections it reads (the ones DVC passes included).
+    for stage, sections in STAGE_SECTIONS.items():
+        dests = {a.dest for a in commands[(stage,)]._actions}
+        for spec in sections:
+            section, _, field = spec.partition(".")
+            fields = [field] if field else list(section_class(section).__pydantic_fields__)
+            assert {f"{PREFIX}{section}.{f}" for f in fields} <= dests, stage
+
+
+def test_config_options_and_their_short_names_override_params_and_set(tmp_path):
+    """`--section.field` and a kept short name set the key (YAML values, lists, booleans), win over --set, and a wrong
+    value is a ConfigError naming the key."""
+    from cheetah.cli import _params, build_parser
+
+    parse = build_parser().parse_args
+    args = parse(["train", "--set", "train.steps=5", "--steps", "7", "--train.betas", "0.8", "0.9",
+                  "--model.random_backbone", "--train.feature_cache", "null", "--zero-stage", "3"])
+    p = _params(args)
+    assert (p.train.steps, p.train.betas, p.model.random_backbone, p.train.feature_cache, p.train.zero_stage) == \
+        (7, (0.8, 0.9), True, None, 3)
+    assert _params(parse(["study", "--seeds", "4", "5", "--arms", "blind"])).study.seeds == [4, 5]
+    with pytest.raises(ConfigError, match="train.lr"):
+        _params(parse(["train", "--train.lr", "-1"]))
+    with pytest.raises(SystemExit):  # a Literal's values are the option's choices
+        parse(["train", "--precision", "fp8"])

@@ -80,8 +80,9 @@ def test_example_file_validates_once_and_reads_records_back(instruction_set, tmp
     for text, message in [
         (good + "\n" + good, "duplicate id 'syn-0'"),
         (good + "\n{oops", r"synthetic.jsonl:2: malformed JSON"),
-        (good.replace('"images/00000.png", ', ""), r":1 \(id='syn-0'\): field 'instruction' has 2 <image>"),
-        (good.replace("images/00000.png", "images/missing.png"), r":1 \(id='syn-0'\): images: .*missing.png not found"),
+        (good.replace('"images/00000.png", ', ""), r":1 \(id 'syn-0'\): instruction has 2 <image> placeholder\(s\) for 1"),
+        (good.replace("images/00000.png", "images/missing.png"), r":1 \(id 'syn-0'\): images: .*missing.png not found"),
+        (good.replace('"response": "', '"response": "<image> '), r":1 \(id 'syn-0'\): response contains the image placeholder"),
         (good.replace("images/00000.png", "../../x.png"), "escapes its root folder"),
     ]:
         (bad / "synthetic.jsonl").write_text(text + "\n")

@@ -360,7 +360,7 @@ def test_a_corrupt_record_in_your_corpus_stops_the_pipeline_at_validation(tmp_pa
     out = done.stdout + done.stderr
     assert done.returncode != 0 and "validate_source" in out
     assert "captions.jsonl:3 (id '000002'): caption contains the image placeholder <image>" in out
-    assert "captions.jsonl:4 (id None): not UTF-8 text (byte 0xff" in out
+    assert "captions.jsonl:4 (id '000003'): field caption: not UTF-8 text (byte 0xff" in out
     assert "captions.jsonl:5 (id '000004'): image: images/lost.png does not exist" in out
     assert "failed to reproduce 'validate_source'" in out and "exited with 2" in out  # bad data: no retry
     quarantine = [json.loads(line) for line in

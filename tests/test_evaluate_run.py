@@ -164,7 +164,7 @@ class _Killed(Exception):
 
 def test_killed_evaluation_resumes_with_only_the_missing_samples(bench, models, tmp_path, monkeypatch):
     specs = {"vpgc": models["vpgc"]}
-    full = evaluate(_params(bench, models, tmp_path / "full"), specs, track=False)
+    full = evaluate(_params(bench, models, tmp_path / "full"), specs)
     reference = tmp_path / "full" / "eval" / "vpgc" / "predictions"
 
     real_iter = generation.Generator.iter_answers
@@ -181,7 +181,7 @@ def test_killed_evaluation_resumes_with_only_the_missing_samples(bench, models, 
     monkeypatch.setattr(generation.Generator, "iter_answers", iter_answers)
     params = _params(bench, models, tmp_path / "killed")
     with pytest.raises(_Killed):
-        evaluate(params, specs, track=False)
+        evaluate(params, specs)
     pred = tmp_path / "killed" / "eval" / "vpgc" / "predictions"
     journaled = sum(len(p.read_text().splitlines()) for p in pred.rglob("*.partial.jsonl"))
     finished = len(list(pred.rglob("pred.json"))) * PER_TASK
@@ -190,7 +190,7 @@ def test_killed_evaluation_resumes_with_only_the_missing_samples(bench, models, 
     generated.clear()
     kill_after[0] = 10**9
     # The rerun may use another batch size: predictions do not depend on it.
-    resumed = evaluate(_params(bench, models, tmp_path / "killed", **{"evaluate.batch_size": 3}), specs, track=False)
+    resumed = evaluate(_params(bench, models, tmp_path / "killed", **{"evaluate.batch_size": 3}), specs)
     assert len(generated) == N_SAMPLES - 7
     files = sorted(p.relative_to(reference) for p in reference.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(pred) for p in pred.rglob("*") if p.is_file())
@@ -200,12 +200,12 @@ def test_killed_evaluation_resumes_with_only_the_missing_samples(bench, models, 
 
     # A finished evaluation reruns without generating anything; other decoding settings are refused, not mixed in.
     generated.clear()
-    evaluate(params, specs, track=False)
+    evaluate(params, specs)
     assert generated == []
     changed = _params(bench, models, tmp_path / "killed", **{"evaluate.max_new_tokens": 7})
     with pytest.raises(DataError, match="existing predictions"):
-        evaluate(changed, specs, benchmark="mme", track=False)
-    evaluate(changed, specs, benchmark="mme", restart=True, track=False)
+        evaluate(changed, specs, benchmark="mme")
+    evaluate(changed, specs, benchmark="mme", restart=True)
     assert len(generated) == N_MME * PER_SUBTASK * 2
 
 
@@ -267,7 +267,7 @@ def _files(folder: Path) -> dict[str, bytes]:
 @pytest.mark.slow
 def test_two_ranks_give_the_one_process_predictions_and_resume_after_a_kill(bench, models, tmp_path):
     specs = {"vpgc": models["vpgc"]}
-    one = evaluate(_params(bench, models, tmp_path / "one"), specs, track=False)
+    one = evaluate(_params(bench, models, tmp_path / "one"), specs)
     reference = _files(tmp_path / "one" / "eval" / "vpgc" / "predictions")
 
     argv = ["--params", str(tmp_path / "p.yaml")]

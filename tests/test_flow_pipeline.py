@@ -14,7 +14,9 @@
    synthesize: then, through their outputs, everything downstream but benchmarks); the previous data.dvc is restored
    from the cache.
 
-The tests share one pipeline run and follow each other (module-scoped state); they run in file order.
+Steps 1-6 share one pipeline run and change its repository one after another, so they are one test that calls them
+in this order (each step a function below): the suite can run in any order. The flow's retry test has a repository
+of its own.
 """
 
 from __future__ import annotations
@@ -127,17 +129,27 @@ def prefect_api(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def flow_run(env, prefect_api):
+def flow_module():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("cheetah_flows_pipeline", REPO / "flows" / "pipeline.py")
-    flow_module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(flow_module)
-    state = flow_module.pipeline(repo_dir=str(env["repo"]), return_state=True)
-    return {"state": state, "module": flow_module}
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def test_flow_runs_every_stage_with_tracking_and_an_evaluation_artifact(env, flow_run):
+def test_the_pipeline_through_the_flow_then_reruns_experiments_and_the_remote(env, prefect_api, flow_module):
+    """Steps 1-6 of the module's docstring, in that order, on one pipeline run."""
+    flow_run = {"state": flow_module.pipeline(repo_dir=str(env["repo"]), return_state=True), "module": flow_module}
+    flow_runs_every_stage_with_tracking_and_an_evaluation_artifact(env, flow_run)
+    second_repro_reruns_nothing(env)
+    an_evaluate_parameter_reruns_only_evaluate_and_register_under_cheetah_pipeline_run(env)
+    dvc_exp_run_of_a_register_parameter_reruns_register_only(env)
+    push_and_pull_round_trip_through_the_default_remote(env)
+    a_world_parameter_is_recorded_in_data_dvc_and_reruns_what_reads_the_corpus(env)
+
+
+def flow_runs_every_stage_with_tracking_and_an_evaluation_artifact(env, flow_run):
     import mlflow
     from mlflow.tracking import MlflowClient
     from prefect.client.orchestration import get_client
@@ -227,7 +239,7 @@ def test_flow_runs_every_stage_with_tracking_and_an_evaluation_artifact(env, flo
     assert {v["filename"] for v in compared} == {"demon_base.csv", "demon_vpgc.csv"}
 
 
-def test_second_repro_reruns_nothing(env, flow_run):
+def second_repro_reruns_nothing(env):
     import mlflow
 
     from cheetah.pipeline import stage_env
@@ -247,7 +259,7 @@ def test_second_repro_reruns_nothing(env, flow_run):
     assert len(mlflow.search_runs(experiment_names=["cheetah"], output_format="list")) == before
 
 
-def test_an_evaluate_parameter_reruns_only_evaluate_and_register_under_cheetah_pipeline_run(env, flow_run):
+def an_evaluate_parameter_reruns_only_evaluate_and_register_under_cheetah_pipeline_run(env):
     """`cheetah pipeline run` (what `make run` calls): one parent run, and exactly the stages that read the changed
     parameter (evaluate; register, which also serves with it) run again, nothing upstream."""
     from mlflow.tracking import MlflowClient
@@ -274,7 +286,7 @@ def test_an_evaluate_parameter_reruns_only_evaluate_and_register_under_cheetah_p
     assert json.loads(dvc(repo, "status", "--json")) == {}
 
 
-def test_dvc_exp_run_of_a_register_parameter_reruns_register_only(env, flow_run):
+def dvc_exp_run_of_a_register_parameter_reruns_register_only(env):
     """`dvc exp run -S` on the real pipeline (tests/test_dvc_pipeline.py runs `-S train.lr=...` on a small one): a
     wider margin reruns registration only, and the new version, no better, does not take `champion`."""
     from mlflow.tracking import MlflowClient
@@ -301,7 +313,7 @@ def test_dvc_exp_run_of_a_register_parameter_reruns_register_only(env, flow_run)
     git(repo, "checkout", "params.yaml")
 
 
-def test_push_and_pull_round_trip_through_the_default_remote(env, flow_run):
+def push_and_pull_round_trip_through_the_default_remote(env):
     repo, root = env["repo"], env["root"]
     config = (repo / ".dvc/config").read_text()
     assert re.search(r"remote\s*=\s*(\S+)", config), config  # a default remote is configured
@@ -319,7 +331,7 @@ def test_push_and_pull_round_trip_through_the_default_remote(env, flow_run):
     assert ensure_source(load_params(clone / "params.yaml"), clone, echo=[].append) == "up to date"
 
 
-def test_a_world_parameter_is_recorded_in_data_dvc_and_reruns_what_reads_the_corpus(env, flow_run):
+def a_world_parameter_is_recorded_in_data_dvc_and_reruns_what_reads_the_corpus(env):
     """`cheetah pipeline run` and the flow call ensure_source first: another world.n regenerates the corpus and
     records it in data.dvc (`dvc add`), so DVC finds exactly the stages that read data/source changed; the rest of
     the pipeline follows from their outputs (test 1 ran it all from such a change). Benchmarks do not read it."""
@@ -338,13 +350,13 @@ def test_a_world_parameter_is_recorded_in_data_dvc_and_reruns_what_reads_the_cor
     assert json.loads(dvc(repo, "status", "--json")) == {}
 
 
-def test_flow_retries_a_killed_stage_but_not_a_bad_input(env, prefect_api, flow_run, tmp_path, monkeypatch):
+def test_flow_retries_a_killed_stage_but_not_a_bad_input(env, prefect_api, flow_module, tmp_path, monkeypatch):
     """Retries are for accidents: a stage killed by a signal is run again; a stage that exits 2 (cheetah's code for
     bad configuration or data) fails at once, and the flow with it."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    module = flow_run["module"]
+    module = flow_module
     small = tmp_path / "small"
     small.mkdir()
     (small / "dvc.yaml").write_text(

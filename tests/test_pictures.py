@@ -207,3 +207,46 @@ def test_system_metrics_are_logged_for_a_stage_and_can_be_turned_off(monkeypatch
     with stage_run("train", experiment="sysmetrics", system_metrics=True) as run:
         time.sleep(0.6)
     assert not [k for k in mlflow.get_run(run.info.run_id).data.metrics if k.startswith("system/")]
+
+
+def test_every_stage_is_logged_the_same_way_by_the_boundary(tmp_path, monkeypatch, capsys):
+    """`track_stage` (what the CLI runs every stage in) logs the params of the stage's sections as `section.key`,
+    every finite number of the result flattened, and its artifacts; the stage function itself tracks nothing, and
+    `log_steps` outside a run does nothing."""
+    import mlflow
+
+    from cheetah.cli import main
+    from cheetah.config import Params
+    from cheetah.tracking import StageResult, log_steps, track_stage
+
+    monkeypatch.delenv("CHEETAH_PARENT_RUN_ID", raising=False)
+    monkeypatch.delenv("CHEETAH_TRACKING", raising=False)
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "a.txt").write_text("a")
+    (tmp_path / "b.txt").write_text("b")
+    p = Params()
+    p.register.experiment = "boundary"
+
+    def stage() -> StageResult:
+        log_steps([(1, {"loss": 2.0}), (2, {"loss": 1.5, "lr": float("nan")})])  # (non-finite values are left out)
+        return StageResult({"a": {"b": 1, "c": float("inf")}, "n": 3, "name": "text"},
+                           [(tmp_path / "folder", "dir"), (tmp_path / "b.txt", None), ({"k": 1}, "doc/k.json")])
+
+    log_steps([(1, {"loss": 9.0})])  # no run: nothing, no error
+    result = track_stage("demo", p, ("train",), stage, extra_params={"suite": "x"})
+    assert result.metrics["n"] == 3
+    run = mlflow.search_runs(experiment_names=["boundary"], output_format="list")[0]
+    assert run.data.tags["cheetah.stage"] == "demo"
+    assert run.data.params["train.lr"] == str(p.train.lr) and run.data.params["suite"] == "x"
+    assert run.data.metrics == {"a.b": 1.0, "n": 3.0, "loss": 1.5}
+    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "loss")
+    assert [(m.step, m.value) for m in history] == [(1, 2.0), (2, 1.5)]
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
+    assert artifacts == {"dir", "b.txt", "doc"}
+
+    # The same through the CLI, for a stage the CLI used to log by hand: `cheetah world`.
+    assert main(["--set", "register.experiment=boundary-cli", "world", "--out", str(tmp_path / "w"), "--n", "2"]) == 0
+    run = mlflow.search_runs(experiment_names=["boundary-cli"], output_format="list")[0]
+    assert run.data.tags["cheetah.stage"] == "world" and run.data.params["world.n"] == "2"
+    assert run.data.metrics == {"n": 2.0}
+    assert json.loads(capsys.readouterr().out)["n"] == 2

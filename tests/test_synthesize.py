@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -295,24 +296,42 @@ def test_filter_rejects_are_quarantined_and_counted(source, tmp_path):
     assert not kept & {q["id"] for q in quarantine if q["reason"] == "no_valid_edit"}
 
 
-def test_bad_source_records_are_quarantined(source, tmp_path):
+def test_bad_source_images_are_quarantined(source, tmp_path):
     import shutil
 
     src = tmp_path / "src"
     shutil.copytree(source, src)
     lines = (src / "captions.jsonl").read_text().splitlines()
-    lines[0] = "{broken"
+    lines[0] = json.dumps({**json.loads(lines[0]), "id": json.loads(lines[3])["id"]})  # (the later one is refused)
     lines[1] = json.dumps({**json.loads(lines[1]), "image": "../outside.png"})
     lines[2] = json.dumps({**json.loads(lines[2]), "image": "images/missing.png"})
-    (src / "images" / "000003.png").write_bytes(b"\x89PNG\r\n\x1a\ngarbage")
-    lines[4] = json.dumps({**json.loads(lines[4]), "caption": ""})
+    (src / "images" / "000004.png").write_bytes(b"\x89PNG\r\n\x1a\ngarbage")
     (src / "captions.jsonl").write_text("\n".join(lines) + "\n")
     stats = synthesize(_cfg(src, tmp_path / "out", selector="random", n=8, captions=4))
     reasons = {(q["line"], q["reason"]) for q in _rows(tmp_path / "out" / "quarantine.jsonl")
                if q["stage"] == "source"}
-    assert reasons == {(1, "malformed_record"), (2, "path_escapes_root"), (3, "missing_image"),
-                       (4, "undecodable_image"), (5, "malformed_record")}
-    assert stats["source_records"] == 30 and stats["source_usable"] == 25 and stats["pairs"] == 8
+    assert reasons == {(2, "path_escapes_root"), (3, "missing_image"), (4, "duplicate_id"),
+                       (5, "undecodable_image")}
+    assert stats["source_records"] == 30 and stats["source_usable"] == 26 and stats["pairs"] == 8
+
+
+@pytest.mark.parametrize("line, problem", [
+    (b"{broken", "captions.jsonl:3: malformed JSON"),
+    (None, "captions.jsonl:3 (id '000002'): field caption must be a non-empty string, got ''"),
+])
+def test_records_not_in_the_format_stop_synthesis(source, tmp_path, line, problem):
+    """The source format (cheetah.formats.source_problem) is checked as validation checks it: a record that is not
+    in it stops the stage with the record named (exit 2 in the CLI), as it stops base."""
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(source, src)
+    lines = (src / "captions.jsonl").read_bytes().split(b"\n")
+    lines[2] = line if line is not None else json.dumps({**json.loads(lines[2]), "caption": ""}).encode()
+    (src / "captions.jsonl").write_bytes(b"\n".join(lines))
+    with pytest.raises(DataError, match=re.escape(problem)):
+        synthesize(_cfg(src, tmp_path / "out", selector="random", n=4, captions=2))
+    assert not (tmp_path / "out").exists()
 
 
 def test_failed_run_keeps_previous_output(source, tmp_path, monkeypatch):

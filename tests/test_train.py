@@ -30,10 +30,9 @@ CLI = [sys.executable, "-m", "cheetah.cli"]
 
 
 def _clean_env() -> dict:
-    """A child process starts its own process group: drop the rank variables an in-process run left behind
-    (its TCP store still holds MASTER_PORT), and use one thread per process on this 2-core machine."""
-    drop = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"}
-    return {**{k: v for k, v in os.environ.items() if k not in drop}, "OMP_NUM_THREADS": "1"}
+    """One thread per process on this 2-core machine (an in-process run leaves no rank variables behind:
+    test_a_group_of_one_leaves_the_environment_as_it_found_it)."""
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def _cli(*args: str, env: dict) -> subprocess.CompletedProcess:
@@ -277,3 +276,23 @@ def test_random_backbone_trains_at_the_preset_shapes_and_is_marked(workspace):
     card = json.loads((workspace / "random" / "vpgc" / "vpgc.json").read_text())
     assert card["random_backbone"] is True and card["backbone_init"] == "random" and card["backbone"] == "tiny"
     assert card["num_llm_layers"] == PRESETS["tiny"].text["num_hidden_layers"] and metrics["steps"] == 2
+
+
+def test_a_group_of_one_leaves_the_environment_as_it_found_it(monkeypatch):
+    """`distributed.init` in a process no launcher started makes a group of one with the rank variables DeepSpeed
+    reads; `shutdown` puts the environment back as it was (a variable set before keeps its value), so a later
+    `cheetah train` in the same process, or a process it starts, is not taken for a launched rank."""
+    import torch.distributed as dist
+
+    from cheetah.train import distributed
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("MASTER_ADDR", "before")
+    before = dict(os.environ)
+    assert not distributed.launched()
+    assert distributed.init() == (0, 1)
+    assert dist.is_initialized() and os.environ["RANK"] == "0" and os.environ["MASTER_ADDR"] == "127.0.0.1"
+    distributed.shutdown()
+    assert not dist.is_initialized()
+    assert dict(os.environ) == before and not distributed.launched()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -187,13 +188,13 @@ def test_source_suite_refuses_what_the_stages_cannot_load(clean, tmp_path):
     (bad / "captions.jsonl").write_bytes(b"".join(line + b"\n" for line in lines))
     result = run_suite("source", bad, ValidateConfig(docs_dir=str(tmp_path / "d")), docs=False)
     text = _messages(result)
-    assert "captions.jsonl:2 (id None): not UTF-8 text (byte 0xe9 at column" in text
+    assert "captions.jsonl:2 (id '000001'): field caption: not UTF-8 text (byte 0xe9 at column" in text
     assert ("captions.jsonl:3 (id '000002'): caption contains the image placeholder <image> (only instructions "
             "may hold it)") in text
     assert "captions.jsonl:4 (id '000003'): image: images/nowhere.png does not exist" in text
     quarantined = {q["where"]: q for q in _quarantine(result)}
     assert set(quarantined) == {"captions.jsonl:2", "captions.jsonl:3", "captions.jsonl:4"}
-    assert "caf\ufffd" in quarantined["captions.jsonl:2"]["record"]  # kept, readable, in the quarantine
+    assert "caf\ufffd" in quarantined["captions.jsonl:2"]["record"]["caption"]  # kept, readable, in the quarantine
 
     # The same corpus without the three records passes, and both stages that read a corpus load all of it.
     keep = [line for k, line in enumerate((bad / "captions.jsonl").read_bytes().split(b"\n")) if k not in (1, 2, 3)]
@@ -202,6 +203,60 @@ def test_source_suite_refuses_what_the_stages_cannot_load(clean, tmp_path):
     items, rejects, n = load_source(bad, need_scenes=True)
     records, _ = _read_source(bad)
     assert len(items) == len(records) == n == 13 and rejects == []
+
+
+def _bad_caption(corpus: Path, kind: str) -> str:
+    """Make record 3 of `corpus` hold a non-UTF-8 byte or a literal `<image>` in its caption; returns the message
+    every reader gives for it."""
+    lines = (corpus / "captions.jsonl").read_bytes().split(b"\n")
+    if kind == "non-utf8":
+        lines[2] = lines[2].replace(b'"caption": "', b'"caption": "caf\xe9 ')
+        problem = "captions.jsonl:3 (id '000002'): field caption: not UTF-8 text (byte 0xe9 at column"
+    else:
+        lines[2] = lines[2].replace(b'"caption": "', b'"caption": "<image> ')
+        problem = ("captions.jsonl:3 (id '000002'): caption contains the image placeholder <image> (only "
+                   "instructions may hold it)")
+    (corpus / "captions.jsonl").write_bytes(b"\n".join(lines))
+    return problem
+
+
+@pytest.mark.parametrize("kind", ["non-utf8", "placeholder"])
+def test_a_caption_no_stage_can_read_is_refused_by_validation_and_by_every_loader(clean, tmp_path, capsys, kind,
+                                                                                  monkeypatch):
+    """What `cheetah validate source` refuses, the stages that read a corpus (base, synthesize) refuse the same
+    way: exit 2, one line naming the file, the record and the field, no traceback (cheetah.formats is the one
+    definition of the record they all check)."""
+    from cheetah.cli import main
+
+    monkeypatch.setenv("CHEETAH_TRACKING", "0")  # (MLflow's own log lines would share stderr)
+    bad = _copy(clean["source"], tmp_path / "bad")
+    problem = _bad_caption(bad, kind)
+    assert main(["validate", "source", str(bad), "--no-docs", "--docs-dir", str(tmp_path / "d")]) == 2
+    assert problem in capsys.readouterr().out
+    overrides = [f"world.out={bad}", f"synthesize.source={bad}", f"base.out={tmp_path / 'backbone'}",
+                 f"synthesize.out={tmp_path / 'syn'}", "synthesize.selector=random", "world.image_size=64"]
+    for command in ("base", "synthesize"):
+        assert main([command, *(a for o in overrides for a in ("--set", o))]) == 2, command
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and problem in err and "Traceback" not in err, err
+        assert len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "backbone").exists() and not (tmp_path / "syn").exists()
+
+
+def test_an_image_placeholder_in_an_instructions_text_is_refused_by_validation_and_training(clean, tmp_path, capsys):
+    """A literal `<image>` in the user text of a synthetic instruction, beyond the one placeholder per image the
+    format puts there: `cheetah validate synthetic` exits 2 naming the record, and training's loader refuses it with
+    the same message (it failed later with "sample 0 has 9 image tokens")."""
+    from cheetah.cli import main
+    from cheetah.train.data import ExampleFile
+
+    bad = _copy(clean["synthetic"], tmp_path / "bad")
+    _rewrite(bad / "synthetic.jsonl", lambda rs: rs[1].update(instruction=rs[1]["instruction"] + " an <image> tag"))
+    problem = "synthetic.jsonl:2 (id 'syn-000001'): instruction has 3 <image> placeholder(s) for 2 image(s)"
+    assert main(["validate", "synthetic", str(bad), "--no-docs", "--docs-dir", str(tmp_path / "d")]) == 2
+    assert problem in capsys.readouterr().out
+    with pytest.raises(DataError, match=re.escape(problem)):
+        ExampleFile(bad / "synthetic.jsonl")
 
 
 # ---------------------------------------------------------------------------------------------------------------

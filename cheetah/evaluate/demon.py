@@ -26,7 +26,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from cheetah.formats import IMAGE_TOKEN
+from cheetah.formats import IMAGE_TOKEN, demon_document_problem
 from cheetah.io import DataError, atomic_write_json, read_json, safe_join
 
 log = logging.getLogger(__name__)
@@ -303,12 +303,11 @@ def load_demon_task(root: str | Path, dataset: str, split: Split = "core") -> De
     """Load one DEMON dataset folder, checking every record, placeholder and image."""
     info, path, folder = find_split_file(root, dataset, split)
     doc = read_json(path)
-    if not isinstance(doc, dict) or not isinstance(doc.get("metadata"), dict) or not isinstance(doc.get("data"), list):
-        raise DataError(f"{path}: expected an object with 'metadata' (object) and 'data' (list)")
+    problem = demon_document_problem(doc)
+    if problem:
+        raise DataError(f"{path}: {problem}")
     meta = doc["metadata"]
-    instructions = meta.get("task_instruction")
-    if not isinstance(instructions, list) or not instructions or not all(isinstance(s, str) for s in instructions):
-        raise DataError(f"{path}: metadata.task_instruction must be a non-empty list of strings")
+    instructions = meta["task_instruction"]
     question_type = meta.get("question_type") or ""
     expected = "open-ended" if info.metric == "rouge_l" else "multi-choice"
     if question_type and question_type != expected:

@@ -301,3 +301,26 @@ def write_report(out_dir: str | Path, results: Results, metrics_path: str | Path
         r = results[model]
         written["metrics"] = write_metrics(metrics_path, metrics_dict(r.get("demon"), r.get("mme")))
     return written
+
+
+def read_model_scores(specs: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """`cheetah score report`'s models: `NAME=scores.json[,scores.json]` (`score demon` / `score mme` output) ->
+    {name: {"demon": scores, "mme": scores}}."""
+    from cheetah.io import DataError, read_json
+
+    results: dict[str, dict[str, Any]] = {}
+    for spec in specs:
+        name, sep, paths = spec.partition("=")
+        if not sep or not name or not paths:
+            raise DataError(f"model spec {spec!r} must look like NAME=scores.json[,scores.json]")
+        entry: dict[str, Any] = {}
+        for path in paths.split(","):
+            scores = read_json(path)
+            # `score demon` output has "tasks", `score mme` output has "subtasks".
+            kind = "demon" if isinstance(scores, dict) and "tasks" in scores else \
+                "mme" if isinstance(scores, dict) and "subtasks" in scores else None
+            if kind is None:
+                raise DataError(f"{path}: neither `cheetah score demon` nor `cheetah score mme` output")
+            entry[kind] = scores
+        results[name] = entry
+    return results

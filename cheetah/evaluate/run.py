@@ -49,7 +49,6 @@ from cheetah.config import Params, to_dict
 from cheetah.io import DataError, atomic_write_json, claim_dir, write_metrics
 from cheetah.model.weights import weights_digest
 from cheetah.progress import StageBar
-from cheetah.tracking import flat_metrics, stage_run
 
 log = logging.getLogger(__name__)
 
@@ -236,14 +235,14 @@ def generate_predictions(generator: Any, out_dir: str | Path, meta: Mapping[str,
 
 
 def evaluate(params: Params, model_specs: Mapping[str, str] | None = None, benchmark: str = "all",
-             restart: bool = False, track: bool = True) -> dict[str, Any]:
+             restart: bool = False) -> dict[str, Any]:
     """Generate, score and report every model on the DEMON-format tasks under `evaluate.demon_dir` and the
     MME-format subtasks under `evaluate.mme_dir` (`benchmark`: "demon", "mme" or "all").
 
     `model_specs` maps a name to a VPG-C weights directory, a backbone directory or a preset (default:
     `default_model_specs`). Returns `{"models": {name: {"demon": scores, "mme": scores}}, "metrics": …, "paths": …}`.
-    Under `torchrun` / `deepspeed` every rank calls this (see the module's docstring); only rank 0 scores, reports
-    and tracks, and the other ranks return `{"models": {}, "metrics": {}, "paths": {}, "rank": r}`.
+    Under `torchrun` / `deepspeed` every rank calls this (see the module's docstring); only rank 0 scores and
+    reports, and the other ranks return `{"models": {}, "metrics": {}, "paths": {}, "rank": r}`.
     """
     if benchmark not in ("all", *BENCHMARKS):
         raise ValueError(f"benchmark must be 'demon', 'mme' or 'all', got {benchmark!r}")
@@ -266,16 +265,13 @@ def evaluate(params: Params, model_specs: Mapping[str, str] | None = None, bench
         claim_dir(out, REPORT_KIND, protect=inputs)
     ranks.barrier()
     # (On an error the process ends with it, and the launcher stops the other ranks: no barrier to wait at.)
-    # Rank 0's MLflow run spans the whole evaluation (`_track` logs into it), so its system metrics cover generation.
-    with stage_run("evaluate", experiment=params.register.experiment, enabled=track and ranks.rank == 0,
-                   system_metrics=True):
-        result = _evaluate(params, specs, benchmark, demon_dir, mme_dir, out, ranks, restart, track)
+    result = _evaluate(params, specs, benchmark, demon_dir, mme_dir, out, ranks, restart)
     ranks.close()
     return result
 
 
 def _evaluate(params: Params, specs: Mapping[str, str], benchmark: str, demon_dir: str | None, mme_dir: str | None,
-              out: Path, ranks: Ranks, restart: bool, track: bool) -> dict[str, Any]:
+              out: Path, ranks: Ranks, restart: bool) -> dict[str, Any]:
     import torch
 
     from cheetah.evaluate.examples import write_examples
@@ -345,8 +341,6 @@ def _evaluate(params: Params, specs: Mapping[str, str], benchmark: str, demon_di
                "device": device.type, "ranks": ranks.world, "models": runs,
                "outputs": {k: str(v) for k, v in written.items()}}
     written["summary"] = atomic_write_json(out / "evaluation.json", summary)
-    if track:
-        _track(params, specs, metrics, written, out)
     return {"models": results, "metrics": metrics, "paths": {k: str(v) for k, v in written.items()}}
 
 
@@ -382,23 +376,3 @@ def provenance(params: Params, runs: Mapping[str, Mapping[str, Any]], root: str 
     return {"lineage": lineage(root, stage="evaluate"), "params": {"evaluate": to_dict(params.evaluate),
                                                                    "model": to_dict(params.model)},
             "models": models}
-
-
-def _track(params: Params, specs: Mapping[str, str], metrics: Mapping[str, Any], written: Mapping[str, Path],
-           out: Path) -> None:
-    logged = {"evaluate": to_dict(params.evaluate), "model": {"dtype": params.model.dtype},
-              "models": dict(specs)}
-    with stage_run("evaluate", logged, experiment=params.register.experiment) as run:
-        if run is None:
-            return
-        import mlflow
-
-        flat = flat_metrics({k: v for k, v in metrics.items() if k != "baselines"})
-        flat.update(flat_metrics(metrics["baselines"]))
-        mlflow.log_metrics(flat)
-        for path in written.values():
-            mlflow.log_artifact(str(path), artifact_path="evaluate")
-        for name in specs:
-            for f in ("demon_scores.json", "mme_scores.json"):
-                if (out / name / f).is_file():
-                    mlflow.log_artifact(str(out / name / f), artifact_path=f"evaluate/{name}")

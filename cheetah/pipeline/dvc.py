@@ -12,17 +12,11 @@ from pathlib import Path
 from cheetah.tracking import PARENT_ENV
 
 
-# The variables by which a launcher (or `cheetah.train.distributed.init`, for a group of one) places a process in
-# a process group.
-RANK_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
 def stage_env(parent_run_id: str | None = None, base: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment of a stage process: this interpreter's bin directory first on PATH (so `cheetah` in
     dvc.yaml is this installation's) and the parent run id. (`cheetah.tracking.configure`, called by
-    `parent_run`, has already put the absolute tracking URI into the environment.) A stage starts its own process
-    group: rank variables of this process (a group it trained in, whose store still holds MASTER_PORT) are left out."""
-    env = {k: v for k, v in (os.environ if base is None else base).items() if k not in RANK_ENV}
+    `parent_run`, has already put the absolute tracking URI into the environment.)"""
+    env = dict(os.environ if base is None else base)
     bindir = str(Path(sys.executable).parent)
     env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
     env.setdefault("DVC_NO_ANALYTICS", "1")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from cheetah.formats import SYNTHETIC_PAIRS
 from cheetah.io import iter_jsonl, safe_join
 from cheetah.pictures import SheetRow, render_sheet
 
@@ -23,7 +24,7 @@ def contact_rows(folder: str | Path, per_type: int = PER_TYPE) -> tuple[dict[str
     """({edit type: rows of its first `per_type` pairs}, {edit type: number of pairs}) of `folder/synthetic.jsonl`,
     types in order of first appearance."""
     folder = Path(folder)
-    pairs = folder / "synthetic.jsonl"
+    pairs = folder / SYNTHETIC_PAIRS
     by_type: dict[str, list[SheetRow]] = {}
     counts: dict[str, int] = {}
     for lineno, rec in iter_jsonl(pairs):

@@ -51,6 +51,8 @@ from PIL import Image
 
 from cheetah.config import ConfigError, SynthesizeConfig
 from cheetah.engine import fan_out
+from cheetah.formats import (SOURCE_CAPTIONS, SOURCE_SCENES, SYNTHETIC_CAPTIONS, SYNTHETIC_PAIRS, read_records,
+                             source_problem)
 from cheetah.io import DataError, atomic_dir, atomic_write_json, check_output, safe_join
 from cheetah.progress import StageBar
 from cheetah.synthesize.apply import Applier, InpaintApplier, WorldApplier
@@ -101,48 +103,38 @@ def _check_image(path: Path) -> tuple[str | None, str | None]:
 def load_source(root: str | Path, need_scenes: bool) -> tuple[list[SourceItem], list[dict[str, Any]], int]:
     """Usable records of a source corpus, the rejected ones (with reasons) and the number of records read.
 
-    A bad record (malformed JSON, a missing or non-string field, a duplicate id, an image path outside the
-    folder, a missing image or one that does not decode completely, no scene graph when one is needed) is
-    rejected, not fatal: it is listed in the quarantine. A missing captions.jsonl, or scenes.jsonl when the world
-    backends need it, is fatal (DataError). Images are decoded by a few threads at once (PIL releases the GIL).
+    A record that is not in the format (`cheetah.formats.source_problem`: not UTF-8, malformed JSON, a missing or
+    non-string field, the image placeholder in a caption) is fatal (DataError naming the file, line, id and field),
+    as in every stage that reads a corpus and in its validation. A usable record whose image is not (a duplicate
+    id, an image path outside the folder, a missing image or one that does not decode completely, no scene graph
+    when one is needed) is rejected, not fatal: it is listed in the quarantine. A missing captions.jsonl, or
+    scenes.jsonl when the world backends need it, is fatal. Images are decoded by a few threads at once (PIL
+    releases the GIL).
     """
     root = Path(root)
-    captions_path = root / "captions.jsonl"
+    captions_path = root / SOURCE_CAPTIONS
     if not captions_path.exists():
-        raise DataError(f"{captions_path}: file not found (a source corpus is a folder with captions.jsonl and images)")
+        raise DataError(f"{captions_path}: file not found (a source corpus is a folder with {SOURCE_CAPTIONS} and "
+                        "images)")
+    records = read_records(captions_path, source_problem)
     scenes = {}
     if need_scenes:
-        if not (root / "scenes.jsonl").exists():
-            raise DataError(f"{root / 'scenes.jsonl'}: file not found; masks: world needs the scene graphs written "
+        if not (root / SOURCE_SCENES).exists():
+            raise DataError(f"{root / SOURCE_SCENES}: file not found; masks: world needs the scene graphs written "
                             f"by `cheetah world` (for real images use masks: sam and apply: inpaint)")
-        scenes = read_scenes(root / "scenes.jsonl")
+        scenes = read_scenes(root / SOURCE_SCENES)
 
     rejects: list[dict[str, Any]] = []
     seen: set[str] = set()
-    n_records = 0
+    n_records = len(records)
 
     def reject(lineno: int, rec_id: Any, code: str, detail: str) -> dict[str, Any]:
-        return {"stage": "source", "file": "captions.jsonl", "line": lineno,
+        return {"stage": "source", "file": SOURCE_CAPTIONS, "line": lineno,
                 "id": rec_id if isinstance(rec_id, str) else None, "reason": code, "detail": detail}
 
     # First the checks on the record itself, in file order; then the images, decoded in parallel.
     entries: list[dict[str, Any] | tuple[int, dict[str, Any], Path]] = []
-    for lineno, line in enumerate(captions_path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        n_records += 1
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            entries.append(reject(lineno, None, "malformed_record", f"malformed JSON: {e.msg}"))
-            continue
-        if not isinstance(rec, dict):
-            entries.append(reject(lineno, None, "malformed_record", f"expected a JSON object, got {type(rec).__name__}"))
-            continue
-        bad = [f for f in ("id", "image", "caption") if not isinstance(rec.get(f), str) or not rec[f].strip()]
-        if bad:
-            entries.append(reject(lineno, rec.get("id"), "malformed_record", f"field {bad[0]} must be a non-empty string"))
-            continue
+    for lineno, rec in records:
         if rec["id"] in seen:
             entries.append(reject(lineno, rec["id"], "duplicate_id", f"id {rec['id']!r} appears earlier in the file"))
             continue
@@ -175,7 +167,7 @@ def load_source(root: str | Path, need_scenes: bool) -> tuple[list[SourceItem], 
         scene = scenes.get(rec["id"])
         if need_scenes and scene is None:
             rejects.append(reject(lineno, rec["id"], "no_scene_graph", f"id {rec['id']!r} has no scene graph in "
-                                                                        f"scenes.jsonl"))
+                                                                        f"{SOURCE_SCENES}"))
             continue
         items.append(SourceItem(index=lineno - 1, id=rec["id"], image=rec["image"], path=path,
                                 caption=rec["caption"], scene=scene, sha256=sha or ""))
@@ -406,7 +398,7 @@ def run_shard(job: SynthesisJob, shard: Shard, report: Any = lambda k: None) -> 
     pairs, rejects, sources = 0, 0, set()
     with atomic_dir(Path(job.work) / shard.name, kind=SHARD_KIND) as tmp:
         (tmp / "images").mkdir()
-        with open(tmp / "synthetic.jsonl", "w", encoding="utf-8") as pair_file, \
+        with open(tmp / SYNTHETIC_PAIRS, "w", encoding="utf-8") as pair_file, \
                 open(tmp / "quarantine.jsonl", "w", encoding="utf-8") as quarantine_file:
             for i in range(shard.start, shard.stop):
                 try:
@@ -416,7 +408,7 @@ def run_shard(job: SynthesisJob, shard: Shard, report: Any = lambda k: None) -> 
                     record = {"id": item.id, "line": item.index + 1, "image": item.image}
                     raise ShardFailed(
                         f"shard {shard.index} (pairs {shard.start}-{shard.stop - 1}) failed at pair {i} on source "
-                        f"record id {item.id!r} ({Path(job.cfg.source) / 'captions.jsonl'} line {item.index + 1}, "
+                        f"record id {item.id!r} ({Path(job.cfg.source) / SOURCE_CAPTIONS} line {item.index + 1}, "
                         f"image {item.image}): {type(e).__name__}: {e}",
                         shard.index, i, record, traceback.format_exc()) from None
                 if result.record is not None and result.png is not None and result.source is not None:
@@ -593,14 +585,14 @@ def merge(run: SynthesisRun) -> dict[str, Any]:
     pairs = quarantined = 0
     with atomic_dir(cfg.out, kind=SYNTHETIC_KIND, protect=_inputs(cfg, run.job.backbone)) as tmp:
         (tmp / "images").mkdir()
-        with open(tmp / "synthetic.jsonl", "w", encoding="utf-8") as pair_file, \
+        with open(tmp / SYNTHETIC_PAIRS, "w", encoding="utf-8") as pair_file, \
                 open(tmp / "quarantine.jsonl", "w", encoding="utf-8") as quarantine_file:
             for q in source_rejects:
                 quarantine_file.write(_dumps(q))
             quarantined += len(source_rejects)
             for shard in shards:
                 folder = work.shard_dir(shard)
-                with open(folder / "synthetic.jsonl", encoding="utf-8") as f:
+                with open(folder / SYNTHETIC_PAIRS, encoding="utf-8") as f:
                     for line in f:
                         record = json.loads(line)
                         pair_file.write(line)
@@ -617,7 +609,7 @@ def merge(run: SynthesisRun) -> dict[str, Any]:
                             unusable.add(q["source_id"])
                 used.update(work.info(shard)["sources"])
         captions = draws.caption_samples(cfg.captions, excluded=unusable)
-        with open(tmp / "captions.jsonl", "w", encoding="utf-8") as f:
+        with open(tmp / SYNTHETIC_CAPTIONS, "w", encoding="utf-8") as f:
             for record, item in captions:
                 f.write(_dumps(record))
                 used.add(item.index)

@@ -28,7 +28,6 @@ after `cheetah model import`) into `base.out`, so DVC versions the exact weights
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import time
@@ -40,9 +39,9 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from cheetah.config import ConfigError, Params, to_dict
-from cheetah.formats import IMAGE_TOKEN
-from cheetah.io import (DataError, atomic_dir, atomic_write_json, check_output, read_json, read_jsonl, safe_join,
+from cheetah.config import ConfigError, Params
+from cheetah.formats import IMAGE_TOKEN, SOURCE_CAPTIONS, SOURCE_SCENES, read_records, source_problem
+from cheetah.io import (DataError, atomic_dir, atomic_write_json, check_output, read_json, safe_join,
                         write_metrics)
 from cheetah.model.backbones import BACKBONE_KIND, build_backbone, load_backbone, save_backbone
 from cheetah.model.prompts import PromptBuilder
@@ -91,7 +90,7 @@ def _image_examples(source: Path, records: list[dict[str, Any]], scenes: dict[st
     rng = np.random.default_rng(seed)
     paths, examples = [], []
     for i, rec in enumerate(records):
-        paths.append(safe_join(source, rec["image"], what=f"{source / 'captions.jsonl'} id={rec['id']}: image"))
+        paths.append(safe_join(source, rec["image"], what=f"{source / SOURCE_CAPTIONS} (id {rec['id']!r}): image"))
         prompt = CAPTION_PROMPTS[int(rng.integers(len(CAPTION_PROMPTS)))]
         examples.append((i, prompt, rec["caption"]))
         scene = scenes[rec["id"]]
@@ -106,16 +105,11 @@ def _image_examples(source: Path, records: list[dict[str, Any]], scenes: dict[st
 
 def _read_source(source: Path) -> tuple[list[dict[str, Any]], dict[str, Scene]]:
     """The corpus' caption records and the scene graph of every one of them (the base stage learns from both)."""
-    records = read_jsonl(source / "captions.jsonl")
-    for i, rec in enumerate(records):
-        for field in ("id", "image", "caption"):
-            if not isinstance(rec.get(field), str) or not rec[field]:
-                raise DataError(f"{source / 'captions.jsonl'}: record {i + 1} (id={rec.get('id')!r}): "
-                                f"field {field!r} missing or empty")
-    scenes = read_scenes(source / "scenes.jsonl")
+    records = [rec for _, rec in read_records(source / SOURCE_CAPTIONS, source_problem)]
+    scenes = read_scenes(source / SOURCE_SCENES)
     missing = [r["id"] for r in records if r["id"] not in scenes]
     if missing:
-        raise DataError(f"{source / 'scenes.jsonl'}: no scene graph for image id(s) {missing[:5]} (the base stage "
+        raise DataError(f"{source / SOURCE_SCENES}: no scene graph for image id(s) {missing[:5]} (the base stage "
                         "learns from the world's scene graphs)")
     return records, scenes
 
@@ -282,19 +276,11 @@ def _qformer(model: Any, features: torch.Tensor) -> torch.Tensor:
 
 def base_stage(params: Params) -> dict[str, Any]:
     """`cheetah base`: write the backbone to `base.out` as `base.init` says; returns the metrics."""
-    from cheetah.tracking import stage_run
-
     cfg = params.base
     if cfg.init == "pretrain":
         return pretrain_base(params)
-    tracked = to_dict(cfg) | {"preset": params.model.preset}
-    with stage_run("base", tracked, experiment=params.register.experiment) as run:
-        metrics = random_base(params) if cfg.init == "random" else checkpoint_base(params)
-        write_metrics(cfg.metrics, metrics)
-        if run is not None:
-            import mlflow
-
-            mlflow.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+    metrics = random_base(params) if cfg.init == "random" else checkpoint_base(params)
+    write_metrics(cfg.metrics, metrics)
     return metrics
 
 
@@ -347,7 +333,7 @@ def checkpoint_base(params: Params) -> dict[str, Any]:
 
 def pretrain_base(params: Params) -> dict[str, Any]:
     """Train the tiny backbone from scratch on the source corpus; write it to `params.base.out`."""
-    from cheetah.tracking import stage_run
+    from cheetah.tracking import log_steps
 
     cfg, world = params.base, params.world
     if params.model.preset != "tiny":
@@ -368,95 +354,86 @@ def pretrain_base(params: Params) -> dict[str, Any]:
     tags = [TagProbe.targets(scene_by_id[r["id"]]) for r in records]
     history: list[dict[str, float]] = []
 
-    with stage_run("base", to_dict(params.base) | {"image_size": world.image_size},
-                   experiment=params.register.experiment, system_metrics=True) as run:
-        t_start = time.perf_counter()
+    t_start = time.perf_counter()
 
-        # -- 1. vision: ViT sees everything, the Q-Former learns what captions say --------------------------------
-        vcfg = model.config.vision_config
-        probe = TagProbe(vcfg.hidden_size, model.config.qformer_config.hidden_size, backbone.num_query_tokens,
-                         vcfg.image_size, vcfg.patch_size)
-        vision_params = [*model.vision_model.parameters(), *model.qformer.parameters(), model.query_tokens,
-                         *probe.parameters()]
-        model.vision_model.train(), model.qformer.train()
-        optimizer = torch.optim.AdamW(vision_params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        for step in tqdm(range(cfg.vision_steps), desc="base: vision", dynamic_ncols=True):
-            idx = rng.integers(len(paths), size=cfg.batch_size * 2)
-            patches = model.vision_model(pixel_values=pixels[idx]).last_hidden_state
-            batch_tags = {k: torch.stack([tags[i][k] for i in idx]) for k in tags[0]}
-            loss = probe.loss(patches[:, 1:], _qformer(model, patches), batch_tags)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            history.append({"phase": 1, "step": step + 1, "vision_loss": loss.item()})
+    # -- 1. vision: ViT sees everything, the Q-Former learns what captions say --------------------------------
+    vcfg = model.config.vision_config
+    probe = TagProbe(vcfg.hidden_size, model.config.qformer_config.hidden_size, backbone.num_query_tokens,
+                     vcfg.image_size, vcfg.patch_size)
+    vision_params = [*model.vision_model.parameters(), *model.qformer.parameters(), model.query_tokens,
+                     *probe.parameters()]
+    model.vision_model.train(), model.qformer.train()
+    optimizer = torch.optim.AdamW(vision_params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    for step in tqdm(range(cfg.vision_steps), desc="base: vision", dynamic_ncols=True):
+        idx = rng.integers(len(paths), size=cfg.batch_size * 2)
+        patches = model.vision_model(pixel_values=pixels[idx]).last_hidden_state
+        batch_tags = {k: torch.stack([tags[i][k] for i in idx]) for k in tags[0]}
+        loss = probe.loss(patches[:, 1:], _qformer(model, patches), batch_tags)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        history.append({"phase": 1, "step": step + 1, "vision_loss": loss.item()})
 
-        # -- 2. alignment: frozen ViT + Q-Former; the projection and the language model learn ---------------------
-        model.vision_model.eval(), model.qformer.eval()
-        for p in (*model.vision_model.parameters(), *model.qformer.parameters(), model.query_tokens):
-            p.requires_grad_(False)
-        with torch.no_grad():  # frozen: every image's visual prompt is computed once
-            prompts = torch.cat([_qformer(model, model.vision_model(pixel_values=pixels[i:i + 128]).last_hidden_state)
-                                 for i in range(0, len(pixels), 128)])
-        encoded = [builder.encode(instr, 1, resp) for _, instr, resp in image_examples]
-        chat = [builder.encode(instr, 0, resp) for instr, resp in _chat_examples(list(scene_by_id.values()), rng)]
-        align_params = [*model.language_projection.parameters(), *model.language_model.parameters()]
-        model.language_model.train()
-        optimizer = torch.optim.AdamW(align_params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, cfg.steps, "cosine"))
-        embed = model.get_input_embeddings()
-        for step in tqdm(range(cfg.steps), desc="base: alignment", dynamic_ncols=True):
-            idx = rng.integers(len(encoded), size=cfg.batch_size)
-            batch = builder.collate([encoded[i] for i in idx], "right")
-            image_tokens = model.language_projection(prompts[[image_examples[i][0] for i in idx]])
-            mask = (batch["input_ids"] == model.config.image_token_index).unsqueeze(-1)
-            inputs = embed(batch["input_ids"]).masked_scatter(mask, image_tokens)
-            loss_img = model.language_model(inputs_embeds=inputs, attention_mask=batch["attention_mask"],
-                                            labels=batch["labels"]).loss
-            text = builder.collate([chat[i] for i in rng.integers(len(chat), size=max(1, cfg.batch_size // 2))],
-                                   "right")
-            loss_txt = model.language_model(input_ids=text["input_ids"], attention_mask=text["attention_mask"],
-                                            labels=text["labels"]).loss
-            (loss_img + 0.5 * loss_txt).backward()
-            torch.nn.utils.clip_grad_norm_(align_params, 1.0)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            history.append({"phase": 2, "step": step + 1, "image_loss": loss_img.item(), "text_loss": loss_txt.item()})
-            if run is not None and ((step + 1) % 20 == 0 or step + 1 == cfg.steps):
-                import mlflow
+    # -- 2. alignment: frozen ViT + Q-Former; the projection and the language model learn ---------------------
+    model.vision_model.eval(), model.qformer.eval()
+    for p in (*model.vision_model.parameters(), *model.qformer.parameters(), model.query_tokens):
+        p.requires_grad_(False)
+    with torch.no_grad():  # frozen: every image's visual prompt is computed once
+        prompts = torch.cat([_qformer(model, model.vision_model(pixel_values=pixels[i:i + 128]).last_hidden_state)
+                             for i in range(0, len(pixels), 128)])
+    encoded = [builder.encode(instr, 1, resp) for _, instr, resp in image_examples]
+    chat = [builder.encode(instr, 0, resp) for instr, resp in _chat_examples(list(scene_by_id.values()), rng)]
+    align_params = [*model.language_projection.parameters(), *model.language_model.parameters()]
+    model.language_model.train()
+    optimizer = torch.optim.AdamW(align_params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, cfg.steps, "cosine"))
+    embed = model.get_input_embeddings()
+    for step in tqdm(range(cfg.steps), desc="base: alignment", dynamic_ncols=True):
+        idx = rng.integers(len(encoded), size=cfg.batch_size)
+        batch = builder.collate([encoded[i] for i in idx], "right")
+        image_tokens = model.language_projection(prompts[[image_examples[i][0] for i in idx]])
+        mask = (batch["input_ids"] == model.config.image_token_index).unsqueeze(-1)
+        inputs = embed(batch["input_ids"]).masked_scatter(mask, image_tokens)
+        loss_img = model.language_model(inputs_embeds=inputs, attention_mask=batch["attention_mask"],
+                                        labels=batch["labels"]).loss
+        text = builder.collate([chat[i] for i in rng.integers(len(chat), size=max(1, cfg.batch_size // 2))],
+                               "right")
+        loss_txt = model.language_model(input_ids=text["input_ids"], attention_mask=text["attention_mask"],
+                                        labels=text["labels"]).loss
+        (loss_img + 0.5 * loss_txt).backward()
+        torch.nn.utils.clip_grad_norm_(align_params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        history.append({"phase": 2, "step": step + 1, "image_loss": loss_img.item(), "text_loss": loss_txt.item()})
+        if (step + 1) % 20 == 0 or step + 1 == cfg.steps:
+            log_steps([(step + 1, {"image_loss": loss_img.item(), "text_loss": loss_txt.item(),
+                                   "lr": scheduler.get_last_lr()[0]})])
+    train_seconds = time.perf_counter() - t_start
 
-                mlflow.log_metrics({"image_loss": loss_img.item(), "text_loss": loss_txt.item(),
-                                    "lr": scheduler.get_last_lr()[0]}, step=step + 1)
-        train_seconds = time.perf_counter() - t_start
-
-        model.eval()
-        model.requires_grad_(False)
-        heldout = list(heldout_scenes(world, cfg.eval_scenes))
-        quality = caption_quality(backbone, heldout)
-        yes_no = yes_no_accuracy(backbone, heldout)
-        last = [h for h in history if h["phase"] == 2][-20:]
-        metrics = {
-            "vision_steps": cfg.vision_steps,
-            "steps": cfg.steps,
-            "train_seconds": round(train_seconds, 1),
-            "final_vision_loss": float(np.mean([h["vision_loss"] for h in history if h["phase"] == 1][-20:]))
-            if cfg.vision_steps else None,
-            "final_image_loss": float(np.mean([h["image_loss"] for h in last])),
-            "final_text_loss": float(np.mean([h["text_loss"] for h in last])),
-            "heldout_scenes": quality["n"],
-            "caption_exact_match": quality["caption_exact_match"],
-            "caption_rouge_l": quality["caption_rouge_l"],
-            "yes_no_primary_accuracy": yes_no["primary"]["accuracy"],
-            "yes_no_detail_accuracy": yes_no["detail"]["accuracy"],
-            "parameters": sum(p.numel() for p in model.parameters()),
-            "image_examples": len(encoded),
-            "chat_examples": len(chat),
-        }
-        save_backbone(backbone, cfg.out, extra_meta={"init": "pretrain", "base_metrics": metrics}, protect=[source])
-        write_metrics(cfg.metrics, {**metrics, "yes_no": yes_no, "examples": quality["examples"]})
-        if run is not None:
-            import mlflow
-
-            mlflow.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not
-                                (isinstance(v, float) and math.isnan(v))})
+    model.eval()
+    model.requires_grad_(False)
+    heldout = list(heldout_scenes(world, cfg.eval_scenes))
+    quality = caption_quality(backbone, heldout)
+    yes_no = yes_no_accuracy(backbone, heldout)
+    last = [h for h in history if h["phase"] == 2][-20:]
+    metrics = {
+        "vision_steps": cfg.vision_steps,
+        "steps": cfg.steps,
+        "train_seconds": round(train_seconds, 1),
+        "final_vision_loss": float(np.mean([h["vision_loss"] for h in history if h["phase"] == 1][-20:]))
+        if cfg.vision_steps else None,
+        "final_image_loss": float(np.mean([h["image_loss"] for h in last])),
+        "final_text_loss": float(np.mean([h["text_loss"] for h in last])),
+        "heldout_scenes": quality["n"],
+        "caption_exact_match": quality["caption_exact_match"],
+        "caption_rouge_l": quality["caption_rouge_l"],
+        "yes_no_primary_accuracy": yes_no["primary"]["accuracy"],
+        "yes_no_detail_accuracy": yes_no["detail"]["accuracy"],
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "image_examples": len(encoded),
+        "chat_examples": len(chat),
+    }
+    save_backbone(backbone, cfg.out, extra_meta={"init": "pretrain", "base_metrics": metrics}, protect=[source])
+    write_metrics(cfg.metrics, {**metrics, "yes_no": yes_no, "examples": quality["examples"]})
     return metrics

@@ -34,7 +34,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from cheetah.io import DataError, atomic_write_json, iter_jsonl_offsets, read_jsonl_at, safe_join
-from cheetah.model.prompts import IMAGE_TOKEN, PromptBuilder, PromptError
+from cheetah.formats import instruction_problem, where as record_where
+from cheetah.model.prompts import PromptBuilder, PromptError
 
 HELDOUT_SALT = "heldout"
 
@@ -50,14 +51,9 @@ class Example:
 
 def parse_example(rec: dict[str, Any], root: Path, where: str) -> Example:
     """One record as an Example; every problem names `where` (file:line and id) and the field."""
-    for field, kind in (("id", str), ("instruction", str), ("response", str), ("images", list)):
-        if not isinstance(rec.get(field), kind):
-            raise DataError(f"{where}: field {field!r} must be a {kind.__name__}, got {rec.get(field)!r}")
-    if not rec["response"].strip():
-        raise DataError(f"{where}: field 'response' is empty")
-    if rec["instruction"].count(IMAGE_TOKEN) != len(rec["images"]):
-        raise DataError(f"{where}: field 'instruction' has {rec['instruction'].count(IMAGE_TOKEN)} {IMAGE_TOKEN} "
-                        f"placeholders for {len(rec['images'])} images")
+    problem = instruction_problem(rec)
+    if problem:
+        raise DataError(f"{where}: {problem}")
     images = tuple(safe_join(root, p, what=f"{where}: images") for p in rec["images"])
     return Example(rec["id"], images, rec["instruction"], rec["response"], rec.get("source_id"))
 
@@ -88,7 +84,7 @@ class ExampleFile:
         root = self.root.resolve()
         offsets, starts, keys, split, ids = array("q"), array("q", [0]), array("Q"), array("I"), array("Q")
         for lineno, offset, rec in iter_jsonl_offsets(self.path):
-            where = f"{self.path}:{lineno} (id={rec.get('id')!r})"
+            where = record_where(self.path, lineno, rec)
             example = parse_example(rec, self.root, where)
             for image in example.images:
                 try:

@@ -34,8 +34,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-# Whether `init` made this process a group of one (it then set the rank variables itself).
-_GROUP_OF_ONE = False
+# The rank variables `init` set for a group of one, with the values they had before: `shutdown` puts those back, so
+# nothing of a group outlives it (a later `cheetah train` in this process, or a process it starts, is not "launched").
+_SET_BY_INIT: dict[str, str | None] = {}
 
 
 def device() -> torch.device:
@@ -45,29 +46,42 @@ def device() -> torch.device:
 
 
 def init() -> tuple[int, int]:
-    """Join (or create) the process group; returns (rank, world size)."""
+    """Join (or create) the process group; returns (rank, world size). A process no launcher started becomes a
+    group of one: the rank variables DeepSpeed reads are set until `shutdown`."""
     import torch.distributed as dist
 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    global _GROUP_OF_ONE
     if "RANK" not in os.environ:  # not launched by torchrun / deepspeed: a group of one
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
-        _GROUP_OF_ONE = True
-    if not dist.is_initialized():
-        import deepspeed
+        values = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                  "MASTER_PORT": str(_free_port())}
+        _SET_BY_INIT.update({k: os.environ.get(k) for k in values})
+        os.environ.update(values)
+    try:
+        if not dist.is_initialized():
+            import deepspeed
 
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+            deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    except BaseException:
+        _restore_env()
+        raise
     if torch.cuda.is_available():
         torch.cuda.set_device(device())
     return dist.get_rank(), dist.get_world_size()
 
 
+def _restore_env() -> None:
+    for key, value in _SET_BY_INIT.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    _SET_BY_INIT.clear()
+
+
 def launched() -> bool:
-    """Whether this process was started by a launcher (torchrun, deepspeed, ...): it then never relaunches. The
-    rank variables `init` set for a group of one (a process that trains more than once) do not count."""
-    return "RANK" in os.environ and not _GROUP_OF_ONE
+    """Whether this process was started by a launcher (torchrun, deepspeed, ...): it then never relaunches."""
+    return "RANK" in os.environ
 
 
 def local_rank_and_size() -> tuple[int, int]:
@@ -152,12 +166,21 @@ def barrier() -> None:
 
 
 def shutdown() -> None:
-    """Without an explicit barrier + destroy, 2-rank gloo jobs abort at exit about one time in six."""
+    """Leave the process group (without an explicit barrier + destroy, 2-rank gloo jobs abort at exit about one time
+    in six), and put back the rank variables `init` set for a group of one."""
     import torch.distributed as dist
 
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    try:
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+            # DeepSpeed keeps a clone of the world group for its data-parallel group; it would outlive the group it
+            # cloned, and the next engine in this process would use it (`Group ... is not registered`).
+            from deepspeed.utils import groups
+
+            groups._WORLD_GROUP = None
+    finally:
+        _restore_env()
 
 
 def deepspeed_config(*, micro_batch: int, accumulation: int, zero_stage: int, precision: str, grad_clip: float,

@@ -26,8 +26,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from cheetah.config import ConfigError, Params, TrainConfig, to_dict
+from cheetah.config import ConfigError, Params, TrainConfig
 from cheetah.errors import DivergenceError
+from cheetah.formats import SYNTHETIC_CAPTIONS, SYNTHETIC_PAIRS
 from cheetah.io import atomic_write_bytes, atomic_write_json, atomic_write_text, check_output, claim_dir, write_metrics
 from cheetah.model.backbones import load_backbone, random_backbone
 from cheetah.model.prompts import IGNORE_INDEX, PromptBuilder
@@ -128,13 +129,20 @@ def _full_fp32(model: VPGCModel) -> dict[str, torch.Tensor]:
     return out
 
 
-def train_vpgc(params: Params, restart: bool = False) -> dict[str, Any]:
+def train_vpgc(params: Params, restart: bool = False) -> dict[str, Any] | None:
     """Train VPG-C per `params.train` on the backbone of `params.model`; returns the final metrics (on rank 0).
 
     Resumes from the newest intact checkpoint in `train.state_dir` unless `restart` (which removes them first).
-    Joins the process group (creating a one-process group when not launched by torchrun/deepspeed) and leaves
-    it up, so several runs can share one process; the CLI tears it down at exit (`distributed.shutdown`).
+    Joins the process group (creating a one-process group when not launched by torchrun/deepspeed) and leaves it
+    at the end, so nothing of it outlives the run (`distributed.shutdown`).
     """
+    try:
+        return _train(params, restart)
+    finally:
+        distributed.shutdown()
+
+
+def _train(params: Params, restart: bool) -> dict[str, Any] | None:
     import deepspeed
 
     cfg = params.train
@@ -172,7 +180,7 @@ def train_vpgc(params: Params, restart: bool = False) -> dict[str, Any]:
     # Examples are indexed, not loaded; the vision features of every image are computed once, before the first
     # step (a share on each rank when they go to disk); DataLoader workers build each step's batches.
     data = Path(cfg.data)
-    data_files = [data / "synthetic.jsonl", data / "captions.jsonl"]
+    data_files = [data / SYNTHETIC_PAIRS, data / SYNTHETIC_CAPTIONS]
     synthetic, captions = (ExampleFile(f) for f in data_files)
     train_syn, heldout = synthetic.split(cfg.heldout_fraction)
     train_cap, _ = captions.split(cfg.heldout_fraction)
@@ -197,7 +205,7 @@ def train_vpgc(params: Params, restart: bool = False) -> dict[str, Any]:
         micro_batch=micro, accumulation=cfg.gradient_accumulation, zero_stage=cfg.zero_stage,
         precision=cfg.precision, grad_clip=cfg.grad_clip, persist_numel=model.vpgc.query_tokens.numel() + 1,
         bucket_numel=sum(p.numel() for p in model.vpgc.parameters()), world=world, user=cfg.deepspeed_config)
-    if rank == 0:  # the config the engine really ran with, next to the state (and logged with the run below)
+    if rank == 0:  # the config the engine really ran with, next to the state (and logged with the stage's run)
         atomic_write_json(Path(cfg.state_dir) / "deepspeed_config.json", ds_config)
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                    config=ds_config)
@@ -224,131 +232,108 @@ def train_vpgc(params: Params, restart: bool = False) -> dict[str, Any]:
                                   "rng": rng_state()})
 
     # -- loop ------------------------------------------------------------------------------------------------
-    from cheetah.tracking import stage_run
+    from cheetah.tracking import log_steps
 
-    with stage_run("train", to_dict(params), experiment=params.register.experiment, enabled=rank == 0,
-                   system_metrics=True) as run:
-        if run is not None:
-            import mlflow
+    if start == 0 and len(heldout):
+        evals.append({"step": 0, "heldout_loss": heldout_loss(engine, held, device, cfg.workers)})
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=rank != 0, desc="train VPG-C",
+               dynamic_ncols=True)
+    pending_metrics: list[tuple[int, dict[str, float]]] = []
+    step_batches = batches(steps_data, range(start, cfg.steps), cfg.workers, pin_memory=device.type == "cuda")
+    for step in bar:
+        t0 = time.perf_counter()
+        micro_batches = next(step_batches)  # this rank's share of the step, built ahead by the workers
+        reduce = LossReduction.for_step(cfg.loss_reduction, world * cfg.gradient_accumulation,
+                                        sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum())
+                                            for groups in micro_batches for b in groups), device)
+        stats = torch.zeros(3, dtype=torch.float64, device=device)  # loss numerator, denominator, tokens
+        for groups in micro_batches:
+            # One forward per source: synthetic and caption examples differ in length, so padding them into
+            # one batch would waste compute. The loss still averages over the whole micro-batch.
+            outputs, nonfinite = [], []
+            for batch in groups:
+                names = batch.pop("example_ids")
+                batch = _to_device(batch, device)
+                outputs.append(engine(**batch, return_sample_losses=True))
+                finite = torch.isfinite(outputs[-1].sample_losses.detach()).tolist()
+                nonfinite += [n for n, ok in zip(names, finite) if not ok]
+                stats[2] += float(batch["attention_mask"].sum())
+            nonfinite = _on_any_rank(nonfinite, device)
+            if nonfinite:  # every rank sees the same list, so every rank skips (or stops) together
+                if len(skipped) >= cfg.max_skipped_steps:
+                    raise DivergenceError(
+                        f"train: non-finite loss at step {step + 1} on example(s) {', '.join(nonfinite[:8])}"
+                        f"{' ...' if len(nonfinite) > 8 else ''} (after {len(skipped)} skipped step(s); "
+                        f"train.max_skipped_steps={cfg.max_skipped_steps}). Lower train.lr, check these "
+                        "examples, or allow skipping; no weights or metrics were written")
+                break
+            loss, logged = reduce(outputs)
+            engine.backward(loss)
+            engine.step()
+            stats[:2] += torch.tensor(logged, dtype=torch.float64, device=device)
+        if nonfinite:  # skipped (accumulation is 1, so nothing was applied): the schedule still follows the step
+            skipped.append({"step": step + 1, "examples": nonfinite})
+            scheduler.step()
+            if rank == 0:
+                log.warning("train: skipped step %d: non-finite loss on %s (%d of %d skips allowed)", step + 1,
+                            ", ".join(nonfinite[:8]), len(skipped), cfg.max_skipped_steps)
+            continue
+        if _on_any_rank(_nonfinite_weights(model), device):
+            raise DivergenceError(f"train: the update of step {step + 1} made VPG-C weights non-finite (a "
+                                  f"non-finite gradient; train.lr={cfg.lr}). Lower train.lr or "
+                                  "train.grad_clip; no weights or metrics were written")
+        dist.all_reduce(stats)
+        elapsed = time.perf_counter() - t0
+        record = {"step": step + 1, "loss": float(stats[0] / stats[1]), "lr": scheduler.get_last_lr()[0],
+                  "samples_per_s": float(stats[1]) / elapsed, "tokens_per_s": float(stats[2]) / elapsed,
+                  # 2N FLOPs per token forward + N for the input gradients of the upper half (N = LLM
+                  # parameters), as benchmarks/train_step.py and the GPU anchors count.
+                  "model_tflops": 3 * llm_parameters * float(stats[2]) / elapsed / 1e12}
+        history.append(record)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                        samples_s=f"{record['samples_per_s']:.1f}")
+        pending_metrics.append((step + 1, {k: v for k, v in record.items() if k != "step"}))
+        if len(heldout) and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
+            evals.append({"step": step + 1, "heldout_loss": heldout_loss(engine, held, device, cfg.workers)})
+            if not math.isfinite(evals[-1]["heldout_loss"]):
+                raise DivergenceError(f"train: the held-out loss after step {step + 1} is "
+                                      f"{evals[-1]['heldout_loss']}; no weights or metrics were written")
+            pending_metrics.append((step + 1, {"heldout_loss": evals[-1]["heldout_loss"]}))
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            log_steps(pending_metrics)
+            pending_metrics = []
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+            checkpoint(step + 1)
 
-            mlflow.log_dict(ds_config, "train/deepspeed_config.json")
-        if start == 0 and len(heldout):
-            evals.append({"step": 0, "heldout_loss": heldout_loss(engine, held, device, cfg.workers)})
-        bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=rank != 0, desc="train VPG-C",
-                   dynamic_ncols=True)
-        pending_metrics: list[tuple[int, dict[str, float]]] = []
-        step_batches = batches(steps_data, range(start, cfg.steps), cfg.workers, pin_memory=device.type == "cuda")
-        for step in bar:
-            t0 = time.perf_counter()
-            micro_batches = next(step_batches)  # this rank's share of the step, built ahead by the workers
-            reduce = LossReduction.for_step(cfg.loss_reduction, world * cfg.gradient_accumulation,
-                                            sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum())
-                                                for groups in micro_batches for b in groups), device)
-            stats = torch.zeros(3, dtype=torch.float64, device=device)  # loss numerator, denominator, tokens
-            for groups in micro_batches:
-                # One forward per source: synthetic and caption examples differ in length, so padding them into
-                # one batch would waste compute. The loss still averages over the whole micro-batch.
-                outputs, nonfinite = [], []
-                for batch in groups:
-                    names = batch.pop("example_ids")
-                    batch = _to_device(batch, device)
-                    outputs.append(engine(**batch, return_sample_losses=True))
-                    finite = torch.isfinite(outputs[-1].sample_losses.detach()).tolist()
-                    nonfinite += [n for n, ok in zip(names, finite) if not ok]
-                    stats[2] += float(batch["attention_mask"].sum())
-                nonfinite = _on_any_rank(nonfinite, device)
-                if nonfinite:  # every rank sees the same list, so every rank skips (or stops) together
-                    if len(skipped) >= cfg.max_skipped_steps:
-                        raise DivergenceError(
-                            f"train: non-finite loss at step {step + 1} on example(s) {', '.join(nonfinite[:8])}"
-                            f"{' ...' if len(nonfinite) > 8 else ''} (after {len(skipped)} skipped step(s); "
-                            f"train.max_skipped_steps={cfg.max_skipped_steps}). Lower train.lr, check these "
-                            "examples, or allow skipping; no weights or metrics were written")
-                    break
-                loss, logged = reduce(outputs)
-                engine.backward(loss)
-                engine.step()
-                stats[:2] += torch.tensor(logged, dtype=torch.float64, device=device)
-            if nonfinite:  # skipped (accumulation is 1, so nothing was applied): the schedule still follows the step
-                skipped.append({"step": step + 1, "examples": nonfinite})
-                scheduler.step()
-                if rank == 0:
-                    log.warning("train: skipped step %d: non-finite loss on %s (%d of %d skips allowed)", step + 1,
-                                ", ".join(nonfinite[:8]), len(skipped), cfg.max_skipped_steps)
-                continue
-            if _on_any_rank(_nonfinite_weights(model), device):
-                raise DivergenceError(f"train: the update of step {step + 1} made VPG-C weights non-finite (a "
-                                      f"non-finite gradient; train.lr={cfg.lr}). Lower train.lr or "
-                                      "train.grad_clip; no weights or metrics were written")
-            dist.all_reduce(stats)
-            elapsed = time.perf_counter() - t0
-            record = {"step": step + 1, "loss": float(stats[0] / stats[1]), "lr": scheduler.get_last_lr()[0],
-                      "samples_per_s": float(stats[1]) / elapsed, "tokens_per_s": float(stats[2]) / elapsed,
-                      # 2N FLOPs per token forward + N for the input gradients of the upper half (N = LLM
-                      # parameters), as benchmarks/train_step.py and the GPU anchors count.
-                      "model_tflops": 3 * llm_parameters * float(stats[2]) / elapsed / 1e12}
-            history.append(record)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                            samples_s=f"{record['samples_per_s']:.1f}")
-            pending_metrics.append((step + 1, {k: v for k, v in record.items() if k != "step"}))
-            if len(heldout) and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
-                evals.append({"step": step + 1, "heldout_loss": heldout_loss(engine, held, device, cfg.workers)})
-                if not math.isfinite(evals[-1]["heldout_loss"]):
-                    raise DivergenceError(f"train: the held-out loss after step {step + 1} is "
-                                          f"{evals[-1]['heldout_loss']}; no weights or metrics were written")
-                pending_metrics.append((step + 1, {"heldout_loss": evals[-1]["heldout_loss"]}))
-            if run is not None and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps):
-                _log_metrics(run.info.run_id, pending_metrics)
-                pending_metrics = []
-            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-                checkpoint(step + 1)
-
-        # -- export ------------------------------------------------------------------------------------------
-        weights = _full_fp32(model)
-        metrics = {
-            "steps": cfg.steps,
-            "final_train_loss": history[-1]["loss"] if history else None,
-            "heldout_loss_init": evals[0]["heldout_loss"] if evals and evals[0]["step"] == 0 else None,
-            "heldout_loss_final": evals[-1]["heldout_loss"] if evals else None,
-            "heldout_examples": len(heldout),
-            "train_examples": {"synthetic": len(train_syn), "caption": len(train_cap)},
-            "samples_per_s": _median(history, "samples_per_s"),
-            "model_tflops": _median(history, "model_tflops"),
-            "peak_device_memory_gb": (torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda"
-                                      else None),
-            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-            "skipped_steps": len(skipped),
-            "world_size": world,
-            "zero_stage": cfg.zero_stage,
-            "precision": cfg.precision,
-            "preset": params.model.preset,
-            "launcher": cfg.launcher,
-            "offload_optimizer": ds_config["zero_optimization"].get("offload_optimizer", {}).get("device", "none"),
-        }
-        if rank == 0:
-            save_vpgc(model, cfg.out, state_dict=weights, extra={"training": metrics},
-                      protect=[cfg.state_dir, cfg.metrics, cfg.curve, cfg.curve_image, *inputs])
-            write_metrics(cfg.metrics, metrics)
-            _write_curve(cfg.curve, cfg.curve_image, history, evals)
-            if run is not None:
-                import mlflow
-
-                mlflow.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None})
-                mlflow.log_artifact(cfg.curve, artifact_path="train")
-                mlflow.log_artifact(cfg.curve_image, artifact_path="train")
-                mlflow.log_artifact(str(Path(cfg.out) / "vpgc.json"), artifact_path="train")
+    # -- export ------------------------------------------------------------------------------------------
+    weights = _full_fp32(model)
+    metrics = {
+        "steps": cfg.steps,
+        "final_train_loss": history[-1]["loss"] if history else None,
+        "heldout_loss_init": evals[0]["heldout_loss"] if evals and evals[0]["step"] == 0 else None,
+        "heldout_loss_final": evals[-1]["heldout_loss"] if evals else None,
+        "heldout_examples": len(heldout),
+        "train_examples": {"synthetic": len(train_syn), "caption": len(train_cap)},
+        "samples_per_s": _median(history, "samples_per_s"),
+        "model_tflops": _median(history, "model_tflops"),
+        "peak_device_memory_gb": (torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda"
+                                  else None),
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "skipped_steps": len(skipped),
+        "world_size": world,
+        "zero_stage": cfg.zero_stage,
+        "precision": cfg.precision,
+        "preset": params.model.preset,
+        "launcher": cfg.launcher,
+        "offload_optimizer": ds_config["zero_optimization"].get("offload_optimizer", {}).get("device", "none"),
+    }
+    if rank == 0:
+        save_vpgc(model, cfg.out, state_dict=weights, extra={"training": metrics},
+                  protect=[cfg.state_dir, cfg.metrics, cfg.curve, cfg.curve_image, *inputs])
+        write_metrics(cfg.metrics, metrics)
+        _write_curve(cfg.curve, cfg.curve_image, history, evals)
     distributed.barrier()
     return metrics if rank == 0 else None
-
-
-def _log_metrics(run_id: str, pending: list[tuple[int, dict[str, float]]]) -> None:
-    from mlflow.entities import Metric
-    from mlflow.tracking import MlflowClient
-
-    now = int(time.time() * 1000)
-    batch = [Metric(k, float(v), now, step) for step, values in pending for k, v in values.items()]
-    for i in range(0, len(batch), 900):  # the REST API accepts at most 1000 metrics per batch
-        MlflowClient().log_batch(run_id, metrics=batch[i:i + 900], synchronous=True)
 
 
 def _median(history: list[dict[str, float]], key: str) -> float | None:

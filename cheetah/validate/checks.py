@@ -1,13 +1,13 @@
 """Per-record checks that Great Expectations cannot express directly, computed into columns first.
 
 Each check returns None when the value is fine (or does not apply) and a short message naming the field when
-it is not; the suites store these in `*_problem` columns and assert them with `expect_column_values_to_be_null`,
+it is not; the record formats' own checks (`cheetah.formats`, which the loaders use too) are not repeated
+here. The suites store these in `*_problem` columns and assert them with `expect_column_values_to_be_null`,
 so every problem shows in the GX result, the data docs and the quarantine, with the record it belongs to.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 from pathlib import Path
@@ -15,37 +15,9 @@ from typing import Any
 
 from PIL import Image
 
-from cheetah.formats import IMAGE_TOKEN
 from cheetah.io import DataError, safe_join
 
 DEMON_PLACEHOLDER = re.compile(r"\{(?:image|table)#(\d+)\}")
-
-
-def read_jsonl_rows(path: Path) -> list[tuple[int, Any, str | None]]:
-    """(line number, parsed record or None, problem or None) for every non-blank line: nothing is skipped.
-
-    Lines are decoded one by one as strict UTF-8, as every loader reads them: a line that is not UTF-8 is a problem
-    of that record (kept, with replacement characters, for the quarantine), not a whole-file failure."""
-    rows = []
-    for lineno, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            rows.append((lineno, raw.decode("utf-8", errors="replace"),
-                         f"not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})"))
-            continue
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            rows.append((lineno, line, f"malformed JSON: {e.msg} (column {e.colno})"))
-            continue
-        if not isinstance(rec, dict):
-            rows.append((lineno, rec, f"expected a JSON object, got {type(rec).__name__}"))
-            continue
-        rows.append((lineno, rec, None))
-    return rows
 
 
 class Images:
@@ -112,35 +84,6 @@ def common_size(images: Images, refs: list[Any]) -> tuple[int, int] | None:
 def joined(problems: list[str | None]) -> str | None:
     found = [p for p in problems if p]
     return "; ".join(found) if found else None
-
-
-def placeholder_problem(instruction: Any, images: Any) -> str | None:
-    """One `<image>` placeholder per image, or the model would silently drop or misplace images."""
-    if not isinstance(instruction, str) or not isinstance(images, list):
-        return None
-    n = instruction.count(IMAGE_TOKEN)
-    if n != len(images):
-        return f"instruction has {n} {IMAGE_TOKEN} placeholder(s) for {len(images)} image(s)"
-    return None
-
-
-def placeholder_in_text_problem(value: Any, field: str) -> str | None:
-    """User text (a caption, a response) must not hold the image placeholder: every loader would take it for an
-    image slot, and the count of image tokens would no longer match the images."""
-    if isinstance(value, str) and IMAGE_TOKEN in value:
-        return f"{field} contains the image placeholder {IMAGE_TOKEN} (only instructions may hold it)"
-    return None
-
-
-def image_list_problem(images: Any, expected: int, what: str) -> str | None:
-    if not isinstance(images, list):
-        return None
-    if len(images) != expected:
-        return f"images lists {len(images)} path(s); expected {expected} ({what})"
-    bad = [k for k, p in enumerate(images) if not isinstance(p, str) or not p]
-    if bad:
-        return f"images[{bad[0]}] is not a non-empty path string"
-    return None
 
 
 def _int(v: Any) -> bool:

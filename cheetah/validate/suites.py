@@ -25,20 +25,22 @@ import pandas as pd
 from cheetah.config import ValidateConfig
 from cheetah.evaluate import demon, mme
 from cheetah.io import DataError
-from cheetah.validate.checks import (
-    Images,
-    common_size,
-    demon_placeholder_problem,
-    edit_problem,
+from cheetah.formats import (
+    DATASETS,
+    DEMON_SPLIT_FILE,
+    SOURCE_CAPTIONS,
+    SYNTHETIC_CAPTIONS,
+    SYNTHETIC_PAIRS,
+    demon_document_problem,
     image_list_problem,
-    joined,
-    placeholder_in_text_problem,
     placeholder_problem,
-    read_jsonl_rows,
+    read_lines,
+    text_problem,
 )
+from cheetah.validate.checks import Images, common_size, demon_placeholder_problem, edit_problem, joined
 from cheetah.world.language import EDIT_TYPES
 
-SUITES = ("source", "synthetic", "demon", "mme")
+SUITES = DATASETS
 INLINE_CHOICES = re.compile(r"choice list\s*:\s*\[", re.IGNORECASE)
 
 
@@ -63,36 +65,30 @@ def _frame(rows: list[dict[str, Any]], columns: list[str]) -> pd.DataFrame:
     return pd.DataFrame(data, columns=columns, dtype=object)
 
 
-def _jsonl(path: Path) -> list[tuple[int, Any, str | None]]:
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    return read_jsonl_rows(path)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # source: captions.jsonl + images (the corpus a user brings, or `cheetah world` writes)
 # ---------------------------------------------------------------------------------------------------------------
 
 
 def source_tables(root: Path, cfg: ValidateConfig) -> list[Table]:
-    rows_in = _jsonl(root / "captions.jsonl")
+    rows_in = read_lines(root / SOURCE_CAPTIONS)
     images = Images(root, cfg.image_size)
     size = common_size(images, [rec.get("image") for _, rec, p in rows_in if p is None])
     rows, records = [], []
     for lineno, rec, problem in rows_in:
-        r = rec if problem is None else {}
+        r = rec if isinstance(rec, dict) else {}  # (a line that is not UTF-8 still names its id)
         image = r.get("image")
         rows.append({
-            "_where": f"captions.jsonl:{lineno}", "id": r.get("id"), "image": image, "caption": r.get("caption"),
+            "_where": f"{SOURCE_CAPTIONS}:{lineno}", "id": r.get("id"), "image": image, "caption": r.get("caption"),
             "record_problem": problem,
-            "text_problem": placeholder_in_text_problem(r.get("caption"), "caption"),
+            "text_problem": text_problem(r.get("caption"), "caption"),
             "path_problem": images.path_problem(image, "image"),
             "image_problem": images.file_problem(image, "image", size),
         })
         records.append(rec)
     frame = _frame(rows, ["_where", "id", "image", "caption", "record_problem", "text_problem", "path_problem",
                           "image_problem"])
-    return [Table("captions.jsonl", frame, records)]
+    return [Table(SOURCE_CAPTIONS, frame, records)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -105,7 +101,7 @@ def _instruction_rows(file: str, rows_in: list[tuple[int, Any, str | None]], ima
                       with_edit: bool) -> tuple[list[dict[str, Any]], list[Any]]:
     rows, records = [], []
     for lineno, rec, problem in rows_in:
-        r = rec if problem is None else {}
+        r = rec if isinstance(rec, dict) else {}
         paths = r.get("images")
         refs = list(enumerate(paths)) if isinstance(paths, list) else []
         edit = r.get("edit")
@@ -113,9 +109,9 @@ def _instruction_rows(file: str, rows_in: list[tuple[int, Any, str | None]], ima
             "_where": f"{file}:{lineno}", "id": r.get("id"), "images": paths,
             "instruction": r.get("instruction"), "response": r.get("response"),
             "record_problem": problem,
-            "images_problem": image_list_problem(paths, n_images, what),
+            "images_problem": image_list_problem(paths, n_images, what) if isinstance(paths, list) else None,
             "placeholder_problem": placeholder_problem(r.get("instruction"), paths),
-            "text_problem": placeholder_in_text_problem(r.get("response"), "response"),
+            "text_problem": text_problem(r.get("response"), "response"),
             "path_problem": joined([images.path_problem(p, f"images[{k}]") for k, p in refs]),
             "image_problem": joined([images.file_problem(p, f"images[{k}]", size) for k, p in refs]),
         }
@@ -146,16 +142,16 @@ def _balance_table(pairs: list[dict[str, Any]], requested: list[str] | None) -> 
 
 
 def synthetic_tables(root: Path, cfg: ValidateConfig) -> list[Table]:
-    pairs_in = _jsonl(root / "synthetic.jsonl")
-    captions_in = _jsonl(root / "captions.jsonl")
+    pairs_in = read_lines(root / SYNTHETIC_PAIRS)
+    captions_in = read_lines(root / SYNTHETIC_CAPTIONS)
     images = Images(root, cfg.image_size)
     refs = [p for rows in (pairs_in, captions_in) for _, rec, prob in rows if prob is None
             for p in (rec.get("images") if isinstance(rec.get("images"), list) else [])]
     size = common_size(images, refs)
 
-    pair_rows, pair_records = _instruction_rows("synthetic.jsonl", pairs_in, images, size, 2,
+    pair_rows, pair_records = _instruction_rows(SYNTHETIC_PAIRS, pairs_in, images, size, 2,
                                                 "original, edited", with_edit=True)
-    caption_rows, caption_records = _instruction_rows("captions.jsonl", captions_in, images, size, 1,
+    caption_rows, caption_records = _instruction_rows(SYNTHETIC_CAPTIONS, captions_in, images, size, 1,
                                                       "one image per caption sample", with_edit=False)
     common = ["_where", "id", "images", "instruction", "response", "record_problem", "images_problem",
               "placeholder_problem", "text_problem", "path_problem", "image_problem"]
@@ -167,9 +163,9 @@ def synthetic_tables(root: Path, cfg: ValidateConfig) -> list[Table]:
         except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
             requested = None  # stats.json is informative only; balance then uses the types present
     return [
-        Table("synthetic.jsonl", _frame(pair_rows, common + ["edit", "source_id", "edit_type", "edit_problem"]),
+        Table(SYNTHETIC_PAIRS, _frame(pair_rows, common + ["edit", "source_id", "edit_type", "edit_problem"]),
               pair_records),
-        Table("captions.jsonl", _frame(caption_rows, common), caption_records),
+        Table(SYNTHETIC_CAPTIONS, _frame(caption_rows, common), caption_records),
         _balance_table(pair_rows, requested if isinstance(requested, list) else None),
     ]
 
@@ -182,9 +178,9 @@ def synthetic_tables(root: Path, cfg: ValidateConfig) -> list[Table]:
 def _demon_files(path: Path) -> list[Path]:
     if path.is_file():
         return [path]
-    if (path / "core" / "core.json").is_file():
-        return [path / "core" / "core.json"]
-    found = sorted(path.glob("*/core/core.json"))
+    if (path / DEMON_SPLIT_FILE).is_file():
+        return [path / DEMON_SPLIT_FILE]
+    found = sorted(path.glob(f"*/{DEMON_SPLIT_FILE}"))
     if not found:
         raise DataError(f"{path}: no DEMON core.json found (expected <root>/<Dataset>/core/core.json)")
     return found
@@ -222,14 +218,13 @@ def demon_tables(path: Path, cfg: ValidateConfig) -> list[Table]:
             doc = json.loads(file.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             problem = f"not valid JSON ({e})"
-        if problem is None and (not isinstance(doc, dict) or not isinstance(doc.get("metadata"), dict)
-                                or not isinstance(doc.get("data"), list)):
-            problem = "top level must be {\"metadata\": {...}, \"data\": [...]}"
+        document_problem = demon_document_problem(doc) if problem is None else None
+        good_instructions = problem is None and document_problem is None
+        if document_problem and not document_problem.startswith("metadata.task_instruction"):
+            problem = document_problem
         meta = doc["metadata"] if problem is None else {}
         data = doc["data"] if problem is None else []
         instructions = meta.get("task_instruction")
-        good_instructions = (isinstance(instructions, list) and instructions
-                             and all(isinstance(t, str) and t.strip() for t in instructions))
         dataset = meta.get("dataset")
         # Evaluation finds a task by its folder name in the task table (it decides the metric): an unknown
         # folder would be refused there.
@@ -246,8 +241,7 @@ def demon_tables(path: Path, cfg: ValidateConfig) -> list[Table]:
             "_where": rel, "id": dataset, "split": meta.get("split"), "num_sample": meta.get("num_sample"),
             "question_type": meta.get("question_type"), "record_problem": problem,
             "dataset_problem": dataset_problem,
-            "instruction_problem": None if problem or good_instructions else
-            "metadata.task_instruction must be a non-empty list of non-empty strings",
+            "instruction_problem": None if problem or good_instructions else document_problem,
             "count_problem": count_problem,
         })
         meta_records.append(meta)

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from cheetah.config import WorldConfig
+from cheetah.formats import SOURCE_CAPTIONS, SOURCE_SCENES
 from cheetah.io import DataError, atomic_dir, iter_jsonl
 from cheetah.world.language import CAPTION_TEMPLATES, caption
 from cheetah.world.render import png_bytes, render
@@ -61,8 +62,8 @@ def write_corpus(cfg: WorldConfig) -> Path:
             (tmp / image_rel).write_bytes(png_bytes(render(scene).image))
             captions.append({"id": scene.id, "image": image_rel, "caption": corpus_caption(cfg, index, scene)})
             scenes.append({"id": scene.id, "scene": scene.to_dict()})
-        (tmp / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in captions), encoding="utf-8")
-        (tmp / "scenes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in scenes), encoding="utf-8")
+        (tmp / SOURCE_CAPTIONS).write_text("".join(json.dumps(r) + "\n" for r in captions), encoding="utf-8")
+        (tmp / SOURCE_SCENES).write_text("".join(json.dumps(r) + "\n" for r in scenes), encoding="utf-8")
         manifest = {"generator": "cheetah.world", "n": cfg.n, "seed": cfg.seed, "image_size": cfg.image_size}
         (tmp / "world.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return out
