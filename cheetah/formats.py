@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cheetah.io import DataError
+from cheetah.io import DataError, iter_jsonl, jsonl_lines
 
 IMAGE_TOKEN = "<image>"
 """The image placeholder: where an instruction's images go, one per image (in `synthetic.jsonl`, in the world's
@@ -74,14 +74,7 @@ def parse_line(raw: bytes) -> tuple[Any, str | None]:
 
 def read_lines(path: str | Path) -> list[tuple[int, Any, str | None]]:
     """(line number, record, problem or None) for every non-blank line of a JSON-lines file: nothing is skipped."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    rows = []
-    for lineno, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
-        if raw.strip():
-            rows.append((lineno, *parse_line(raw)))
-    return rows
+    return [(lineno, *parse_line(raw)) for lineno, _, raw in jsonl_lines(path)]
 
 
 def where(path: str | Path, lineno: int | None, rec: Any) -> str:
@@ -94,8 +87,8 @@ def read_records(path: str | Path, check: Check) -> list[tuple[int, Record]]:
     """(line number, record) of a JSON-lines file whose every record passes `check`; the first one that does not
     (or a line that is not a UTF-8 JSON object) raises DataError naming the file, line, id and field."""
     out = []
-    for lineno, rec, problem in read_lines(path):
-        problem = problem or check(rec)
+    for lineno, rec in iter_jsonl(path):
+        problem = check(rec)
         if problem:
             raise DataError(f"{where(path, lineno, rec)}: {problem}")
         out.append((lineno, rec))

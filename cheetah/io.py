@@ -305,16 +305,22 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
 def iter_jsonl_offsets(path: str | Path) -> Iterator[tuple[int, int, dict[str, Any]]]:
     """Yield (line_number, byte offset of the line, record), so a record can be read again later with
     `read_jsonl_at` without keeping it in memory. Errors as `iter_jsonl`."""
+    for lineno, start, raw in jsonl_lines(path):
+        yield lineno, start, _parse_jsonl_line(Path(path), lineno, raw)
+
+
+def jsonl_lines(path: str | Path) -> Iterator[tuple[int, int, bytes]]:
+    """(line number, byte offset, raw bytes without its newline) of every non-blank line of a JSON-lines file, read
+    as it goes: the one place such a file is split into lines (each is parsed by `cheetah.formats.parse_line`)."""
     path = Path(path)
-    if not path.exists():
+    if not path.is_file():
         raise DataError(f"{path}: file not found")
     offset = 0
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, start=1):
             start, offset = offset, offset + len(raw)
-            if not raw.strip():
-                continue
-            yield lineno, start, _parse_jsonl_line(path, lineno, raw)
+            if raw.strip():
+                yield lineno, start, raw.removesuffix(b"\n")
 
 
 def read_jsonl_at(f: Any, path: str | Path, offset: int) -> dict[str, Any]:
