@@ -13,6 +13,7 @@ chance for thousands of steps; at 0.1 it learns within a few hundred.
     python benchmarks/yes_no_reading.py --init-range 0.02 --steps 600
     python benchmarks/yes_no_reading.py --init-range 0.1 --steps 600
     python benchmarks/yes_no_reading.py --init-range 0.1 --steps 300 --kinds existence
+    python benchmarks/yes_no_reading.py --init-range 0.1 --steps 600 --heads 8
 Prints the figures as JSON on its last line.
 """
 
@@ -59,6 +60,8 @@ def collate(rows, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--init-range", type=float, default=0.02, help="the LLM's initializer_range (HF default 0.02)")
+    ap.add_argument("--heads", type=int, default=PRESETS["tiny"].text["num_attention_heads"],
+                    help="attention heads of the 128-wide LLM (default: the preset's)")
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--batch", type=int, default=32)
@@ -73,7 +76,8 @@ def main() -> None:
     tok = train_tokenizer(512)
     text = {k: v for k, v in PRESETS["tiny"].text.items() if k != "model_type"}
     config = LlamaConfig(**{**text, "vocab_size": len(tok), "pad_token_id": tok.pad_token_id,
-                            "initializer_range": args.init_range})
+                            "initializer_range": args.init_range,
+                            "num_attention_heads": args.heads, "num_key_value_heads": args.heads})
     model = LlamaForCausalLM(config)
     kinds = tuple(args.kinds.split(","))
     train, held = examples(tok, 0, args.scenes, 64, kinds), examples(tok, 99, 150, 64, kinds)
@@ -99,7 +103,7 @@ def main() -> None:
             truth = labels[torch.arange(len(held)), first] == yes_id
             curve[step] = round(100.0 * float((said_yes == truth).float().mean()), 1)
             print(f"step {step}: loss {loss.item():.3f}, held-out accuracy {curve[step]} %", flush=True)
-    print(json.dumps({"init_range": args.init_range, "kinds": list(kinds), "lr": args.lr, "steps": args.steps, "batch": args.batch,
+    print(json.dumps({"init_range": args.init_range, "heads": args.heads, "kinds": list(kinds), "lr": args.lr, "steps": args.steps, "batch": args.batch,
                       "accuracy_by_step": curve, "final_accuracy": curve[args.steps],
                       "seconds": round(time.perf_counter() - started, 1)}))
 
