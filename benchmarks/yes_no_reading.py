@@ -103,8 +103,9 @@ def main() -> None:
             truth = labels[torch.arange(len(held)), first] == yes_id
             curve[step] = round(100.0 * float((said_yes == truth).float().mean()), 1)
             print(f"step {step}: loss {loss.item():.3f}, held-out accuracy {curve[step]} %", flush=True)
-    print(json.dumps({"init_range": args.init_range, "heads": args.heads, "kinds": list(kinds), "lr": args.lr, "steps": args.steps, "batch": args.batch,
-                      "accuracy_by_step": curve, "final_accuracy": curve[args.steps],
+    print(json.dumps({"init_range": args.init_range, "heads": args.heads, "kinds": list(kinds), "lr": args.lr,
+                      "steps": args.steps, "batch": args.batch, "accuracy_by_step": curve,
+                      "final_accuracy": curve[args.steps],
                       "seconds": round(time.perf_counter() - started, 1)}))
 
 
