@@ -101,18 +101,22 @@ class BaseConfig:
     """Where the backbone is written (a Hugging Face directory with its tokenizer); = `model.backbone_dir`."""
     metrics: str = "metrics/base.json"
     """The base stage's metrics JSON (caption quality on held-out scenes; for `dvc metrics`)."""
-    vision_steps: int = Field(default=300, ge=0)
+    vision_steps: int = Field(default=1500, ge=0)
     """Phase 1: ViT (all objects) and Q-Former (caption content) on the world's tags; batches of 2 x batch_size."""
-    steps: int = Field(default=600, ge=1)
-    """Phase 2: projection + language model on captions, primary-content questions and text-only instructions."""
+    steps: int = Field(default=1200, ge=1)
+    """Phase 2: projection + language model on captions, primary-content questions, two-image prompts and text-only
+    instructions."""
     batch_size: int = Field(default=32, ge=1)
     """Examples per step (pretraining)."""
     lr: float = Field(default=2e-3, gt=0)
-    """AdamW learning rate of both pretraining phases."""
+    """AdamW learning rate of the vision phase."""
+    align_lr: float = Field(default=1e-3, gt=0)
+    """AdamW learning rate of the alignment phase (the language model from scratch: at 2e-3 it did not start
+    comparing a Yes/No question with the image within 1200 steps, at 1e-3 it did; docs/base.md)."""
     weight_decay: float = Field(default=0.01, ge=0)
     """AdamW weight decay of both pretraining phases."""
     warmup_steps: int = Field(default=50, ge=0)
-    """Linear warm-up steps of phase 2 (then cosine decay)."""
+    """Linear warm-up steps of each phase (then cosine decay to zero)."""
     vocab_size: int = Field(default=512, ge=64)
     """Size of the tokenizer trained on the world's language (`pretrain`, `random`)."""
     seed: int = 0

@@ -74,7 +74,7 @@ def build_tiny_instructblip(tokenizer, seed: int = 0, image_size: int = 32):
     qformer_tokenizer = make_tokenizer(vocab_size=200, with_image_token=False)
     tiny = PRESETS["tiny"]
     config = InstructBlipConfig(
-        vision_config={**tiny.vision, "image_size": image_size},
+        vision_config={**tiny.vision, "image_size": image_size, "patch_size": image_size // tiny.patches_per_side},
         qformer_config={**tiny.qformer, "vocab_size": len(qformer_tokenizer), "max_position_embeddings": 128,
                         "pad_token_id": qformer_tokenizer.pad_token_id},
         text_config={**tiny.text, "vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,

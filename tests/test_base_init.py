@@ -68,8 +68,8 @@ def _pretrain(tmp_path, name: str):
 
 # Losses of 4 + 4 steps of `cheetah base` at the settings above (means over the steps; recorded with this code, fp32,
 # one thread): a change to the tag probe, the examples, the optimiser or the order of random draws moves them.
-GOLDEN_BASE = {"final_vision_loss": 26.762510776519775, "final_image_loss": 5.426781535148621,
-               "final_text_loss": 5.886140584945679}
+GOLDEN_BASE = {"final_vision_loss": 28.7385835647583, "final_image_loss": 5.640426874160767,
+               "final_text_loss": 6.122443377971649}
 
 
 def test_base_pretraining_golden_losses_and_determinism(tmp_path, one_thread):

@@ -195,8 +195,8 @@ def steer(model, patches: np.ndarray):
 
 def _patches(mask: np.ndarray, grid: int) -> np.ndarray:
     """Which cells of a grid x grid patch layout `mask` touches."""
-    side = mask.shape[0] // grid
-    return mask.reshape(grid, side, grid, side).any(axis=(1, 3))
+    side = mask.shape[0] // grid  # the patches cover grid * side pixels; the rest (if any) no patch sees
+    return mask[:grid * side, :grid * side].reshape(grid, side, grid, side).any(axis=(1, 3))
 
 
 def test_attention_selection_follows_the_model(backbone):
@@ -254,7 +254,8 @@ def test_pipeline_edits_the_least_attended_object(source, backbone):
     cfg = _cfg(source, "unused", edit_types=["modify"], n=6)
     items, _, _ = load_source(cfg.source, need_scenes=True)
     synth = Synthesizer(cfg, build_backends(cfg, backbone), items)
-    grid = 8
+    vision = backbone.model.config.vision_config
+    grid = vision.image_size // vision.patch_size
     checked = 0
     for i in range(4):
         item = synth.draws.pair_item(i)

@@ -106,7 +106,7 @@ def test_golden_losses_and_zero_stages_agree(workspace):
     the weights are ~0.05 in size after these steps)."""
     m0 = _run(workspace, "zero0", zero_stage=0)
     curve0 = _curve(workspace, "zero0")
-    golden = [5.7467, 5.7058, 5.6673, 5.6453, 5.6252, 5.6254]
+    golden = [6.3119, 6.3503, 6.311, 6.3735, 6.1552, 6.24]
     torch.testing.assert_close(torch.tensor(curve0), torch.tensor(golden), rtol=0, atol=2e-3)
     assert m0["heldout_loss_final"] < m0["heldout_loss_init"]
     # ZeRO-2 with a user DeepSpeed config merged in (settings that do not change the arithmetic).

@@ -73,14 +73,15 @@ def _pixels(scene: Scene) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def edit_scene(scene: Scene, rng: np.random.Generator) -> tuple[Scene, str]:
-    """One visible modify / swap / delete / add edit of one object, and the sentence that describes it.
+def edit_scene(scene: Scene, rng: np.random.Generator, size: str = "small") -> tuple[Scene, str]:
+    """One visible modify / swap / delete / add edit of one object of `size`, and the sentence that describes it.
 
-    Small detail objects are the targets: they are what a caption-trained visual prompt generator misses."""
+    The benchmarks edit small detail objects: they are what a caption-trained visual prompt generator misses. The base
+    stage learns to compare two images on the large ones, which captions cover."""
     before = _pixels(scene)
     for _ in range(50):
         kind = _pick(rng, ("modify", "swap", "delete", "add"))
-        target: Obj = _pick(rng, scene.details or scene.objects)
+        target: Obj = _pick(rng, (scene.details if size == "small" else scene.primary) or scene.objects)
         objects = list(scene.objects)
         if kind == "modify":
             key = _pick(rng, ("color", "texture", "shape"))
@@ -98,19 +99,19 @@ def edit_scene(scene: Scene, rng: np.random.Generator) -> tuple[Scene, str]:
             objects[objects.index(target)] = new
             sentence = difference_sentence("swap", target.attrs(), new.attrs())
         elif kind == "delete":
-            if len(objects) < 3:
+            if len(objects) < 3 or (size == "large" and len(scene.primary) < 2):  # keep a captioned object
                 continue
             objects.remove(target)
             sentence = difference_sentence("delete", target.attrs(), None)
         else:
             cells = scene.empty_cells()
-            if not cells:
+            if not cells or (size == "large" and len(scene.primary) >= 2):  # captions name at most two large ones
                 continue
             cell = _pick(rng, cells)
             names = {o.name for o in objects}
             name = next(f"e{k}" for k in range(len(objects) + 1) if f"e{k}" not in names)
             new = Obj(name, _pick(rng, SHAPES), pick_color(rng, {scene.background_color}), _pick(rng, TEXTURES),
-                      "small", cell, place(cell, "small", scene.image_size, rng))
+                      size, cell, place(cell, size, scene.image_size, rng))
             objects.append(new)
             sentence = difference_sentence("add", None, new.attrs())
         edited = dataclasses.replace(scene, id=f"{scene.id}+{kind}", objects=tuple(objects))

@@ -61,23 +61,32 @@ class Preset:
     template: str
     image_token_index: int | None
     kind: str = "blip2"  # or "instructblip"
+    patches_per_side: int | None = None
+    """If set, the ViT's patch size follows the image size: image_size // patches_per_side (the last
+    image_size % patches_per_side pixel rows and columns are not seen); else the preset's patch size is fixed."""
 
 
 PRESETS: dict[str, Preset] = {
     "tiny": Preset(
         name="tiny",
+        # One ViT patch per cell of the world's 3 x 3 grid (patches_per_side below; 21 pixels at 64): a large
+        # object fills its patch, and the vision phase learns its shape ~4x faster than from 8-pixel patches
+        # (docs/base.md, benchmarks/vision_probe.py). The small objects' shapes, jittered inside a patch, are not.
         vision=dict(hidden_size=96, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
-                    image_size=64, patch_size=8, layer_norm_eps=1e-6, qkv_bias=True, initializer_range=0.02),
+                    image_size=64, patch_size=21, layer_norm_eps=1e-6, qkv_bias=True, initializer_range=0.02),
         qformer=dict(hidden_size=96, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
                      cross_attention_frequency=1, encoder_hidden_size=96, layer_norm_eps=1e-12),
-        # vocab_size and the special-token ids come from the tokenizer trained on the world's language.
+        # vocab_size and the special-token ids come from the tokenizer trained on the world's language. Init 0.1
+        # (HF's default is 0.02) and 8 heads: at 0.02 this 128-wide model never learns to compare a Yes/No question
+        # with its context (docs/base.md, benchmarks/yes_no_reading.py).
         text=dict(model_type="llama", hidden_size=128, intermediate_size=384, num_hidden_layers=4,
-                  num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512, rms_norm_eps=1e-6,
-                  vocab_size=512, tie_word_embeddings=True),
+                  num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=512, rms_norm_eps=1e-6,
+                  vocab_size=512, tie_word_embeddings=True, initializer_range=0.1),
         num_query_tokens=8,
         # The training configs' rendering, with which the embedded default's recorded results were made.
         template="vicuna-train",
         image_token_index=None,
+        patches_per_side=3,  # cheetah.world.GRID, not imported: the model does not depend on the world
     ),
     "vicuna-7b": Preset("vicuna-7b", EVA_VIT_G, BLIP2_QFORMER, LLAMA_7B, 32, "vicuna", 32000),
     "llama2-7b": Preset("llama2-7b", EVA_VIT_G, BLIP2_QFORMER, {**LLAMA_7B, "max_position_embeddings": 4096},
@@ -160,7 +169,9 @@ def preset_config(name: str, *, tokenizer: Any | None = None, image_size: int | 
     p = PRESETS[name]
     vision, text = dict(p.vision), {**p.text, **text_overrides}
     image_token_index = p.image_token_index
-    if image_size is not None:
+    if image_size is not None and p.patches_per_side:
+        vision.update(image_size=image_size, patch_size=image_size // p.patches_per_side)
+    elif image_size is not None:
         if image_size % vision["patch_size"]:
             raise ValueError(f"image_size {image_size} is not a multiple of the patch size {vision['patch_size']}")
         vision["image_size"] = image_size

@@ -8,9 +8,12 @@ This plays the part of the frozen BLIP-2-family model of the paper, and is train
    objects and the background. So the details are in the ViT features but the visual prompt drops them: the
    caption bias VPG-C exists to correct. The probes are thrown away afterwards.
 2. **Alignment** (BLIP-2 stage 2 / MiniGPT-4). ViT and Q-Former frozen, the projection and the language model
-   learn from captions and single-image questions about the primary content, plus text-only instructions that
-   teach the language model every answer form of the world (difference sentences, attributes of details, Yes/No)
-   — as an instruction-tuned LLM knows them before it is given eyes.
+   learn from captions, single-image questions about the primary content (Yes/No included), two-image prompts
+   (describe the named image; describe the difference when one *large* object was edited), plus text-only
+   instructions that teach the language model every answer form of the world (difference sentences about any
+   object, attributes of details, Yes/No about a caption given in the text) — as an instruction-tuned LLM knows them
+   before it is given eyes. So the base compares two images on what captions cover and names the large object; a
+   change to a small detail is what it misses, and what VPG-C, trained on the synthetic pairs, must recover.
 
 Starting the language model on images straight from random weights does not work at this scale: it learns the
 language long before it learns to read the image tokens (tests on this machine: no grounding after 600 steps),
@@ -28,6 +31,7 @@ after `cheetah model import`) into `base.out`, so DVC versions the exact weights
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import time
@@ -40,6 +44,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from cheetah.config import ConfigError, Params
+from cheetah.evaluate.embedded import edit_scene
 from cheetah.formats import IMAGE_TOKEN, SOURCE_CAPTIONS, SOURCE_SCENES, read_records, source_problem
 from cheetah.io import (DataError, atomic_dir, atomic_write_json, check_output, read_json, safe_join,
                         write_metrics)
@@ -58,7 +63,6 @@ from cheetah.world import (
     SHAPES,
     SIZES,
     TEXTURES,
-    YES_NO_KINDS,
     Scene,
     caption,
     difference_sentence,
@@ -71,6 +75,8 @@ from cheetah.world import (
     yes_no_pair,
 )
 from cheetah.world.language import CAPTION_TEMPLATES
+
+log = logging.getLogger(__name__)
 
 PRIMARY_KINDS = ("color", "shape", "texture", "position", "background")
 # The Yes/No questions the base is measured on: what captions cover (PERCEPTION_KINDS), and where it is.
@@ -92,15 +98,39 @@ def _image_examples(source: Path, records: list[dict[str, Any]], scenes: dict[st
     for i, rec in enumerate(records):
         paths.append(safe_join(source, rec["image"], what=f"{source / SOURCE_CAPTIONS} (id {rec['id']!r}): image"))
         prompt = CAPTION_PROMPTS[int(rng.integers(len(CAPTION_PROMPTS)))]
-        examples.append((i, prompt, rec["caption"]))
+        examples.append(((i,), prompt, rec["caption"]))
         scene = scenes[rec["id"]]
         for qa in primary_questions(scene):
-            examples.append((i, f"<image> {qa.question}", qa.answer))
-        for kind in YES_NO_KINDS:  # yes/no questions, about the primary objects only
-            yes, no = yes_no_pair(scene, kind, rng)
-            if " large " in yes and " large " in no:
-                examples += [(i, f"<image> {yes}", "Yes"), (i, f"<image> {no}", "No")]
+            examples.append(((i,), f"<image> {qa.question}", qa.answer))
+        for kind in YES_NO_KINDS_ASKED:  # yes/no questions, about the primary objects only
+            yes, no = yes_no_pair(scene, kind, rng, size="large")
+            examples += [((i,), f"<image> {yes}", "Yes"), ((i,), f"<image> {no}", "No")]
+    # Two-image prompts whose answer is a caption of the image the instruction names: with the difference examples
+    # (`_difference_examples`), the instruction, not the number of images, decides what the answer is about.
+    for i, rec in enumerate(records):
+        j = int(rng.integers(len(records)))
+        which, k = (("first", i), ("second", j))[int(rng.integers(2))]
+        examples.append(((i, j), f"<image> <image> Describe the {which} image briefly.", records[k]["caption"]))
     return paths, examples
+
+
+def _difference_examples(records: list[dict[str, Any]], scenes: dict[str, Scene], first_index: int,
+                         rng: np.random.Generator) -> tuple[list[Scene], list[tuple[tuple[int, int], str, str]]]:
+    """(edited scenes, [((image, edited image), instruction, difference sentence)]): every record's scene beside one
+    edit of one of its *large* objects (the edited scenes are rendered in memory; their image indices count from
+    `first_index`). An instruction-tuned base compares what captions cover; the small details it misses are VPG-C's
+    to recover. The instruction comes after the images or before them (the DEMON layout), so the instruction, not the
+    layout, decides the answer's form."""
+    edited, examples = [], []
+    for i, rec in enumerate(records):
+        scene, sentence = edit_scene(scenes[rec["id"]], rng, size="large")
+        instruction = DIFFERENCE_INSTRUCTIONS[int(rng.integers(len(DIFFERENCE_INSTRUCTIONS)))]
+        if rng.random() < 0.5:
+            images, _, ask = instruction.rpartition(IMAGE_TOKEN)
+            instruction = f"{ask.strip()} {images}{IMAGE_TOKEN}"
+        examples.append(((i, first_index + len(edited)), instruction, sentence))
+        edited.append(scene)
+    return edited, examples
 
 
 def _read_source(source: Path) -> tuple[list[dict[str, Any]], dict[str, Scene]]:
@@ -134,9 +164,12 @@ def _chat_examples(scenes: list[Scene], rng: np.random.Generator) -> list[tuple[
         pairs.append((_without_images(instruction), difference_sentence(edit, before, after)))
         qa = sample_question(scene, rng)
         pairs.append((qa.question, qa.answer))
-        kind = YES_NO_KINDS[int(rng.integers(len(YES_NO_KINDS)))]
-        yes, no = yes_no_pair(scene, kind, rng)
-        pairs += [(yes, "Yes"), (no, "No")]
+        # Reading comprehension: Yes/No questions answered from a caption given in the text, as an instruction-tuned
+        # LLM answers them before it is given eyes (without the caption the answer would be a coin flip).
+        kind = PERCEPTION_KINDS[int(rng.integers(len(PERCEPTION_KINDS)))]
+        yes, no = yes_no_pair(scene, kind, rng, size="large")
+        context = f"Caption: {caption(scene)}."
+        pairs += [(f"{context} {yes}", "Yes"), (f"{context} {no}", "No")]
     return pairs
 
 
@@ -147,63 +180,124 @@ def _without_images(text: str) -> str:
 class TagProbe(nn.Module):
     """Supervision for the vision phase, discarded afterwards.
 
-    - ViT: for each of the 3x3 cells, (size, shape, colour, texture) of its object or "none", from the mean of the
-      patch features whose centre lies in the cell; the background colour and texture from the mean patch.
-    - Q-Former: the caption's content only — shape, colour and texture of up to two large objects in reading
-      order, and the background — from its concatenated query outputs.
+    - ViT: for each of the 3x3 cells, from the mean of the patch features whose centre lies in the cell: its
+      object's size or "none", and the shape, colour and texture of a large and of a small object in separate heads
+      (so the many hard small shapes do not hold the large ones back); the background colour and texture from the
+      mean patch.
+    - Q-Former: the caption's content only — shape, colour and texture of the (up to two) large objects, each from
+      one query (the first two; one head shared by both, so an object reads the same in either), and the background
+      from the third. The two object queries are matched to the objects in whichever order fits best (the loss is
+      the smaller of the two assignments), as there is no natural order to put them in. One object per visual
+      token: the form of visual prompt docs/base.md measures the language model on.
     """
 
-    HEADS = {"size": len(SIZES) + 1, "shape": len(SHAPES) + 1, "color": len(COLORS) + 1,
-             "texture": len(TEXTURES) + 1}
-    SLOT_HEADS = ("shape", "color", "texture")
+    ATTRS = {"shape": len(SHAPES), "color": len(COLORS), "texture": len(TEXTURES)}
+    IGNORE = -100  # cross_entropy's ignore_index: a head says nothing about a cell without an object of its size
 
     def __init__(self, vit_dim: int, query_dim: int, num_queries: int, image_size: int, patch: int):
         super().__init__()
         grid = image_size // patch
         centres = torch.arange(grid) * patch + patch / 2
-        cell = [min(int(3 * float(centres[r]) / image_size), 2) * 3 + min(int(3 * float(centres[c]) / image_size), 2)
+        span = grid * patch  # the pixels the patches cover
+        cell = [min(int(3 * float(centres[r]) / span), 2) * 3 + min(int(3 * float(centres[c]) / span), 2)
                 for r in range(grid) for c in range(grid)]
         cell = torch.tensor(cell)
         pool = torch.stack([(cell == k).float() / max(1, int((cell == k).sum())) for k in range(len(CELLS))])
         self.register_buffer("pool", pool)  # (9 cells, patches)
-        self.cell = nn.Linear(vit_dim, sum(self.HEADS.values()))
+        attrs = sum(self.ATTRS.values())
+        self.cell = nn.Linear(vit_dim, len(SIZES) + 1 + len(SIZES) * attrs)
         self.background = nn.Linear(vit_dim, len(COLORS) + len(TEXTURES))
-        self.caption = nn.Linear(num_queries * query_dim,
-                                 2 * sum(self.HEADS[h] for h in self.SLOT_HEADS) + len(COLORS) + len(TEXTURES))
+        if num_queries < 3:
+            raise ValueError(f"the tag probe reads two objects and the background from 3 queries, got {num_queries}")
+        self.slot = nn.Linear(query_dim, attrs + len(self.ATTRS))
+        self.caption_background = nn.Linear(query_dim, len(COLORS) + len(TEXTURES))
 
     @staticmethod
     def targets(scene: Scene) -> dict[str, torch.Tensor]:
-        cells = torch.zeros(len(CELLS), 4, dtype=torch.long)  # 0 = no object
+        """`cells` (9, 1 + 2 x 3): size (0 = none), then shape, colour, texture of a large and of a small object
+        (IGNORE where the cell holds none of that size); `slots` (2, 3): shape, colour, texture of the large objects
+        (0 = no such object, else 1 + index), in either order; `background` (2,): colour and texture."""
+        cells = torch.full((len(CELLS), 1 + len(SIZES) * 3), TagProbe.IGNORE, dtype=torch.long)
+        cells[:, 0] = 0
         for o in scene.objects:
-            cells[CELLS.index(o.cell)] = torch.tensor([1 + SIZES.index(o.size), 1 + SHAPES.index(o.shape),
-                                                       1 + COLORS.index(o.color), 1 + TEXTURES.index(o.texture)])
+            k, s = CELLS.index(o.cell), SIZES.index(o.size)
+            cells[k, 0] = 1 + s
+            cells[k, 1 + 3 * s:4 + 3 * s] = torch.tensor([SHAPES.index(o.shape), COLORS.index(o.color),
+                                                          TEXTURES.index(o.texture)])
         slots = torch.zeros(2, 3, dtype=torch.long)
-        for j, o in enumerate(sorted(scene.primary, key=lambda o: CELLS.index(o.cell))[:2]):
+        for j, o in enumerate(scene.primary[:2]):
             slots[j] = torch.tensor([1 + SHAPES.index(o.shape), 1 + COLORS.index(o.color),
                                      1 + TEXTURES.index(o.texture)])
         background = torch.tensor([COLORS.index(scene.background_color), TEXTURES.index(scene.background_texture)])
         return {"cells": cells, "slots": slots, "background": background}
 
+    @staticmethod
+    def _split(logits: torch.Tensor, widths: list[int]) -> list[torch.Tensor]:
+        bounds = np.cumsum([0, *widths])
+        return [logits[..., bounds[j]:bounds[j + 1]] for j in range(len(widths))]
+
+    def logits(self, patches: torch.Tensor, queries: torch.Tensor) -> dict[str, list[torch.Tensor]]:
+        """The logits of every column of the targets, in their order: cells (B, 9, classes) x 7, slots
+        (B, classes) x 6, and the background from the ViT (`background`) and from the Q-Former (`caption_background`),
+        (B, classes) x 2 each."""
+        attrs = list(self.ATTRS.values())
+        cells = self._split(self.cell(torch.einsum("kp,bpd->bkd", self.pool, patches)),
+                            [len(SIZES) + 1] + attrs * len(SIZES))
+        background = self._split(self.background(patches.mean(1)), [len(COLORS), len(TEXTURES)])
+        slots = [x for j in range(2) for x in self._split(self.slot(queries[:, j]), [n + 1 for n in attrs])]
+        caption_background = self._split(self.caption_background(queries[:, 2]), [len(COLORS), len(TEXTURES)])
+        return {"cells": cells, "slots": slots, "caption_background": caption_background, "background": background}
+
     def loss(self, patches: torch.Tensor, queries: torch.Tensor, t: dict[str, torch.Tensor]) -> torch.Tensor:
         ce = nn.functional.cross_entropy
-        cell_logits = self.cell(torch.einsum("kp,bpd->bkd", self.pool, patches))
-        loss = patches.new_zeros(())
-        start = 0
-        for j, n in enumerate(self.HEADS.values()):
-            loss = loss + ce(cell_logits[..., start:start + n].flatten(0, 1), t["cells"][..., j].flatten())
-            start += n
-        bg = self.background(patches.mean(1))
-        loss = loss + ce(bg[:, :len(COLORS)], t["background"][:, 0]) + ce(bg[:, len(COLORS):], t["background"][:, 1])
-        cap = self.caption(queries.flatten(1))
-        start = 0
-        for slot in range(2):
-            for j, h in enumerate(self.SLOT_HEADS):
-                n = self.HEADS[h]
-                loss = loss + ce(cap[:, start:start + n], t["slots"][:, slot, j])
-                start += n
-        loss = loss + ce(cap[:, start:start + len(COLORS)], t["background"][:, 0])
-        loss = loss + ce(cap[:, start + len(COLORS):], t["background"][:, 1])
+        out = self.logits(patches, queries)
+        loss = sum(ce(x.flatten(0, 1), t["cells"][..., j].flatten(), ignore_index=self.IGNORE)
+                   for j, x in enumerate(out["cells"]))
+        loss = loss + self._slot_losses(out["slots"], t["slots"]).min(1).values.mean()
+        for key in ("background", "caption_background"):
+            loss = loss + sum(ce(x, t["background"][:, j]) for j, x in enumerate(out[key]))
         return loss
+
+    @staticmethod
+    def _slot_losses(logits: list[torch.Tensor], slots: torch.Tensor) -> torch.Tensor:
+        """(B, 2): per sample, the slot loss with the objects in their order and swapped."""
+        ce = nn.functional.cross_entropy
+        out = []
+        for order in ((0, 1), (1, 0)):
+            target = slots[:, order].flatten(1)
+            out.append(sum(ce(x, target[:, j], reduction="none") for j, x in enumerate(logits)))
+        return torch.stack(out, 1)
+
+    def predict(self, patches: torch.Tensor, queries: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The probes' answers, shaped like the (batched) targets: from the ViT for `cells` and `background`, from
+        the Q-Former for `slots`."""
+        out = self.logits(patches, queries)
+        n = patches.shape[0]
+        return {"cells": torch.stack([x.argmax(-1) for x in out["cells"]], -1),
+                "slots": torch.stack([x.argmax(-1) for x in out["slots"]], -1).reshape(n, 2, 3),
+                "background": torch.stack([x.argmax(-1) for x in out["background"]], -1)}
+
+
+@torch.no_grad()
+def probe_accuracy(model: Any, probe: TagProbe, pixels: torch.Tensor, scenes: list[Scene]) -> dict[str, float]:
+    """Held-out check of the vision phase (%): what the ViT features hold about the large and the small objects
+    (shape, colour and texture from the cell probe), and what the visual prompt holds about what captions say (the
+    Q-Former slot probe: shape, colour and texture of the large objects, in the better of the two orders)."""
+    patches = model.vision_model(pixel_values=pixels).last_hidden_state
+    predicted = probe.predict(patches[:, 1:], _qformer(model, patches))
+    targets = [TagProbe.targets(s) for s in scenes]
+    cells = torch.stack([t["cells"] for t in targets])
+    out = {}
+    for s, size in enumerate(SIZES):
+        cols = slice(1 + 3 * s, 4 + 3 * s)
+        here = cells[..., 0] == 1 + s
+        out[f"vit_{size}"] = round(100.0 * float((predicted["cells"][..., cols] == cells[..., cols])[here].float().mean()), 2)
+    slots = torch.stack([t["slots"] for t in targets])
+    filled = slots[..., 0] > 0
+    right = torch.stack([((predicted["slots"] == slots[:, order]) & filled[:, order, None]).sum((1, 2))
+                         for order in ((0, 1), (1, 0))]).max(0).values
+    out["qformer_large"] = round(100.0 * float(right.sum()) / (3 * float(filled.sum())), 2)
+    return out
 
 
 @torch.no_grad()
@@ -364,6 +458,7 @@ def pretrain_base(params: Params) -> dict[str, Any]:
                      *probe.parameters()]
     model.vision_model.train(), model.qformer.train()
     optimizer = torch.optim.AdamW(vision_params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, cfg.vision_steps, "cosine"))
     for step in tqdm(range(cfg.vision_steps), desc="base: vision", dynamic_ncols=True):
         idx = rng.integers(len(paths), size=cfg.batch_size * 2)
         patches = model.vision_model(pixel_values=pixels[idx]).last_hidden_state
@@ -371,27 +466,38 @@ def pretrain_base(params: Params) -> dict[str, Any]:
         loss = probe.loss(patches[:, 1:], _qformer(model, patches), batch_tags)
         loss.backward()
         optimizer.step()
+        scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         history.append({"phase": 1, "step": step + 1, "vision_loss": loss.item()})
 
-    # -- 2. alignment: frozen ViT + Q-Former; the projection and the language model learn ---------------------
     model.vision_model.eval(), model.qformer.eval()
+    heldout = list(heldout_scenes(world, cfg.eval_scenes))
+    heldout_pixels = backbone.image_processor([render(s).image for s in heldout], return_tensors="pt")["pixel_values"]
+    probe_heldout = probe_accuracy(model, probe, heldout_pixels, heldout)
+    log.info("base: what the vision phase holds about held-out scenes (%%, probes): %s", probe_heldout)
+
+    # -- 2. alignment: frozen ViT + Q-Former; the projection and the language model learn ---------------------
     for p in (*model.vision_model.parameters(), *model.qformer.parameters(), model.query_tokens):
         p.requires_grad_(False)
+    edited, difference = _difference_examples(records, scene_by_id, len(paths), rng)
+    image_examples += difference
+    all_pixels = torch.cat([pixels, backbone.image_processor([render(s).image for s in edited],
+                                                             return_tensors="pt")["pixel_values"]])
     with torch.no_grad():  # frozen: every image's visual prompt is computed once
-        prompts = torch.cat([_qformer(model, model.vision_model(pixel_values=pixels[i:i + 128]).last_hidden_state)
-                             for i in range(0, len(pixels), 128)])
-    encoded = [builder.encode(instr, 1, resp) for _, instr, resp in image_examples]
+        prompts = torch.cat([_qformer(model, model.vision_model(pixel_values=all_pixels[i:i + 128]).last_hidden_state)
+                             for i in range(0, len(all_pixels), 128)])
+    encoded = [builder.encode(instr, len(images), resp) for images, instr, resp in image_examples]
     chat = [builder.encode(instr, 0, resp) for instr, resp in _chat_examples(list(scene_by_id.values()), rng)]
     align_params = [*model.language_projection.parameters(), *model.language_model.parameters()]
     model.language_model.train()
-    optimizer = torch.optim.AdamW(align_params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(align_params, lr=cfg.align_lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, cfg.steps, "cosine"))
     embed = model.get_input_embeddings()
     for step in tqdm(range(cfg.steps), desc="base: alignment", dynamic_ncols=True):
         idx = rng.integers(len(encoded), size=cfg.batch_size)
         batch = builder.collate([encoded[i] for i in idx], "right")
-        image_tokens = model.language_projection(prompts[[image_examples[i][0] for i in idx]])
+        image_tokens = model.language_projection(torch.cat([prompts[list(image_examples[i][0])].flatten(0, 1)
+                                                            for i in idx]))
         mask = (batch["input_ids"] == model.config.image_token_index).unsqueeze(-1)
         inputs = embed(batch["input_ids"]).masked_scatter(mask, image_tokens)
         loss_img = model.language_model(inputs_embeds=inputs, attention_mask=batch["attention_mask"],
@@ -413,7 +519,6 @@ def pretrain_base(params: Params) -> dict[str, Any]:
 
     model.eval()
     model.requires_grad_(False)
-    heldout = list(heldout_scenes(world, cfg.eval_scenes))
     quality = caption_quality(backbone, heldout)
     yes_no = yes_no_accuracy(backbone, heldout)
     last = [h for h in history if h["phase"] == 2][-20:]
@@ -430,6 +535,7 @@ def pretrain_base(params: Params) -> dict[str, Any]:
         "caption_rouge_l": quality["caption_rouge_l"],
         "yes_no_primary_accuracy": yes_no["primary"]["accuracy"],
         "yes_no_detail_accuracy": yes_no["detail"]["accuracy"],
+        "probe": probe_heldout,
         "parameters": sum(p.numel() for p in model.parameters()),
         "image_examples": len(encoded),
         "chat_examples": len(chat),
