@@ -106,7 +106,8 @@ def make_requests(model: VPGCModel, n: int, prompt_len: int, images: int, seed: 
     builder = PromptBuilder.for_backbone(model.backbone_info, max_length=1 << 30)
     rng = np.random.default_rng(seed)
     size = model.backbone.config.vision_config.image_size
-    vocab = [w for w in model.backbone_info.tokenizer.get_vocab() if w.startswith("w")]
+    # Sorted: get_vocab()'s order differs from process to process, and so would the prompts of different ranks.
+    vocab = sorted(w for w in model.backbone_info.tokenizer.get_vocab() if w.startswith("w"))
     slots = " ".join([IMAGE_TOKEN] * images)
     base = len(builder.encode_prompt(slots, images))
     out = []

@@ -40,7 +40,7 @@ run() { echo "+ $*"; timeout 900 "$@" 2>"$out/last.err" | grep RESULT | tee -a "
 # -- 1. the training stage ---------------------------------------------------------------------------------------
 cheetah world --out "$work/source" --n 400 --image-size 64 > "$work/world.log" 2>&1 || tail -5 "$work/world.log"
 cheetah synthesize --source "$work/source" --out "$work/data" --n 240 --captions 640 --selector random \
-    --workers 4 > "$work/synthesize.log" 2>&1 || tail -5 "$work/synthesize.log"
+    > "$work/synthesize.log" 2>&1 || tail -5 "$work/synthesize.log"
 cat > "$work/params.yaml" <<EOF
 model: {preset: $preset, backbone_dir: null, dtype: bfloat16, random_backbone: true}
 train:
