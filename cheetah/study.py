@@ -77,7 +77,8 @@ MME_SPLITS = ("primary", "detail")
 STEP_CODE: dict[str, tuple[str, ...]] = {
     "benchmarks": ("cheetah/world", "cheetah/evaluate/embedded.py", "cheetah/evaluate/demon.py",
                    "cheetah/evaluate/mme.py", "cheetah/formats.py", "cheetah/study.py"),
-    "base": ("cheetah/world", "cheetah/model", "cheetah/train/base.py", "cheetah/formats.py"),
+    "base": ("cheetah/world", "cheetah/model", "cheetah/train/base.py", "cheetah/evaluate/embedded.py",
+             "cheetah/formats.py"),
     "synthesize": ("cheetah/synthesize", "cheetah/world", "cheetah/model", "cheetah/formats.py"),
     "train": ("cheetah/train/vpgc.py", "cheetah/train/data.py", "cheetah/train/distributed.py",
               "cheetah/train/state.py", "cheetah/model", "cheetah/formats.py"),
