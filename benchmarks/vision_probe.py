@@ -2,7 +2,7 @@
 
 The vision phase of `cheetah base` (cheetah/train/base.py) trains the `tiny` ViT and Q-Former with `TagProbe`: the
 ViT's cells must hold every object's shape, colour and texture, the Q-Former's first queries the large objects' (what
-captions say). This runs that phase alone — the same probe, loss and optimiser — on `scenes` world scenes rendered in
+captions say). This runs that phase alone (`train_vision`, as the stage does) on `scenes` world scenes rendered in
 memory, and prints `probe_accuracy` on 256 held-out scenes every 250 steps: `vit_large` / `vit_small` (the ViT
 cells' attributes of large / small objects) and `qformer_large` (the visual prompt's attributes of the large
 objects, the better of the two object orders). Warm-up and cosine decay as in the base stage; one thread.
@@ -22,11 +22,12 @@ import time
 import numpy as np
 import torch
 
-from cheetah.config import WorldConfig
+from cheetah.config import BaseConfig, WorldConfig
 from cheetah.model.backbones import PRESETS, build_backbone
-from cheetah.train.base import TagProbe, _qformer, probe_accuracy
-from cheetah.train.vpgc import lr_lambda
+from cheetah.train.base import TagProbe, probe_accuracy, train_vision
 from cheetah.world import generate_scene, heldout_scenes, render, train_tokenizer
+
+BASE = BaseConfig()  # the base stage's defaults
 
 
 def main() -> None:
@@ -34,8 +35,8 @@ def main() -> None:
     ap.add_argument("--scenes", type=int, default=1200, help="training scenes (world seed 0)")
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--batch", type=int, default=64, help="images per step (the base stage: 2 x base.batch_size)")
-    ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--warmup", type=int, default=50)
+    ap.add_argument("--lr", type=float, default=BASE.lr)
+    ap.add_argument("--warmup", type=int, default=BASE.warmup_steps)
     ap.add_argument("--schedule", choices=["cosine", "constant"], default="cosine")
     ap.add_argument("--patch-size", type=int, default=None,
                     help="a fixed ViT patch size instead of the preset's one patch per grid cell")
@@ -57,26 +58,19 @@ def main() -> None:
     vcfg = model.config.vision_config
     probe = TagProbe(vcfg.hidden_size, model.config.qformer_config.hidden_size, backbone.num_query_tokens,
                      vcfg.image_size, vcfg.patch_size)
-    params = [*model.vision_model.parameters(), *model.qformer.parameters(), model.query_tokens, *probe.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.warmup, args.steps, args.schedule))
-    rng, curve, started = np.random.default_rng(0), {}, time.perf_counter()
-    for step in range(1, args.steps + 1):
-        model.vision_model.train(), model.qformer.train()
-        idx = rng.integers(args.scenes, size=args.batch)
-        patches = model.vision_model(pixel_values=pixels[idx]).last_hidden_state
-        loss = probe.loss(patches[:, 1:], _qformer(model, patches),
-                          {k: torch.stack([tags[i][k] for i in idx]) for k in tags[0]})
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad()
+    curve, started = {}, time.perf_counter()
+
+    def measure(step: int, loss: float) -> None:
         if step % 250 == 0 or step == args.steps:
             model.vision_model.eval(), model.qformer.eval()
-            with torch.no_grad():
-                curve[step] = probe_accuracy(model, probe, held_pixels, held)
-            print(f"step {step}: loss {loss.item():.2f}, held-out probes {curve[step]}", flush=True)
-    print(json.dumps({"scenes": args.scenes, "patch_size": model.config.vision_config.patch_size, "steps": args.steps, "batch": args.batch, "lr": args.lr,
+            curve[step] = probe_accuracy(model, probe, held_pixels, held)
+            print(f"step {step}: loss {loss:.2f}, held-out probes {curve[step]}", flush=True)
+
+    train_vision(model, probe, pixels, tags, np.random.default_rng(0), steps=args.steps, batch_size=args.batch,
+                 lr=args.lr, weight_decay=BASE.weight_decay, warmup_steps=args.warmup, schedule=args.schedule,
+                 callback=measure)
+    print(json.dumps({"scenes": args.scenes, "patch_size": model.config.vision_config.patch_size, "steps": args.steps,
+                      "batch": args.batch, "lr": args.lr,
                       "probes_by_step": curve, "seconds": round(time.perf_counter() - started, 1)}))
 
 

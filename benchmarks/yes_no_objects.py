@@ -27,6 +27,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from cheetah.model.backbones import PRESETS
 from cheetah.world import PERCEPTION_KINDS, generate_scene, train_tokenizer, yes_no_pair
+from yes_no_reading import yes_no_accuracy  # this folder: the scripts run as `python benchmarks/<name>.py`
 
 
 def main() -> None:
@@ -109,10 +110,7 @@ def main() -> None:
                 for kind, rows in held.items():
                     x, mask, labels = batch(rows)
                     logits = model(inputs_embeds=x, attention_mask=mask).logits
-                    first = (labels != -100).float().argmax(1)  # the answer's first token; its logits sit one before
-                    at = logits[torch.arange(len(rows)), first - 1]
-                    truth = labels[torch.arange(len(rows)), first] == yes_id
-                    by_kind[kind] = round(100.0 * float(((at[:, yes_id] > at[:, no_id]) == truth).float().mean()), 1)
+                    by_kind[kind] = yes_no_accuracy(logits, labels, yes_id, no_id)
             curve[step] = {"accuracy": round(float(np.mean(list(by_kind.values()))), 1), "kinds": by_kind}
             print(f"step {step}: loss {loss.item():.3f}, held-out accuracy {curve[step]['accuracy']} % {by_kind}",
                   flush=True)

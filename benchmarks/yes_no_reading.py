@@ -57,6 +57,14 @@ def collate(rows, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     return ids, mask, labels
 
 
+def yes_no_accuracy(logits: torch.Tensor, labels: torch.Tensor, yes_id: int, no_id: int) -> float:
+    """Held-out accuracy (%): at each row's first answer token, is "Yes" above "No" exactly when the answer is Yes?"""
+    rows = torch.arange(len(labels))
+    first = (labels != -100).float().argmax(1)  # the answer's first token; its logits sit one before
+    said_yes = logits[rows, first - 1, yes_id] > logits[rows, first - 1, no_id]
+    return round(100.0 * float((said_yes == (labels[rows, first] == yes_id)).float().mean()), 1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--init-range", type=float, default=0.02, help="the LLM's initializer_range (HF default 0.02)")
@@ -97,11 +105,7 @@ def main() -> None:
             ids, mask, labels = collate(held, tok.pad_token_id)
             with torch.no_grad():
                 logits = model(input_ids=ids, attention_mask=mask).logits
-            first = (labels != -100).float().argmax(1)  # the answer's first token; its logits sit one before
-            at = logits[torch.arange(len(held)), first - 1]
-            said_yes = at[:, yes_id] > at[:, no_id]
-            truth = labels[torch.arange(len(held)), first] == yes_id
-            curve[step] = round(100.0 * float((said_yes == truth).float().mean()), 1)
+            curve[step] = yes_no_accuracy(logits, labels, yes_id, no_id)
             print(f"step {step}: loss {loss.item():.3f}, held-out accuracy {curve[step]} %", flush=True)
     print(json.dumps({"init_range": args.init_range, "heads": args.heads, "kinds": list(kinds), "lr": args.lr,
                       "steps": args.steps, "batch": args.batch, "accuracy_by_step": curve,

@@ -108,6 +108,9 @@ class BaseConfig:
     instructions."""
     batch_size: int = Field(default=32, ge=1)
     """Examples per step (pretraining)."""
+    yes_no_batch: int = Field(default=32, ge=0)
+    """Phase 2: Yes/No questions about the image per step, beside the `batch_size` mixed examples (their own loss
+    term: in the mix the one-token answers weigh too little for the language model to learn to compare)."""
     lr: float = Field(default=2e-3, gt=0)
     """AdamW learning rate of the vision phase."""
     align_lr: float = Field(default=1e-3, gt=0)
@@ -355,10 +358,12 @@ class EvaluateConfig:
     metrics: str = "metrics/eval.json"
     """The evaluation metrics JSON of the evaluated VPG-C model, with the other models under baselines (for `dvc
     metrics` and the registry's gate)."""
-    demon_per_task: int = Field(default=40, ge=1)
-    """Samples per embedded DEMON-format task (World_*)."""
-    mme_per_subtask: int = Field(default=30, ge=2)
-    """Images per embedded MME-format subtask; each is asked one Yes- and one No-question (MME existence has 30)."""
+    demon_per_task: int = Field(default=80, ge=1)
+    """Samples per embedded DEMON-format task (World_*). Generation is cheap at this scale (~130 answers/s), and
+    more samples narrow the study's intervals over seeds."""
+    mme_per_subtask: int = Field(default=60, ge=2)
+    """Images per embedded MME-format subtask, half about a large object, half about a small one; each is asked one
+    Yes- and one No-question (MME's existence subtask has 30 images; twice that narrows the intervals)."""
     batch_size: int = Field(default=16, ge=1)
     """Generation batch (length-bucketed). Answers do not depend on it in fp32; see cheetah/evaluate/generation.py
     for what holds in bf16 on a GPU."""

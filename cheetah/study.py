@@ -39,7 +39,7 @@ from typing import Any
 from cheetah.config import STUDY_ARMS, Params, to_dict
 from cheetah.formats import SOURCE_CAPTIONS, SOURCE_SCENES
 from cheetah.evaluate.demon import CATEGORIES
-from cheetah.io import DataError, atomic_dir, atomic_write_bytes, atomic_write_json, atomic_write_text, read_json, \
+from cheetah.io import atomic_dir, atomic_write_bytes, atomic_write_json, atomic_write_text, read_json, \
     write_metrics
 
 log = logging.getLogger(__name__)
@@ -77,13 +77,14 @@ MME_SPLITS = ("primary", "detail")
 STEP_CODE: dict[str, tuple[str, ...]] = {
     "benchmarks": ("cheetah/world", "cheetah/evaluate/embedded.py", "cheetah/evaluate/demon.py",
                    "cheetah/evaluate/mme.py", "cheetah/formats.py", "cheetah/study.py"),
-    "base": ("cheetah/world", "cheetah/model", "cheetah/train/base.py", "cheetah/evaluate/embedded.py",
-             "cheetah/formats.py"),
+    "base": ("cheetah/world", "cheetah/model", "cheetah/train/base.py", "cheetah/formats.py"),
     "synthesize": ("cheetah/synthesize", "cheetah/world", "cheetah/model", "cheetah/formats.py"),
     "train": ("cheetah/train/vpgc.py", "cheetah/train/data.py", "cheetah/train/distributed.py",
               "cheetah/train/state.py", "cheetah/model", "cheetah/formats.py"),
     "evaluate": ("cheetah/evaluate", "cheetah/model", "cheetah/formats.py"),
 }
+BACKBONE_METRICS = ("yes_no_primary_accuracy", "yes_no_detail_accuracy", "caption_exact_match", "caption_rouge_l")
+"""What `arms.base.backbone` summarises over seeds from each seed's base-stage metrics (held-out scenes, %)."""
 BLANK_RGB = (122, 116, 104)
 """The blank image: the CLIP normalisation mean (BLIP's image processors), i.e. all zeros once normalised."""
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
@@ -391,6 +392,10 @@ def _aggregate(params: Params, arms: Sequence[str], cells: Mapping[str, Mapping[
             "demon": {k: summarize([c["demon"][k] for c in per_seed]) for k in demon_keys},
             "mme": {k: summarize([c["mme"][k] for c in per_seed]) for k in MME_SPLITS if k in per_seed[0]["mme"]},
         }
+    if "base" in arms:  # the backbone itself over seeds (metrics/base.json): issue 11's Yes/No target, captions
+        found = [extra["base"].get(s, {}) for s in seeds]
+        out["arms"]["base"]["backbone"] = {k: summarize([m[k] for m in found]) for k in BACKBONE_METRICS
+                                           if all(k in m for m in found)}
     out["expectations"] = expectations(out["arms"])
     info = lineage(root, stage="study")
     out["inputs"] = {"command": "cheetah study", "git_commit": info.get("git_commit"), "git_dirty": info.get("git_dirty"),
@@ -426,9 +431,14 @@ def study_table(result: Mapping[str, Any]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join([":--"] + ["--:"] * (len(header) - 1)) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     n = len(result["seeds"])
+    backbone = arms.get("base", {}).get("backbone")
+    after = "" if not backbone else (
+        "\nThe base backbone itself, held-out scenes (metrics/base.json per seed): " + "; ".join(
+            f"{k.replace('_', ' ')} {_fmt(v)} %" for k, v in backbone.items()) + ".\n")
     return (f"Mean over {n} seed(s) {result['seeds']} [95 % confidence interval of the mean, Student's t]; DEMON-format "
             "categories: ROUGE-L F or accuracy (%); MME-format: acc + acc+ summed over existence, count, position "
-            "and color (questions about large objects: primary; about small ones: detail).\n\n" + "\n".join(lines) + "\n")
+            "and color (questions about large objects: primary; about small ones: detail).\n\n" + "\n".join(lines) + "\n"
+            + after)
 
 
 def study_chart(result: Mapping[str, Any]) -> bytes:
@@ -485,7 +495,7 @@ def _track(params: Params, result: Mapping[str, Any], cells: Mapping[str, Mappin
     from cheetah.pipeline import parent_run
     from cheetah.tracking import flat_metrics
 
-    with parent_run(root, params.register.experiment, run_name="study", tags={"cheetah.kind": "study"}) as parent:
+    with parent_run(root, params.register.experiment, run_name="study", tags={"cheetah.kind": "study"}):
         mlflow.log_params({k: str(v)[:500] for k, v in to_dict(params.study).items()})
         mlflow.log_metrics(flat_metrics({a: {b: {k: v["mean"] for k, v in r[b].items()} for b in ("demon", "mme")}
                                          for a, r in result["arms"].items()}))

@@ -68,13 +68,14 @@ def build_tiny_instructblip(tokenizer, seed: int = 0, image_size: int = 32):
     text, and a Q-Former tokenizer of its own (trained here, as the LLM's)."""
     from transformers import InstructBlipConfig, InstructBlipForConditionalGeneration
 
-    from cheetah.model.backbones import PRESETS, Backbone, _image_processor, init_random_weights
+    from cheetah.model.backbones import PRESETS, Backbone, _image_processor, init_random_weights, preset_config
     from cheetah.model.prompts import TEMPLATES
 
     qformer_tokenizer = make_tokenizer(vocab_size=200, with_image_token=False)
     tiny = PRESETS["tiny"]
+    vision = preset_config("tiny", tokenizer=tokenizer, image_size=image_size).vision_config  # the patch-size rule
     config = InstructBlipConfig(
-        vision_config={**tiny.vision, "image_size": image_size, "patch_size": image_size // tiny.patches_per_side},
+        vision_config={**tiny.vision, "image_size": vision.image_size, "patch_size": vision.patch_size},
         qformer_config={**tiny.qformer, "vocab_size": len(qformer_tokenizer), "max_position_embeddings": 128,
                         "pad_token_id": qformer_tokenizer.pad_token_id},
         text_config={**tiny.text, "vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,

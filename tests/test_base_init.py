@@ -68,8 +68,8 @@ def _pretrain(tmp_path, name: str):
 
 # Losses of 4 + 4 steps of `cheetah base` at the settings above (means over the steps; recorded with this code, fp32,
 # one thread): a change to the tag probe, the examples, the optimiser or the order of random draws moves them.
-GOLDEN_BASE = {"final_vision_loss": 28.7385835647583, "final_image_loss": 5.640426874160767,
-               "final_text_loss": 6.122443377971649}
+GOLDEN_BASE = {"final_vision_loss": 28.7385835647583, "final_image_loss": 5.3641239404678345,
+               "final_yes_no_loss": 3.0029696822166443, "final_text_loss": 6.084606409072876}
 
 
 def test_base_pretraining_golden_losses_and_determinism(tmp_path, one_thread):
@@ -81,3 +81,44 @@ def test_base_pretraining_golden_losses_and_determinism(tmp_path, one_thread):
     assert first["image_examples"] > 0 and first["chat_examples"] > 0
     a, b = load_backbone(tmp_path / "a"), load_backbone(tmp_path / "b")
     assert a.fingerprint() == b.fingerprint()
+
+
+def test_bucketed_language_loss_equals_the_padded_batch_loss(tiny_backbone):
+    """`_lm_loss` splits a batch by length to pad less; its value (and gradient) must be the padded batch's."""
+    from cheetah.model.prompts import PromptBuilder
+    from cheetah.train.base import _lm_loss
+
+    torch.manual_seed(0)
+    model, builder = tiny_backbone.model, PromptBuilder.for_backbone(tiny_backbone, max_length=128)
+    rows = [("<image> Is there a large red star in the image? Please answer yes or no.", 1, "Yes"),
+            ("<image> <image> Describe the second image briefly.", 2, "a large blue dotted circle on a red background"),
+            ("<image> What colour is the large star?", 1, "red"),
+            ("<image> <image> What changed? Tell me in one sentence.", 2,
+             "In the second image, the large red star at the top left is now striped")]
+    samples = [builder.encode(text, n, response) for text, n, response in rows]
+    assert len({len(s.input_ids) for s in samples}) > 2  # lengths differ: the buckets pad less than one batch
+    q, d = tiny_backbone.num_query_tokens, model.config.qformer_config.hidden_size
+    visual = [torch.randn(n * q, d) for _, n, _ in rows]
+
+    def padded(samples, visual):
+        batch = builder.collate(samples, "right")
+        if visual is None:
+            return model.language_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                        labels=batch["labels"]).loss
+        mask = (batch["input_ids"] == model.config.image_token_index).unsqueeze(-1)
+        inputs = model.get_input_embeddings()(batch["input_ids"]).masked_scatter(
+            mask, model.language_projection(torch.cat(visual)))
+        return model.language_model(inputs_embeds=inputs, attention_mask=batch["attention_mask"],
+                                    labels=batch["labels"]).loss
+
+    for vis in (visual, None):
+        texts = samples if vis is not None else [builder.encode(t.replace("<image>", ""), 0, r) for t, _, r in rows]
+        expected, got = padded(texts, vis), _lm_loss(model, builder, texts, vis)
+        assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+        grads = []
+        for loss in (expected, got):
+            model.zero_grad()
+            loss.backward()
+            grads.append(model.language_model.lm_head.weight.grad.clone())
+        assert torch.allclose(grads[0], grads[1], atol=1e-6)
+    assert _lm_loss(model, builder, []).item() == 0.0

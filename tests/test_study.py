@@ -13,7 +13,7 @@ from PIL import Image
 
 from cheetah.cli import main
 from cheetah.config import STUDY_ARMS, ConfigError, WorldConfig, load_params
-from cheetah.study import ARMS, blank_copy, expectations, needed_arms, summarize
+from cheetah.study import ARMS, BACKBONE_METRICS, blank_copy, expectations, needed_arms, summarize
 from cheetah.world import write_corpus
 
 TOY = {
@@ -90,9 +90,13 @@ def test_study_end_to_end(project, monkeypatch, one_thread):
         for value in [*entry["demon"].values(), *entry["mme"].values()]:
             assert value["ci95"] is None and len(value["values"]) == 1  # one seed: no interval
     assert set(doc["expectations"]) == {"c_above_a_on_detail", "b_close_to_a", "c_at_or_above_d", "above_blind"}
+    # The backbone's own held-out metrics, per seed, from its base-stage metrics.
+    base_json = json.loads((project / "work" / "seed0" / "base.json").read_text())
+    assert {k: v["values"] for k, v in doc["arms"]["base"]["backbone"].items()} == {
+        k: [round(base_json[k], 4)] for k in BACKBONE_METRICS}
     assert doc["inputs"]["params"]["study"]["seeds"] == [0] and doc["inputs"]["corpus_sha256"]
     table = (project / "reports" / "study" / "study.md").read_text()
-    assert all(a.label in table for a in ARMS.values())
+    assert all(a.label in table for a in ARMS.values()) and "The base backbone itself" in table
     with Image.open(project / "reports" / "study" / "study.png") as im:
         assert im.format == "PNG"
     # The blind arm was evaluated on blank images: every image of the copy is one colour.

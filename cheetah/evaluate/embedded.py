@@ -34,9 +34,9 @@ from cheetah.config import EvaluateConfig, WorldConfig
 from cheetah.evaluate.demon import TASKS, write_demon_task
 from cheetah.evaluate.mme import write_mme_subtask
 from cheetah.io import DataError, atomic_dir, atomic_write_json, read_json
-from cheetah.world import (SHAPES, TEXTURES, Obj, Scene, caption, difference_sentence, heldout_scenes, png_bytes,
-                           questions, render, yes_no_pair)
-from cheetah.world.scene import place, pick_color
+from cheetah.world import (SHAPES, Scene, caption, edit_scene, heldout_scenes, png_bytes, questions, render,
+                           yes_no_pair)
+from cheetah.world.scene import pick, pick_color
 
 # Benchmark scenes come from far into the held-out stream (base-model evaluation reads its start), each task
 # from its own slice.
@@ -58,66 +58,6 @@ class _SceneStream:
             if accept(scene):
                 return scene
         raise RuntimeError("held-out slice exhausted: no scene satisfies the task's condition")
-
-
-def _pick(rng: np.random.Generator, items: list[Any] | tuple[Any, ...]) -> Any:
-    return items[int(rng.integers(len(items)))]
-
-
-def _pixels(scene: Scene) -> np.ndarray:
-    return np.asarray(render(scene).image)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Edits (one object, one visible change, described by the world's difference sentence)
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def edit_scene(scene: Scene, rng: np.random.Generator, size: str = "small") -> tuple[Scene, str]:
-    """One visible modify / swap / delete / add edit of one object of `size`, and the sentence that describes it.
-
-    The benchmarks edit small detail objects: they are what a caption-trained visual prompt generator misses. The base
-    stage learns to compare two images on the large ones, which captions cover."""
-    before = _pixels(scene)
-    for _ in range(50):
-        kind = _pick(rng, ("modify", "swap", "delete", "add"))
-        target: Obj = _pick(rng, (scene.details if size == "small" else scene.primary) or scene.objects)
-        objects = list(scene.objects)
-        if kind == "modify":
-            key = _pick(rng, ("color", "texture", "shape"))
-            if key == "color":
-                value = pick_color(rng, {scene.background_color, target.color})
-            else:
-                value = _pick(rng, [v for v in (TEXTURES if key == "texture" else SHAPES) if v != getattr(target, key)])
-            new = dataclasses.replace(target, **{key: value})
-            objects[objects.index(target)] = new
-            sentence = difference_sentence("modify", target.attrs(), new.attrs())
-        elif kind == "swap":
-            new = dataclasses.replace(target, shape=_pick(rng, [s for s in SHAPES if s != target.shape]),
-                                      color=pick_color(rng, {scene.background_color, target.color}),
-                                      texture=_pick(rng, TEXTURES))
-            objects[objects.index(target)] = new
-            sentence = difference_sentence("swap", target.attrs(), new.attrs())
-        elif kind == "delete":
-            if len(objects) < 3 or (size == "large" and len(scene.primary) < 2):  # keep a captioned object
-                continue
-            objects.remove(target)
-            sentence = difference_sentence("delete", target.attrs(), None)
-        else:
-            cells = scene.empty_cells()
-            if not cells or (size == "large" and len(scene.primary) >= 2):  # captions name at most two large ones
-                continue
-            cell = _pick(rng, cells)
-            names = {o.name for o in objects}
-            name = next(f"e{k}" for k in range(len(objects) + 1) if f"e{k}" not in names)
-            new = Obj(name, _pick(rng, SHAPES), pick_color(rng, {scene.background_color}), _pick(rng, TEXTURES),
-                      size, cell, place(cell, size, scene.image_size, rng))
-            objects.append(new)
-            sentence = difference_sentence("add", None, new.attrs())
-        edited = dataclasses.replace(scene, id=f"{scene.id}+{kind}", objects=tuple(objects))
-        if not np.array_equal(before, _pixels(edited)):  # e.g. a texture too fine to show on a tiny object
-            return edited, sentence
-    raise RuntimeError(f"no visible edit found for scene {scene.id}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -146,7 +86,7 @@ def _which_image(scenes: _SceneStream, rng: np.random.Generator) -> Sample:
         details = [o for o in unique if o.size == "small"]
         if unique:
             break
-    o = _pick(rng, details if details and rng.random() < 0.5 else unique)
+    o = pick(rng, details if details and rng.random() < 0.5 else unique)
     choices = [f"the {w} image" for w in _ORDINALS]
     context = f"{_images_prefix(4)} Question: Which image has {_a(o.size)} {o.size} {o.color} {o.shape}? "
     return context, group, choices[target], choices
@@ -154,7 +94,7 @@ def _which_image(scenes: _SceneStream, rng: np.random.Generator) -> Sample:
 
 def _property_coherence(scenes: _SceneStream, rng: np.random.Generator) -> Sample:
     first = scenes.next()
-    o = _pick(rng, first.objects)
+    o = pick(rng, first.objects)
     if rng.random() < 0.5:
         prop, phrase = (o.size, None, o.shape), f"{_a(o.size)} {o.size} {o.shape}"
     else:
@@ -191,16 +131,16 @@ def _caption_variants(scene: Scene, rng: np.random.Generator) -> list[str]:
     for _ in range(100):
         if len(out) == 3:
             return out
-        what = _pick(rng, ("color", "shape", "background"))
+        what = pick(rng, ("color", "shape", "background"))
         if what == "background":
             avoid = {scene.background_color} | {o.color for o in scene.objects}
             variant = dataclasses.replace(scene, background_color=pick_color(rng, avoid))
         else:
-            o = _pick(rng, scene.primary)
+            o = pick(rng, scene.primary)
             if what == "color":
                 new = dataclasses.replace(o, color=pick_color(rng, {o.color, scene.background_color}))
             else:
-                new = dataclasses.replace(o, shape=_pick(rng, [s for s in SHAPES if s != o.shape]))
+                new = dataclasses.replace(o, shape=pick(rng, [s for s in SHAPES if s != o.shape]))
             variant = dataclasses.replace(scene, objects=tuple(new if x is o else x for x in scene.objects))
         text = caption(variant)
         if text != truth and text not in out:
@@ -227,7 +167,7 @@ def _dialogue(scenes: _SceneStream, rng: np.random.Generator) -> Sample:
     turns = []
     for _ in range(3):
         k = int(rng.integers(2))
-        qa = _pick(rng, [q for q in questions(group[k]) if q.kind in _DIALOGUE_KINDS])
+        qa = pick(rng, [q for q in questions(group[k]) if q.kind in _DIALOGUE_KINDS])
         turns.append((k, qa))
     history = "\n".join(f"Q: About image {k + 1}: {qa.question} A: {qa.answer}" for k, qa in turns[:-1])
     k, last = turns[-1]

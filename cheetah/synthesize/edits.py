@@ -12,7 +12,6 @@ descriptions are replaced by those templates.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -20,9 +19,10 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from cheetah.synthesize.common import Edit, Region, Reject, SourceItem
-from cheetah.world.language import article, describe, difference_sentence
+from cheetah.world.edit import apply_edit
+from cheetah.world.language import EDIT_TYPES, article, describe, difference_sentence
 from cheetah.world.render import footprint
-from cheetah.world.scene import COLORS, SHAPES, TEXTURES, Obj, Scene, pick_color, place
+from cheetah.world.scene import COLORS, Obj, Scene
 
 
 class Editor(Protocol):
@@ -50,40 +50,19 @@ class WorldEditor:
         scene: Scene | None = item.scene
         if scene is None:
             raise Reject("no_scene_graph", f"source {item.id} has no scene graph")
-        n, background = scene.image_size, scene.background_color
-        if edit_type == "add":
-            cell = target.attrs["position"]
-            if cell not in scene.empty_cells():
-                raise Reject("not_background", f"cell {cell!r} of {scene.id} is not empty")
-            used = {o.name for o in scene.objects}
-            name = next(f"o{k}" for k in range(len(used) + 1) if f"o{k}" not in used)
-            new = Obj(name=name, shape=SHAPES[int(rng.integers(len(SHAPES)))], color=pick_color(rng, {background}),
-                      texture=TEXTURES[int(rng.integers(len(TEXTURES)))], size="small", cell=cell,
-                      box=place(cell, "small", n, rng))
-            edited = dataclasses.replace(scene, objects=scene.objects + (new,))
-            return self._edit("add", None, new, edited, footprint(new, n), background)
-
-        old = scene.object(target.name)
-        if edit_type == "delete":
-            edited = dataclasses.replace(scene, objects=tuple(o for o in scene.objects if o.name != old.name))
-            return self._edit("delete", old, None, edited, footprint(old, n), background)
-        if edit_type == "modify":
-            key = ("color", "texture", "shape")[int(rng.integers(3))]
-            if key == "color":
-                new = dataclasses.replace(old, color=_other(COLORS, {old.color, background}, rng))
-            elif key == "texture":
-                new = dataclasses.replace(old, texture=_other(TEXTURES, {old.texture}, rng))
-            else:
-                new = dataclasses.replace(old, shape=_other(SHAPES, {old.shape}, rng))
-        elif edit_type == "swap":
-            # A different kind of object: new shape and new colour (texture drawn afresh), same place and size.
-            new = dataclasses.replace(old, shape=_other(SHAPES, {old.shape}, rng),
-                                      color=_other(COLORS, {old.color, background}, rng),
-                                      texture=TEXTURES[int(rng.integers(len(TEXTURES)))])
-        else:
+        if edit_type not in EDIT_TYPES:
             raise Reject("unknown_edit_type", f"unknown edit type {edit_type!r}")
-        edited = dataclasses.replace(scene, objects=tuple(new if o.name == old.name else o for o in scene.objects))
-        return self._edit(edit_type, old, new, edited, footprint(old, n) | footprint(new, n), background)
+        cell = target.attrs["position"] if edit_type == "add" else None
+        if edit_type == "add" and cell not in scene.empty_cells():
+            raise Reject("not_background", f"cell {cell!r} of {scene.id} is not empty")
+        old = None if edit_type == "add" else scene.object(target.name)
+        edited, old, new = apply_edit(scene, edit_type, rng, target=old, cell=cell, size="small")
+        n = scene.image_size
+        mask = np.zeros((n, n), dtype=bool)
+        for o in (old, new):
+            if o is not None:
+                mask |= footprint(o, n)
+        return self._edit(edit_type, old, new, edited, mask, scene.background_color)
 
     @staticmethod
     def _edit(edit_type: str, old: Obj | None, new: Obj | None, edited: Scene, mask: np.ndarray,

@@ -8,6 +8,7 @@ Public API:
     questions(scene) -> list[QA]; sample_question(scene, rng) -> QA; existence_questions(scene, rng)
     yes_no_pair(scene, kind, rng, size=None) -> (yes_question, no_question)   MME-style
     difference_sentence(edit_type, before, after) -> str
+    apply_edit(scene, edit_type, rng, target=, cell=, size=) -> (edited, before, after); edit_scene(scene, rng, size)
     language_corpus() -> list[str]; train_tokenizer(vocab_size=512) -> PreTrainedTokenizerFast
     write_corpus(cfg: WorldConfig) -> Path            `cheetah world`
     corpus_scene(cfg, index) -> Scene; heldout_scenes(cfg, n, start=0) -> Iterator[Scene]
@@ -15,6 +16,7 @@ Public API:
 """
 
 from cheetah.world.corpus import corpus_caption, corpus_scene, heldout_scenes, read_scenes, write_corpus
+from cheetah.world.edit import apply_edit, edit_scene
 from cheetah.world.language import (
     CAPTION_PROMPTS,
     DIFFERENCE_INSTRUCTIONS,
@@ -42,7 +44,7 @@ from cheetah.world.scene import CELLS, COLORS, PALETTE, SHAPES, SIZES, TEXTURES,
 __all__ = [
     "CAPTION_PROMPTS", "CELLS", "COLORS", "DIFFERENCE_INSTRUCTIONS", "EDIT_TYPES", "IMAGE_TOKEN", "PALETTE", "PERCEPTION_KINDS",
     "POSITION_PHRASES", "QA", "SHAPES", "SIZES", "SPECIAL_TOKENS", "TEXTURES", "YES_NO_KINDS", "Obj", "Rendered",
-    "Scene", "caption", "cell_mask", "corpus_caption", "corpus_scene", "describe", "difference_sentence",
+    "Scene", "apply_edit", "caption", "cell_mask", "corpus_caption", "corpus_scene", "describe", "difference_sentence", "edit_scene",
     "existence_questions", "footprint", "generate_scene", "heldout_scenes", "language_corpus", "png_bytes",
     "questions", "read_scenes", "render", "sample_question", "train_tokenizer", "where", "write_corpus",
     "yes_no_pair",

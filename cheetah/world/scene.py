@@ -12,12 +12,14 @@ into pixels, and the synthesis stage edits it and renders it again.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 
 from cheetah.io import DataError
+
+T = TypeVar("T")
 
 # ---------------------------------------------------------------------------------------------------------------
 # Vocabulary: every attribute value the world can produce. The language helpers build all text from these.
@@ -204,6 +206,11 @@ def place(cell: str, size: str, image_size: int, rng: np.random.Generator) -> tu
     x0 = int(rng.integers(x_lo, x_hi + 1))
     y0 = int(rng.integers(y_lo, y_hi + 1))
     return x0, y0, x0 + extent, y0 + extent
+
+
+def pick(rng: np.random.Generator, items: Sequence[T]) -> T:
+    """One of `items`, uniformly (one draw of `rng`)."""
+    return items[int(rng.integers(len(items)))]
 
 
 def pick_color(rng: np.random.Generator, avoid: set[str]) -> str:
