@@ -103,9 +103,9 @@ class BaseConfig:
     """The base stage's metrics JSON (caption quality on held-out scenes; for `dvc metrics`)."""
     vision_steps: int = Field(default=1500, ge=0)
     """Phase 1: ViT (all objects) and Q-Former (caption content) on the world's tags; batches of 2 x batch_size."""
-    steps: int = Field(default=1200, ge=1)
+    steps: int = Field(default=1500, ge=1)
     """Phase 2: projection + language model on captions, primary-content questions, two-image prompts and text-only
-    instructions."""
+    instructions, plus `yes_no_batch` fresh Yes/No questions per step."""
     batch_size: int = Field(default=32, ge=1)
     """Examples per step (pretraining)."""
     yes_no_batch: int = Field(default=32, ge=0)
@@ -121,7 +121,8 @@ class BaseConfig:
     warmup_steps: int = Field(default=50, ge=0)
     """Linear warm-up steps of each phase (then cosine decay to zero)."""
     vocab_size: int = Field(default=512, ge=64)
-    """Size of the tokenizer trained on the world's language (`pretrain`, `random`)."""
+    """Learned entries of the tokenizer trained on the world's language (`pretrain`, `random`); the chat templates'
+    markers come on top (cheetah.world.language.TEMPLATE_MARKERS)."""
     seed: int = 0
     """Seed of the weights' initialisation and of the examples' order."""
     eval_scenes: int = Field(default=64, ge=1)

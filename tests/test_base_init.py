@@ -68,8 +68,8 @@ def _pretrain(tmp_path, name: str):
 
 # Losses of 4 + 4 steps of `cheetah base` at the settings above (means over the steps; recorded with this code, fp32,
 # one thread): a change to the tag probe, the examples, the optimiser or the order of random draws moves them.
-GOLDEN_BASE = {"final_vision_loss": 28.7385835647583, "final_image_loss": 5.3641239404678345,
-               "final_yes_no_loss": 3.0029696822166443, "final_text_loss": 6.084606409072876}
+GOLDEN_BASE = {"final_vision_loss": 29.684696197509766, "final_image_loss": 5.6855597496032715,
+               "final_yes_no_loss": 3.2156752347946167, "final_text_loss": 5.603901624679565}
 
 
 def test_base_pretraining_golden_losses_and_determinism(tmp_path, one_thread):

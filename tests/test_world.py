@@ -37,7 +37,7 @@ from cheetah.world import (
     write_corpus,
     yes_no_pair,
 )
-from cheetah.world.language import NUMBER_WORDS
+from cheetah.world.language import NUMBER_WORDS, TEMPLATE_MARKERS
 from cheetah.world.render import shade
 from cheetah.world.scene import cell_bounds
 
@@ -241,6 +241,11 @@ def test_tokenizer_special_tokens_and_round_trip(tok, tmp_path):
     # The world's words are whole tokens: the tokenizer really learned the language.
     for word in ("red", "striped", "star", "background", "small", "large"):
         assert len(tok.tokenize(" " + word)) == 1, word
+    # The chat templates' markers are one token each, wherever they stand; the text around them is unchanged.
+    chat = "###Human: <Img><image></Img> Is it red? ###Assistant: Yes###"
+    assert tok.tokenize(chat)[:5] == ["###Human:", "Ġ", "<Img>", "<image>", "</Img>"]
+    assert tok.tokenize(chat)[-5:-2] == ["Ġ", "###Assistant:", "Ġ"] and tok.decode(tok(chat)["input_ids"]) == chat
+    assert len(tok) == 512 + len(TEMPLATE_MARKERS)
     tok.save_pretrained(tmp_path)
     from transformers import AutoTokenizer
     again = AutoTokenizer.from_pretrained(tmp_path, local_files_only=True)

@@ -289,6 +289,11 @@ def yes_no_pair(scene: Scene, kind: str, rng: np.random.Generator, size: str | N
 # ---------------------------------------------------------------------------------------------------------------
 
 SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<s>", "</s>", "<unk>", IMAGE_TOKEN)
+# The chat templates' markers, in every training and evaluation example: one token each (added after the learned
+# vocabulary). A 512-entry BPE spends its merges on the world's words and left "###Assistant: " at 10 tokens, so
+# the template was ~40 % of a Yes/No example's tokens, and of the compute (docs/base.md point 7).
+TEMPLATE_MARKERS: tuple[str, ...] = ("###Human:", "###Assistant:", "<Img>", "</Img>", "[INST]", "[/INST]", "<<SYS>>",
+                                     "<</SYS>>")
 
 # The corpus is built from this fixed stream of scenes, so it (and the tokenizer) never changes with params.
 _CORPUS_SEED = 20240116
@@ -344,11 +349,12 @@ def train_tokenizer(vocab_size: int = 512, extra_texts: Iterable[str] = ()):
     """A byte-level BPE tokenizer trained on `language_corpus()` (+ `extra_texts`), as a transformers tokenizer.
 
     Special tokens, with ids 0-4 in this order: `<pad>` (pad), `<s>` (bos), `</s>` (eos), `<unk>` (unk) and
-    `<image>`, an additional special token that marks where an image goes. Byte-level BPE can encode any text,
+    `<image>`, an additional special token that marks where an image goes; after the `vocab_size` learned entries,
+    the chat templates' markers (TEMPLATE_MARKERS), one token each. Byte-level BPE can encode any text,
     so `<unk>` is never produced. No BOS/EOS is added automatically: the prompt builder decides. The same
     corpus always gives the same tokenizer. Save it with `save_pretrained(dir)` next to the backbone.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tk = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -361,6 +367,7 @@ def train_tokenizer(vocab_size: int = 512, extra_texts: Iterable[str] = ()):
         show_progress=False,
     )
     tk.train_from_iterator([*language_corpus(), *extra_texts], trainer=trainer)
+    tk.add_tokens([AddedToken(m, normalized=False) for m in TEMPLATE_MARKERS])
     return PreTrainedTokenizerFast(
         tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
         extra_special_tokens=[IMAGE_TOKEN],
