@@ -48,3 +48,24 @@ def test_questions_are_about_large_objects_for_primary_and_small_for_detail(monk
     for k in range(0, len(asked), 2 * half):  # per scene: the large questions, then the small ones
         assert all(" large " in r.instruction for r in asked[k:k + half])
         assert all(" small " in r.instruction for r in asked[k + half:k + 2 * half])
+
+
+def test_training_yes_no_questions_are_drawn_afresh_about_the_large_objects():
+    """The alignment's Yes/No batch (`_yes_no_examples`): questions about the large objects only, balanced, about
+    valid images, the same for the same generator state and new at every draw (a fixed set is learned by heart)."""
+    import numpy as np
+
+    from cheetah.train.base import _yes_no_examples
+    from cheetah.world import generate_scene
+
+    scenes = [generate_scene(0, i) for i in range(20)]
+    images, asked = _yes_no_examples(scenes, 300, np.random.default_rng(0))
+    assert len(images) == len(asked) == 300 and set(images.tolist()) <= set(range(20))
+    assert all(q.startswith("<image> ") and " large " in q and " small " not in q for q, _ in asked)
+    answers = [a for _, a in asked]
+    assert set(answers) == {"Yes", "No"} and 120 <= answers.count("Yes") <= 180
+    again_images, again = _yes_no_examples(scenes, 300, np.random.default_rng(0))
+    assert again == asked and again_images.tolist() == images.tolist()
+    rng = np.random.default_rng(1)
+    first, second = _yes_no_examples(scenes, 50, rng)[1], _yes_no_examples(scenes, 50, rng)[1]
+    assert first != second
