@@ -62,7 +62,16 @@ def test_batch_size_1_and_n_give_identical_answers_on_embedded_benchmarks(model,
     gen1 = Generator(model, batch_size=1, max_new_tokens=NEW)
     gen8 = Generator(model, batch_size=8, max_new_tokens=NEW)
     ids1, ids8 = gen1.generate_ids(requests), gen8.generate_ids(requests)
-    assert ids1 == ids8  # token for token
+    # Token for token; a row the end *string* stopped keeps its batch's padding after it (the random model here may
+    # emit a template marker that holds "###", e.g. "###Human:"), which batch size 1 never has.
+    pad = gen8.tokenizer.pad_token_id
+
+    def unpadded(row):
+        while row and row[-1] == pad:
+            row = row[:-1]
+        return row
+
+    assert ids1 == [unpadded(row) for row in ids8]
     one, eight = gen1.answer(requests), gen8.answer(requests)
     assert one == eight == [gen1.decode(row) for row in ids1]
     # Not a degenerate model: the answers differ from each other, and most are not empty (a random model may end

@@ -244,7 +244,7 @@ def test_tokenizer_special_tokens_and_round_trip(tok, tmp_path):
     # The chat templates' markers are one token each, wherever they stand; the text around them is unchanged.
     chat = "###Human: <Img><image></Img> Is it red? ###Assistant: Yes###"
     assert tok.tokenize(chat)[:5] == ["###Human:", "Ġ", "<Img>", "<image>", "</Img>"]
-    assert tok.tokenize(chat)[-5:-2] == ["Ġ", "###Assistant:", "Ġ"] and tok.decode(tok(chat)["input_ids"]) == chat
+    assert tok.tokenize(chat)[-6:-3] == ["Ġ", "###Assistant:", "Ġ"] and tok.decode(tok(chat)["input_ids"]) == chat
     assert len(tok) == 512 + len(TEMPLATE_MARKERS)
     tok.save_pretrained(tmp_path)
     from transformers import AutoTokenizer
