@@ -1,11 +1,11 @@
-"""How fast the base stage's vision phase learns what its probes read, on held-out scenes.
+"""How fast the base stage's vision phase learns to see, on held-out scenes (links 1 and 2 of docs/miniature.md).
 
-The vision phase of `cheetah base` (cheetah/train/base.py) trains the `tiny` ViT and Q-Former with `TagProbe`: the
+The vision phase of `cheetah base` (cheetah/train/vision.py) trains the `tiny` ViT and Q-Former with `TagProbe`: the
 ViT's cells must hold every object's shape, colour and texture, the Q-Former's first queries the large objects' (what
 captions say). This runs that phase alone (`train_vision`, as the stage does) on `scenes` world scenes rendered in
-memory, and prints `probe_accuracy` on 256 held-out scenes every 250 steps: `vit_large` / `vit_small` (the ViT
-cells' attributes of large / small objects) and `qformer_large` (the visual prompt's attributes of the large
-objects, the better of the two object orders). Warm-up and cosine decay as in the base stage; one thread.
+memory, and every 500 steps prints the base stage's representation probes (`representation_probes`, fitted on 2,000
+scenes, scored on 256 held-out ones): `vit_large` / `vit_small` (the ViT tokens) and `qformer_large` /
+`qformer_small` (the visual prompt). Warm-up and cosine decay as in the base stage; one thread.
 
     python benchmarks/vision_probe.py --steps 1500                    # the preset: one 21-pixel patch per cell
     python benchmarks/vision_probe.py --steps 1500 --patch-size 8     # the preset before: 8 x 8 patches
@@ -24,7 +24,9 @@ import torch
 
 from cheetah.config import BaseConfig, WorldConfig
 from cheetah.model.backbones import PRESETS, build_backbone
-from cheetah.train.base import TagProbe, probe_accuracy, train_vision
+from cheetah.evaluate.backbone import representation_probes
+from cheetah.evaluate.probes import PROBE_STREAM
+from cheetah.train.vision import TagProbe, train_vision
 from cheetah.world import generate_scene, heldout_scenes, render, train_tokenizer
 
 BASE = BaseConfig()  # the base stage's defaults
@@ -54,16 +56,17 @@ def main() -> None:
     pixels = backbone.image_processor([render(s).image for s in scenes], return_tensors="pt")["pixel_values"]
     tags = [TagProbe.targets(s) for s in scenes]
     held = list(heldout_scenes(WorldConfig(), 256))
-    held_pixels = backbone.image_processor([render(s).image for s in held], return_tensors="pt")["pixel_values"]
+    fit = [generate_scene(PROBE_STREAM, i, 64) for i in range(2000)]
     vcfg = model.config.vision_config
     probe = TagProbe(vcfg.hidden_size, model.config.qformer_config.hidden_size, backbone.num_query_tokens,
                      vcfg.image_size, vcfg.patch_size)
     curve, started = {}, time.perf_counter()
 
     def measure(step: int, loss: float) -> None:
-        if step % 250 == 0 or step == args.steps:
+        if step % 500 == 0 or step == args.steps:
             model.vision_model.eval(), model.qformer.eval()
-            curve[step] = probe_accuracy(model, probe, held_pixels, held)
+            curve[step] = {k: v["mean"] for k, v in representation_probes(model, backbone.image_processor, fit,
+                                                                          held).items()}
             print(f"step {step}: loss {loss:.2f}, held-out probes {curve[step]}", flush=True)
 
     train_vision(model, probe, pixels, tags, np.random.default_rng(0), steps=args.steps, batch_size=args.batch,

@@ -21,7 +21,7 @@ from typing import Any
 from cheetah.config import STUDY_ARMS, ConfigError, Params, load_params
 from cheetah.errors import EXIT_USER_ERROR, CheetahError
 from cheetah.formats import DATASETS
-from cheetah.io import DataError, allow_overwrite
+from cheetah.io import DataError, allow_overwrite, lock_scope
 from cheetah.pipeline import RECEIPT
 from cheetah.pipeline.run import EXIT_STATUS_ENV
 from cheetah.progress import LEVELS, LOG_ENV, configure_logging
@@ -135,10 +135,10 @@ def _add_model(sub: argparse._SubParsersAction) -> None:
 
 
 def _emit(obj: object, out: str | None) -> None:
-    from cheetah.io import atomic_write_json
+    from cheetah.io import write_output_file
 
-    if out:
-        atomic_write_json(out, obj)
+    if out:  # never over a file the project did not write, unless --overwrite
+        write_output_file(out, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8"), "scores")
     _print_json(obj)
 
 
@@ -221,7 +221,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _add_training(sub: argparse._SubParsersAction) -> None:
-    b = _command(sub, "base", STAGE_SECTIONS["base"], {"steps": "base.steps", "out": "base.out"},
+    b = _command(sub, "base", STAGE_SECTIONS["base"], {"out": "base.out"},
                  help="the backbone every later stage reads, in base.out: pretrain the embedded `tiny` one, bring in "
                       "a checkpoint, or random weights (params: base.init)")
     b.set_defaults(func=_cmd_base)
@@ -436,13 +436,33 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     pr = _command(sub, "predict", ("register.model_name", "register.experiment"),
                   help="answer an instruction about images with a registered model (default: "
                        "models:/<register.model_name>@champion)")
-    pr.add_argument("--model", help="MLflow model URI, e.g. models:/cheetah-vpgc@champion or models:/cheetah-vpgc/3")
+    pr.add_argument("--model", help="a registered version, models:/<name>@<alias> or models:/<name>/<version> (its "
+                                    "files are checked against the registration first)")
     pr.add_argument("--image", action="append", metavar="PATH", help="an image (repeatable, in order)")
     pr.add_argument("--instruction", required=True,
                     help="the instruction; `<image>` marks where each image goes (added in front when absent)")
     pr.add_argument("--backbone-dir", help="the backbone's directory, if not where the model's card records it")
     pr.add_argument("--max-new-tokens", type=int, help="longest answer, in tokens (default: the model's setting)")
     pr.set_defaults(func=_cmd_predict)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from cheetah.registry.serve import serve
+    from cheetah.tracking import configure
+
+    p = _params(args)
+    configure(p.register.experiment)
+    return serve(args.model or f"models:/{p.register.model_name}@champion", host=args.host, port=args.port)
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    sv = _command(sub, "serve", ("register.model_name", "register.experiment"),
+                  help="MLflow's REST scoring server (`mlflow models serve`) on a registered model whose files were "
+                       "checked against its registration (default: models:/<register.model_name>@champion)")
+    sv.add_argument("--model", help="a registered version, models:/<name>@<alias> or models:/<name>/<version>")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    sv.add_argument("--port", type=int, default=5001, help="port (default: %(default)s)")
+    sv.set_defaults(func=_cmd_serve)
 
 
 def _cmd_pipeline_run(args: argparse.Namespace) -> int:
@@ -531,7 +551,7 @@ def _add_pipeline(sub: argparse._SubParsersAction) -> None:
 _ADDERS: list[Callable[[argparse._SubParsersAction], None]] = [_add_model, _add_training, _add_score,
                                                              _add_world, _add_synthesize, _add_validate,
                                                              _add_evaluate, _add_benchmarks]
-_ADDERS += [_add_register, _add_registry, _add_predict, _add_pipeline, _add_study]
+_ADDERS += [_add_register, _add_registry, _add_predict, _add_serve, _add_pipeline, _add_study]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -602,7 +622,7 @@ def _main(argv: list[str] | None) -> int:
         os.environ.setdefault("LOCAL_RANK", str(local_rank))
     try:
         configure_logging(args.log_level)
-        with allow_overwrite(args.overwrite):
+        with allow_overwrite(args.overwrite), lock_scope():  # the folders this command locked are released after it
             return int(args.func(args) or 0)
     except CheetahError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -102,20 +102,22 @@ class BaseConfig:
     metrics: str = "metrics/base.json"
     """The base stage's metrics JSON (caption quality on held-out scenes; for `dvc metrics`)."""
     vision_steps: int = Field(default=1500, ge=0)
-    """Phase 1: ViT (all objects) and Q-Former (caption content) on the world's tags; batches of 2 x batch_size."""
+    """Phase 1: ViT (every object) and Q-Former (caption content) on the world's tags; batches of 2 x batch_size."""
     steps: int = Field(default=1500, ge=1)
-    """Phase 2: projection + language model on captions, primary-content questions, two-image prompts and text-only
-    instructions, plus `yes_no_batch` fresh Yes/No questions per step."""
+    """Phase 2: the language model from scratch, and the projection, on the corpus images (captions, questions about
+    their large objects) and on fresh scenes given as object tokens (every answer form about every object): per
+    step `batch_size` examples, a quarter of them object tokens, plus `yes_no_batch` Yes/No questions about the
+    images."""
     batch_size: int = Field(default=32, ge=1)
     """Examples per step (pretraining)."""
     yes_no_batch: int = Field(default=32, ge=0)
-    """Phase 2: Yes/No questions about the image per step, beside the `batch_size` mixed examples (their own loss
-    term: in the mix the one-token answers weigh too little for the language model to learn to compare)."""
+    """Phase 2: Yes/No questions per step, beside the `batch_size` mixed examples (their own loss term: in the mix
+    the one-token answers weigh too little for the language model to learn to compare)."""
     lr: float = Field(default=2e-3, gt=0)
     """AdamW learning rate of the vision phase."""
     align_lr: float = Field(default=1e-3, gt=0)
-    """AdamW learning rate of the alignment phase (the language model from scratch: at 2e-3 it did not start
-    comparing a Yes/No question with the image within 1200 steps, at 1e-3 it did; docs/base.md)."""
+    """AdamW learning rate of phase 2 (the language model from scratch: at 2e-3 it did not start comparing a Yes/No
+    question with its input within 1200 steps, at 1e-3 it did; docs/base.md)."""
     weight_decay: float = Field(default=0.01, ge=0)
     """AdamW weight decay of both pretraining phases."""
     warmup_steps: int = Field(default=50, ge=0)
@@ -126,7 +128,11 @@ class BaseConfig:
     seed: int = 0
     """Seed of the weights' initialisation and of the examples' order."""
     eval_scenes: int = Field(default=64, ge=1)
-    """Held-out scenes the pretrained backbone captions for the metrics (ROUGE-L, exact match)."""
+    """Held-out scenes the pretrained backbone is asked about for the metrics (captions, Yes/No questions)."""
+    probe_scenes: int = Field(default=2000, ge=1)
+    """Scenes (of a stream of their own) the representation probes are fitted on (cheetah/evaluate/probes.py)."""
+    probe_heldout: int = Field(default=256, ge=1)
+    """Held-out scenes the representation probes are scored on."""
 
 
 @dataclass(config=_STRICT)
@@ -286,7 +292,8 @@ class TrainConfig:
     feature_cache: str | None = "memory"
     """Frozen-ViT features of every training image, computed once before the first step: "memory" (in each
     process), a directory (sharded .npy files shared by every rank and node, read without keeping them in RAM;
-    each rank computes a share), or None (the ViT runs on every step's images)."""
+    each rank computes a share; one store per vision weights' content, dtype and image set, so another backbone's
+    features are never reused), or None (the ViT runs on every step's images)."""
     feature_dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     """Precision of cached features; `auto` is the vision tower's (`model.dtype`). Half precision halves the cache."""
     workers: int = Field(default=2, ge=0)
@@ -365,6 +372,13 @@ class EvaluateConfig:
     mme_per_subtask: int = Field(default=60, ge=2)
     """Images per embedded MME-format subtask, half about a large object, half about a small one; each is asked one
     Yes- and one No-question (MME's existence subtask has 30 images; twice that narrows the intervals)."""
+    heldout_differences: bool = False
+    """Embedded world: also answer the synthetic pairs training holds out (`train.data`, the share
+    `train.heldout_fraction` that training never sees) and score their content (cheetah/evaluate/recovery.py). Off
+    for real data, whose descriptions the world's language cannot read back."""
+    probe_scenes: int = Field(default=0, ge=0)
+    """Embedded world: fit the representation probe on what each model's VPG-C adds, on this many scenes (scored on
+    `probe_scenes // 8` held-out ones; cheetah/evaluate/recovery.py); 0 to skip."""
     batch_size: int = Field(default=16, ge=1)
     """Generation batch (length-bucketed). Answers do not depend on it in fp32; see cheetah/evaluate/generation.py
     for what holds in bf16 on a GPU."""

@@ -1,20 +1,28 @@
 """Small I/O helpers shared by every stage: atomic writes, safe paths, JSON/JSONL with clear errors.
 
 Every artifact is written to a temporary sibling and renamed into place, so a killed stage never leaves a
-half-written file (or folder) that looks complete, and a failed run never replaces a good output.
+half-written file (or folder) that looks complete, and a failed run never replaces a good output. On top of that:
+
+- output folders replace only what a stage wrote itself (`MANIFEST`, `check_output`, `atomic_dir`, `claim_dir`), and
+  never with weights that hold a NaN or infinite value (`check_finite_weights`);
+- single-file outputs likewise (a mark beside each file, `write_output_file`);
+- one writer at a time: a second run on an output or state folder is refused by name (`lock_output`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import fcntl
 import hashlib
 import json
 import logging
 import math
 import os
 import shutil
+import socket
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -82,11 +90,110 @@ def nonfinite_paths(tree: Any, prefix: str = "") -> list[str]:
 
 def write_metrics(path: str | Path, metrics: dict[str, Any]) -> Path:
     """A metrics file (what DVC, the report and the registry read): refused, naming the key, if a number in it is
-    NaN or infinite, so a failed run never leaves results that look like measurements."""
+    NaN or infinite, so a failed run never leaves results that look like measurements; and, like every single-file
+    output, never written over a file the project did not write (`write_output_file`)."""
     bad = nonfinite_paths(metrics)
     if bad:
         raise DataError(f"{path}: refusing to write non-finite metrics: {', '.join(bad[:10])}")
-    return atomic_write_json(path, metrics)
+    text = json.dumps(metrics, indent=2, sort_keys=False, ensure_ascii=False) + "\n"
+    return write_output_file(path, text.encode("utf-8"), METRICS_KIND)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Single-file outputs: a stage replaces only a file it wrote itself
+# ---------------------------------------------------------------------------------------------------------------
+
+METRICS_KIND = "metrics"
+FILE_MARK_SUFFIX = ".cheetah-output.json"
+"""`<folder>/.<file name>.cheetah-output.json`: written beside every single-file output (metrics, `score --out`, the
+learning curve): which kind of output it is and the SHA-256 of what was written. It is what lets the next run
+replace the file (the folder outputs' `MANIFEST`, for one file). Ignored by git."""
+
+
+def _file_mark(path: Path) -> Path:
+    return path.with_name(f".{path.name}{FILE_MARK_SUFFIX}")
+
+
+def _committed(path: Path) -> bool:
+    """Whether git holds exactly this file's content (tracked and unchanged): replacing it loses nothing that
+    `git checkout` cannot bring back (e.g. metrics/*.json in a fresh clone, written by the project elsewhere)."""
+    import subprocess
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *args, "--", path.name], cwd=path.parent, capture_output=True, text=True,
+                                  timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    staged = (git("ls-files", "--stage") or "").split()
+    return len(staged) >= 2 and staged[1] == git("hash-object")
+
+
+def check_output_file(path: str | Path, kind: str) -> None:
+    """Refuse (DataError) to write the `kind` output file `path` over something the project did not write. `path` may
+    be missing, an earlier `kind` output unchanged since (its mark says so), or a file git holds as it is; never a
+    folder or a symbolic link. Under `allow_overwrite()` (`--overwrite`) any regular file is replaced (logged)."""
+    path = Path(path)
+    if path.is_symlink():
+        raise DataError(f"{path}: is a symbolic link; refusing to write a {kind} output through it")
+    if path.exists() and not path.is_file():
+        raise DataError(f"{path}: exists and is not a regular file; refusing to replace it with a {kind} output")
+    if not path.exists():
+        return
+    try:
+        mark = json.loads(_file_mark(path).read_text(encoding="utf-8"))
+        if mark.get("kind") == kind and mark.get("sha256") == sha256_file(path):
+            return
+    except (OSError, ValueError, AttributeError):
+        pass
+    if _committed(path):
+        return
+    if _overwrite.get():
+        log.warning("%s: --overwrite replaces a file no earlier %s output wrote", path, kind)
+        return
+    raise DataError(f"{path}: refusing to replace this file: no earlier {kind} output wrote it (or it was changed "
+                    "since); choose another file, or pass --overwrite to replace it")
+
+
+def write_output_file(path: str | Path, data: bytes, kind: str) -> Path:
+    """Write the `kind` output file `path` atomically after `check_output_file`, and mark it as written (the mark
+    beside it) so that the next run may replace it."""
+    path = Path(path)
+    check_output_file(path, kind)
+    atomic_write_bytes(path, data)
+    atomic_write_json(_file_mark(path), {"written_by": "cheetah", "kind": kind, "sha256": sha256_bytes(data)})
+    return path
+
+
+def nonfinite_tensors(path: str | Path) -> tuple[list[str], int]:
+    """(names of the tensors holding NaN or infinite values, number of tensors) of a safetensors file, read one
+    tensor at a time. A file that is not readable safetensors (truncated, another format) is a DataError."""
+    import torch
+    from safetensors import SafetensorError, safe_open
+
+    bad, total = [], 0
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                total += 1
+                tensor = f.get_tensor(name)
+                if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                    bad.append(name)
+    except (SafetensorError, OSError) as e:
+        raise DataError(f"{path}: not a readable safetensors file ({e})") from None
+    return bad, total
+
+
+def check_finite_weights(directory: str | Path, what: str = "weights") -> None:
+    """Refuse (DataError naming the file and tensors) a folder whose `*.safetensors` files hold a NaN or infinite
+    value: a diverged or corrupted model is never evaluated, registered, served, nor written over a good one."""
+    for path in sorted(Path(directory).rglob("*.safetensors")):
+        bad, total = nonfinite_tensors(path)
+        if bad:
+            raise DataError(f"{path}: {len(bad)} of {total} tensors hold NaN or infinite values ({', '.join(bad[:3])}"
+                            f"{', ...' if len(bad) > 3 else ''}); non-finite {what} are never used")
 
 
 def atomic_write_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> Path:
@@ -197,37 +304,126 @@ def atomic_dir(path: str | Path, *, kind: str, protect: Iterable[str | Path] = (
     """Build the `kind` output folder `path` in a temporary sibling; on success it replaces `path` in one rename.
 
     `check_output` runs before anything is written and again before the rename, so a folder holding anything
-    the stage did not write (or its inputs, or the project) is never replaced. If the body raises, the
+    the stage did not write (or its inputs, or the project) is never replaced; nor is any folder replaced by one
+    whose safetensors weights hold a NaN or infinite value (`check_finite_weights`). If the body raises, the
     temporary folder is removed and whatever was at `path` is left untouched. The folder gets a manifest
-    (`MANIFEST`) listing its files, which is what lets the next run replace it.
+    (`MANIFEST`) listing its files, which is what lets the next run replace it. The folder is locked from the
+    first check to the rename (`lock_output`): a concurrent run writing it is refused by name.
     """
     path = Path(path)
     protect = list(protect)
-    check_output(path, kind, protect=protect)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    os.chmod(tmp, 0o777 & ~_umask())
+    _check_location(path, protect)
+    with lock_scope():
+        lock_output(path)
+        check_output(path, kind, protect=protect)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        os.chmod(tmp, 0o777 & ~_umask())
+        try:
+            yield tmp
+            # Good over good only: weights that diverged never replace the previous output (e.g. a base stage whose
+            # learning rate blew up, over the backbone that every later stage reads).
+            check_finite_weights(tmp, f"{kind} weights (the previous {path} is left as it was)")
+            overwrote = check_output(path, kind, protect=protect)
+            if overwrote:
+                log.warning("%s: --overwrite replaces %d file(s) no earlier %s output wrote: %s", path, len(overwrote),
+                            kind, ", ".join(overwrote[:20]))
+            (tmp / MANIFEST).write_text(json.dumps(_manifest(tmp, kind, overwrote), indent=1, sort_keys=True) + "\n",
+                                        encoding="utf-8")
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        old = None
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        _fsync_dir(path.parent)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One writer at a time: an advisory lock per output or state folder
+# ---------------------------------------------------------------------------------------------------------------
+
+LOCK_SUFFIX = ".cheetah-lock"
+"""`<parent>/.<folder name>.cheetah-lock`: the lock file of an output or state folder, beside it (the folder itself is
+replaced by a rename). Removed when the lock is released; one left by a killed run holds no lock (the kernel drops a
+flock with its process) and is reused."""
+
+_held: dict[str, tuple[int, Path]] = {}  # lock file (absolute) -> (open descriptor, folder): what this process holds
+_held_guard = threading.Lock()
+
+
+def _lock_file(path: Path) -> Path:
+    return path.parent.resolve() / f".{path.name}{LOCK_SUFFIX}"
+
+
+def lock_output(path: str | Path) -> None:
+    """Hold the lock of the output or state folder `path` until `release_locks` (at the end of the `lock_scope` it
+    was taken in: the CLI command, the stage) or the end of the process. Another process holding it is refused:
+    DataError naming the folder and the holder. Taken by `claim_dir` (create=True) and `atomic_dir`; taking it
+    again in the same process does nothing. An `fcntl.flock` on a file beside the folder: advisory (it stops
+    cheetah runs, not other programs), released by the kernel when a run dies, so a killed run never blocks the
+    next. A file system without locks (rare network mounts) is warned about, not refused."""
+    path = Path(path)
+    lock = _lock_file(path)
+    with _held_guard:
+        if str(lock) in _held:
+            return
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "another process"
+                os.close(fd)
+                raise DataError(f"{path}: another cheetah run ({holder}) is writing this folder; wait for it to end, "
+                                "or choose another folder") from None
+            except OSError as e:
+                os.close(fd)
+                log.warning("%s: cannot lock this folder (%s); not protected against a concurrent run", path, e)
+                return
+            try:  # the file we locked may have been removed by its previous holder in between: lock the new one
+                current = os.stat(lock).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                current = False
+            if current:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        _held[str(lock)] = (fd, path)
+
+
+def release_locks(locks: Iterable[str] | None = None) -> None:
+    """Release the folder locks this process holds (all, or the given lock files), removing their files."""
+    with _held_guard:
+        for key in list(_held if locks is None else locks):
+            fd, _ = _held.pop(key, (None, None))
+            if fd is None:
+                continue
+            with contextlib.suppress(OSError):
+                os.unlink(key)  # before the unlock: whoever opened this file meanwhile sees it gone and retries
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def lock_scope() -> Iterator[None]:
+    """Folder locks taken inside the block (`lock_output`, `claim_dir`, `atomic_dir`) are released when it ends;
+    those held before are kept. The CLI runs every command in one, and so does each stage's entry point."""
+    with _held_guard:
+        before = set(_held)
     try:
-        yield tmp
-        overwrote = check_output(path, kind, protect=protect)
-        if overwrote:
-            log.warning("%s: --overwrite replaces %d file(s) no earlier %s output wrote: %s", path, len(overwrote),
-                        kind, ", ".join(overwrote[:20]))
-        (tmp / MANIFEST).write_text(json.dumps(_manifest(tmp, kind, overwrote), indent=1, sort_keys=True) + "\n",
-                                    encoding="utf-8")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if path.exists():
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(path, old)
-    os.replace(tmp, path)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    _fsync_dir(path.parent)
+        yield
+    finally:
+        with _held_guard:
+            taken = [k for k in _held if k not in before]
+        release_locks(taken)
 
 
 def _manifest_kind(path: Path) -> str | None:
@@ -241,9 +437,12 @@ def claim_dir(path: str | Path, kind: str, *, protect: Iterable[str | Path] = ()
     """Make `path` a folder that a stage fills in place (resumable state, incremental reports): created with a
     manifest when missing or empty; accepted when an earlier `kind` claimed it; otherwise refused like
     `check_output` (a folder of someone else's files is never written into, nor cleaned up). `create=False` only
-    checks (every rank of a distributed stage checks; one creates)."""
+    checks (every rank of a distributed stage checks; one creates). With `create`, the folder is locked for this
+    process (`lock_output`: a second run on it is refused by name) until the end of the `lock_scope`."""
     path = Path(path)
     _check_location(path, protect)
+    if create:  # one writer at a time (every rank of a distributed stage checks; the one that creates locks)
+        lock_output(path)
     if _manifest_kind(path) == kind:
         return path
     if path.exists():

@@ -36,11 +36,12 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from cheetah.config import STUDY_ARMS, Params, to_dict
 from cheetah.formats import SOURCE_CAPTIONS, SOURCE_SCENES
 from cheetah.evaluate.demon import CATEGORIES
-from cheetah.io import atomic_dir, atomic_write_bytes, atomic_write_json, atomic_write_text, read_json, \
-    write_metrics
+from cheetah.io import atomic_dir, atomic_write_json, read_json, write_metrics, write_output_file
 
 log = logging.getLogger(__name__)
 
@@ -73,17 +74,30 @@ assert tuple(ARMS) == STUDY_ARMS, f"ARMS must describe every arm of cheetah.conf
 DETAIL_CATEGORIES = ("visual_relation_inference", "multi_image_reasoning")
 """The DEMON-format categories whose tasks hinge on the small objects (the edits and the questions are about them)."""
 MME_SPLITS = ("primary", "detail")
-# The code each step runs, as dvc.yaml lists it for the stage: a change there makes the step's results stale.
-STEP_CODE: dict[str, tuple[str, ...]] = {
-    "benchmarks": ("cheetah/world", "cheetah/evaluate/embedded.py", "cheetah/evaluate/demon.py",
-                   "cheetah/evaluate/mme.py", "cheetah/formats.py", "cheetah/study.py"),
-    "base": ("cheetah/world", "cheetah/model", "cheetah/train/base.py", "cheetah/formats.py"),
-    "synthesize": ("cheetah/synthesize", "cheetah/world", "cheetah/model", "cheetah/formats.py"),
-    "train": ("cheetah/train/vpgc.py", "cheetah/train/data.py", "cheetah/train/distributed.py",
-              "cheetah/train/state.py", "cheetah/model", "cheetah/formats.py"),
-    "evaluate": ("cheetah/evaluate", "cheetah/model", "cheetah/formats.py"),
-}
-BACKBONE_METRICS = ("yes_no_primary_accuracy", "yes_no_detail_accuracy", "caption_exact_match", "caption_rouge_l")
+STUDY_CODE = "cheetah/study.py"
+"""The steps' own code beside their stage's: the blank copies (benchmarks; the blind arm's held-out pairs)."""
+
+
+CODE_ROOT = Path(__file__).resolve().parents[1]
+"""The checkout the package runs from: its dvc.yaml says which code each stage runs."""
+
+
+def step_code(root: str | Path = CODE_ROOT) -> dict[str, tuple[str, ...]]:
+    """The code each step runs: its dvc.yaml stage's code dependencies (the paths under cheetah/), so that a change
+    there makes the step's results stale exactly when it reruns the stage; the benchmarks and evaluate steps also
+    run STUDY_CODE."""
+    stages = yaml.safe_load((Path(root) / "dvc.yaml").read_text())["stages"]
+    code = {name: tuple(d for d in stages[name]["deps"] if isinstance(d, str) and d.startswith("cheetah/"))
+            for name in ("benchmarks", "base", "synthesize", "train", "evaluate")}
+    for name in ("benchmarks", "evaluate"):
+        code[name] += (STUDY_CODE,)
+    return code
+
+
+BACKBONE_METRICS = ("probe.vit_large", "probe.vit_small", "probe.qformer_large", "probe.qformer_small",
+                    "yes_no_primary_accuracy", "yes_no_detail_accuracy", "object_tokens_yes_no_detail_accuracy",
+                    "object_tokens_differences_content",
+                    "caption_exact_match", "caption_rouge_l")
 """What `arms.base.backbone` summarises over seeds from each seed's base-stage metrics (held-out scenes, %)."""
 BLANK_RGB = (122, 116, 104)
 """The blank image: the CLIP normalisation mean (BLIP's image processors), i.e. all zeros once normalised."""
@@ -158,8 +172,8 @@ class Steps:
 
 
 def blank_copy(src: str | Path, dst: str | Path, rgb: tuple[int, int, int] = BLANK_RGB) -> Path:
-    """A copy of a benchmark folder (DEMON or MME layout) whose every image is one flat colour of the same size;
-    everything else (questions, answers, layout) is copied as it is."""
+    """A copy of a benchmark (DEMON or MME layout) or synthetic-set folder whose every image is one flat colour of the
+    same size; everything else (questions, answers, layout) is copied as it is."""
     from PIL import Image
 
     src = Path(src)
@@ -205,20 +219,25 @@ def _above(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
     return a["ci95"][0] > b["ci95"][1]
 
 
+CONTENT_EXPECTED = ("content.heldout_differences", "content.World_SpotTheChange")
+"""Where (c) must be above (a) on content: the difference descriptions the paper's VPG-C is trained to give."""
+
+
 def expectations(arms: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-    """The issue's expectations, checked against the measurement (never used to choose anything):
-    (c) above (a) on the detail categories and MME detail, with non-overlapping intervals; (b) close to (a) (its
-    mean inside (a)'s interval, or the reverse); (c) at or above (d); every arm above (e), non-overlapping."""
+    """The issue's expectations, checked against the measurement (never used to choose anything): (c) above (a),
+    with non-overlapping intervals, on the content of the difference descriptions and on the detail categories and
+    MME detail; (b) close to (a) (its mean inside (a)'s interval, or the reverse); (c) at or above (d); every arm
+    above (e), non-overlapping; and the measures on which the blind arm (e) reaches another arm's interval (its mean
+    at or above that arm's lower bound): they do not measure seeing."""
     out: dict[str, Any] = {}
 
     def rows(arm: str) -> dict[str, Mapping[str, Any]]:
         entry = arms[arm]
-        found = {f"demon.{k}": v for k, v in entry.get("demon", {}).items()}
-        found.update({f"mme.{k}": v for k, v in entry.get("mme", {}).items()})
-        return found
+        return {f"{group}.{k}": v for group in ("demon", "mme", "content") for k, v in entry.get(group, {}).items()}
 
     if {"base", "vpgc_synthetic"} <= set(arms):
         a, c = rows("base"), rows("vpgc_synthetic")
+        out["c_above_a_on_content"] = {k: _above(c[k], a[k]) for k in CONTENT_EXPECTED if k in a and k in c}
         keys = [f"demon.{k}" for k in DETAIL_CATEGORIES] + ["mme.detail"]
         out["c_above_a_on_detail"] = {k: _above(c[k], a[k]) for k in keys if k in a and k in c}
     if {"base", "vpgc_captions"} <= set(arms):
@@ -237,6 +256,9 @@ def expectations(arms: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
         e = rows("blind")
         out["above_blind"] = {arm: {k: _above(r[k], e[k]) for k in e if k in r}
                               for arm in arms if arm != "blind" for r in [rows(arm)]}
+        out["does_not_measure_seeing"] = sorted(
+            k for k in e if any(k in r and e[k]["mean"] >= (r[k]["ci95"] or [r[k]["mean"]])[0]
+                                for arm in arms if arm != "blind" for r in [rows(arm)]))
     return out
 
 
@@ -278,12 +300,18 @@ def _corpus_digest(source: Path) -> str:
 
 
 def _cell(eval_dir: Path, name: str) -> dict[str, Any]:
-    """One arm's numbers in one seed's evaluation: DEMON categories and average, MME split totals."""
+    """One arm's numbers in one seed's evaluation: DEMON categories and average, MME split totals, the content
+    scores (%) and the probe on what VPG-C adds (mean over attributes, %)."""
     demon = read_json(eval_dir / name / "demon_scores.json")
     mme = read_json(eval_dir / name / "mme_scores.json")
     splits = mme.get("splits") or {}
-    return {"demon": {**demon["categories"], "average": demon["average"]},
+    cell = {"demon": {**demon["categories"], "average": demon["average"]},
             "mme": {s: splits[s]["total"] for s in MME_SPLITS if s in splits}}
+    if (eval_dir / name / "content_scores.json").is_file():
+        cell["content"] = {t: v["content"] for t, v in read_json(eval_dir / name / "content_scores.json").items()}
+    if (eval_dir / name / "probe.json").is_file():
+        cell["probe"] = {k: v["mean"] for k, v in read_json(eval_dir / name / "probe.json").items()}
+    return cell
 
 
 def run_study(params: Params, root: str | Path = ".", restart: bool = False, track: bool = True) -> dict[str, Any]:
@@ -305,7 +333,7 @@ def run_study(params: Params, root: str | Path = ".", restart: bool = False, tra
         ensure_source(params, root)
     corpus = _corpus_digest(source)
     steps = Steps(work, restart)
-    code = {k: code_digest(v, root) for k, v in STEP_CODE.items()}
+    code = {k: code_digest(v, CODE_ROOT) for k, v in step_code().items()}
 
     # -- the benchmarks, and their blank copy ------------------------------------------------------------------
     bench = work / "benchmarks"
@@ -336,6 +364,14 @@ def run_study(params: Params, root: str | Path = ".", restart: bool = False, tra
             pa = _arm_train(p, arm, folder)
             fp[arm] = fingerprint(code["train"], fp[ARMS[arm].data], to_dict(pa.train), to_dict(pa.model))
             steps.run(f"seed{seed}/{arm}", fp[arm], lambda stale, pa=pa: train_vpgc(pa, restart=stale))
+        # Every arm describes the same held-out synthetic pairs, those of the paper's data (attention targets); the
+        # blind arm sees them blank, like the benchmarks.
+        pairs = blank_pairs = None
+        if ev.heldout_differences and "attention" in fp:
+            pairs, blank_pairs = str(folder / "synthetic-attention"), str(folder / "synthetic-attention-blank")
+            if any(ARMS[a].blank for a in arms):
+                steps.run(f"seed{seed}/synthetic-attention-blank", fingerprint(fp["attention"], "blank"),
+                          lambda stale: blank_copy(pairs, blank_pairs))
         for blank in (False, True):
             names = [a for a in arms if ARMS[a].blank == blank]
             if not names:
@@ -344,11 +380,12 @@ def run_study(params: Params, root: str | Path = ".", restart: bool = False, tra
             out = folder / ("eval-blind" if blank else "eval")
             pe = dataclasses.replace(p, evaluate=dataclasses.replace(
                 ev, demon_dir=str(bench_dir / "demon"), mme_dir=str(bench_dir / "mme"), out=str(out),
-                metrics=str(out.with_suffix(".json"))))
+                metrics=str(out.with_suffix(".json")), heldout_differences=pairs is not None),
+                train=dataclasses.replace(p.train, data=str(blank_pairs if blank else pairs)) if pairs else p.train)
             specs = {a: (p.base.out if a == "base" else
                          str(folder / (ARMS[a].weights_of or a) / "vpgc")) for a in names}
             models = {a: fp["base" if a == "base" else ARMS[a].weights_of or a] for a in names}
-            fp_eval = fingerprint(code["evaluate"], fp_bench, blank, to_dict(pe.evaluate), models)
+            fp_eval = fingerprint(code["evaluate"], fp_bench, blank, to_dict(pe.evaluate), models, fp.get("attention"))
             steps.run(f"seed{seed}/{out.name}", fp_eval,
                       lambda stale, pe=pe, specs=specs: evaluate(pe, specs, restart=stale))
             for a in names:
@@ -392,8 +429,12 @@ def _aggregate(params: Params, arms: Sequence[str], cells: Mapping[str, Mapping[
             "demon": {k: summarize([c["demon"][k] for c in per_seed]) for k in demon_keys},
             "mme": {k: summarize([c["mme"][k] for c in per_seed]) for k in MME_SPLITS if k in per_seed[0]["mme"]},
         }
+        for group in ("content", "probe"):
+            if all(group in c for c in per_seed):
+                out["arms"][arm][group] = {k: summarize([c[group][k] for c in per_seed]) for k in per_seed[0][group]}
     if "base" in arms:  # the backbone itself over seeds (metrics/base.json): issue 11's Yes/No target, captions
         found = [extra["base"].get(s, {}) for s in seeds]
+        found = [{**m, **{f"probe.{k}": v for k, v in (m.get("probe") or {}).items()}} for m in found]
         out["arms"]["base"]["backbone"] = {k: summarize([m[k] for m in found]) for k in BACKBONE_METRICS
                                            if all(k in m for m in found)}
     out["expectations"] = expectations(out["arms"])
@@ -431,6 +472,12 @@ def study_table(result: Mapping[str, Any]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join([":--"] + ["--:"] * (len(header) - 1)) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     n = len(result["seeds"])
+    content = _group_table(arms, "content", "Content (%)")
+    probe = _group_table(arms, "probe", "What VPG-C adds: the representation probe (%)")
+    blind = (result.get("expectations") or {}).get("does_not_measure_seeing")
+    flagged = "" if blind is None else (
+        "\nDo not measure seeing (the blind arm reaches another arm's interval): "
+        + (", ".join(f"`{k}`" for k in blind) if blind else "none") + ".\n")
     backbone = arms.get("base", {}).get("backbone")
     after = "" if not backbone else (
         "\nThe base backbone itself, held-out scenes (metrics/base.json per seed): " + "; ".join(
@@ -438,7 +485,18 @@ def study_table(result: Mapping[str, Any]) -> str:
     return (f"Mean over {n} seed(s) {result['seeds']} [95 % confidence interval of the mean, Student's t]; DEMON-format "
             "categories: ROUGE-L F or accuracy (%); MME-format: acc + acc+ summed over existence, count, position "
             "and color (questions about large objects: primary; about small ones: detail).\n\n" + "\n".join(lines) + "\n"
-            + after)
+            + content + probe + flagged + after)
+
+
+def _group_table(arms: Mapping[str, Mapping[str, Any]], group: str, title: str) -> str:
+    """One row per arm, one column per measure of `group` (content, probe), or "" where no arm has it."""
+    keys = list(dict.fromkeys(k for a in arms.values() for k in a.get(group, {})))
+    if not keys:
+        return ""
+    lines = ["| Arm | " + " | ".join(keys) + " |", "|:--|" + "--:|" * len(keys)]
+    lines += ["| " + a["label"] + " | " + " | ".join(_fmt(a.get(group, {}).get(k)) for k in keys) + " |"
+              for a in arms.values()]
+    return f"\n{title}:\n\n" + "\n".join(lines) + "\n"
 
 
 def study_chart(result: Mapping[str, Any]) -> bytes:
@@ -481,8 +539,9 @@ def study_chart(result: Mapping[str, Any]) -> bytes:
 def write_study(params: Params, result: Mapping[str, Any]) -> dict[str, Path]:
     report = Path(params.study.report)
     return {"metrics": write_metrics(params.study.metrics, dict(result)),
-            "table": atomic_write_text(report / "study.md", "# Ablation study\n\n" + study_table(result)),
-            "plot": atomic_write_bytes(report / "study.png", study_chart(result))}
+            "table": write_output_file(report / "study.md", ("# Ablation study\n\n" + study_table(result)).encode(),
+                                       "study table"),
+            "plot": write_output_file(report / "study.png", study_chart(result), "study chart")}
 
 
 def _track(params: Params, result: Mapping[str, Any], cells: Mapping[str, Mapping[int, Any]],

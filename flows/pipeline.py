@@ -155,7 +155,15 @@ def synthesis_shard(pool: Any, job: Any, shard: Any) -> dict[str, Any]:
 
 def synthesize_shards(root: Path, force: bool = False) -> dict[str, Any] | None:
     """The synthesize stage's missing shards, one task run each, before `dvc repro` runs the stage (which then only
-    merges them). Nothing when DVC finds the stage up to date."""
+    merges them). Nothing when DVC finds the stage up to date. The work area's lock is released at the end, so the
+    stage's own process can take it."""
+    from cheetah.io import lock_scope
+
+    with lock_scope():
+        return _synthesize_shards(root, force)
+
+
+def _synthesize_shards(root: Path, force: bool) -> dict[str, Any] | None:
     from cheetah.config import load_params
     from cheetah.engine import Pool
     from cheetah.synthesize.pipeline import (Synthesizer, build_backends, default_backbone, one_torch_thread,

@@ -1,4 +1,5 @@
-"""The base stage's held-out Yes/No measurement (metrics/base.json `yes_no`): what is asked, how answers count."""
+"""The base stage's held-out Yes/No measurement (metrics/base.json `yes_no`, `yes_no_object_tokens`): what is
+asked, how answers count; and the Yes/No questions it trains on."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import pytest
 
 from cheetah.config import WorldConfig
 from cheetah.evaluate.generation import Generator
-from cheetah.train.base import YES_NO_KINDS_ASKED, yes_no_accuracy
+from cheetah.evaluate.backbone import yes_no_accuracy
+from cheetah.train.world_examples import YES_NO_KINDS_ASKED
 from cheetah.world import PERCEPTION_KINDS, heldout_scenes
 
 
@@ -50,22 +52,27 @@ def test_questions_are_about_large_objects_for_primary_and_small_for_detail(monk
         assert all(" small " in r.instruction for r in asked[k + half:k + 2 * half])
 
 
-def test_training_yes_no_questions_are_drawn_afresh_about_the_large_objects():
-    """The alignment's Yes/No batch (`_yes_no_examples`): questions about the large objects only, balanced, about
-    valid images, the same for the same generator state and new at every draw (a fixed set is learned by heart)."""
+def test_training_yes_no_questions_are_balanced_and_about_the_size_asked():
+    """`yes_no_example`: the training's Yes/No questions, drawn afresh (a fixed set is learned by heart): about the
+    size asked (the large objects for images, either for object tokens), balanced, the same for the same generator
+    state and new at every draw."""
     import numpy as np
 
-    from cheetah.train.base import _yes_no_examples
+    from cheetah.train.world_examples import yes_no_example
     from cheetah.world import generate_scene
 
-    scenes = [generate_scene(0, i) for i in range(20)]
-    images, asked = _yes_no_examples(scenes, 300, np.random.default_rng(0))
-    assert len(images) == len(asked) == 300 and set(images.tolist()) <= set(range(20))
-    assert all(q.startswith("<image> ") and " large " in q and " small " not in q for q, _ in asked)
-    answers = [a for _, a in asked]
+    scenes = [generate_scene(0, i) for i in range(300)]
+
+    def draw(rng, size):
+        return [yes_no_example(s, rng, size) for s in scenes]
+
+    large = draw(np.random.default_rng(0), "large")
+    assert all(e.instruction.startswith("<image> ") and " large " in e.instruction and " small " not in e.instruction
+               and e.scenes == (s,) for e, s in zip(large, scenes))
+    answers = [e.response for e in large]
     assert set(answers) == {"Yes", "No"} and 120 <= answers.count("Yes") <= 180
-    again_images, again = _yes_no_examples(scenes, 300, np.random.default_rng(0))
-    assert again == asked and again_images.tolist() == images.tolist()
+    either = draw(np.random.default_rng(0), None)
+    assert sum(" small " in e.instruction for e in either) > 100
+    assert draw(np.random.default_rng(0), "large") == large
     rng = np.random.default_rng(1)
-    first, second = _yes_no_examples(scenes, 50, rng)[1], _yes_no_examples(scenes, 50, rng)[1]
-    assert first != second
+    assert draw(rng, "large") != draw(rng, "large")

@@ -18,7 +18,7 @@ from cheetah.model.backbones import build_backbone
 from cheetah.model.prompts import PromptBuilder
 from cheetah.train import data as data_module
 from cheetah.train.data import (Collator, ExampleBatches, ExampleFile, JointSampler, StepBatches, batches,
-                                build_feature_store, shard_path)
+                                build_feature_store, feature_key, shard_path)
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +101,8 @@ def test_feature_store_is_computed_once_shared_through_disk_and_split_over_ranks
                                                                                  tmp_path):
     files = _files(instruction_set)
     unique = len(np.unique(np.concatenate([f.image_keys for f in files])))
-    kw = dict(image_processor=backbone.image_processor, fingerprint=backbone.fingerprint(), batch_size=8,
+    kw = dict(image_processor=backbone.image_processor,
+              weights_key=feature_key(backbone.model.vision_model, backbone.image_processor), batch_size=8,
               shard_size=16)
     calls: list[int] = []
     memory = build_feature_store("memory", files, encode=_encoder(backbone, calls), dtype=torch.float32, **kw)
@@ -134,7 +135,7 @@ def test_feature_store_is_computed_once_shared_through_disk_and_split_over_ranks
 def test_step_batches_from_workers_equal_in_process_and_resume_anywhere(instruction_set, backbone, tmp_path):
     files = _files(instruction_set)
     store = build_feature_store(str(tmp_path / "f"), files, encode=_encoder(backbone, []), dtype=torch.float32,
-                                image_processor=backbone.image_processor, fingerprint=backbone.fingerprint())
+                                image_processor=backbone.image_processor, weights_key="w")
     builder = PromptBuilder.for_backbone(backbone, max_length=256)
     (syn, syn_rows), (cap, cap_rows) = [(f, f.split(0.1)[0]) for f in files]
     sampler = JointSampler(len(syn_rows), len(cap_rows), 4, 4, seed=0)
@@ -164,3 +165,14 @@ def test_step_batches_from_workers_equal_in_process_and_resume_anywhere(instruct
     short = Collator(PromptBuilder.for_backbone(backbone, max_length=20), store, backbone.image_processor)
     with pytest.raises(DataError, match=r"synthetic.jsonl:\d+ \(id='syn-\d+'\): the prompt is"):
         ExampleBatches(syn, syn_rows, short)[0]
+
+
+def test_feature_key_is_the_vision_weights_content_not_the_architecture(backbone):
+    """Two backbones of one architecture (one fingerprint) with other vision weights: other cache keys; the same
+    weights loaded again: the same key."""
+    other = build_backbone("tiny", tokenizer=backbone.tokenizer, image_size=32, seed=1)
+    again = build_backbone("tiny", tokenizer=backbone.tokenizer, image_size=32, seed=0)
+    assert other.fingerprint() == backbone.fingerprint()
+    key = feature_key(backbone.model.vision_model, backbone.image_processor)
+    assert feature_key(other.model.vision_model, other.image_processor) != key
+    assert feature_key(again.model.vision_model, again.image_processor) == key

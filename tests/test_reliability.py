@@ -3,6 +3,7 @@ in a training state folder, a diverging run, a corrupted checkpoint, duplicate p
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -89,6 +90,68 @@ def test_duplicate_keys_in_a_parameters_file_are_refused(tmp_path, capsys):
         load_params(params)
     assert main(["--params", str(params), "model", "summary", "--meta"]) == 2
     assert capsys.readouterr().err.count("\n") == 1  # one line, no traceback
+
+
+def test_diverged_weights_never_replace_a_good_output_and_a_broken_backbone_is_refused_by_file(tmp_path):
+    """A backbone whose weights went NaN (a `base` run with a huge learning rate) is refused before the swap: the
+    good backbone stays byte-identical. Reading a NaN or truncated backbone is a one-line error naming the file."""
+    from cheetah.model.backbones import load_backbone
+
+    good = build_backbone("tiny", tokenizer=make_tokenizer(), image_size=32, seed=0)
+    save_backbone(good, tmp_path / "backbone")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "backbone").iterdir()}
+    with torch.no_grad():
+        next(good.model.parameters()).fill_(float("nan"))
+    with pytest.raises(DataError, match=r"model\.safetensors: 1 of \d+ tensors hold NaN or infinite values.*left as "
+                                        "it was"):
+        save_backbone(good, tmp_path / "backbone")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "backbone").iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["backbone"]  # no temporary folder left behind
+    weights = tmp_path / "backbone" / "model.safetensors"
+    weights.write_bytes(before["model.safetensors"][:1000])
+    with pytest.raises(DataError, match=rf"{weights}: not a readable safetensors file"):
+        load_backbone(tmp_path / "backbone")
+
+
+def test_single_file_outputs_never_replace_a_file_the_project_did_not_write(tmp_path, monkeypatch, capsys):
+    """`score --out` (and every metrics file) replaces only a file it wrote itself and nobody changed since, or one
+    git holds as it is; anything else only with --overwrite."""
+    from cheetah.evaluate.mme import results_line
+    from cheetah.io import write_metrics
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "existence.txt").write_text(results_line("a", "q1", "Yes", "yes") +
+                                                       results_line("a", "q2", "No", "no"))
+    score = ["score", "mme", "--results-dir", "results", "--out"]
+    (tmp_path / "userfile.json").write_text('{"mine": 1}\n')
+    assert main([*score, "userfile.json"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "userfile.json: refusing to replace this file" in err and "--overwrite" in err
+    assert (tmp_path / "userfile.json").read_text() == '{"mine": 1}\n'
+    assert main([*score, "userfile.json", "--overwrite"]) == 0 and "perception" in (tmp_path / "userfile.json").read_text()
+    # Its own output it replaces; once edited by hand, no longer.
+    assert main([*score, "scores.json"]) == 0 and main([*score, "scores.json"]) == 0
+    with open(tmp_path / "scores.json", "a") as f:
+        f.write(" ")
+    assert main([*score, "scores.json"]) == 2
+    # A folder, or a corpus's captions.jsonl given as a metrics file: refused, untouched.
+    assert main([*score, "results"]) == 2
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "captions.jsonl").write_text('{"id": "x"}\n')
+    with pytest.raises(DataError, match=r"captions\.jsonl: refusing to replace this file"):
+        write_metrics(tmp_path / "corpus" / "captions.jsonl", {"loss": 1.0})
+    assert (tmp_path / "corpus" / "captions.jsonl").read_text() == '{"id": "x"}\n'
+    # A metrics file as git holds it (a fresh clone's metrics/*.json) is replaced; a changed one is not.
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    (tmp_path / "train.json").write_text('{"loss": 2.0}\n')
+    subprocess.run(["git", "add", "train.json"], cwd=tmp_path, check=True)
+    write_metrics(tmp_path / "train.json", {"loss": 1.0})
+    (tmp_path / "eval.json").write_text('{"loss": 2.0}\n')
+    subprocess.run(["git", "add", "eval.json"], cwd=tmp_path, check=True)
+    (tmp_path / "eval.json").write_text('{"loss": 3.0}\n')
+    with pytest.raises(DataError, match=r"eval\.json: refusing to replace this file"):
+        write_metrics(tmp_path / "eval.json", {"loss": 1.0})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -251,6 +314,72 @@ def test_a_non_finite_loss_stops_training_or_is_skipped_within_the_allowance(ws,
     metrics = _train(ws, "nan-skip", max_skipped_steps=1)
     assert metrics["skipped_steps"] == 1 and len(json.loads((ws / "nan-skip" / "train.json").read_text())) > 0
     assert [h["step"] for h in _curve_rows(ws, "nan-skip")] == [1, 3, 4]
+
+
+def test_a_feature_cache_of_other_backbone_weights_is_never_reused(ws, tmp_path):
+    """`train.feature_cache` is keyed on the vision weights' content: a backbone of the same architecture with other
+    weights (a `base` stage that reran) computes its own features instead of reading the first one's."""
+    other = tmp_path / "other-backbone"
+    save_backbone(build_backbone("tiny", tokenizer=make_tokenizer(), image_size=32, seed=7), other)
+    cache = tmp_path / "features"
+
+    def train(name: str, backbone: Path, feature_cache: str) -> None:
+        overrides = [f"train.{k}={json.dumps(v)}" for k, v in {
+            "data": str(ws / "syn"), "out": str(tmp_path / name / "vpgc"), "state_dir": str(tmp_path / name / "state"),
+            "metrics": str(tmp_path / name / "train.json"), "curve": str(tmp_path / name / "curve.csv"), "steps": 1,
+            "synthetic_batch": 4, "caption_batch": 4, "eval_every": 100, "heldout_fraction": 0.2,
+            "warmup_steps": 1, "lr": 0.01, "feature_cache": feature_cache}.items()]
+        train_vpgc(load_params(None, [*overrides, "model.preset=tiny", f"model.backbone_dir={json.dumps(str(backbone))}"]))
+
+    train("a", ws / "backbone", str(cache))
+    train("b", other, str(cache))
+    assert len([p for p in cache.iterdir() if p.is_dir()]) == 2  # one store per backbone's weights
+
+
+_HOLD = ("import sys, time\nfrom cheetah.io import lock_output\nlock_output(sys.argv[1])\nprint('locked', flush=True)\n"
+         "time.sleep(120)\n")
+
+
+@contextlib.contextmanager
+def _locked_elsewhere(folder: Path):
+    """Another run holding `folder`'s lock (a process that took it and waits); killed (-9) afterwards."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD, str(folder)], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_two_runs_on_one_folder_one_is_refused_by_name(ws, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    # An output folder replaced by a rename (`cheetah world`): refused while another run writes it.
+    with _locked_elsewhere(tmp_path / "w") as other:
+        assert main(["world", "--out", "w", "--n", "2"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"w: another cheetah run (pid {other.pid} on " in err
+        assert not (tmp_path / "w").exists()
+    # The other run was killed: its lock went with it (the file it left is no lock); the lock of a finished run is
+    # released, its file removed.
+    assert (tmp_path / ".w.cheetah-lock").exists()
+    assert main(["world", "--out", "w", "--n", "2"]) == 0
+    assert not list(tmp_path.glob(".*.cheetah-lock"))
+    # A training's state folder and its weights folder: the second training is refused before any work.
+    for folder in (ws / "locked" / "state", ws / "locked" / "vpgc"):
+        with _locked_elsewhere(folder):
+            with pytest.raises(DataError, match=rf"{folder}: another cheetah run \(pid \d+ on "):
+                _train(ws, "locked")
+        assert not (ws / "locked" / "vpgc").exists() and not (ws / "locked" / "state").exists()
+
+
+def test_train_metrics_pointed_at_a_corpus_file_is_refused_before_any_work(ws):
+    captions = ws / "syn" / "captions.jsonl"
+    before = captions.read_bytes()
+    with pytest.raises(DataError, match=rf"{captions}: refusing to replace this file: no earlier metrics output"):
+        _train(ws, "into-corpus", metrics=str(captions))
+    assert captions.read_bytes() == before and not (ws / "into-corpus").exists()
 
 
 def _curve_rows(d: Path, name: str) -> list[dict]:

@@ -13,16 +13,19 @@ from PIL import Image
 
 from cheetah.cli import main
 from cheetah.config import STUDY_ARMS, ConfigError, WorldConfig, load_params
+from cheetah.io import FILE_MARK_SUFFIX
 from cheetah.study import ARMS, BACKBONE_METRICS, blank_copy, expectations, needed_arms, summarize
 from cheetah.world import write_corpus
 
 TOY = {
     "world": {"out": "source", "n": 24, "image_size": 32},
-    "base": {"vision_steps": 2, "steps": 2, "batch_size": 4, "eval_scenes": 2, "out": "unused-backbone"},
+    "base": {"vision_steps": 2, "steps": 2, "batch_size": 4, "yes_no_batch": 4, "eval_scenes": 2, "probe_scenes": 16,
+             "probe_heldout": 4, "out": "unused-backbone"},
     "synthesize": {"n": 8, "captions": 8, "shard_size": 8},
     "train": {"steps": 2, "synthetic_batch": 2, "caption_batch": 2, "eval_every": 1, "checkpoint_every": 2,
               "warmup_steps": 1, "heldout_fraction": 0.2, "curve_image": "plots/train_curve.png"},
-    "evaluate": {"demon_per_task": 2, "mme_per_subtask": 2, "max_new_tokens": 3, "batch_size": 8, "device": "cpu"},
+    "evaluate": {"demon_per_task": 2, "mme_per_subtask": 2, "max_new_tokens": 3, "batch_size": 8, "device": "cpu",
+                 "heldout_differences": True, "probe_scenes": 16},
     "study": {"seeds": [0], "work": "work", "metrics": "metrics/study.json", "report": "reports/study"},
 }
 
@@ -80,7 +83,7 @@ def test_study_end_to_end(project, monkeypatch, one_thread):
     # The arms write under study.work only, never where the pipeline's own stages write (e.g. train.curve_image).
     added = {p.relative_to(project).as_posix() for p in project.rglob("*") if p.is_file()} - before_files
     assert {a.split("/")[0] for a in added} == {"work", "metrics", "reports", "mlflow.db", "mlartifacts"}, added
-    assert {a for a in added if a.startswith("metrics/")} == {"metrics/study.json"}
+    assert {a for a in added if a.startswith("metrics/") and not a.endswith(FILE_MARK_SUFFIX)} == {"metrics/study.json"}
     doc = json.loads((project / "metrics" / "study.json").read_text())
     assert doc["seeds"] == [0] and list(doc["arms"]) == list(STUDY_ARMS)
     for arm, entry in doc["arms"].items():
@@ -89,14 +92,21 @@ def test_study_end_to_end(project, monkeypatch, one_thread):
         assert "visual_relation_inference" in entry["demon"] and "multi_image_reasoning" in entry["demon"]
         for value in [*entry["demon"].values(), *entry["mme"].values()]:
             assert value["ci95"] is None and len(value["values"]) == 1  # one seed: no interval
-    assert set(doc["expectations"]) == {"c_above_a_on_detail", "b_close_to_a", "c_at_or_above_d", "above_blind"}
-    # The backbone's own held-out metrics, per seed, from its base-stage metrics.
+    assert set(doc["expectations"]) == {"c_above_a_on_content", "c_above_a_on_detail", "b_close_to_a",
+                                        "c_at_or_above_d", "above_blind", "does_not_measure_seeing"}
+    # Content scores and the probe on what VPG-C adds, per arm; the held-out pairs' for every arm.
+    for entry in doc["arms"].values():
+        assert {"heldout_differences", "World_SpotTheChange", "World_Story"} <= set(entry["content"])
+        assert set(entry["probe"]) == {"vpgc_large", "vpgc_small"}
+    # The backbone's own held-out metrics, per seed, from its base-stage metrics (probes flattened: probe.vit_small).
     base_json = json.loads((project / "work" / "seed0" / "base.json").read_text())
+    flat = {**base_json, **{f"probe.{k}": v for k, v in base_json["probe"].items()}}
     assert {k: v["values"] for k, v in doc["arms"]["base"]["backbone"].items()} == {
-        k: [round(base_json[k], 4)] for k in BACKBONE_METRICS}
+        k: [round(flat[k], 4)] for k in BACKBONE_METRICS}
     assert doc["inputs"]["params"]["study"]["seeds"] == [0] and doc["inputs"]["corpus_sha256"]
     table = (project / "reports" / "study" / "study.md").read_text()
     assert all(a.label in table for a in ARMS.values()) and "The base backbone itself" in table
+    assert "Content (%)" in table and "Do not measure seeing" in table
     with Image.open(project / "reports" / "study" / "study.png") as im:
         assert im.format == "PNG"
     # The blind arm was evaluated on blank images: every image of the copy is one colour.

@@ -23,7 +23,8 @@ from safetensors.torch import load_file
 from cheetah.config import load_params
 from cheetah.model.backbones import build_backbone, save_backbone
 from cheetah.train.data import JointSampler
-from cheetah.train.vpgc import lr_lambda, train_vpgc
+from cheetah.train.schedule import lr_lambda
+from cheetah.train.vpgc import train_vpgc
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "cheetah.cli"]

@@ -99,6 +99,41 @@ def mme_table(results: Results) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def content_table(results: Results) -> str:
+    """The content scores of the embedded world (cheetah/evaluate/content.py), per task and model, with the parts of
+    a difference description (object, change, position) beside them."""
+    models = [m for m, r in results.items() if r.get("content")]
+    if not models:
+        return ""
+    tasks = list(dict.fromkeys(t for m in models for t in results[m]["content"]))
+    rows = []
+    for t in tasks:
+        entries = [results[m]["content"].get(t) for m in models]
+        parts = [k for k in ("object", "change", "position") if any(e and k in e for e in entries)]
+        rows.append([t, "content"] + [_cell(e and e["content"]) for e in entries])
+        rows += [["", k] + [_cell(e and e.get(k)) for e in entries] for k in parts]
+    return ("### Content: does an answer say what the task is about?\n\n"
+            "Percent of answers that name what the task asks for, whatever their form (docs/miniature.md): a "
+            "difference description the edited object (position, colour, shape) and the change; an option task the "
+            "right option and no other; `heldout_differences`: the synthetic pairs training held out.\n\n"
+            + _table(["Task", "Check"] + models, rows, [":--", ":--"] + ["--:"] * len(models)))
+
+
+def probe_table(results: Results) -> str:
+    """The representation probe on what each model's VPG-C adds (cheetah/evaluate/recovery.py)."""
+    models = [m for m, r in results.items() if r.get("probe")]
+    if not models:
+        return ""
+    names = list(dict.fromkeys(n for m in models for n in results[m]["probe"]))
+    rows = [[n, a] + [_cell(results[m]["probe"].get(n, {}).get(a)) for m in models]
+            for n in names for a in ("mean", "shape", "color", "texture")]
+    return ("### What VPG-C adds: the representation probe\n\n"
+            "Held-out accuracy (%) of the probe reading each grid cell's object of one size from what VPG-C adds to "
+            "the first image's tokens of a difference prompt; a backbone without VPG-C adds zeros (the majority "
+            "class). Compare with the visual prompt's `probe.qformer_*` in metrics/base.json.\n\n"
+            + _table(["Probe", "Attribute"] + models, rows, [":--", ":--"] + ["--:"] * len(models)))
+
+
 def mme_split_table(results: Results) -> str:
     """MME-format scores over the questions about large objects (primary) and about small ones (detail)."""
     models = [m for m, r in results.items() if (r.get("mme") or {}).get("splits")]
@@ -288,8 +323,8 @@ def write_report(out_dir: str | Path, results: Results, metrics_path: str | Path
     out_dir = Path(out_dir)
     written, charts = write_figures(out_dir, results)
     parts = [f"# {title}\n", flag_section(results), demon_tables(results), mme_table(results),
-             mme_split_table(results), delta_tables(results), answer_tables(results, reference), charts, *sections,
-             provenance_section(results, provenance)]
+             mme_split_table(results), content_table(results), probe_table(results), delta_tables(results),
+             answer_tables(results, reference), charts, *sections, provenance_section(results, provenance)]
     written["report"] = atomic_write_text(out_dir / "report.md", "\n".join(p for p in parts if p))
     png = category_chart(results)
     if png is not None:

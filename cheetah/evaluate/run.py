@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from cheetah.config import Params, to_dict
-from cheetah.io import DataError, atomic_write_json, claim_dir, write_metrics
+from cheetah.io import DataError, atomic_write_json, claim_dir, lock_scope, write_metrics
 from cheetah.model.weights import weights_digest
 from cheetah.progress import StageBar
 
@@ -246,6 +246,12 @@ def evaluate(params: Params, model_specs: Mapping[str, str] | None = None, bench
     """
     if benchmark not in ("all", *BENCHMARKS):
         raise ValueError(f"benchmark must be 'demon', 'mme' or 'all', got {benchmark!r}")
+    with lock_scope():  # the report folder's lock is released when the evaluation ends
+        return _evaluate_locked(params, model_specs, benchmark, restart)
+
+
+def _evaluate_locked(params: Params, model_specs: Mapping[str, str] | None, benchmark: str, restart: bool
+                     ) -> dict[str, Any]:
     cfg = params.evaluate
     specs = dict(model_specs) if model_specs else default_model_specs(params)
     if not specs:
@@ -274,11 +280,12 @@ def _evaluate(params: Params, specs: Mapping[str, str], benchmark: str, demon_di
               out: Path, ranks: Ranks, restart: bool) -> dict[str, Any]:
     import torch
 
+    from cheetah.evaluate.content import demon_content
     from cheetah.evaluate.examples import write_examples
     from cheetah.evaluate.generation import Generator, load_model
     from cheetah.evaluate.diagnostics import MME_CONSTANT_SCORE, constant_reference
     from cheetah.evaluate.embedded import read_mme_splits
-    from cheetah.evaluate.report import metrics_dict, write_report
+    from cheetah.evaluate.report import write_report
     from cheetah.evaluate.scoring import score_demon, score_mme, score_mme_splits
 
     cfg = params.evaluate
@@ -301,6 +308,7 @@ def _evaluate(params: Params, specs: Mapping[str, str], benchmark: str, demon_di
         generator = Generator(model, batch_size=cfg.batch_size, **cfg.generation())
         meta = {"spec": str(spec), "identity": model_identity(spec, model), "decoding": generator.settings()}
         generated = generate_predictions(generator, pred_dir, meta, demon_dir, mme_dir, ranks, f"evaluate {name}")
+        recovery = _recovery(params, generator, model) if ranks.rank == 0 else {}
         del generator, model
         gc.collect()
         if device.type == "cuda":
@@ -318,6 +326,16 @@ def _evaluate(params: Params, specs: Mapping[str, str], benchmark: str, demon_di
             if splits:
                 entry["mme"]["splits"] = score_mme_splits(pred_dir / "mme", splits)
             atomic_write_json(model_dir / "mme_scores.json", entry["mme"])
+        content = demon_content(demon_dir, pred_dir / "demon", _tasks(generated, "demon")) if demon_dir else {}
+        if "heldout_differences" in recovery:
+            content = {"heldout_differences": recovery["heldout_differences"], **content}
+            atomic_write_json(model_dir / "heldout_differences.json", recovery["answers"])
+        if content:
+            entry["content"] = content
+            atomic_write_json(model_dir / "content_scores.json", content)
+        if "probe" in recovery:
+            entry["probe"] = recovery["probe"]
+            atomic_write_json(model_dir / "probe.json", recovery["probe"])
         entry["answers"] = _answers(demon_dir, mme_dir, pred_dir, generated)
         atomic_write_json(model_dir / "answers.json", entry["answers"])
         results[name] = entry
@@ -333,15 +351,51 @@ def _evaluate(params: Params, specs: Mapping[str, str], benchmark: str, demon_di
                               reference=reference, provenance=provenance(params, runs)), **examples}
     champion = "vpgc" if "vpgc" in results else list(results)[-1]
     # The hash of the weights these numbers measured: registration refuses weights they were not measured on.
-    metrics = {**metrics_dict(results[champion]["demon"], results[champion]["mme"]), "model": champion,
+    metrics = {**_model_metrics(results[champion]), "model": champion,
                "vpgc_sha256": runs[champion]["identity"]["vpgc_sha256"],
-               "baselines": {n: metrics_dict(r["demon"], r["mme"]) for n, r in results.items() if n != champion}}
+               "baselines": {n: _model_metrics(r) for n, r in results.items() if n != champion}}
     written["metrics"] = write_metrics(cfg.metrics, metrics)
     summary = {"benchmark": benchmark, "data": {"demon": demon_dir, "mme": mme_dir}, "batch_size": cfg.batch_size,
                "device": device.type, "ranks": ranks.world, "models": runs,
                "outputs": {k: str(v) for k, v in written.items()}}
     written["summary"] = atomic_write_json(out / "evaluation.json", summary)
     return {"models": results, "metrics": metrics, "paths": {k: str(v) for k, v in written.items()}}
+
+
+def _model_metrics(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """One model's metrics: the official scores, and on the embedded world the content scores (%) and the probe on
+    what its VPG-C adds (mean over attributes, %)."""
+    from cheetah.evaluate.report import metrics_dict
+
+    out = metrics_dict(entry["demon"], entry["mme"])
+    if entry.get("content"):
+        out["content"] = {task: v["content"] for task, v in entry["content"].items()}
+    if entry.get("probe"):
+        out["probe"] = {name: v["mean"] for name, v in entry["probe"].items()}
+    return out
+
+
+def _recovery(params: Params, generator: Any, model: Any) -> dict[str, Any]:
+    """On the embedded world (cheetah/evaluate/recovery.py): the content of the model's difference descriptions of the
+    held-out synthetic pairs (`evaluate.heldout_differences`), and the probe on what its VPG-C adds
+    (`evaluate.probe_scenes`)."""
+    from cheetah.evaluate.probes import PROBE_STREAM
+    from cheetah.evaluate.recovery import correction_probe, heldout_differences, heldout_pairs
+    from cheetah.world import generate_scene, heldout_scenes
+
+    cfg, out = params.evaluate, {}
+    if cfg.heldout_differences:
+        pairs = heldout_pairs(params.train.data, params.train.heldout_fraction)
+        if not pairs:
+            raise DataError(f"{params.train.data}: no held-out pairs at train.heldout_fraction="
+                            f"{params.train.heldout_fraction}")
+        out["heldout_differences"], out["answers"] = heldout_differences(generator, pairs)
+    if cfg.probe_scenes:
+        world = params.world
+        fit = [generate_scene(PROBE_STREAM, i, world.image_size) for i in range(cfg.probe_scenes)]
+        test = list(heldout_scenes(world, max(1, cfg.probe_scenes // 8)))
+        out["probe"] = correction_probe(model, generator.builder, fit, test)
+    return out
 
 
 def _answers(demon_dir: str | None, mme_dir: str | None, pred_dir: Path, generated: Mapping[str, int]

@@ -32,7 +32,7 @@ from transformers import (
     PreTrainedModel,
 )
 
-from cheetah.io import DataError
+from cheetah.io import DataError, check_finite_weights
 from cheetah.model.prompts import IMAGE_TOKEN, TEMPLATES, ChatTemplate
 
 BackboneModel = Blip2ForConditionalGeneration | InstructBlipForConditionalGeneration
@@ -309,6 +309,9 @@ def load_backbone(spec: str | Path, *, device: str | torch.device = "cpu", dtype
         with torch.device("meta"):
             model = cls(config)
     else:
+        # Read where they are used: a diverged, truncated or corrupted backbone is refused by file, never evaluated,
+        # registered or served (it would answer with garbage, or nothing, and exit 0).
+        check_finite_weights(directory, "backbone weights")
         model = cls.from_pretrained(directory, local_files_only=True, dtype=dtype or torch.float32,
                                     device_map=None).to(device)
     model.eval()

@@ -269,16 +269,21 @@ class VPGCModel(nn.Module):
         if hidden.shape[:2] != injection.image_mask.shape:
             raise RuntimeError(f"VPG-C expected hidden states for the whole prompt {tuple(injection.image_mask.shape)}"
                                f", got {tuple(hidden.shape[:2])}")
-        batch = torch.arange(hidden.shape[0], device=hidden.device)
-        guide = hidden[batch, injection.guide_positions]  # (B, H)
-        queries = self.vpgc.guided_queries(guide)[injection.image_owner]  # (N_img, Q_len, Q)
-        reextracted = self._qformer(queries.to(self._qformer_dtype), injection.vision_features)  # query-only
-        residual = self.vpgc.residual(reextracted).to(hidden.dtype)  # (N_img, Q_len, H)
+        residual = self.correction(hidden, injection)
         delta = torch.zeros_like(hidden).masked_scatter(injection.image_mask.unsqueeze(-1), residual)
         hidden = hidden + delta  # out of place: autograd and checkpointing see a plain function
         if "hidden_states" in kwargs:
             return args, {**kwargs, "hidden_states": hidden}
         return (hidden, *args[1:]), kwargs
+
+    def correction(self, hidden: torch.Tensor, injection: _Injection) -> torch.Tensor:
+        """What VPG-C adds to every image's tokens, (N_img, Q_len, H), from the hidden states (B, S, H) at
+        `update_layer`: each sample's guide re-queries the frozen Q-Former over its images' features."""
+        batch = torch.arange(hidden.shape[0], device=hidden.device)
+        guide = hidden[batch, injection.guide_positions]  # (B, H)
+        queries = self.vpgc.guided_queries(guide)[injection.image_owner]  # (N_img, Q_len, Q)
+        reextracted = self._qformer(queries.to(self._qformer_dtype), injection.vision_features)  # query-only
+        return self.vpgc.residual(reextracted).to(hidden.dtype)
 
     def _run_language_model(self, injection: _Injection, fn: Any, **kwargs: Any) -> Any:
         self._pending = injection
@@ -328,7 +333,10 @@ class VPGCModel(nn.Module):
         qformer_text = _qformer_text(qformer_input_ids, qformer_attention_mask)
         inputs_embeds, injection = self.prepare_inputs(input_ids, pixel_values, vision_features, image_counts,
                                                        guide_positions, qformer_text)
-        generate_kwargs.setdefault("suppress_tokens", [self.image_token_id])
+        # Neither an image placeholder nor padding is ever an answer (a pad id in an answer could not be told from
+        # the padding of a batch).
+        pad = self.backbone.config.text_config.pad_token_id
+        generate_kwargs.setdefault("suppress_tokens", [self.image_token_id, *([pad] if pad is not None else [])])
         return self._run_language_model(
             injection, self.language_model.generate, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
             **generate_kwargs,

@@ -9,8 +9,10 @@ One job per module:
     gate.py       what is registered is verified first (weights against their card, loadable, finite; metrics finite
                   and naming the weights they measured); `challenger` always, `champion` by the rules; every
                   decision recorded; `demote`, `promote`, `history`
-    serve.py      `load` and `predict` (`mlflow.pyfunc.load_model("models:/<name>@champion").predict(df)`, columns
-                  `instruction` and `images`: paths or `data:image/png;base64,...` URIs)
+    integrity.py  what is served is what was registered: every file of the logged model hashed at registration
+                  (tags `artifact_files`, `artifact_sha256`), checked before it is loaded, served or promoted
+    serve.py      `load`, `predict` and `serve` (not re-exported here) on a checked copy of a registered version (`load(uri).predict(df)`,
+                  columns `instruction` and `images`: paths or `data:image/png;base64,...` URIs)
 """
 
 from cheetah.registry.gate import (CHALLENGER, CHAMPION, MEASURED_WEIGHTS_FIELD, RANDOM_BACKBONE_FIELD, decide,
@@ -19,10 +21,11 @@ from cheetah.registry.gate import (CHALLENGER, CHAMPION, MEASURED_WEIGHTS_FIELD,
 from cheetah.registry.provenance import champion_eligibility, config_tags, lineage, uncommitted_changes
 from cheetah.registry.pyfunc import (BACKBONE_ENV, VPGCPyfunc, fetch_backbone, log_backbone, log_model,
                                      pip_requirements, resolve_backbone_dir, with_image_placeholders)
+from cheetah.registry.integrity import verified_copy, verify_version
 from cheetah.registry.serve import load, predict
 
 __all__ = ["BACKBONE_ENV", "CHALLENGER", "CHAMPION", "MEASURED_WEIGHTS_FIELD", "RANDOM_BACKBONE_FIELD", "VPGCPyfunc",
            "champion_eligibility", "config_tags", "decide", "demote", "fetch_backbone", "history", "lineage", "load",
            "log_backbone", "log_model", "logged_metric", "metric_value", "pip_requirements", "predict", "promote",
-           "read_measured_metrics", "receipt_is_current", "register", "resolve_backbone_dir", "uncommitted_changes",
-           "verify_weights", "with_image_placeholders"]
+           "read_measured_metrics", "receipt_is_current", "register", "resolve_backbone_dir",
+           "uncommitted_changes", "verified_copy", "verify_version", "verify_weights", "with_image_placeholders"]

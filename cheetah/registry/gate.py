@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,8 +24,9 @@ from typing import Any
 import mlflow
 
 from cheetah.config import Params
-from cheetah.io import DataError, atomic_write_json, nonfinite_paths, read_json
+from cheetah.io import DataError, atomic_write_json, check_finite_weights, nonfinite_paths, read_json
 from cheetah.pipeline import RECEIPT
+from cheetah.registry import integrity
 from cheetah.registry.provenance import champion_eligibility, config_tags, lineage, load_yaml, out_md5
 from cheetah.registry.pyfunc import log_backbone, log_model, resolve_backbone_dir
 from cheetah.tracking import flat_metrics
@@ -56,7 +58,7 @@ def metric_value(metrics: Mapping[str, Any], name: str, source: str = "metrics")
 def verify_weights(vpgc_dir: str | Path) -> dict[str, Any]:
     """The card of `vpgc_dir` after checking that the weights are what the card says (hash), finite, trained on a
     real backbone (not random planning weights), and loadable on the backbone the card records (built on the
-    meta device: shapes and architecture, without reading the backbone's weights). Raises DataError."""
+    meta device: shapes and architecture), whose weights must be finite too. Raises DataError."""
     from cheetah.model.backbones import load_backbone
     from cheetah.model.vpgc import VPGCModel
     from cheetah.model.weights import CARD_FILE, WEIGHTS_FILE, checked_state, read_card
@@ -70,6 +72,8 @@ def verify_weights(vpgc_dir: str | Path) -> dict[str, Any]:
         raise DataError(f"{vpgc_dir / CARD_FILE}: trained on a backbone with random weights (a planning or "
                         "benchmark run); such weights are never registered")
     location = resolve_backbone_dir(card)
+    if location is not None:  # built on the meta device below: its weights are read here, one tensor at a time
+        check_finite_weights(location, "backbone weights")
     backbone = load_backbone(str(location or card["backbone"]), device="meta")
     checked_state(vpgc_dir, VPGCModel(backbone, update_layer=card["update_layer"]))
     return card
@@ -172,6 +176,10 @@ def register(params: Params, metrics_path: str | Path | None = None, vpgc_dir: s
             location = resolve_backbone_dir(card)
             backbone = log_backbone(location) if location is not None else None
             info = log_model(vpgc_dir, card, params, backbone)
+        # What is registered is pinned: every file of the logged model, as the store now holds it (integrity.py).
+        with tempfile.TemporaryDirectory(prefix="cheetah-logged-") as logged:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=info.model_uri, dst_path=logged)
+            tags.update(integrity.record(local, str(card["sha256"]), info.model_uri))
         # Linked to the logged model: the gate reads a champion's numbers from its model, not from tags.
         mlflow.log_metrics({k.replace("/", "_"): v for k, v in numbers.items()}, model_id=info.model_id)
         _log_datasets(params, root, info.model_id)
@@ -255,7 +263,8 @@ def _versions(client: Any, name: str) -> list[Any]:
 
 def demote(name: str, version: int | str, reason: str, metric: str = "demon.average") -> dict[str, Any]:
     """Mark a version broken (`demoted` tag with the reason) and, if it was champion, give `champion` to the best
-    remaining eligible version by its logged `metric` (or to none). Returns what happened."""
+    remaining eligible version by its logged `metric` whose files are still those registered (or to none; the
+    versions passed over for their files are listed under `skipped`). Returns what happened."""
     from mlflow.tracking import MlflowClient
 
     if not reason.strip():
@@ -269,14 +278,22 @@ def demote(name: str, version: int | str, reason: str, metric: str = "demon.aver
     if champion is None or str(champion.version) != str(target.version):
         return result
     client.delete_registered_model_alias(name, CHAMPION)
-    best, best_value = None, None
+    candidates = []
     for mv in _versions(client, name):
         tags = mv.tags or {}
         if "demoted" in tags or tags.get("champion_eligible") != "true":
             continue
         value = logged_metric(client, mv, metric)
-        if value is not None and (best_value is None or value > best_value):
-            best, best_value = mv, value
+        if value is not None:
+            candidates.append((value, int(mv.version), mv))
+    best, best_value = None, None
+    for value, _, mv in sorted(candidates, key=lambda c: c[:2], reverse=True):
+        try:  # the best whose files are still those registered
+            with integrity.checked(name, mv.version):
+                best, best_value = mv, value
+            break
+        except DataError as e:
+            result.setdefault("skipped", {})[int(mv.version)] = str(e)
     if best is not None:
         client.set_registered_model_alias(name, CHAMPION, str(best.version))
         _record(client, name, str(best.version), "gate", f"promoted: best remaining eligible {metric} "
@@ -287,7 +304,8 @@ def demote(name: str, version: int | str, reason: str, metric: str = "demon.aver
 
 def promote(name: str, version: int | str, reason: str) -> dict[str, Any]:
     """Move `champion` to `version` by hand, whatever the gate said (a recorded, deliberate override). A demoted
-    version is refused: a broken model is never served."""
+    version is refused, and so is one whose stored files are not those registered (`integrity.checked`): a broken
+    or tampered model is never served."""
     from mlflow.tracking import MlflowClient
 
     if not reason.strip():
@@ -297,6 +315,7 @@ def promote(name: str, version: int | str, reason: str) -> dict[str, Any]:
     if "demoted" in (target.tags or {}):
         raise DataError(f"{name} version {target.version} was demoted ({target.tags['demoted']}); "
                         "it cannot become champion")
+    integrity.verify_version(name, target.version)  # its files are still those registered, or it is refused
     previous = _alias_version(client, name, CHAMPION)
     client.set_registered_model_alias(name, CHAMPION, str(target.version))
     was = f"version {previous.version}" if previous is not None else "none"
@@ -330,7 +349,7 @@ def history(name: str) -> list[dict[str, Any]]:
             "value": tags.get(f"metric.{tags.get('metric')}"),
             "git_commit": tags.get("git_commit", "")[:12],
             "champion_eligible": tags.get("champion_eligible"),
-            **{k: tags[k] for k in ("dvc_experiment", "git_uncommitted", "gate", "gate_at", "demoted", "demoted_at",
+            **{k: tags[k] for k in (integrity.DIGEST_TAG, "dvc_experiment", "git_uncommitted", "gate", "gate_at", "demoted", "demoted_at",
                                     "promoted_by_hand", "promoted_by_hand_at") if k in tags},
         })
     return rows

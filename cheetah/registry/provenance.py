@@ -48,9 +48,10 @@ def out_md5(entry: Mapping[str, Any] | None, path: str) -> str | None:
 def uncommitted_changes(root: str | Path = ".") -> list[str] | None:
     """Files that differ from the commit (modified, staged, deleted or untracked, not ignored), except what the
     pipeline itself writes from committed inputs before it registers: `dvc.lock` and every output it lists
-    (metrics, plots, the receipt), the `.gitignore` files DVC keeps, and `data.dvc` when it records the embedded
+    (metrics, plots, the receipt), the `.gitignore` files DVC keeps, the lock files of folders being written and the marks of single-file outputs, and `data.dvc` when it records the embedded
     world (regenerated from the committed `world.*` parameters; a corpus of your own in it counts). None when
     `root` is not a git checkout."""
+    from cheetah.io import FILE_MARK_SUFFIX, LOCK_SUFFIX
     from cheetah.pipeline import DATA_DVC, read_data_dvc
 
     try:
@@ -75,7 +76,7 @@ def uncommitted_changes(root: str | Path = ".") -> list[str] | None:
                               for o in (st or {}).get("outs") or [] if isinstance(o, Mapping)}
     if read_data_dvc(root)["world"] is not None:
         outputs.add(DATA_DVC)
-    return sorted(c for c in changed if Path(c).name != ".gitignore" and
+    return sorted(c for c in changed if Path(c).name != ".gitignore" and not Path(c).name.endswith((LOCK_SUFFIX, FILE_MARK_SUFFIX)) and
                   not any(c == o or c.startswith(o + "/") for o in outputs if o))
 
 

@@ -19,7 +19,7 @@ import mlflow
 import mlflow.pyfunc
 
 from cheetah.config import Params
-from cheetah.io import DataError
+from cheetah.io import DataError, check_finite_weights
 
 MODEL_NAME_IN_RUN = "vpgc"  # the model's name inside its registering run
 BACKBONE_ENV = "CHEETAH_BACKBONE_DIR"
@@ -66,6 +66,18 @@ def resolve_backbone_dir(card: Mapping[str, Any], override: str | Path | None = 
             f"(absolute: {card.get('backbone_abspath')!r}), which does not exist here; set {BACKBONE_ENV} "
             "(or model_config={'backbone_dir': ...}) to its directory")
     return None
+
+
+def check_backbone_digest(directory: str | Path, digest: str) -> None:
+    """Refuse a backbone whose weights are not those the model was registered with (the version's `backbone_sha256`):
+    wherever it was found (where it was trained, $CHEETAH_BACKBONE_DIR, the download cache), it must be that one."""
+    from cheetah.model.weights import weights_digest
+
+    found = weights_digest(directory)
+    if found != digest:
+        check_finite_weights(directory, "backbone weights")  # the more telling reason first, naming the file
+        raise DataError(f"{directory}: the backbone's weights (digest {str(found)[:12]}…) are not those the model was "
+                        f"registered with ({digest[:12]}…); set {BACKBONE_ENV} to the registered backbone")
 
 
 def fetch_backbone(uri: str, digest: str) -> Path:
@@ -140,6 +152,8 @@ class VPGCPyfunc(mlflow.pyfunc.PythonModel):
         config = dict(getattr(context, "model_config", None) or {})
         remote = {"uri": config.get("backbone_uri"), "sha256": config.get("backbone_sha256")}
         backbone_dir = resolve_backbone_dir(card, config.get("backbone_dir"), remote)
+        if backbone_dir is not None and remote["sha256"]:
+            check_backbone_digest(backbone_dir, str(remote["sha256"]))
         if backbone_dir is None:  # a preset name the card records without a directory
             model = load_model(vpgc_dir)
         else:

@@ -53,7 +53,7 @@ from cheetah.config import ConfigError, SynthesizeConfig
 from cheetah.engine import fan_out
 from cheetah.formats import (SOURCE_CAPTIONS, SOURCE_SCENES, SYNTHETIC_CAPTIONS, SYNTHETIC_PAIRS, read_records,
                              source_problem)
-from cheetah.io import DataError, atomic_dir, atomic_write_json, check_output, safe_join
+from cheetah.io import DataError, atomic_dir, atomic_write_json, check_output, lock_scope, safe_join
 from cheetah.progress import StageBar
 from cheetah.synthesize.apply import Applier, InpaintApplier, WorldApplier
 from cheetah.synthesize.common import Reject, SourceItem
@@ -548,7 +548,14 @@ def synthesize(cfg: SynthesizeConfig, backbone: Any = None) -> dict[str, Any]:
 
     Shards finished by an earlier, interrupted run with the same inputs are reused. If shards fail, the others'
     outputs are kept and `ShardFailed` names each failed shard's source record; a rerun runs only the missing shards.
+    The work area and the output folder are locked for the run (a second run on them is refused by name) and
+    released when it ends (`cheetah.io.lock_scope`).
     """
+    with lock_scope():
+        return _synthesize(cfg, backbone)
+
+
+def _synthesize(cfg: SynthesizeConfig, backbone: Any) -> dict[str, Any]:
     # Before any work: the output folder replaces only an earlier synthetic set, never its inputs.
     check_output(cfg.out, SYNTHETIC_KIND, protect=_inputs(cfg, backbone))
     run = plan(cfg, backbone)

@@ -1,27 +1,22 @@
 """The base stage of the embedded default: pretrain the `tiny` backbone into a caption-trained multimodal LLM.
 
-This plays the part of the frozen BLIP-2-family model of the paper, and is trained the way such a model is built:
+This plays the part of the frozen BLIP-2-family model of the paper (a CLIP-pretrained ViT, a Q-Former trained on
+captions, an instruction-tuned LLM joined to it by a projection), built in two phases:
 
-1. **Vision** (the part of EVA-CLIP pretraining and BLIP-2 stage 1). The ViT learns to see *everything* — a tag
-   probe on its patch features predicts, cell by cell, the size, shape, colour and texture of every object, small
-   details included — while the Q-Former learns, from the same features, only what a *caption* says: the large
-   objects and the background. So the details are in the ViT features but the visual prompt drops them: the
-   caption bias VPG-C exists to correct. The probes are thrown away afterwards.
-2. **Alignment** (BLIP-2 stage 2 / MiniGPT-4). ViT and Q-Former frozen, the projection and the language model
-   learn from captions, single-image questions about the primary content (Yes/No included), two-image prompts
-   (describe the named image; describe the difference when one *large* object was edited), plus text-only
-   instructions that teach the language model every answer form of the world (difference sentences about any
-   object, attributes of details, Yes/No about a caption given in the text) — as an instruction-tuned LLM knows them
-   before it is given eyes. So the base compares two images on what captions cover and names the large object; a
-   change to a small detail is what it misses, and what VPG-C, trained on the synthetic pairs, must recover.
+1. **Vision** (cheetah/train/vision.py): the ViT learns to see every object, small ones included; the Q-Former learns,
+   from the same features, only what a caption says — the large objects and the background.
+2. **Language model**: from scratch, with the projection, on two inputs at once: the corpus images (captions and
+   questions about what captions cover), and fresh scenes given as object tokens — every object, large or small,
+   one input vector (cheetah/train/world_examples.py) — with every answer form (captions, questions, Yes/No,
+   two-image differences). It learns to talk about any object its input holds, as an instruction-tuned LLM can,
+   and the projection learns to turn the visual prompt into what it reads.
 
-Starting the language model on images straight from random weights does not work at this scale: it learns the
-language long before it learns to read the image tokens (tests on this machine: no grounding after 600 steps),
-whereas with a pretrained vision side it reads them within a few hundred steps.
+The result answers about what captions cover and misses the small details: its visual prompt dropped them, not its
+language model. That is the world the paper assumes, and each link is measured on held-out scenes
+(cheetah/evaluate/backbone.py; docs/miniature.md).
 
 Output: a backbone directory (weights, tokenizer trained on the world's language, image processor) that
-`cheetah.model.backbones.load_backbone` reads like any real checkpoint, and `metrics/base.json` with the
-held-out captioning quality.
+`cheetah.model.backbones.load_backbone` reads like any real checkpoint, and `metrics/base.json`.
 
 That is `base.init: pretrain`. The stage is the pipeline's one source of the backbone at every scale
 (`base_stage`): with `init: checkpoint` it brings a real checkpoint directory (e.g. the official Vicuna-7B release
@@ -31,124 +26,37 @@ after `cheetah model import`) into `base.out`, so DVC versions the exact weights
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
 import time
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn as nn
 from tqdm import tqdm
 
-from cheetah.config import ConfigError, Params
-from cheetah.formats import IMAGE_TOKEN, SOURCE_CAPTIONS, SOURCE_SCENES, read_records, source_problem
-from cheetah.io import (DataError, atomic_dir, atomic_write_json, check_output, read_json, safe_join,
-                        write_metrics)
+from cheetah.config import BaseConfig, ConfigError, Params
+from cheetah.formats import SOURCE_CAPTIONS, SOURCE_SCENES, read_records, source_problem
+from cheetah.io import (METRICS_KIND, DataError, atomic_dir, atomic_write_json, check_output, check_output_file,
+                        lock_output, read_json, safe_join, write_metrics)
 from cheetah.model.backbones import BACKBONE_KIND, build_backbone, load_backbone, save_backbone
+from cheetah.evaluate.backbone import scene_pixels
 from cheetah.model.prompts import PromptBuilder
 from cheetah.train.data import load_pixels
-from cheetah.train.vpgc import lr_lambda
-from cheetah.world import (
-    CAPTION_PROMPTS,
-    CELLS,
-    COLORS,
-    DIFFERENCE_INSTRUCTIONS,
-    EDIT_TYPES,
-    PERCEPTION_KINDS,
-    QA,
-    SHAPES,
-    SIZES,
-    TEXTURES,
-    Scene,
-    caption,
-    difference_sentence,
-    edit_scene,
-    heldout_scenes,
-    questions,
-    read_scenes,
-    render,
-    sample_question,
-    train_tokenizer,
-    yes_no_pair,
-)
-from cheetah.world.language import CAPTION_TEMPLATES
+from cheetah.train.vision import TagProbe, qformer_output, train_vision
+from cheetah.train.schedule import lr_lambda
+from cheetah.train.world_examples import (Example, ObjectTokens, caption_example, difference_example,
+                                          language_example, named_caption_example, primary_questions, yes_no_example)
+from cheetah.world import Scene, generate_scene, heldout_scenes, read_scenes, render, train_tokenizer
 
 log = logging.getLogger(__name__)
 
-PRIMARY_KINDS = ("color", "shape", "texture", "position", "background")
-# The Yes/No questions the base is measured on: what captions cover (PERCEPTION_KINDS), and where it is.
-YES_NO_KINDS_ASKED = (*PERCEPTION_KINDS, "position")
-YES_NO_SEED = 20_000  # the held-out questions' own stream, apart from the scenes' and the benchmarks'
-
-
-def primary_questions(scene: Scene) -> list[QA]:
-    """Questions about what the caption covers: the large objects, their number, and the background."""
-    return [qa for qa in questions(scene)
-            if qa.kind == "background" or (qa.kind in PRIMARY_KINDS + ("count",) and " large " in f" {qa.question} ")]
-
-
-def _image_examples(source: Path, records: list[dict[str, Any]], scenes: dict[str, Scene],
-                    seed: int) -> tuple[list[Path], list[tuple[int, str, str]]]:
-    """(image paths, [(image index, instruction, response)]): captions and primary-content questions, Yes/No ones
-    included (more Yes/No questions are drawn afresh every step: `_yes_no_examples`)."""
-    rng = np.random.default_rng(seed)
-    paths, examples = [], []
-    for i, rec in enumerate(records):
-        paths.append(safe_join(source, rec["image"], what=f"{source / SOURCE_CAPTIONS} (id {rec['id']!r}): image"))
-        prompt = CAPTION_PROMPTS[int(rng.integers(len(CAPTION_PROMPTS)))]
-        examples.append(((i,), prompt, rec["caption"]))
-        scene = scenes[rec["id"]]
-        for qa in primary_questions(scene):
-            examples.append(((i,), f"<image> {qa.question}", qa.answer))
-        for kind in YES_NO_KINDS_ASKED:  # yes/no questions, about the primary objects only
-            yes, no = yes_no_pair(scene, kind, rng, size="large")
-            examples += [((i,), f"<image> {yes}", "Yes"), ((i,), f"<image> {no}", "No")]
-    # Two-image prompts whose answer is a caption of the image the instruction names: with the difference examples
-    # (`_difference_examples`), the instruction, not the number of images, decides what the answer is about.
-    for i, rec in enumerate(records):
-        j = int(rng.integers(len(records)))
-        which, k = (("first", i), ("second", j))[int(rng.integers(2))]
-        examples.append(((i, j), f"<image> <image> Describe the {which} image briefly.", records[k]["caption"]))
-    return paths, examples
-
-
-def _yes_no_examples(scenes: list[Scene], n: int, rng: np.random.Generator) -> tuple[np.ndarray, list[tuple[str, str]]]:
-    """(image indices, [(instruction, "Yes" | "No")]): `n` Yes/No questions about the large objects of random images
-    of `scenes` (MME's form, `yes_no_pair`), a kind of YES_NO_KINDS_ASKED each, drawn afresh for every step. The
-    fixed pairs of `_image_examples` alone are learned by heart: with a batch of them beside the mix, the held-out
-    accuracy stayed near 71 % while the training images' counts reached 100 %; fresh questions reach ~85 %
-    (docs/base.md point 7)."""
-    images = rng.integers(len(scenes), size=n)
-    asked = []
-    for i in images:
-        kind = YES_NO_KINDS_ASKED[int(rng.integers(len(YES_NO_KINDS_ASKED)))]
-        pair = yes_no_pair(scenes[i], kind, rng, size="large")
-        k = int(rng.integers(2))
-        asked.append((f"{IMAGE_TOKEN} {pair[k]}", ("Yes", "No")[k]))
-    return images, asked
-
-
-def _difference_examples(records: list[dict[str, Any]], scenes: dict[str, Scene], first_index: int,
-                         rng: np.random.Generator) -> tuple[list[Scene], list[tuple[tuple[int, int], str, str]]]:
-    """(edited scenes, [((image, edited image), instruction, difference sentence)]): every record's scene beside one
-    edit of one of its *large* objects (the edited scenes are rendered in memory; their image indices count from
-    `first_index`). An instruction-tuned base compares what captions cover; the small details it misses are VPG-C's
-    to recover. The instruction comes after the images or before them (the DEMON layout), so the instruction, not the
-    layout, decides the answer's form."""
-    edited, examples = [], []
-    for i, rec in enumerate(records):
-        scene, sentence = edit_scene(scenes[rec["id"]], rng, size="large")
-        instruction = DIFFERENCE_INSTRUCTIONS[int(rng.integers(len(DIFFERENCE_INSTRUCTIONS)))]
-        if rng.random() < 0.5:
-            images, _, ask = instruction.rpartition(IMAGE_TOKEN)
-            instruction = f"{ask.strip()} {images}{IMAGE_TOKEN}"
-        examples.append(((i, first_index + len(edited)), instruction, sentence))
-        edited.append(scene)
-    return edited, examples
+# The object-token scenes' own seed stream (the corpus uses world.seed, held-out scenes world.heldout_seed, probes
+# PROBE_STREAM), drawn afresh for every example: they cost no rendering, and must not be learned by heart.
+LANGUAGE_STREAM = 30_000
 
 
 def _read_source(source: Path) -> tuple[list[dict[str, Any]], dict[str, Scene]]:
@@ -162,265 +70,12 @@ def _read_source(source: Path) -> tuple[list[dict[str, Any]], dict[str, Scene]]:
     return records, scenes
 
 
-def _chat_examples(scenes: list[Scene], rng: np.random.Generator) -> list[tuple[str, str]]:
-    """Text-only instruction data for the language model: (instruction, response) pairs about scenes it does not
-    see. It learns the *form* of every answer the world asks for — difference sentences, attribute answers,
-    Yes/No — and the language of the details, as an instruction-tuned LLM knows them before it is given eyes;
-    which object and which attribute is right can only come from the visual prompt."""
-    pairs = []
-    for scene in scenes:
-        objects = list(scene.objects)
-        o = objects[int(rng.integers(len(objects)))].attrs()
-        edit = EDIT_TYPES[int(rng.integers(len(EDIT_TYPES)))]
-        new = {**o, "color": COLORS[int(rng.integers(len(COLORS)))], "shape": SHAPES[int(rng.integers(len(SHAPES)))]}
-        before, after = {"modify": (o, {**o, "color": new["color"]}), "swap": (o, new), "delete": (o, None),
-                         "add": (None, {**new, "size": "small"})}[edit]
-        if edit == "modify" and new["color"] == o["color"]:
-            before, after = o, None
-            edit = "delete"
-        instruction = DIFFERENCE_INSTRUCTIONS[int(rng.integers(len(DIFFERENCE_INSTRUCTIONS)))]
-        pairs.append((_without_images(instruction), difference_sentence(edit, before, after)))
-        qa = sample_question(scene, rng)
-        pairs.append((qa.question, qa.answer))
-        # Reading comprehension: Yes/No questions answered from a caption given in the text, as an instruction-tuned
-        # LLM answers them before it is given eyes (without the caption the answer would be a coin flip).
-        kind = PERCEPTION_KINDS[int(rng.integers(len(PERCEPTION_KINDS)))]
-        yes, no = yes_no_pair(scene, kind, rng, size="large")
-        context = f"Caption: {caption(scene)}."
-        pairs += [(f"{context} {yes}", "Yes"), (f"{context} {no}", "No")]
-    return pairs
-
-
-def _without_images(text: str) -> str:
-    return " ".join(text.replace(IMAGE_TOKEN, " ").split())
-
-
-class TagProbe(nn.Module):
-    """Supervision for the vision phase, discarded afterwards.
-
-    - ViT: for each of the 3x3 cells, from the mean of the patch features whose centre lies in the cell: its
-      object's size or "none", and the shape, colour and texture of a large and of a small object in separate heads
-      (so the many hard small shapes do not hold the large ones back); the background colour and texture from the
-      mean patch.
-    - Q-Former: the caption's content only — shape, colour and texture of the (up to two) large objects, each from
-      one query (the first two; one head shared by both, so an object reads the same in either), and the background
-      from the third. The two object queries are matched to the objects in whichever order fits best (the loss is
-      the smaller of the two assignments), as there is no natural order to put them in. One object per visual
-      token: the form of visual prompt docs/base.md measures the language model on.
-    """
-
-    ATTRS = {"shape": len(SHAPES), "color": len(COLORS), "texture": len(TEXTURES)}
-    IGNORE = -100  # cross_entropy's ignore_index: a head says nothing about a cell without an object of its size
-
-    def __init__(self, vit_dim: int, query_dim: int, num_queries: int, image_size: int, patch: int):
-        super().__init__()
-        grid = image_size // patch
-        centres = torch.arange(grid) * patch + patch / 2
-        span = grid * patch  # the pixels the patches cover
-        cell = [min(int(3 * float(centres[r]) / span), 2) * 3 + min(int(3 * float(centres[c]) / span), 2)
-                for r in range(grid) for c in range(grid)]
-        cell = torch.tensor(cell)
-        pool = torch.stack([(cell == k).float() / max(1, int((cell == k).sum())) for k in range(len(CELLS))])
-        self.register_buffer("pool", pool)  # (9 cells, patches)
-        attrs = sum(self.ATTRS.values())
-        self.cell = nn.Linear(vit_dim, len(SIZES) + 1 + len(SIZES) * attrs)
-        self.background = nn.Linear(vit_dim, len(COLORS) + len(TEXTURES))
-        if num_queries < 3:
-            raise ValueError(f"the tag probe reads two objects and the background from 3 queries, got {num_queries}")
-        self.slot = nn.Linear(query_dim, attrs + len(self.ATTRS))
-        self.caption_background = nn.Linear(query_dim, len(COLORS) + len(TEXTURES))
-
-    @staticmethod
-    def targets(scene: Scene) -> dict[str, torch.Tensor]:
-        """`cells` (9, 1 + 2 x 3): size (0 = none), then shape, colour, texture of a large and of a small object
-        (IGNORE where the cell holds none of that size); `slots` (2, 3): shape, colour, texture of the large objects
-        (0 = no such object, else 1 + index), in either order; `background` (2,): colour and texture."""
-        cells = torch.full((len(CELLS), 1 + len(SIZES) * 3), TagProbe.IGNORE, dtype=torch.long)
-        cells[:, 0] = 0
-        for o in scene.objects:
-            k, s = CELLS.index(o.cell), SIZES.index(o.size)
-            cells[k, 0] = 1 + s
-            cells[k, 1 + 3 * s:4 + 3 * s] = torch.tensor([SHAPES.index(o.shape), COLORS.index(o.color),
-                                                          TEXTURES.index(o.texture)])
-        slots = torch.zeros(2, 3, dtype=torch.long)
-        for j, o in enumerate(scene.primary[:2]):
-            slots[j] = torch.tensor([1 + SHAPES.index(o.shape), 1 + COLORS.index(o.color),
-                                     1 + TEXTURES.index(o.texture)])
-        background = torch.tensor([COLORS.index(scene.background_color), TEXTURES.index(scene.background_texture)])
-        return {"cells": cells, "slots": slots, "background": background}
-
-    @staticmethod
-    def _split(logits: torch.Tensor, widths: list[int]) -> list[torch.Tensor]:
-        bounds = np.cumsum([0, *widths])
-        return [logits[..., bounds[j]:bounds[j + 1]] for j in range(len(widths))]
-
-    def logits(self, patches: torch.Tensor, queries: torch.Tensor) -> dict[str, list[torch.Tensor]]:
-        """The logits of every column of the targets, in their order: cells (B, 9, classes) x 7, slots
-        (B, classes) x 6, and the background from the ViT (`background`) and from the Q-Former (`caption_background`),
-        (B, classes) x 2 each."""
-        attrs = list(self.ATTRS.values())
-        cells = self._split(self.cell(torch.einsum("kp,bpd->bkd", self.pool, patches)),
-                            [len(SIZES) + 1] + attrs * len(SIZES))
-        background = self._split(self.background(patches.mean(1)), [len(COLORS), len(TEXTURES)])
-        slots = [x for j in range(2) for x in self._split(self.slot(queries[:, j]), [n + 1 for n in attrs])]
-        caption_background = self._split(self.caption_background(queries[:, 2]), [len(COLORS), len(TEXTURES)])
-        return {"cells": cells, "slots": slots, "caption_background": caption_background, "background": background}
-
-    def loss(self, patches: torch.Tensor, queries: torch.Tensor, t: dict[str, torch.Tensor]) -> torch.Tensor:
-        ce = nn.functional.cross_entropy
-        out = self.logits(patches, queries)
-        loss = sum(ce(x.flatten(0, 1), t["cells"][..., j].flatten(), ignore_index=self.IGNORE)
-                   for j, x in enumerate(out["cells"]))
-        loss = loss + self._slot_losses(out["slots"], t["slots"]).min(1).values.mean()
-        for key in ("background", "caption_background"):
-            loss = loss + sum(ce(x, t["background"][:, j]) for j, x in enumerate(out[key]))
-        return loss
-
-    @staticmethod
-    def _slot_losses(logits: list[torch.Tensor], slots: torch.Tensor) -> torch.Tensor:
-        """(B, 2): per sample, the slot loss with the objects in their order and swapped."""
-        ce = nn.functional.cross_entropy
-        out = []
-        for order in ((0, 1), (1, 0)):
-            target = slots[:, order].flatten(1)
-            out.append(sum(ce(x, target[:, j], reduction="none") for j, x in enumerate(logits)))
-        return torch.stack(out, 1)
-
-    def predict(self, patches: torch.Tensor, queries: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The probes' answers, shaped like the (batched) targets: from the ViT for `cells` and `background`, from
-        the Q-Former for `slots`."""
-        out = self.logits(patches, queries)
-        n = patches.shape[0]
-        return {"cells": torch.stack([x.argmax(-1) for x in out["cells"]], -1),
-                "slots": torch.stack([x.argmax(-1) for x in out["slots"]], -1).reshape(n, 2, 3),
-                "background": torch.stack([x.argmax(-1) for x in out["background"]], -1)}
-
-
-@torch.no_grad()
-def probe_accuracy(model: Any, probe: TagProbe, pixels: torch.Tensor, scenes: list[Scene]) -> dict[str, float]:
-    """Held-out check of the vision phase (%): what the ViT features hold about the large and the small objects
-    (shape, colour and texture from the cell probe), and what the visual prompt holds about what captions say (the
-    Q-Former slot probe: shape, colour and texture of the large objects, in the better of the two orders)."""
-    patches = model.vision_model(pixel_values=pixels).last_hidden_state
-    predicted = probe.predict(patches[:, 1:], _qformer(model, patches))
-    targets = [TagProbe.targets(s) for s in scenes]
-    cells = torch.stack([t["cells"] for t in targets])
-    out = {}
-    for s, size in enumerate(SIZES):
-        cols = slice(1 + 3 * s, 4 + 3 * s)
-        here = cells[..., 0] == 1 + s
-        right = (predicted["cells"][..., cols] == cells[..., cols])[here]
-        out[f"vit_{size}"] = round(100.0 * float(right.float().mean()), 2)
-    slots = torch.stack([t["slots"] for t in targets])
-    filled = slots[..., 0] > 0
-    right = torch.stack([((predicted["slots"] == slots[:, order]) & filled[:, order, None]).sum((1, 2))
-                         for order in ((0, 1), (1, 0))]).max(0).values
-    out["qformer_large"] = round(100.0 * float(right.sum()) / (3 * float(filled.sum())), 2)
-    return out
-
-
-@torch.no_grad()
-def caption_quality(backbone: Any, scenes: list[Scene], images: list[Any] | None = None, batch_size: int = 32,
-                    max_new_tokens: int = 32) -> dict:
-    """Greedy captions of held-out scenes against their reference captions: exact match and ROUGE-L F (%).
-    `images`: the scenes' renders, where the caller has them."""
-    from cheetah.evaluate.generation import Generator, Request
-    from cheetah.evaluate.scoring import rouge_l
-    from cheetah.model.vpgc import VPGCModel
-
-    model = VPGCModel(backbone)  # zero-initialised VPG-C: exactly the backbone
-    generator = Generator(model, batch_size=batch_size, max_new_tokens=max_new_tokens)
-    images = images or [render(s).image for s in scenes]
-    requests = [Request(CAPTION_PROMPTS[0], [image]) for image in images]
-    answers = generator.answer(requests)
-    model.detach_from_backbone()
-    # A scene has one caption per template ("a picture of …", "an image of …"); any of them is right.
-    refs = [[caption(s, t) for t in range(len(CAPTION_TEMPLATES))] for s in scenes]
-    exact = float(np.mean([a.strip() in r for a, r in zip(answers, refs)])) * 100
-    rouge = float(np.mean([max(rouge_l(a, x) for x in r) for a, r in zip(answers, refs)])) * 100
-    examples = [{"reference": r[0], "generated": a} for r, a in list(zip(refs, answers))[:5]]
-    return {"caption_exact_match": exact, "caption_rouge_l": rouge, "examples": examples, "n": len(scenes)}
-
-
-@torch.no_grad()
-def yes_no_accuracy(backbone: Any, scenes: list[Scene], images: list[Any] | None = None,
-                    batch_size: int = 32) -> dict[str, Any]:
-    """Accuracy (%) of greedy Yes/No answers about held-out scenes, per object size and kind of question.
-
-    For every scene, size and kind, one question whose answer is Yes and one whose answer is No (`yes_no_pair`),
-    parsed with the official MME rule: `primary` asks about the large objects (what captions cover), `detail` about
-    the small ones no caption mentions, where a caption-trained model should be near chance. `accuracy` is over
-    PERCEPTION_KINDS (existence, colour, shape, texture, count); `position` is reported beside it (captions do not
-    say where things are). `yes_share`: the share of Yes answers (100 or 0: one constant answer). `images`: the
-    scenes' renders, where the caller has them."""
-    from cheetah.evaluate.generation import Generator, Request
-    from cheetah.evaluate.scoring import parse_yes_no
-    from cheetah.model.vpgc import VPGCModel
-
-    rng = np.random.default_rng([YES_NO_SEED, len(scenes)])
-    asked = []  # (size, kind, question, truth, image)
-    images = images or [render(s).image for s in scenes]
-    for scene, image in zip(scenes, images, strict=True):
-        for size in SIZES:
-            for kind in YES_NO_KINDS_ASKED:
-                yes, no = yes_no_pair(scene, kind, rng, size=size)
-                asked += [(size, kind, yes, "yes", image), (size, kind, no, "no", image)]
-    model = VPGCModel(backbone)  # zero-initialised VPG-C: exactly the backbone
-    generator = Generator(model, batch_size=batch_size, max_new_tokens=4)
-    answers = generator.answer([Request(f"{IMAGE_TOKEN} {q}", [image]) for _, _, q, _, image in asked])
-    model.detach_from_backbone()
-    parsed = [parse_yes_no(a) for a in answers]
-    right = [p == truth for (_, _, _, truth, _), p in zip(asked, parsed)]
-    said_yes = [p == "yes" for p in parsed]
-
-    def pct(rows: list[int], of: list[bool]) -> float:
-        return round(100.0 * float(np.mean([of[i] for i in rows])), 2)
-
-    out: dict[str, Any] = {}
-    for split, size in (("primary", "large"), ("detail", "small")):
-        rows = [i for i, a in enumerate(asked) if a[0] == size]
-        scored = [i for i in rows if asked[i][1] in PERCEPTION_KINDS]
-        out[split] = {"accuracy": pct(scored, right), "n": len(scored), "yes_share": pct(scored, said_yes),
-                      "kinds": {k: pct([i for i in rows if asked[i][1] == k], right) for k in YES_NO_KINDS_ASKED}}
-    out["examples"] = [{"question": q, "truth": t, "answer": a} for (_, _, q, t, _), a in
-                       list(zip(asked, answers))[:2 * len(YES_NO_KINDS_ASKED)]]
-    return out
-
-
-def train_vision(model: Any, probe: TagProbe, pixels: torch.Tensor, tags: list[dict[str, torch.Tensor]],
-                 rng: np.random.Generator, *, steps: int, batch_size: int, lr: float, weight_decay: float,
-                 warmup_steps: int, schedule: str = "cosine",
-                 callback: Callable[[int, float], None] | None = None) -> list[float]:
-    """The vision phase: the ViT, the Q-Former, its query tokens and `probe` learn the probe's targets (`tags`, one
-    per image of `pixels`) with AdamW, warm-up and `schedule`; returns the loss of every step. `callback(step, loss)`
-    after each step (it may evaluate: training mode is set again before every step). Leaves both in eval mode."""
-    params = [*model.vision_model.parameters(), *model.qformer.parameters(), model.query_tokens, *probe.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup_steps, steps, schedule))
-    losses = []
-    for step in tqdm(range(steps), desc="base: vision", dynamic_ncols=True):
-        model.vision_model.train(), model.qformer.train()
-        idx = rng.integers(len(pixels), size=batch_size)
-        patches = model.vision_model(pixel_values=pixels[idx]).last_hidden_state
-        loss = probe.loss(patches[:, 1:], _qformer(model, patches),
-                          {k: torch.stack([tags[i][k] for i in idx]) for k in tags[0]})
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        if callback is not None:
-            callback(step + 1, losses[-1])
-    model.vision_model.eval(), model.qformer.eval()
-    return losses
-
-
 def _lm_loss(model: Any, builder: PromptBuilder, samples: list[Any],
-             visual: list[torch.Tensor] | None = None) -> torch.Tensor:
-    """The language model's token-mean loss on `samples` (`Encoded`), each with its images' visual prompts `visual`
-    (one (images x queries, D) tensor per sample; None: text only). Computed in two length buckets, so a short Yes/No
-    question is not padded to the longest two-image sample: the same value as one padded batch on ~40 % fewer
-    tokens (the alignment data's lengths run from ~45 to ~110)."""
+             image_tokens: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """The language model's token-mean loss on `samples` (`Encoded`), each with its images' tokens in the language
+    model's input space (`image_tokens`: one (images x queries, H) tensor per sample; None: text only). Computed in
+    two length buckets, so a short Yes/No question is not padded to the longest two-image sample: the same value as
+    one padded batch on fewer tokens."""
     if not samples:
         return torch.zeros(())
     order = sorted(range(len(samples)), key=lambda i: len(samples[i].input_ids))
@@ -433,24 +88,17 @@ def _lm_loss(model: Any, builder: PromptBuilder, samples: list[Any],
         if not part:
             continue
         batch = builder.collate([samples[i] for i in part], "right")
-        if visual is None:
+        if image_tokens is None:
             inputs = {"input_ids": batch["input_ids"]}
         else:
             mask = (batch["input_ids"] == model.config.image_token_index).unsqueeze(-1)
-            tokens = model.language_projection(torch.cat([visual[i] for i in part]))
+            tokens = torch.cat([image_tokens[i] for i in part])
             inputs = {"inputs_embeds": model.get_input_embeddings()(batch["input_ids"]).masked_scatter(mask, tokens)}
         # num_items_in_batch: each bucket's summed loss over the whole batch's targets, so the buckets add up to
         # the batch's token mean.
         loss = loss + model.language_model(**inputs, attention_mask=batch["attention_mask"], labels=batch["labels"],
                                            num_items_in_batch=targets).loss
     return loss
-
-
-def _qformer(model: Any, features: torch.Tensor) -> torch.Tensor:
-    queries = model.query_tokens.expand(features.shape[0], -1, -1)
-    mask = torch.ones(features.shape[:2], dtype=torch.long)
-    return model.qformer(query_embeds=queries, encoder_hidden_states=features,
-                         encoder_attention_mask=mask).last_hidden_state
 
 
 def base_stage(params: Params) -> dict[str, Any]:
@@ -511,9 +159,7 @@ def checkpoint_base(params: Params) -> dict[str, Any]:
 
 
 def pretrain_base(params: Params) -> dict[str, Any]:
-    """Train the tiny backbone from scratch on the source corpus; write it to `params.base.out`."""
-    from cheetah.tracking import log_steps
-
+    """Train the tiny backbone from scratch (vision, then the language model); write it to `base.out`."""
     cfg, world = params.base, params.world
     if params.model.preset != "tiny":
         raise ConfigError(f"base.init `pretrain` trains the embedded `tiny` preset only; for {params.model.preset!r} "
@@ -521,95 +167,175 @@ def pretrain_base(params: Params) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     source = Path(world.out)
-    check_output(cfg.out, BACKBONE_KIND, protect=[source])  # before any work: never replace what it did not write
+    # Before any work: never replace what it did not write, and one writer at a time.
+    check_output(cfg.out, BACKBONE_KIND, protect=[source])
+    lock_output(cfg.out)
+    check_output_file(cfg.metrics, METRICS_KIND)
 
     tokenizer = train_tokenizer(cfg.vocab_size)
     backbone = build_backbone("tiny", tokenizer=tokenizer, image_size=world.image_size, seed=cfg.seed)
     model = backbone.model
     builder = PromptBuilder.for_backbone(backbone, max_length=128)
     records, scene_by_id = _read_source(source)
-    paths, image_examples = _image_examples(source, records, scene_by_id, cfg.seed)
-    pixels = torch.stack([load_pixels(p, backbone.image_processor) for p in paths])
-    tags = [TagProbe.targets(scene_by_id[r["id"]]) for r in records]
-
+    scenes = [scene_by_id[r["id"]] for r in records]  # image i shows scenes[i]
+    pixels = torch.stack([load_pixels(safe_join(source, r["image"], what=f"{source / SOURCE_CAPTIONS} (id "
+                                                f"{r['id']!r}): image"), backbone.image_processor) for r in records])
     t_start = time.perf_counter()
 
-    # -- 1. vision: ViT sees everything, the Q-Former learns what captions say --------------------------------
+    # -- 1. vision: the ViT sees every object, the Q-Former learns what captions say -------------------------
     vcfg = model.config.vision_config
     probe = TagProbe(vcfg.hidden_size, model.config.qformer_config.hidden_size, backbone.num_query_tokens,
                      vcfg.image_size, vcfg.patch_size)
-    vision_losses = train_vision(model, probe, pixels, tags, rng, steps=cfg.vision_steps, batch_size=2 * cfg.batch_size,
-                                 lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps)
-
-    heldout = list(heldout_scenes(world, cfg.eval_scenes))
-    heldout_images = [render(s).image for s in heldout]
-    heldout_pixels = backbone.image_processor(heldout_images, return_tensors="pt")["pixel_values"]
-    probe_heldout = probe_accuracy(model, probe, heldout_pixels, heldout)
-    log.info("base: what the vision phase holds about held-out scenes (%%, probes): %s", probe_heldout)
-
-    # -- 2. alignment: frozen ViT + Q-Former; the projection and the language model learn ---------------------
+    vision_losses = train_vision(model, probe, pixels, [TagProbe.targets(s) for s in scenes], rng,
+                                 steps=cfg.vision_steps, batch_size=2 * cfg.batch_size, lr=cfg.lr,
+                                 weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps)
     for p in (*model.vision_model.parameters(), *model.qformer.parameters(), model.query_tokens):
         p.requires_grad_(False)
-    edited, difference = _difference_examples(records, scene_by_id, len(paths), rng)
-    image_examples += difference
-    all_pixels = torch.cat([pixels, backbone.image_processor([render(s).image for s in edited],
-                                                             return_tensors="pt")["pixel_values"]])
-    with torch.no_grad():  # frozen: every image's visual prompt is computed once
-        prompts = torch.cat([_qformer(model, model.vision_model(pixel_values=all_pixels[i:i + 128]).last_hidden_state)
-                             for i in range(0, len(all_pixels), 128)])
-    encoded = [builder.encode(instr, len(images), resp) for images, instr, resp in image_examples]
-    chat = [builder.encode(instr, 0, resp) for instr, resp in _chat_examples(list(scene_by_id.values()), rng)]
-    align_params = [*model.language_projection.parameters(), *model.language_model.parameters()]
-    model.language_model.train()
-    optimizer = torch.optim.AdamW(align_params, lr=cfg.align_lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, cfg.steps, "cosine"))
-    scenes = [scene_by_id[r["id"]] for r in records]  # image i shows scenes[i]
 
-    align_losses = []  # (image loss, Yes/No loss, text loss) per step
-    for step in tqdm(range(cfg.steps), desc="base: alignment", dynamic_ncols=True):
-        idx = rng.integers(len(encoded), size=cfg.batch_size)
-        loss_img = _lm_loss(model, builder, [encoded[i] for i in idx],
-                            [prompts[list(image_examples[i][0])].flatten(0, 1) for i in idx])
-        # Yes/No questions in a batch and a loss term of their own: mixed in, their one-token answers weigh too
-        # little for the language model to learn to compare a question with the image within the run (docs/base.md).
-        images, asked = _yes_no_examples(scenes, cfg.yes_no_batch, rng)
-        loss_yes_no = _lm_loss(model, builder, [builder.encode(q, 1, a) for q, a in asked], list(prompts[images]))
-        text = rng.integers(len(chat), size=max(1, cfg.batch_size // 2))
-        loss_txt = _lm_loss(model, builder, [chat[i] for i in text])
-        (loss_img + loss_yes_no + 0.5 * loss_txt).backward()
-        torch.nn.utils.clip_grad_norm_(align_params, 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        align_losses.append((loss_img.item(), loss_yes_no.item(), loss_txt.item()))
-        if (step + 1) % 20 == 0 or step + 1 == cfg.steps:
-            log_steps([(step + 1, {"image_loss": loss_img.item(), "yes_no_loss": loss_yes_no.item(),
-                                   "text_loss": loss_txt.item(), "lr": scheduler.get_last_lr()[0]})])
+    # -- 2. the language model: every answer form about every object, from pixels and from object tokens ------
+    examples, edited = pixel_examples(scenes, [r["caption"] for r in records], rng)
+    with torch.no_grad():  # frozen: every image's visual prompt is computed once
+        shown = torch.cat([pixels, scene_pixels(edited, backbone.image_processor)])
+        prompts = torch.cat([qformer_output(model, model.vision_model(pixel_values=shown[i:i + 128]).last_hidden_state)
+                             for i in range(0, len(shown), 128)])
+    prompts_by_id = {s.id: p for s, p in zip([*scenes, *edited], prompts, strict=True)}
+    tokens = ObjectTokens(tokenizer, backbone.num_query_tokens)
+    losses = train_language_model(model, builder, tokens, scenes, examples, prompts_by_id, cfg, rng)
     train_seconds = time.perf_counter() - t_start
 
     model.eval()
     model.requires_grad_(False)
-    quality = caption_quality(backbone, heldout, heldout_images)
-    yes_no = yes_no_accuracy(backbone, heldout, heldout_images)
-    last = np.array(align_losses[-20:])
     metrics = {
         "vision_steps": cfg.vision_steps,
         "steps": cfg.steps,
         "train_seconds": round(train_seconds, 1),
-        "final_vision_loss": float(np.mean(vision_losses[-20:])) if vision_losses else None,
-        "final_image_loss": float(last[:, 0].mean()),
-        "final_yes_no_loss": float(last[:, 1].mean()),
-        "final_text_loss": float(last[:, 2].mean()),
+        "final_vision_loss": _tail_mean(vision_losses),
+        "final_loss": _tail_mean([a for a, _ in losses]),
+        "final_yes_no_loss": _tail_mean([b for _, b in losses]),
+        **measure_backbone(backbone, builder, tokens, world, cfg),
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+    save_backbone(backbone, cfg.out, extra_meta={"init": "pretrain", "base_metrics": _headline(metrics)},
+                  protect=[source])
+    write_metrics(cfg.metrics, metrics)
+    return _headline(metrics)
+
+
+def _tail_mean(losses: list[float]) -> float | None:
+    return float(np.mean(losses[-20:])) if losses else None
+
+
+def _headline(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The metrics without their long tails (examples, per-kind tables)."""
+    return {k: v for k, v in metrics.items()
+            if k not in ("examples", "yes_no", "yes_no_object_tokens", "differences_object_tokens", "probes")}
+
+
+def _optimizer(params: list[torch.nn.Parameter], lr: float, cfg: BaseConfig, steps: int):
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, steps, "cosine"))
+
+
+def train_language_model(model: Any, builder: PromptBuilder, tokens: ObjectTokens, corpus: list[Scene],
+                         pixel_examples: list[Example], prompts: dict[str, torch.Tensor], cfg: BaseConfig,
+                         rng: np.random.Generator) -> list[tuple[float, float]]:
+    """Phase 2: the language model from scratch, its embeddings and the projection, on two kinds of input at once.
+
+    Per step, `batch_size` mixed examples: three quarters show **pixels** (the frozen visual prompts,
+    `prompts[scene id]`) — captions of the corpus images, questions about their large objects, two-image prompts
+    (`pixel_examples`, fixed) — and a quarter show **object tokens** of fresh scenes (`tokens`) — every answer form
+    about every object, large or small (`language_example`). So the language model learns the language of every object and answer form, and
+    the projection learns to turn the visual prompt into what it reads. And `yes_no_batch` Yes/No questions about the
+    large objects of the corpus images (drawn afresh), with a loss term of their own: mixed in, the one-token answers
+    weigh too little for the model to learn to compare (docs/base.md); from object tokens of either size it had not
+    learned to compare within 1,500 steps (docs/miniature.md). Returns (mixed loss, Yes/No loss) per step."""
+    embedding = model.get_input_embeddings()
+    params = [*model.language_projection.parameters(), *model.language_model.parameters()]
+    optimizer, scheduler = _optimizer(params, cfg.align_lr, cfg, cfg.steps)
+    model.language_model.train()
+
+    def fresh(n: int) -> list[Scene]:
+        return [generate_scene(LANGUAGE_STREAM + cfg.seed, int(i)) for i in rng.integers(2**31, size=n)]
+
+    def loss_on(seen: list[Example], told: list[Example]) -> torch.Tensor:
+        encoded = [builder.encode(e.instruction, len(e.scenes), e.response) for e in (*seen, *told)]
+        shown = [model.language_projection(torch.cat([prompts[s.id] for s in e.scenes])) for e in seen]
+        shown += [tokens.embed(e.scenes, embedding.weight, rng) for e in told]
+        return _lm_loss(model, builder, encoded, shown)
+
+    losses = []
+    for step in tqdm(range(cfg.steps), desc="base: language model", dynamic_ncols=True):
+        told = cfg.batch_size // 4
+        pool = fresh(told)
+        mixed = loss_on([pixel_examples[int(i)] for i in rng.integers(len(pixel_examples), size=cfg.batch_size - told)],
+                        [language_example(pool, rng) for _ in range(told)])
+        yes_no = loss_on([yes_no_example(corpus[int(i)], rng, "large")
+                          for i in rng.integers(len(corpus), size=cfg.yes_no_batch)], [])
+        (mixed + yes_no).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append((mixed.item(), yes_no.item()))
+        _log(step, cfg.steps, "language_model", losses[-1], scheduler)
+    model.language_model.eval()
+    return losses
+
+
+def pixel_examples(corpus: list[Scene], captions: list[str], rng: np.random.Generator
+                   ) -> tuple[list[Example], list[Scene]]:
+    """(examples, edited scenes): the fixed examples about the corpus images — each image's caption, the questions
+    about its large objects, a two-image prompt asking for the caption of the named one, and the image beside one
+    edit of a *large* object of it with a difference instruction. The edited scenes are rendered in memory. An
+    instruction-tuned base compares what captions cover; the small details it misses are VPG-C's to recover."""
+    examples, edited = [], []
+    for i, (scene, text) in enumerate(zip(corpus, captions, strict=True)):
+        examples.append(dataclasses.replace(caption_example(scene, rng), response=text))
+        examples += primary_questions(scene)
+        examples.append(named_caption_example(scene, corpus[int(rng.integers(len(corpus)))], rng))
+        difference = difference_example(scene, rng, "large")
+        examples.append(difference)
+        edited.append(difference.scenes[1])
+    return examples, edited
+
+
+def _log(step: int, steps: int, phase: str, losses: tuple[float, float], scheduler: Any) -> None:
+    from cheetah.tracking import log_steps
+
+    if (step + 1) % 20 == 0 or step + 1 == steps:
+        log_steps([(step + 1, {f"{phase}_loss": losses[0], f"{phase}_yes_no_loss": losses[1],
+                               f"{phase}_lr": scheduler.get_last_lr()[0]})])
+
+
+def measure_backbone(backbone: Any, builder: PromptBuilder, tokens: ObjectTokens, world: Any, cfg: BaseConfig
+                     ) -> dict[str, Any]:
+    """The held-out measurements of metrics/base.json (cheetah/evaluate/backbone.py): the representation probes,
+    captions, Yes/No from pixels and from object tokens, and descriptions of a small edit from object tokens."""
+    from cheetah.evaluate.backbone import (caption_quality, object_token_differences, object_token_yes_no,
+                                           representation_probes, yes_no_accuracy)
+    from cheetah.evaluate.probes import PROBE_STREAM
+
+    heldout = list(heldout_scenes(world, cfg.eval_scenes))
+    images = [render(s).image for s in heldout]
+    fit = [generate_scene(PROBE_STREAM + cfg.seed, i, world.image_size) for i in range(cfg.probe_scenes)]
+    probes = representation_probes(backbone.model, backbone.image_processor, fit,
+                                   list(heldout_scenes(world, cfg.probe_heldout)))
+    quality = caption_quality(backbone, heldout, images)
+    yes_no = yes_no_accuracy(backbone, heldout, images)
+    told = object_token_yes_no(backbone.model, builder, tokens, heldout)
+    told_differences = object_token_differences(backbone.model, builder, tokens, heldout, "small")
+    return {
         "heldout_scenes": quality["n"],
         "caption_exact_match": quality["caption_exact_match"],
         "caption_rouge_l": quality["caption_rouge_l"],
         "yes_no_primary_accuracy": yes_no["primary"]["accuracy"],
         "yes_no_detail_accuracy": yes_no["detail"]["accuracy"],
-        "probe": probe_heldout,
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "image_examples": len(encoded),
-        "chat_examples": len(chat),
+        "object_tokens_yes_no_detail_accuracy": told["detail"]["accuracy"],
+        "object_tokens_differences_content": told_differences["content"],
+        "probe": {name: result["mean"] for name, result in probes.items()},
+        "probes": probes,
+        "yes_no": yes_no,
+        "yes_no_object_tokens": told,
+        "differences_object_tokens": told_differences,
+        "examples": quality["examples"],
     }
-    save_backbone(backbone, cfg.out, extra_meta={"init": "pretrain", "base_metrics": metrics}, protect=[source])
-    write_metrics(cfg.metrics, {**metrics, "yes_no": yes_no, "examples": quality["examples"]})
-    return metrics

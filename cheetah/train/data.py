@@ -293,11 +293,27 @@ def shard_path(directory: Path, shard: int) -> Path:
     return directory / f"shard-{shard:06d}.npy"
 
 
-def store_directory(setting: str | Path, fingerprint: str, dtype: torch.dtype, keys: np.ndarray) -> Path:
-    """`<setting>/<backbone fingerprint>-<dtype>-<hash of the image keys>`: another backbone, precision or image set
-    never reads stale features."""
+def feature_key(vision: torch.nn.Module, image_processor: Any) -> str:
+    """What cached vision features are a function of, besides the images: the vision encoder's weights as loaded
+    (their content: another backbone of the same architecture, e.g. a `base` stage that reran, gives other
+    features) and the image processor's settings (size, normalisation). 16 hex digits of a SHA-256."""
+    import json
+
+    h = hashlib.sha256()
+    for name, tensor in sorted(vision.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous().reshape(-1)
+        h.update(f"{name}\0{t.dtype}\0{tuple(tensor.shape)}\n".encode())
+        h.update(t.view(torch.uint8).numpy())
+    settings = image_processor.to_dict() if hasattr(image_processor, "to_dict") else repr(image_processor)
+    h.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
+def store_directory(setting: str | Path, weights_key: str, dtype: torch.dtype, keys: np.ndarray) -> Path:
+    """`<setting>/<vision weights key>-<dtype>-<hash of the image keys>`: other weights (`feature_key`), precision or
+    images never read stale features."""
     digest = hashlib.sha256(np.ascontiguousarray(keys).tobytes()).hexdigest()[:16]
-    return Path(setting) / f"{fingerprint}-{str(dtype).removeprefix('torch.')}-{digest}"
+    return Path(setting) / f"{weights_key}-{str(dtype).removeprefix('torch.')}-{digest}"
 
 
 class _Images(torch.utils.data.Dataset):
@@ -317,13 +333,15 @@ class _Images(torch.utils.data.Dataset):
 
 
 def build_feature_store(setting: str | None, files: Sequence[ExampleFile], *,
-                        encode: Callable[[torch.Tensor], torch.Tensor], image_processor: Any, fingerprint: str,
+                        encode: Callable[[torch.Tensor], torch.Tensor], image_processor: Any, weights_key: str,
                         dtype: torch.dtype, batch_size: int = 64, shard_size: int = 1024, workers: int = 0,
                         rank: int = 0, world: int = 1, local_rank: int = 0, local_world: int = 1,
                         barrier: Callable[[], None] = lambda: None,
                         log: Callable[[str], None] = print) -> FeatureStore | None:
     """The features of every image of `files`, computed once (`train.feature_cache`): None -> None (the ViT runs in
-    every step); "memory" -> computed by this process; a directory -> shards shared by all ranks.
+    every step); "memory" -> computed by this process; a directory -> shards shared by all ranks, in a folder named
+    by `weights_key` (`feature_key` of the encoder: its weights' content, never only its architecture), the dtype
+    and the images, so features of other weights or other images are never reused.
 
     On disk, rank r computes the missing shards s with s % world == r; then, should a node not see another node's
     shards (a node-local disk), its local ranks compute what is still missing there. A shard is written under a
@@ -375,7 +393,7 @@ def build_feature_store(setting: str | None, files: Sequence[ExampleFile], *,
         compute(list(range(n_shards)), into_tensor)
         return FeatureStore(keys, dtype, tensor=holder.get("t", torch.empty(0, dtype=dtype)), shard_size=shard_size)
 
-    directory = store_directory(setting, fingerprint, dtype, keys)
+    directory = store_directory(setting, weights_key, dtype, keys)
     directory.mkdir(parents=True, exist_ok=True)
     open_shards: dict[int, tuple[np.ndarray, Path]] = {}
 
@@ -404,7 +422,7 @@ def build_feature_store(setting: str | None, files: Sequence[ExampleFile], *,
     if rank == 0:
         atomic_write_json(directory / "store.json", {"images": int(len(keys)), "shards": n_shards,
                                                      "shard_size": shard_size, "dtype": str(dtype),
-                                                     "backbone_fingerprint": fingerprint})
+                                                     "weights_key": weights_key})
     return FeatureStore(keys, dtype, directory=directory, shard_size=shard_size)
 
 

@@ -29,7 +29,8 @@ from tqdm import tqdm
 from cheetah.config import ConfigError, Params, TrainConfig
 from cheetah.errors import DivergenceError
 from cheetah.formats import SYNTHETIC_CAPTIONS, SYNTHETIC_PAIRS
-from cheetah.io import atomic_write_bytes, atomic_write_json, atomic_write_text, check_output, claim_dir, write_metrics
+from cheetah.io import (METRICS_KIND, atomic_write_json, check_output, check_output_file, claim_dir, lock_output,
+                        lock_scope, write_metrics, write_output_file)
 from cheetah.model.backbones import load_backbone, random_backbone
 from cheetah.model.prompts import IGNORE_INDEX, PromptBuilder
 from cheetah.model.vpgc import LossReduction, VPGCModel
@@ -44,23 +45,14 @@ from cheetah.train.data import (
     StepBatches,
     batches,
     build_feature_store,
+    feature_key,
 )
+from cheetah.train.schedule import lr_lambda
 from cheetah.train.state import STATE_KIND, TrainingState, fingerprint, rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
-
-
-def lr_lambda(warmup: int, total: int, schedule: str):
-    """Linear warm-up, then cosine decay to zero (LAVIS's linear_warmup_cosine_lr) or constant."""
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if schedule == "constant":
-            return 1.0
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
+CURVE_KIND = "learning curve"  # train.curve, a single-file output (cheetah.io.write_output_file)
+CURVE_IMAGE_KIND = "learning curve image"  # train.curve_image
 
 
 def make_optimizer(model: VPGCModel, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -137,7 +129,8 @@ def train_vpgc(params: Params, restart: bool = False) -> dict[str, Any] | None:
     at the end, so nothing of it outlives the run (`distributed.shutdown`).
     """
     try:
-        return _train(params, restart)
+        with lock_scope():  # the output and state folders are this run's alone until it ends (cheetah.io.lock_output)
+            return _train(params, restart)
     finally:
         distributed.shutdown()
 
@@ -150,7 +143,12 @@ def _train(params: Params, restart: bool) -> dict[str, Any] | None:
     inputs = [p for p in (cfg.data, params.model.backbone_dir) if p]
     check_output(cfg.out, VPGC_KIND, protect=[cfg.state_dir, cfg.metrics, cfg.curve, cfg.curve_image, *inputs])
     claim_dir(cfg.state_dir, STATE_KIND, protect=inputs, create=False)
+    for path, kind in ((cfg.metrics, METRICS_KIND), (cfg.curve, CURVE_KIND), (cfg.curve_image, CURVE_IMAGE_KIND)):
+        check_output_file(path, kind)  # (not only when they are written, hours from now)
     rank, world = distributed.init()
+    if rank == 0:  # one run at a time on these folders: a second one is refused here, before any work
+        lock_output(cfg.state_dir)
+        lock_output(cfg.out)
     device = distributed.device()
     micro = micro_batch_size(cfg, world)
     random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
@@ -188,7 +186,9 @@ def _train(params: Params, restart: bool) -> dict[str, Any] | None:
     local_rank, local_world = distributed.local_rank_and_size()
     store = build_feature_store(
         cfg.feature_cache, [synthetic, captions], encode=lambda px: model.vision_features(px.to(device)),
-        image_processor=backbone.image_processor, fingerprint=backbone.fingerprint(),
+        image_processor=backbone.image_processor,
+        weights_key=feature_key(backbone.model.vision_model, backbone.image_processor)
+        if cfg.feature_cache not in (None, "memory") else "",
         dtype=model.backbone.vision_model.post_layernorm.weight.dtype if cfg.feature_dtype == "auto"
         else FEATURE_DTYPES[cfg.feature_dtype],
         workers=cfg.workers, rank=rank, world=world, local_rank=local_rank, local_world=local_world,
@@ -356,7 +356,7 @@ def _write_curve(path: str | Path, image: str | Path, history: list[dict[str, fl
     writer = csv.DictWriter(buf, fieldnames=["step", "loss", "lr"], extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     writer.writerows(history)
-    atomic_write_text(path, buf.getvalue())
+    write_output_file(path, buf.getvalue().encode("utf-8"), CURVE_KIND)
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot([h["step"] for h in history], [h["loss"] for h in history], label="train loss", lw=1)
     if evals:
@@ -366,5 +366,5 @@ def _write_curve(path: str | Path, image: str | Path, history: list[dict[str, fl
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
-    atomic_write_bytes(image, png.getvalue())
+    write_output_file(image, png.getvalue(), CURVE_IMAGE_KIND)
 

@@ -1,8 +1,8 @@
 """Scene graphs of the embedded world: what is in a picture, and where.
 
-A scene is a 3x3 grid of cells. One or two LARGE primary objects and three to six SMALL detail objects each
-take one cell (so objects never overlap and every object has a unique position name), on a coloured,
-optionally textured background. Everything is drawn from a numpy Generator seeded by `(seed, index)`, so any
+A scene is a 3x3 grid of cells. One or two LARGE primary objects and three or four SMALL detail objects each
+take one cell, centred in it (so objects never overlap and every object has a unique position name), on a
+coloured, optionally textured background. Everything is drawn from a numpy Generator seeded by `(seed, index)`, so any
 scene can be regenerated on its own, and scenes drawn from different seeds are independent streams.
 
 The scene graph is plain data (`Scene.to_dict()` is what `scenes.jsonl` holds); `cheetah.world.render` turns it
@@ -54,13 +54,16 @@ CELLS: tuple[str, ...] = (
     "bottom left", "bottom", "bottom right",
 )
 
-# How many objects of each kind a scene has (inclusive ranges). 2 + 6 = 8 < 9 cells, so a scene always has at
-# least one empty background cell, which the `add` edit needs.
+# How many objects of each kind a scene has (inclusive ranges). 2 + 4 = 6 < 9 cells, so a scene always has an
+# empty background cell, which the `add` edit needs; with one added object and the background a scene is at most
+# 8 things, one per visual token of the `tiny` preset (docs/miniature.md).
 N_LARGE = (1, 2)
-N_SMALL = (3, 6)
+N_SMALL = (3, 4)
 
-# Object extent as a fraction of the cell side. Large objects nearly fill their cell; small ones take under half.
-EXTENT = {"large": (0.80, 0.95), "small": (0.40, 0.50)}
+# Object extent as a fraction of the cell side. Large objects nearly fill their cell; small ones about half of it:
+# at 64 pixels that is 11-12 pixels, where the seven shapes and three textures are still told apart (at 8-10
+# pixels, jittered inside the cell, the tiny ViT read a small object's shape at 26 %: docs/miniature.md).
+EXTENT = {"large": (0.80, 0.95), "small": (0.50, 0.55)}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -192,19 +195,20 @@ def cell_bounds(cell: str, image_size: int) -> tuple[float, float, float, float]
 
 
 def place(cell: str, size: str, image_size: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
-    """A square footprint for an object of `size` inside `cell`, jittered but never crossing the cell border."""
+    """A square footprint for an object of `size`, centred in `cell` (its extent drawn from `rng`).
+
+    Centred, not jittered: the `tiny` ViT has one patch per cell, and its linear patch embedding reads a small
+    object's shape only where it sits still (26 % jittered, 99 % centred; docs/miniature.md)."""
     cx0, cy0, cx1, cy1 = cell_bounds(cell, image_size)
     side = cx1 - cx0
     lo, hi = EXTENT[size]
     extent = max(3, int(round(side * rng.uniform(lo, hi))))
-    # Whole-pixel positions inside [ceil(cx0), floor(cx1) - extent]; the jitter keeps scenes from looking gridded.
     x_lo, x_hi = int(np.ceil(cx0)), int(np.floor(cx1)) - extent
     y_lo, y_hi = int(np.ceil(cy0)), int(np.floor(cy1)) - extent
-    if x_hi < x_lo or y_hi < y_lo:  # images so small that a cell cannot hold the object: centre it, clipped
+    if x_hi < x_lo or y_hi < y_lo:  # images so small that a cell cannot hold the object: clipped to the cell
         extent = max(1, min(int(np.floor(cx1)) - x_lo, int(np.floor(cy1)) - y_lo))
         x_hi, y_hi = x_lo, y_lo
-    x0 = int(rng.integers(x_lo, x_hi + 1))
-    y0 = int(rng.integers(y_lo, y_hi + 1))
+    x0, y0 = (x_lo + x_hi + 1) // 2, (y_lo + y_hi + 1) // 2
     return x0, y0, x0 + extent, y0 + extent
 
 
