@@ -43,11 +43,12 @@ COPY = ["cheetah", "configs", "flows", "dvc.yaml", "params.yaml", "data.dvc", "p
 # Every stage, shrunk: the whole pipeline in about a minute and a half on 2 cores.
 TINY = {
     "world": {"n": 32, "image_size": 32},
-    "base": {"vision_steps": 4, "steps": 4, "batch_size": 4, "eval_scenes": 2, "warmup_steps": 1},
+    "base": {"vision_steps": 4, "steps": 4, "batch_size": 4, "yes_no_batch": 4, "eval_scenes": 2, "probe_scenes": 16,
+             "probe_heldout": 8, "warmup_steps": 1},
     "synthesize": {"n": 12, "captions": 12, "workers": 1, "shard_size": 4},  # 3 shards: 3 task runs
     "train": {"steps": 3, "synthetic_batch": 2, "caption_batch": 2, "checkpoint_every": 3, "eval_every": 3,
-              "warmup_steps": 1, "log_every": 1},
-    "evaluate": {"demon_per_task": 1, "mme_per_subtask": 2, "max_new_tokens": 4, "batch_size": 16},
+              "warmup_steps": 1, "log_every": 1, "heldout_fraction": 0.2},  # 2 of the 12 pairs held out
+    "evaluate": {"demon_per_task": 1, "mme_per_subtask": 2, "max_new_tokens": 4, "batch_size": 16, "probe_scenes": 16},
 }
 DVC_STAGES = ["validate_source", "base", "synthesize", "validate", "train", "benchmarks", "validate_demon",
               "validate_mme", "evaluate", "register"]

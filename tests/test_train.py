@@ -139,12 +139,14 @@ def one_process(workspace):
 
 def _assert_matches(workspace: Path, name: str, reference: str, world: int) -> None:
     """2 ranks each take half of the same global batch: the single-process curve and weights, up to the reduction
-    order (losses 1e-5 relative; weights 1e-4 relative + 2e-5 absolute, see the golden test)."""
+    order (losses 1e-5 relative; weights 1e-4 relative + 2e-4 absolute: each rank sums half the batch, so every
+    gradient is summed in another order, and Adam can turn that on a near-zero gradient into 1-2 % of one step of
+    lr 0.01; the golden test's single-process ZeRO stages hold to 2e-5)."""
     assert json.loads((workspace / name / "train.json").read_text())["world_size"] == world
     torch.testing.assert_close(torch.tensor(_curve(workspace, name)), torch.tensor(_curve(workspace, reference)),
                                rtol=1e-5, atol=0)
     for k, v in _weights(workspace, reference).items():
-        torch.testing.assert_close(_weights(workspace, name)[k], v, rtol=1e-4, atol=2e-5)
+        torch.testing.assert_close(_weights(workspace, name)[k], v, rtol=1e-4, atol=2e-4)
 
 
 @pytest.mark.slow
