@@ -25,8 +25,8 @@ import mlflow
 
 from cheetah.config import Params
 from cheetah.io import DataError, atomic_write_json, check_finite_weights, nonfinite_paths, read_json
-from cheetah.pipeline import RECEIPT
-from cheetah.registry import integrity
+from cheetah.pipeline.dag import RECEIPT
+import cheetah.registry.integrity as integrity
 from cheetah.registry.provenance import champion_eligibility, config_tags, lineage, load_yaml, out_md5
 from cheetah.registry.pyfunc import log_backbone, log_model, resolve_backbone_dir
 from cheetah.tracking import flat_metrics

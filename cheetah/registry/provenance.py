@@ -52,7 +52,7 @@ def uncommitted_changes(root: str | Path = ".") -> list[str] | None:
     world (regenerated from the committed `world.*` parameters; a corpus of your own in it counts). None when
     `root` is not a git checkout."""
     from cheetah.io import FILE_MARK_SUFFIX, LOCK_SUFFIX
-    from cheetah.pipeline import DATA_DVC, read_data_dvc
+    from cheetah.pipeline.source import DATA_DVC, read_data_dvc
 
     try:
         done = subprocess.run(["git", "status", "--porcelain=v1", "-z", "--untracked-files=all"], cwd=root,
