@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import errno
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -474,6 +475,17 @@ def _cmd_pipeline_run(args: argparse.Namespace) -> int:
     return run_pipeline(".", stages=args.stages, force=args.force, params_path=args.params)
 
 
+def _tolerance(text: str) -> float:
+    """A finite, non-negative relative tolerance (NaN would make every comparison pass)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return value
+
+
 def _cmd_pipeline_source(args: argparse.Namespace) -> int:
     from cheetah.pipeline import ensure_source
 
@@ -536,7 +548,7 @@ def _add_pipeline(sub: argparse._SubParsersAction) -> None:
                                       "nothing left to run and the metrics equal the committed ones")
     c.add_argument("--reproduced", action="store_true",
                    help="after a run: dvc status clean and every committed metrics file reproduced")
-    c.add_argument("--tolerance", type=float, default=0.1,
+    c.add_argument("--tolerance", type=_tolerance, default=0.1,
                    help="relative tolerance for reproduced metrics (default %(default)s; every difference is printed; "
                         "speed and memory figures are not compared)")
     c.set_defaults(func=_cmd_pipeline_check)

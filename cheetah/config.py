@@ -465,6 +465,8 @@ class StudyConfig:
     def _seeds_and_arms(self) -> "StudyConfig":
         if not self.seeds:
             raise ValueError("seeds must name at least one seed")
+        if any(seed < 0 for seed in self.seeds):
+            raise ValueError(f"seeds must be 0 or more (numpy's generators refuse negative seeds): {self.seeds}")
         for name, items in (("seeds", self.seeds), ("arms", self.arms)):
             if len(set(items)) != len(items):
                 raise ValueError(f"{name} has repeats: {items}")
@@ -508,8 +510,21 @@ def _format_errors(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+MAX_YAML_VALUES = 100_000
+"""The most values a parameters file may expand to. Aliases share nodes, so a few lines of anchors can stand for
+billions of values ("billion laughs"): loading is quick, but whatever walks the result (validation, an error
+message that prints it) would hang."""
+
+
 class _StrictLoader(yaml.SafeLoader):
-    """YAML's safe loader, except that a key given twice in one mapping is an error (PyYAML keeps the last)."""
+    """YAML's safe loader, except that a key given twice in one mapping is an error (PyYAML keeps the last), and a
+    document whose aliases expand to more than MAX_YAML_VALUES values is refused before anything walks it."""
+
+    def get_single_node(self) -> yaml.Node | None:
+        node = super().get_single_node()
+        if node is not None:
+            _expanded_size(node, {})
+        return node
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: dict[Any, int] = {}
@@ -520,6 +535,24 @@ class _StrictLoader(yaml.SafeLoader):
                     None, None, f"duplicate key {key!r} (also on line {seen[key] + 1})", key_node.start_mark)
             seen[key] = key_node.start_mark.line
         return super().construct_mapping(node, deep)
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
+    """How many values `node` stands for once every alias is expanded (shared nodes counted once per use, each
+    computed once)."""
+    if id(node) in sizes:
+        return sizes[id(node)]
+    size = 1
+    if isinstance(node, yaml.SequenceNode):
+        size += sum(_expanded_size(child, sizes) for child in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        size += sum(_expanded_size(k, sizes) + _expanded_size(v, sizes) for k, v in node.value)
+    if size > MAX_YAML_VALUES:
+        raise yaml.constructor.ConstructorError(
+            None, None, f"expands to more than {MAX_YAML_VALUES} values (YAML aliases); refusing to load it",
+            node.start_mark)
+    sizes[id(node)] = size
+    return size
 
 
 def read_yaml(path: str | Path) -> Any:
@@ -551,7 +584,11 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like section.key=value")
     key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw != "" else ""
+    try:
+        value = yaml.load(raw, Loader=_StrictLoader) if raw != "" else ""
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"override {key.strip()!r}: the value is not valid YAML ({problem})") from None
     return key.strip(), value
 
 

@@ -135,3 +135,15 @@ def test_config_options_and_their_short_names_override_params_and_set(tmp_path):
         _params(parse(["train", "--train.lr", "-1"]))
     with pytest.raises(SystemExit):  # a Literal's values are the option's choices
         parse(["train", "--precision", "fp8"])
+
+
+def test_values_that_would_make_a_check_or_a_seed_meaningless_are_refused(capsys):
+    from cheetah.cli import main
+
+    with pytest.raises(ConfigError, match=r"seeds must be 0 or more .*\[0, -1\]"):
+        load_params(None, ["study.seeds=[0, -1]"])
+    for bad in ("nan", "inf", "-0.1", "x"):  # NaN would make every reproduced metric "equal"
+        with pytest.raises(SystemExit) as e:
+            main(["pipeline", "check", "--tolerance", bad])
+        assert e.value.code == 2 and "argument --tolerance" in capsys.readouterr().err
+

@@ -92,6 +92,26 @@ def test_duplicate_keys_in_a_parameters_file_are_refused(tmp_path, capsys):
     assert capsys.readouterr().err.count("\n") == 1  # one line, no traceback
 
 
+def test_a_yaml_alias_bomb_is_refused_at_once_without_printing_its_value(tmp_path, capsys):
+    """Nine lines of anchors stand for 10**9 values: refused while loading, in well under a second."""
+    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]
+    params = tmp_path / "bomb.yaml"
+    params.write_text("\n".join([*lines, "train: {steps: *a8}"]) + "\n")
+    with pytest.raises(ConfigError, match=r"bomb\.yaml:\d+: .*expands to more than 100000 values"):
+        load_params(params)
+    assert main(["--params", str(params), "model", "summary", "--meta"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "lol" not in err
+    # A --set value is read by the same loader; invalid YAML there is one line too.
+    levels = ["&b0 [" + ", ".join(["1"] * 10) + "]"]
+    levels += [f"&b{i} [" + ", ".join([f"*b{i - 1}"] * 10) + "]" for i in range(1, 6)]
+    with pytest.raises(ConfigError, match="expands to more than 100000 values"):
+        load_params(None, ["train.steps=[" + ", ".join(levels) + "]"])
+    assert main(["--set", "train.steps=[1", "model", "summary", "--meta"]) == 2
+    assert capsys.readouterr().err.startswith("error: override 'train.steps': the value is not valid YAML")
+
+
 def test_diverged_weights_never_replace_a_good_output_and_a_broken_backbone_is_refused_by_file(tmp_path):
     """A backbone whose weights went NaN (a `base` run with a huge learning rate) is refused before the swap: the
     good backbone stays byte-identical. Reading a NaN or truncated backbone is a one-line error naming the file."""
