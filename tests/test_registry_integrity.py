@@ -70,6 +70,21 @@ def reg(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
+def _registry_as_registered(request):
+    """Every test starts from the registry `reg` built (1 champion, 2 challenger, nothing demoted), whatever ran
+    before it: the tests promote and demote, and they run in any order."""
+    if "reg" in request.fixturenames:
+        request.getfixturevalue("reg")
+        client = _client()
+        for version in ("1", "2"):
+            for tag in ("demoted", "demoted_at"):
+                if tag in client.get_model_version(NAME, version).tags:
+                    client.delete_model_version_tag(NAME, version, tag)
+        client.set_registered_model_alias(NAME, "champion", "1")
+        client.set_registered_model_alias(NAME, "challenger", "2")
+
+
+@pytest.fixture(autouse=True)
 def _no_server(monkeypatch):
     """`cheetah serve` never starts a real server here (a test that expects a refusal would otherwise block)."""
     import cheetah.registry.serve  # noqa: F401 (the module, for the line below)
@@ -284,7 +299,6 @@ def test_a_nan_backbone_is_refused_by_evaluate_register_and_predict(reg, capsys,
 
 
 def test_demote_passes_over_a_tampered_version(reg, capsys):
-    """Last in this file: version 1 is demoted for good."""
     with _tampering(reg) as stored:
         (stored / "served_model.py").write_text("raise SystemExit('planted')\n")
         assert main(["registry", "demote", "1", "--reason", "broken"]) == 0
