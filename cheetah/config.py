@@ -8,6 +8,7 @@ key, a wrong type or an impossible value fails with a message naming the file, t
 from __future__ import annotations
 
 import dataclasses
+import typing
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -665,12 +666,27 @@ def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | 
         key, value = parse_override(item)
         _set_dotted(tree, key, value)
     _apply_preset_defaults(tree)
+    _refuse_booleans_as_numbers(tree, source)
     try:
         return Params(**{k: v for k, v in tree.items()}) if tree else Params()
     except ValidationError as e:
         raise ConfigError(_format_errors(e, source)) from None
     except TypeError as e:  # a section given as a scalar
         raise ConfigError(f"{source}: {e}") from None
+
+
+def _refuse_booleans_as_numbers(tree: dict[str, Any], source: str) -> None:
+    """pydantic reads `true` as 1 for a number field (`train.steps: true` would train one step); a boolean where a
+    number belongs is almost surely a slip, so it is an error naming the key."""
+    sections = typing.get_type_hints(Params)
+    for name, values in tree.items():
+        if name not in sections or not isinstance(values, dict):
+            continue
+        hints = typing.get_type_hints(sections[name])
+        for key, value in values.items():
+            allowed = set(get_args(hints.get(key))) or {hints.get(key)}
+            if isinstance(value, bool) and bool not in allowed and allowed & {int, float}:
+                raise ConfigError(f"{source}: {name}.{key}: expected a number, got the boolean {value!r}")
 
 
 def to_dict(obj: Any) -> dict[str, Any]:

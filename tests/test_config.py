@@ -140,6 +140,9 @@ def test_config_options_and_their_short_names_override_params_and_set(tmp_path):
 def test_values_that_would_make_a_check_or_a_seed_meaningless_are_refused(capsys):
     from cheetah.cli import main
 
+    with pytest.raises(ConfigError, match=r"train\.steps: expected a number, got the boolean True"):
+        load_params(None, ["train.steps=true"])  # pydantic alone would train one step
+    assert load_params(None, ["evaluate.heldout_differences=true"]).evaluate.heldout_differences is True
     with pytest.raises(ConfigError, match=r"seeds must be 0 or more .*\[0, -1\]"):
         load_params(None, ["study.seeds=[0, -1]"])
     for bad in ("nan", "inf", "-0.1", "x"):  # NaN would make every reproduced metric "equal"
