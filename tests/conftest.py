@@ -15,6 +15,9 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 # Tests never write into the checkout's MLflow store: one throwaway store per session (tests may override it).
 os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{__import__('tempfile').mkdtemp(prefix='cheetah-mlflow-')}/mlflow.db")
 
+import contextlib
+import subprocess
+
 import pytest
 import torch
 
@@ -166,6 +169,32 @@ def backbone():
     torch.set_num_threads(1)
     yield build_backbone("tiny", tokenizer=train_tokenizer(512), image_size=64, seed=0)
     torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def registry_workspace(root):
+    """`root` as a registry test's world: MLflow tracking in root/mlflow.db, root the working directory, one torch
+    thread (restored afterwards)."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
+    mp.chdir(root)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        mp.undo()
+
+
+def committed_lock_repo(repo, lock_text: str):
+    """A git checkout at `repo` whose one commit holds `dvc.lock` (what `register` reads its provenance from)."""
+    repo.mkdir()
+    (repo / "dvc.lock").write_text(lock_text)
+    for args in (["init", "-q"], ["add", "dvc.lock"],
+                 ["-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "lock"]):
+        subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True)
+    return repo
 
 
 def copy_checkout(dest, paths):

@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import make_tokenizer, sharpen_parameters
+from conftest import committed_lock_repo, make_tokenizer, registry_workspace, sharpen_parameters
 
 from cheetah.config import Params, RegisterConfig
 from cheetah.io import DataError
@@ -35,42 +35,28 @@ def world(tmp_path_factory):
     from cheetah.world import generate_scene, png_bytes, render
 
     root = tmp_path_factory.mktemp("registry")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
-    mp.chdir(root)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    with registry_workspace(root):
+        backbone = build_backbone("tiny", tokenizer=make_tokenizer(), image_size=32, seed=0)
+        sharpen_parameters([p for p in backbone.model.language_model.parameters() if p.dim() == 2], seed=1)
+        save_backbone(backbone, "backbone")  # relative: the card records "backbone" and its absolute path
+        vpgc = {}
+        for seed in (1, 2, 3):
+            model = VPGCModel(load_backbone("backbone"))
+            sharpen_parameters(model.vpgc.parameters(), seed=10 + seed)
+            vpgc[seed] = save_vpgc(model, f"vpgc{seed}")
+        images = []
+        for k in range(2):
+            path = root / f"image{k}.png"
+            path.write_bytes(png_bytes(render(generate_scene(0, k, image_size=32)).image))
+            images.append(str(path))
 
-    backbone = build_backbone("tiny", tokenizer=make_tokenizer(), image_size=32, seed=0)
-    sharpen_parameters([p for p in backbone.model.language_model.parameters() if p.dim() == 2], seed=1)
-    save_backbone(backbone, "backbone")  # relative: the card records "backbone" and its absolute path
-    vpgc = {}
-    for seed in (1, 2, 3):
-        model = VPGCModel(load_backbone("backbone"))
-        sharpen_parameters(model.vpgc.parameters(), seed=10 + seed)
-        vpgc[seed] = save_vpgc(model, f"vpgc{seed}")
-    images = []
-    for k in range(2):
-        path = root / f"image{k}.png"
-        path.write_bytes(png_bytes(render(generate_scene(0, k, image_size=32)).image))
-        images.append(str(path))
-
-    repo = root / "repo"
-    repo.mkdir()
-    lock = {"schema": "2.0", "stages": {
-        "world": {"cmd": "cheetah world", "outs": [{"path": "data/source", "md5": "aaaa1111.dir", "hash": "md5"}]},
-        "base": {"cmd": "cheetah base", "outs": [{"path": "data/backbone", "md5": "bbbb2222.dir", "hash": "md5"}]},
-        "register": {"cmd": "cheetah register", "outs": [{"path": "metrics/register.json", "md5": "cccc"}]},
-    }}
-    (repo / "dvc.lock").write_text(yaml.safe_dump(lock))
-    _git(repo, "init", "-q")
-    _git(repo, "add", "dvc.lock")
-    _git(repo, "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "lock")
-    try:
+        lock = {"schema": "2.0", "stages": {
+            "world": {"cmd": "cheetah world", "outs": [{"path": "data/source", "md5": "aaaa1111.dir", "hash": "md5"}]},
+            "base": {"cmd": "cheetah base", "outs": [{"path": "data/backbone", "md5": "bbbb2222.dir", "hash": "md5"}]},
+            "register": {"cmd": "cheetah register", "outs": [{"path": "metrics/register.json", "md5": "cccc"}]},
+        }}
+        repo = committed_lock_repo(root / "repo", yaml.safe_dump(lock))
         yield {"root": root, "repo": repo, "vpgc": vpgc, "images": images, "lock": lock}
-    finally:
-        torch.set_num_threads(threads)
-        mp.undo()
 
 
 def _metrics_file(world, name: str, seed: int, value: float, **extra) -> Path:

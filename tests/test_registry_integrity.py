@@ -15,17 +15,13 @@ import pytest
 import torch
 import yaml
 
-from conftest import make_tokenizer, sharpen_parameters
+from conftest import committed_lock_repo, make_tokenizer, registry_workspace, sharpen_parameters
 
 from cheetah.cli import main
 from cheetah.config import Params, RegisterConfig
 from cheetah.io import DataError
 
 NAME = "cheetah-vpgc"
-
-
-def _git(repo: Path, *args: str) -> None:
-    subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True)
 
 
 @pytest.fixture(scope="module")
@@ -38,35 +34,22 @@ def reg(tmp_path_factory):
     from cheetah.world import generate_scene, png_bytes, render
 
     root = tmp_path_factory.mktemp("integrity")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
-    mp.chdir(root)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    backbone = build_backbone("tiny", tokenizer=make_tokenizer(), image_size=32, seed=0)
-    save_backbone(backbone, "backbone")
-    image = root / "image.png"
-    image.write_bytes(png_bytes(render(generate_scene(0, 0, image_size=32)).image))
-    repo = root / "repo"
-    repo.mkdir()
-    (repo / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")
-    _git(repo, "init", "-q")
-    _git(repo, "add", "dvc.lock")
-    _git(repo, "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "lock")
-    for version, value in ((1, 0.6), (2, 0.5)):
-        model = VPGCModel(load_backbone("backbone"))
-        sharpen_parameters(model.vpgc.parameters(), seed=10 + version)
-        save_vpgc(model, f"vpgc{version}")
-        metrics = root / f"eval{version}.json"
-        metrics.write_text(json.dumps({"demon": {"average": value}, "mme": {"perception": 1.0},
-                                       "vpgc_sha256": read_card(f"vpgc{version}")["sha256"]}))
-        register(Params(register=RegisterConfig()), metrics, f"vpgc{version}", out=root / f"register{version}.json",
-                 root=repo)
-    try:
+    with registry_workspace(root):
+        backbone = build_backbone("tiny", tokenizer=make_tokenizer(), image_size=32, seed=0)
+        save_backbone(backbone, "backbone")
+        image = root / "image.png"
+        image.write_bytes(png_bytes(render(generate_scene(0, 0, image_size=32)).image))
+        repo = committed_lock_repo(root / "repo", "schema: '2.0'\nstages: {}\n")
+        for version, value in ((1, 0.6), (2, 0.5)):
+            model = VPGCModel(load_backbone("backbone"))
+            sharpen_parameters(model.vpgc.parameters(), seed=10 + version)
+            save_vpgc(model, f"vpgc{version}")
+            metrics = root / f"eval{version}.json"
+            metrics.write_text(json.dumps({"demon": {"average": value}, "mme": {"perception": 1.0},
+                                           "vpgc_sha256": read_card(f"vpgc{version}")["sha256"]}))
+            register(Params(register=RegisterConfig()), metrics, f"vpgc{version}",
+                     out=root / f"register{version}.json", root=repo)
         yield {"root": root, "image": str(image)}
-    finally:
-        torch.set_num_threads(threads)
-        mp.undo()
 
 
 @pytest.fixture(autouse=True)
