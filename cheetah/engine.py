@@ -134,14 +134,46 @@ def fan_out(fn: JobFn, payload: Any, jobs: Sequence[Any], *, executor: str, work
 # ---------------------------------------------------------------------------------------------------------------
 
 
+SCHEDULER_TIMEOUT = 30
+"""Seconds to wait for the Dask scheduler at `synthesize.address` to answer."""
+
+
+def _check_scheduler(address: str, timeout: float = SCHEDULER_TIMEOUT) -> None:
+    """Ask whatever listens at `address` who it is, within `timeout` seconds: a Dask client's own connection waits
+    for ever on a service that accepts the connection but does not speak Dask (an HTTP server, say)."""
+    import asyncio
+
+    from distributed.comm import connect
+
+    async def identity() -> Any:
+        comm = await connect(address, timeout=timeout)
+        try:
+            await comm.write({"op": "identity", "reply": True})
+            return await comm.read()
+        finally:
+            comm.abort()
+
+    try:
+        reply = asyncio.run(asyncio.wait_for(identity(), timeout))
+    except (TimeoutError, asyncio.TimeoutError):
+        raise ConfigError(f"synthesize.address: nothing at {address} answered as a Dask scheduler within {timeout:g} "
+                          "s (is it the scheduler's address, e.g. tcp://host:8786?)") from None
+    except (OSError, ValueError, TypeError) as e:  # refused, unknown host, malformed address
+        raise ConfigError(f"synthesize.address: cannot reach a Dask scheduler at {address!r} ({e})") from None
+    if not isinstance(reply, dict) or reply.get("type") != "Scheduler":
+        raise ConfigError(f"synthesize.address: {address} is not a Dask scheduler (it answered as "
+                          f"{reply.get('type') if isinstance(reply, dict) else type(reply).__name__})")
+
+
 @contextlib.contextmanager
 def dask_client(address: str | None, workers: int, gpu: bool) -> Iterator[Any]:
     """A client of the cluster at `address`, or of a local cluster started (and stopped) here."""
     from distributed import Client
 
     if address:
+        _check_scheduler(address)
         try:
-            client = Client(address, timeout="30s")
+            client = Client(address, timeout=f"{SCHEDULER_TIMEOUT}s")
         except OSError as e:
             raise ConfigError(f"synthesize.address: cannot reach a Dask scheduler at {address} ({e})") from None
         with client:

@@ -207,7 +207,9 @@ def atomic_write_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> P
 
 MANIFEST = ".cheetah-output.json"
 """Written into every output folder a stage builds: which kind of output it is and every file it holds (relative
-path -> size). Deterministic (no time, no host), so DVC hashes of regenerated outputs do not change."""
+path -> {"bytes", "sha256"}), so any edit of a file, even one that keeps its size, marks it as not the stage's.
+Deterministic (no time, no host), so DVC hashes of regenerated outputs do not change. (Manifests written before
+content hashes hold the size alone, and are compared on it.)"""
 
 _overwrite: contextvars.ContextVar[bool] = contextvars.ContextVar("cheetah_overwrite", default=False)
 
@@ -232,6 +234,21 @@ def _project_roots() -> list[Path]:
     return roots
 
 
+def _file_record(path: Path) -> dict[str, Any]:
+    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def _unchanged(path: Path, recorded: Any) -> bool:
+    """Whether the file `path` is what the manifest entry `recorded` says (size first: no hashing of a file whose
+    size already differs)."""
+    size = path.stat().st_size
+    if isinstance(recorded, int) and not isinstance(recorded, bool):  # a manifest from before content hashes
+        return size == recorded
+    if not isinstance(recorded, dict) or recorded.get("bytes") != size:
+        return False
+    return sha256_file(path) == recorded.get("sha256")
+
+
 def _foreign_files(path: Path, kind: str) -> list[str]:
     """Files in the existing folder `path` that an earlier `kind` output did not write (empty: safe to replace)."""
     try:
@@ -246,7 +263,7 @@ def _foreign_files(path: Path, kind: str) -> list[str]:
         rel = f.relative_to(path).as_posix()
         if rel == MANIFEST and owned:
             continue
-        if rel not in owned or f.is_symlink() or f.stat().st_size != owned[rel]:
+        if rel not in owned or f.is_symlink() or not _unchanged(f, owned[rel]):
             foreign.append(rel)
     return foreign
 
@@ -291,7 +308,7 @@ def check_output(path: str | Path, kind: str, *, protect: Iterable[str | Path] =
 
 
 def _manifest(tmp: Path, kind: str, overwrote: list[str]) -> dict[str, Any]:
-    files = {p.relative_to(tmp).as_posix(): p.stat().st_size
+    files = {p.relative_to(tmp).as_posix(): _file_record(p)
              for p in sorted(tmp.rglob("*")) if p.is_file() and p != tmp / MANIFEST}
     manifest: dict[str, Any] = {"written_by": "cheetah", "kind": kind, "files": files}
     if overwrote:
@@ -495,19 +512,6 @@ def read_json(path: str | Path) -> Any:
         raise DataError(f"{path}: not UTF-8 text ({e})") from None
 
 
-def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield (line_number, record). A malformed line or a non-object record raises DataError naming the line."""
-    for lineno, _, rec in iter_jsonl_offsets(path):
-        yield lineno, rec
-
-
-def iter_jsonl_offsets(path: str | Path) -> Iterator[tuple[int, int, dict[str, Any]]]:
-    """Yield (line_number, byte offset of the line, record), so a record can be read again later with
-    `read_jsonl_at` without keeping it in memory. Errors as `iter_jsonl`."""
-    for lineno, start, raw in jsonl_lines(path):
-        yield lineno, start, _parse_jsonl_line(Path(path), lineno, raw)
-
-
 def jsonl_lines(path: str | Path) -> Iterator[tuple[int, int, bytes]]:
     """(line number, byte offset, raw bytes without its newline) of every non-blank line of a JSON-lines file, read
     as it goes: the one place such a file is split into lines (each is parsed by `cheetah.formats.parse_line`)."""
@@ -520,21 +524,6 @@ def jsonl_lines(path: str | Path) -> Iterator[tuple[int, int, bytes]]:
             start, offset = offset, offset + len(raw)
             if raw.strip():
                 yield lineno, start, raw.removesuffix(b"\n")
-
-
-def read_jsonl_at(f: Any, path: str | Path, offset: int) -> dict[str, Any]:
-    """The record of the line at byte `offset` of the open binary file `f` (of `path`, for messages)."""
-    f.seek(offset)
-    return _parse_jsonl_line(Path(path), None, f.readline())
-
-
-def _parse_jsonl_line(path: Path, lineno: int | None, raw: bytes) -> dict[str, Any]:
-    from cheetah.formats import parse_line, where  # (formats reads DataError from here)
-
-    rec, problem = parse_line(raw)
-    if problem is not None:
-        raise DataError(f"{where(path, lineno, rec)}: {problem}")
-    return rec
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -69,13 +69,14 @@ def base(p: Params) -> StageResult:
 
 def train(p: Params, restart: bool = False) -> StageResult | None:
     """`cheetah train` on this rank: VPG-C weights in `train.out`, the learning curve; None on ranks other than 0."""
+    from cheetah.model.weights import CARD_FILE
     from cheetah.train.vpgc import train_vpgc
 
     metrics = train_vpgc(p, restart=restart)
     if metrics is None:
         return None
     cfg = p.train
-    files = (cfg.curve, cfg.curve_image, Path(cfg.out) / "vpgc.json", Path(cfg.state_dir) / "deepspeed_config.json")
+    files = (cfg.curve, cfg.curve_image, Path(cfg.out) / CARD_FILE, Path(cfg.state_dir) / "deepspeed_config.json")
     return StageResult(metrics, [(f, "train") for f in files], printed=metrics)
 
 

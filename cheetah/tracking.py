@@ -31,12 +31,22 @@ from pathlib import Path
 from typing import Any
 
 from cheetah.config import flatten
+from cheetah.errors import CheetahError
 
 DEFAULT_DB = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
 PARENT_ENV = "CHEETAH_PARENT_RUN_ID"
 SYSTEM_METRICS_INTERVAL = 5.0
 """Seconds between system-metrics samples (MLflow's default, 10 s, leaves a minute-long stage a handful)."""
+SERVER_PATIENCE = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                   "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
+"""How long a tracking server is waited for, unless these MLflow settings are set: MLflow's defaults (7 retries,
+backoff factor 2, 120 s per request) wait about four minutes for a server that is down before failing; these wait
+about ten seconds for one that refuses connections, about a minute for one that never answers."""
+
+
+class TrackingError(CheetahError):
+    """The tracking server cannot be reached or refuses the request."""
 
 
 def configure(experiment: str = "cheetah", root: str | Path = ".") -> str:
@@ -47,8 +57,20 @@ def configure(experiment: str = "cheetah", root: str | Path = ".") -> str:
     if not uri:
         uri = f"sqlite:///{Path(root).resolve() / DEFAULT_DB}"
         os.environ["MLFLOW_TRACKING_URI"] = uri
+    if uri.startswith(("http://", "https://")):
+        for key, value in SERVER_PATIENCE.items():
+            os.environ.setdefault(key, value)
     mlflow.set_tracking_uri(uri)
-    if mlflow.get_experiment_by_name(experiment) is None:
+    try:
+        known = mlflow.get_experiment_by_name(experiment)
+    except mlflow.exceptions.MlflowException as e:
+        # The first request: a server that is down or refuses is one line (which server, which setting), not a
+        # traceback after minutes of retries.
+        reason = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+        raise TrackingError(f"MLFLOW_TRACKING_URI={uri}: the tracking server did not answer ({reason}); start it, "
+                            "point MLFLOW_TRACKING_URI elsewhere, or set CHEETAH_TRACKING=0 to run without "
+                            "tracking") from None
+    if known is None:
         artifact_location = None
         if uri.startswith("sqlite:///"):  # artifacts next to the database, wherever the process runs
             artifact_location = (Path(uri[len("sqlite:///"):]).resolve().parent / DEFAULT_ARTIFACTS).as_uri()

@@ -56,14 +56,38 @@ def test_world_out_never_deletes_a_folder_it_did_not_write(tmp_path, monkeypatch
     manifest = json.loads((tmp_path / "w" / MANIFEST).read_text())
     assert manifest["kind"] == "world corpus" and manifest["overwrote"] == ["notes.txt"]
     assert "captions.jsonl" in manifest["files"] and not (tmp_path / "w" / "notes.txt").exists()
-    # A changed file of its own output counts as someone else's (its size no longer matches the manifest).
-    with open(tmp_path / "w" / "captions.jsonl", "a") as f:
+    # A changed file of its own output counts as someone else's: a longer one, and one edited in place to the same
+    # size (the manifest records each file's SHA-256, not only its size).
+    assert all(set(v) == {"bytes", "sha256"} for v in manifest["files"].values())
+    captions = tmp_path / "w" / "captions.jsonl"
+    text = captions.read_bytes()
+    capsys.readouterr()
+    captions.write_bytes(text.replace(b"a", b"e", 1))
+    assert len(captions.read_bytes()) == len(text) and captions.read_bytes() != text
+    assert main(["world", "--out", "w", "--n", "2"]) == 2
+    assert "captions.jsonl" in capsys.readouterr().err
+    captions.write_bytes(text)  # restored: its own again
+    assert main(["world", "--out", "w", "--n", "2"]) == 0
+    with open(captions, "a") as f:
         f.write("\n")
     assert main(["world", "--out", "w", "--n", "2"]) == 2
     # Another stage's output is not this stage's to replace.
     assert main(["world", "--out", "w2", "--n", "2"]) == 0
     assert main(["benchmarks", "--demon-dir", "w2", "--mme-dir", "mme", "--demon-per-task", "1",
                  "--mme-per-subtask", "2"]) == 2
+
+
+def test_a_manifest_from_before_content_hashes_is_compared_on_sizes(tmp_path):
+    from cheetah.io import check_output
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a.txt").write_text("abc")
+    (out / MANIFEST).write_text(json.dumps({"written_by": "cheetah", "kind": "k", "files": {"a.txt": 3}}))
+    assert check_output(out, "k") == []
+    (out / "a.txt").write_text("abcd")
+    with pytest.raises(DataError, match="a.txt"):
+        check_output(out, "k")
 
 
 def test_folders_filled_in_place_are_claimed_only_when_empty_or_already_theirs(tmp_path):
@@ -81,6 +105,45 @@ def test_folders_filled_in_place_are_claimed_only_when_empty_or_already_theirs(t
     assert claim_dir(tmp_path / "new", REPORT_KIND) == tmp_path / "new"
     with pytest.raises(DataError, match="holds files"):
         claim_dir(tmp_path / "new", "training state")
+
+
+def test_an_unreachable_tracking_server_is_one_line_and_exit_2_before_any_work(tmp_path, monkeypatch, capsys):
+    """MLflow's own defaults retry a server that is down for about four minutes, then a traceback."""
+    from cheetah import tracking
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CHEETAH_TRACKING", "1")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # the discard port: connection refused
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # a user's setting wins over the project's patience
+    for key in ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
+        monkeypatch.delenv(key, raising=False)
+    assert main(["world", "--out", "w", "--n", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "MLFLOW_TRACKING_URI=http://127.0.0.1:9" in err and "CHEETAH_TRACKING=0" in err
+    assert not (tmp_path / "w").exists()
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "0"
+    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == tracking.SERVER_PATIENCE["MLFLOW_HTTP_REQUEST_TIMEOUT"]
+
+
+def test_a_dask_address_that_is_not_a_scheduler_is_refused_in_bounded_time():
+    """A service that accepts the connection and never speaks Dask made the client wait for ever; a malformed
+    address was a traceback."""
+    import socket
+    import time
+
+    from cheetah.engine import _check_scheduler
+
+    with socket.socket() as server:  # accepts connections (the kernel's backlog) and never answers
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        start = time.monotonic()
+        with pytest.raises(ConfigError, match=r"synthesize\.address: nothing at tcp://127\.0\.0\.1:\d+ answered as a "
+                                              r"Dask scheduler within 2 s"):
+            _check_scheduler(f"tcp://127.0.0.1:{server.getsockname()[1]}", timeout=2)
+        assert time.monotonic() - start < 10
+    for address in ("tcp://::1:x", "nonsense://host"):
+        with pytest.raises(ConfigError, match="synthesize.address: cannot reach a Dask scheduler at"):
+            _check_scheduler(address, timeout=2)
 
 
 def test_duplicate_keys_in_a_parameters_file_are_refused(tmp_path, capsys):
