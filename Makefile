@@ -13,8 +13,11 @@ export DO_NOT_TRACK ?= 1
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
+# DeepSpeed JIT-builds its CPU shared-memory comm op (~1 min) into this folder: one per checkout, so two clones on one
+# machine do not rebuild it over each other (a shared ~/.cache/torch_extensions is invalidated by each venv's paths).
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 
-.PHONY: setup run test check lock clean-venv
+.PHONY: setup run test test-fast check lock clean-venv
 
 setup: $(VENV)/.installed
 
@@ -35,6 +38,10 @@ run: setup
 # slow files first and the timing stable.
 test: setup
 	$(PY) -m pytest -q -n 2 --dist loadfile -p no:randomly
+
+# The edit-test loop: the tests not marked `slow` (no pipeline, launcher, Prefect or study runs), both cores.
+test-fast: setup
+	$(PY) -m pytest -q -n 2 -m "not slow" -p no:randomly
 
 # The committed dvc.lock, data.dvc and metrics/ are those of the committed code and parameters (what .ci/run enforces).
 check: setup

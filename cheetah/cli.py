@@ -56,7 +56,8 @@ def _print_json(obj: object) -> None:
 # with its MLflow run.
 STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "world": ("world",),
-    "base": ("base", "world", "model"),
+    "language": ("language", "base.init", "world.image_size", "world.heldout_seed", "model.preset"),
+    "base": ("base", "language.out", "world", "model"),
     "synthesize": ("synthesize", "model"),
     "validate": ("validate",),
     "train": ("train", "model"),
@@ -203,6 +204,12 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _cmd_language(args: argparse.Namespace) -> int:
+    p = _params(args)
+    _stage("language", p, lambda: stages.language(p), system_metrics=True)
+    return 0
+
+
 def _cmd_base(args: argparse.Namespace) -> int:
     p = _params(args)
     _stage("base", p, lambda: stages.base(p), system_metrics=True)
@@ -222,6 +229,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _add_training(sub: argparse._SubParsersAction) -> None:
+    g = _command(sub, "language", STAGE_SECTIONS["language"], {"out": "language.out", "steps": "language.steps"},
+                 help="pretrain the embedded `tiny` language model on the world's language, in language.out (the "
+                      "part Vicuna plays; the base stage starts from it; params: language)")
+    g.set_defaults(func=_cmd_language)
+
     b = _command(sub, "base", STAGE_SECTIONS["base"], {"out": "base.out"},
                  help="the backbone every later stage reads, in base.out: pretrain the embedded `tiny` one, bring in "
                       "a checkpoint, or random weights (params: base.init)")

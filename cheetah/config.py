@@ -86,15 +86,48 @@ class WorldConfig:
 
 
 @dataclass(config=_STRICT)
+class LanguageConfig:
+    """The language stage (embedded default): the language model pretrained on the world's language alone, as
+    Vicuna is before it is given eyes. The base stage starts from it (`base.init: pretrain`). It learns from scenes
+    given as object tokens — every object, large or small, one input vector — every answer form about every object:
+    differences between two scenes, Yes/No and open questions, captions (cheetah/train/language.py)."""
+
+    out: str = "data/language"
+    """Where the pretrained language model is written (a backbone directory: its language model and tokenizer are
+    what the base stage takes)."""
+    metrics: str = "metrics/language.json"
+    """The language stage's metrics JSON (held-out Yes/No and difference descriptions from object tokens)."""
+    steps: int = Field(default=16000, ge=1)
+    """Training steps. Comparing two scenes' objects is learned late (docs/miniature.md point 8)."""
+    batch_size: int = Field(default=32, ge=1)
+    """Examples per step."""
+    lr: float = Field(default=1e-3, gt=0)
+    """AdamW peak learning rate (cosine decay after `warmup_steps`)."""
+    weight_decay: float = Field(default=0.01, ge=0)
+    warmup_steps: int = Field(default=200, ge=0)
+    """Linear warm-up steps."""
+    vocab_size: int = Field(default=512, ge=64)
+    """Learned entries of the tokenizer trained on the world's language."""
+    seed: int = 0
+    """Seed of the weights' initialisation and of the examples."""
+    eval_scenes: int = Field(default=64, ge=1)
+    """Held-out scenes the language model is asked about for its metrics."""
+    threads: int = Field(default=2, ge=1)
+    """Torch threads. Floating-point sums depend on the thread count, so it is fixed: the same parameters give the
+    same language model on any machine."""
+
+
+@dataclass(config=_STRICT)
 class BaseConfig:
     """The base stage: the frozen backbone every later stage reads, written to `out` (= `model.backbone_dir`)."""
 
     init: Literal["pretrain", "random", "checkpoint"] = "pretrain"
     """How the backbone is made. `pretrain`: the embedded `tiny` preset, pretrained on the world's captions and
-    single-image questions (the fields below). `random`: `model.preset`'s shapes with random weights (seeded by
-    `seed`) and a tokenizer trained on the corpus' captions, saved like any checkpoint (CPU tests of the real-scale
-    path; planning). `checkpoint`: a real checkpoint directory, `checkpoint`, copied in (hard links where the file
-    system allows), so DVC versions the exact weights that training and evaluation read."""
+    questions (the fields below), from the language stage's language model (`language.out`). `random`:
+    `model.preset`'s shapes with random weights (seeded by `seed`) and a tokenizer trained on the corpus' captions,
+    saved like any checkpoint (CPU tests of the real-scale path; planning). `checkpoint`: a real checkpoint
+    directory, `checkpoint`, copied in (hard links where the file system allows), so DVC versions the exact weights
+    that training and evaluation read."""
     checkpoint: str | None = None
     """`init: checkpoint`: a Hugging Face BLIP-2/InstructBLIP `save_pretrained` directory with its tokenizer, e.g.
     written by `cheetah model import`."""
@@ -105,10 +138,10 @@ class BaseConfig:
     vision_steps: int = Field(default=1500, ge=0)
     """Phase 1: ViT (every object) and Q-Former (caption content) on the world's tags; batches of 2 x batch_size."""
     steps: int = Field(default=1500, ge=1)
-    """Phase 2: the language model from scratch, and the projection, on the corpus images (captions, questions about
-    their large objects) and on fresh scenes given as object tokens (every answer form about every object): per
-    step `batch_size` examples, a quarter of them object tokens, plus `yes_no_batch` Yes/No questions about the
-    images."""
+    """Phase 2: the language model (the language stage's, `language.out`) and the projection, on the corpus images
+    (captions, questions about their large objects) and on fresh scenes given as object tokens (every answer form
+    about every object): per step `batch_size` examples, a quarter of them object tokens, plus `yes_no_batch` Yes/No
+    questions about the images."""
     batch_size: int = Field(default=32, ge=1)
     """Examples per step (pretraining)."""
     yes_no_batch: int = Field(default=32, ge=0)
@@ -117,8 +150,8 @@ class BaseConfig:
     lr: float = Field(default=2e-3, gt=0)
     """AdamW learning rate of the vision phase."""
     align_lr: float = Field(default=1e-3, gt=0)
-    """AdamW learning rate of phase 2 (the language model from scratch: at 2e-3 it did not start comparing a Yes/No
-    question with its input within 1200 steps, at 1e-3 it did; docs/base.md)."""
+    """AdamW learning rate of phase 2 (when the language model learned from scratch here: at 2e-3 it did not start
+    comparing a Yes/No question with its input within 1200 steps, at 1e-3 it did; docs/base.md)."""
     weight_decay: float = Field(default=0.01, ge=0)
     """AdamW weight decay of both pretraining phases."""
     warmup_steps: int = Field(default=50, ge=0)
@@ -482,6 +515,7 @@ class Params:
 
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     world: WorldConfig = dataclasses.field(default_factory=WorldConfig)
+    language: LanguageConfig = dataclasses.field(default_factory=LanguageConfig)
     base: BaseConfig = dataclasses.field(default_factory=BaseConfig)
     synthesize: SynthesizeConfig = dataclasses.field(default_factory=SynthesizeConfig)
     validate: ValidateConfig = dataclasses.field(default_factory=ValidateConfig)

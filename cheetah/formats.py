@@ -19,11 +19,11 @@ raises it as a `DataError` naming the file, the line and the record's id (exit 2
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from cheetah.io import DataError, iter_jsonl, jsonl_lines
+from cheetah.io import DataError, jsonl_lines
 
 IMAGE_TOKEN = "<image>"
 """The image placeholder: where an instruction's images go, one per image (in `synthetic.jsonl`, in the world's
@@ -160,3 +160,29 @@ def demon_document_problem(doc: Any) -> str | None:
             and all(isinstance(t, str) and t.strip() for t in instructions)):
         return "metadata.task_instruction must be a non-empty list of non-empty strings"
     return None
+
+
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield (line_number, record). A malformed line or a non-object record raises DataError naming the line."""
+    for lineno, _, rec in iter_jsonl_offsets(path):
+        yield lineno, rec
+
+
+def iter_jsonl_offsets(path: str | Path) -> Iterator[tuple[int, int, dict[str, Any]]]:
+    """Yield (line_number, byte offset of the line, record), so a record can be read again later with
+    `read_jsonl_at` without keeping it in memory. Errors as `iter_jsonl`."""
+    for lineno, start, raw in jsonl_lines(path):
+        yield lineno, start, _parse_jsonl_line(Path(path), lineno, raw)
+
+
+def read_jsonl_at(f: Any, path: str | Path, offset: int) -> dict[str, Any]:
+    """The record of the line at byte `offset` of the open binary file `f` (of `path`, for messages)."""
+    f.seek(offset)
+    return _parse_jsonl_line(Path(path), None, f.readline())
+
+
+def _parse_jsonl_line(path: Path, lineno: int | None, raw: bytes) -> dict[str, Any]:
+    rec, problem = parse_line(raw)
+    if problem is not None:
+        raise DataError(f"{where(path, lineno, rec)}: {problem}")
+    return rec

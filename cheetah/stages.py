@@ -59,6 +59,14 @@ def benchmarks(p: Params, demon_dir: str | None = None, mme_dir: str | None = No
                        printed={k: str(v) for k, v in written.items()})
 
 
+def language(p: Params) -> StageResult:
+    """`cheetah language`: the embedded language model in `language.out`."""
+    from cheetah.train.language import pretrain_language
+
+    metrics = pretrain_language(p)
+    return StageResult(metrics, [(p.language.metrics, "language")], printed=metrics)
+
+
 def base(p: Params) -> StageResult:
     """`cheetah base`: the backbone in `base.out` (pretrained, random or a checkpoint brought in)."""
     from cheetah.train.base import base_stage

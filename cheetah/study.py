@@ -3,7 +3,8 @@
 For every seed of `study.seeds`, the arms (ARMS) are built from the pipeline's own stage functions and the
 settings of `params.yaml` — only the seed (base.seed, synthesize.seed, train.seed) and the output folders change:
 
-    (a) base                the base backbone (the base stage with this seed)
+    (a) base                the base backbone (the base stage with this seed, from the language stage's model:
+                            one language model for every seed, as the paper's arms share one Vicuna)
     (b) vpgc_captions       VPG-C trained on the caption samples only (the same steps and examples per step)
     (c) vpgc_synthetic      VPG-C trained on captions + attention-guided synthetic pairs (the paper's recipe)
     (d) vpgc_random_target  the same, the edit targets drawn at random (`synthesize.selector: random`)
@@ -42,6 +43,7 @@ from cheetah.config import STUDY_ARMS, Params, to_dict
 from cheetah.formats import SOURCE_CAPTIONS, SOURCE_SCENES
 from cheetah.evaluate.demon import CATEGORIES
 from cheetah.io import atomic_dir, atomic_write_json, read_json, write_metrics, write_output_file
+from cheetah.model.weights import weights_digest
 
 log = logging.getLogger(__name__)
 
@@ -299,9 +301,10 @@ def _corpus_digest(source: Path) -> str:
     return h.hexdigest()
 
 
-def _cell(eval_dir: Path, name: str) -> dict[str, Any]:
+def _cell(eval_dir: Path, name: str, blank: bool = False) -> dict[str, Any]:
     """One arm's numbers in one seed's evaluation: DEMON categories and average, MME split totals, the content
-    scores (%) and the probe on what VPG-C adds (mean over attributes, %)."""
+    scores (%) and the probe on what VPG-C adds (mean over attributes, %). Not the probe for an arm given `blank`
+    images: the probe renders its own scenes, so it would repeat the arm whose weights it borrows."""
     demon = read_json(eval_dir / name / "demon_scores.json")
     mme = read_json(eval_dir / name / "mme_scores.json")
     splits = mme.get("splits") or {}
@@ -309,7 +312,7 @@ def _cell(eval_dir: Path, name: str) -> dict[str, Any]:
             "mme": {s: splits[s]["total"] for s in MME_SPLITS if s in splits}}
     if (eval_dir / name / "content_scores.json").is_file():
         cell["content"] = {t: v["content"] for t, v in read_json(eval_dir / name / "content_scores.json").items()}
-    if (eval_dir / name / "probe.json").is_file():
+    if (eval_dir / name / "probe.json").is_file() and not blank:
         cell["probe"] = {k: v["mean"] for k, v in read_json(eval_dir / name / "probe.json").items()}
     return cell
 
@@ -332,6 +335,8 @@ def run_study(params: Params, root: str | Path = ".", restart: bool = False, tra
 
         ensure_source(params, root)
     corpus = _corpus_digest(source)
+    # The language stage's model is every seed's starting point, as the paper's Vicuna is: not varied by seed.
+    language = weights_digest(params.language.out) if Path(params.language.out).is_dir() else None
     steps = Steps(work, restart)
     code = {k: code_digest(v, CODE_ROOT) for k, v in step_code().items()}
 
@@ -353,7 +358,7 @@ def run_study(params: Params, root: str | Path = ".", restart: bool = False, tra
         folder = work / f"seed{seed}"
         p = _seeded(params, seed, folder)
         fp: dict[str, str] = {}
-        fp["base"] = fingerprint(code["base"], corpus, to_dict(p.world), to_dict(p.base), p.model.preset)
+        fp["base"] = fingerprint(code["base"], corpus, language, to_dict(p.world), to_dict(p.base), p.model.preset)
         steps.run(f"seed{seed}/base", fp["base"], lambda stale: pretrain_base(p))
         for selector in sorted({ARMS[a].data for a in arms if ARMS[a].data}):
             syn = dataclasses.replace(p.synthesize, selector=selector, out=str(folder / f"synthetic-{selector}"))
@@ -389,7 +394,7 @@ def run_study(params: Params, root: str | Path = ".", restart: bool = False, tra
             steps.run(f"seed{seed}/{out.name}", fp_eval,
                       lambda stale, pe=pe, specs=specs: evaluate(pe, specs, restart=stale))
             for a in names:
-                cells[a][seed] = _cell(out, a)
+                cells[a][seed] = _cell(out, a, blank)
         for arm in arms:
             extra[arm][seed] = _arm_record(folder, arm)
 

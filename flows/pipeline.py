@@ -275,9 +275,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "run":
         pipeline(**parameters)
         return 0
-    schedule: dict[str, Any] = ({"interval": args.interval} if args.interval else {"cron": args.cron or "0 2 * * *"})
+    from prefect.schedules import Cron, Interval
+
+    # A schedule with a slug (the deployment's name), as prefect.yaml's: serving a deployment that `prefect deploy`
+    # created first then updates its schedule instead of failing (Prefect refuses schedules without slugs there).
+    schedule = (Interval(args.interval, slug=args.name) if args.interval else
+                Cron(args.cron or "0 2 * * *", timezone="UTC", slug=args.name))
     # One run at a time: two pipeline runs in one checkout would fight over DVC's lock and outputs.
-    pipeline.serve(name=args.name, parameters=parameters, global_limit=1, **schedule)
+    pipeline.serve(name=args.name, parameters=parameters, global_limit=1, schedules=[schedule])
     return 0
 
 

@@ -53,6 +53,17 @@ def test_random_weights_at_a_presets_shapes_are_a_checkpoint_directory(tmp_path)
         base_stage(load_params(None, ["model.preset=mini", "base.init=pretrain"]))
 
 
+TINY_LANGUAGE = ["language.steps=4", "language.batch_size=4", "language.warmup_steps=1", "language.eval_scenes=2",
+                 "language.threads=1"]
+
+
+def _language(tmp_path, name: str):
+    from cheetah.train.language import pretrain_language
+
+    return pretrain_language(load_params(None, [f"language.out={tmp_path / name}",
+                                                f"language.metrics={tmp_path / name}.json", *TINY_LANGUAGE]))
+
+
 def _pretrain(tmp_path, name: str):
     from cheetah.world import write_corpus
 
@@ -60,20 +71,39 @@ def _pretrain(tmp_path, name: str):
     if not source.exists():
         params = load_params(None, [f"world.out={source}", "world.n=24", "world.image_size=32"])
         write_corpus(params.world)
+    if not (tmp_path / "language").exists():
+        _language(tmp_path, "language")
     return base_stage(load_params(None, [
         f"world.out={source}", "world.n=24", "world.image_size=32", f"base.out={tmp_path / name}",
+        f"language.out={tmp_path / 'language'}",
         f"base.metrics={tmp_path / name}.json", "base.vision_steps=4", "base.steps=4", "base.batch_size=4",
         "base.yes_no_batch=4", "base.warmup_steps=1", "base.eval_scenes=2", "base.probe_scenes=24",
         "base.probe_heldout=8"]))
 
 
-# Losses of 4 + 4 steps of `cheetah base` at the settings above (means over the steps; recorded with this code, fp32,
-# one thread): a change to the tag probe, the examples, the object tokens, the optimiser or the order of random draws
-# moves them.
-GOLDEN_BASE = {"final_vision_loss": 31.161378, "final_loss": 6.479435, "final_yes_no_loss": 4.700366}
+# Losses of 4 steps of `cheetah language` and 4 + 4 steps of `cheetah base` at the settings above (means over the
+# steps; recorded with this code, fp32, one thread): a change to the examples, the object tokens, the tag probe, the
+# optimiser or the order of random draws moves them.
+GOLDEN_LANGUAGE = {"final_loss": 6.194649}
+GOLDEN_BASE = {"final_vision_loss": 37.90176, "final_loss": 5.338058, "final_yes_no_loss": 2.923779}
 
 
-def test_base_pretraining_golden_losses_and_determinism(tmp_path, one_thread):
+def test_language_pretraining_golden_loss_determinism_and_link_0_metrics(tmp_path, one_thread):
+    first, again = _language(tmp_path, "a"), _language(tmp_path, "b")
+    assert first["final_loss"] == again["final_loss"]
+    assert {k: first[k] for k in GOLDEN_LANGUAGE} == pytest.approx(GOLDEN_LANGUAGE, rel=1e-4)
+    assert load_backbone(tmp_path / "a").fingerprint() == load_backbone(tmp_path / "b").fingerprint()
+    metrics = json.loads((tmp_path / "a.json").read_text())
+    for key in ("yes_no_primary_accuracy", "yes_no_detail_accuracy", "differences_content_small",
+                "differences_content_large"):
+        assert 0 <= metrics[key] <= 100
+    from cheetah.world import PERCEPTION_KINDS
+
+    assert metrics["yes_no"]["detail"]["n"] == 2 * 2 * len(PERCEPTION_KINDS)  # 2 scenes x (yes, no) x each kind
+    assert len(metrics["differences"]["small"]["examples"]) == 2
+
+
+def test_base_pretraining_starts_from_the_language_model_golden_losses_and_determinism(tmp_path, one_thread):
     first = _pretrain(tmp_path, "a")
     again = _pretrain(tmp_path, "b")
     losses = {k: first[k] for k in GOLDEN_BASE}
@@ -82,12 +112,22 @@ def test_base_pretraining_golden_losses_and_determinism(tmp_path, one_thread):
     assert set(first["probe"]) == {"vit_large", "vit_small", "qformer_large", "qformer_small"}
     a, b = load_backbone(tmp_path / "a"), load_backbone(tmp_path / "b")
     assert a.fingerprint() == b.fingerprint()
+    # The language model it started from: its tokenizer, and its weights (moved by the base's 4 steps only).
+    language = load_backbone(tmp_path / "language")
+    assert a.tokenizer.get_vocab() == language.tokenizer.get_vocab()
+    start, end = language.model.language_model.state_dict(), a.model.language_model.state_dict()
+    assert max((end[k] - start[k]).abs().max().item() for k in start) < 0.05
+    # Without one, the stage says which folder and what to run.
+    with pytest.raises(DataError, match=r"nowhere: no pretrained language model here .*cheetah language"):
+        base_stage(load_params(None, [f"world.out={tmp_path / 'source'}", "world.image_size=32",
+                                      f"base.out={tmp_path / 'c'}", f"base.metrics={tmp_path / 'c'}.json",
+                                      f"language.out={tmp_path / 'nowhere'}"]))
 
 
 def test_bucketed_language_loss_equals_the_padded_batch_loss(tiny_backbone):
-    """`_lm_loss` splits a batch by length to pad less; its value (and gradient) must be the padded batch's."""
+    """`lm_loss` splits a batch by length to pad less; its value (and gradient) must be the padded batch's."""
     from cheetah.model.prompts import PromptBuilder
-    from cheetah.train.base import _lm_loss
+    from cheetah.train.language import lm_loss
 
     torch.manual_seed(0)
     model, builder = tiny_backbone.model, PromptBuilder.for_backbone(tiny_backbone, max_length=128)
@@ -113,7 +153,7 @@ def test_bucketed_language_loss_equals_the_padded_batch_loss(tiny_backbone):
 
     for vis in (visual, None):
         texts = samples if vis is not None else [builder.encode(t.replace("<image>", ""), 0, r) for t, _, r in rows]
-        expected, got = padded(texts, vis), _lm_loss(model, builder, texts, vis)
+        expected, got = padded(texts, vis), lm_loss(model, builder, texts, vis)
         assert got.item() == pytest.approx(expected.item(), rel=1e-5)
         grads = []
         for loss in (expected, got):
@@ -121,4 +161,4 @@ def test_bucketed_language_loss_equals_the_padded_batch_loss(tiny_backbone):
             loss.backward()
             grads.append(model.language_model.lm_head.weight.grad.clone())
         assert torch.allclose(grads[0], grads[1], atol=1e-6)
-    assert _lm_loss(model, builder, []).item() == 0.0
+    assert lm_loss(model, builder, []).item() == 0.0

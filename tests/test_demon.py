@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 
 import pytest
@@ -185,6 +186,13 @@ def test_rouge_l():
     assert rouge_l("", "a red cube") == 0.0
     assert rouge_l(" ...", "a red cube") == 0.0  # empty once normalised
     assert rouge_l("green", "a red cube") == 0.0
+    # A 1,100-word answer: the package's recursive LCS passes Python's default limit; the score is still its own
+    # (P = 3/1100, R = 3/5: F1), and the limit is restored.
+    limit = sys.getrecursionlimit()
+    long = " ".join(["a", "red", "cube", *[f"w{i}" for i in range(1097)]])
+    p, r = 3 / 1100, 3 / 5
+    assert rouge_l(long, "a red cube on top") == pytest.approx(2 * p * r / (p + r), abs=1e-6)
+    assert sys.getrecursionlimit() == limit
 
 
 def test_multi_choice_tfidf():

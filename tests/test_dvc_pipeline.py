@@ -38,11 +38,15 @@ def _outs(name: str, stages: dict = STAGES) -> set[str]:
 
 
 def test_stages_run_in_order_and_each_depends_on_what_it_reads():
-    assert stage_order(REPO) == list(STAGES) == ["validate_source", "base", "synthesize", "validate", "train",
-                                                 "benchmarks", "validate_demon", "validate_mme", "evaluate",
+    assert stage_order(REPO) == list(STAGES) == ["validate_source", "language", "base", "synthesize", "validate",
+                                                 "train", "benchmarks", "validate_demon", "validate_mme", "evaluate",
                                                  "register"]
     deps = {n: set(s["deps"]) for n, s in STAGES.items()}
-    assert {"data/source"} <= deps["base"] and {"data/source", "data/backbone"} <= deps["synthesize"]
+    assert {"data/source", "data/language"} <= deps["base"] and {"data/source", "data/backbone"} <= deps["synthesize"]
+    # The language model reads no data; its code dependencies are file by file, so that a change to VPG-C or to the
+    # base's measurements does not retrain it (40 minutes).
+    assert all(d.startswith("cheetah/") for d in deps["language"])
+    assert not {"cheetah/model", "cheetah/evaluate", "cheetah/model/vpgc.py"} & deps["language"]
     assert "data/synthetic" in deps["validate"]
     # Every input is validated before it is used: a stage waits for a passing suite (its deterministic result file).
     assert "data/source" in deps["validate_source"]
@@ -71,6 +75,7 @@ def test_stages_run_in_order_and_each_depends_on_what_it_reads():
 def test_paths_in_dvc_yaml_are_the_configured_ones():
     p = load_params(REPO / "params.yaml")
     assert p.world.out == p.synthesize.source == SOURCE
+    assert _outs("language") == {p.language.out, p.language.metrics}
     assert _outs("base") == {p.base.out, p.base.metrics} and p.model.backbone_dir == p.base.out
     assert _outs("synthesize") == {p.synthesize.out} and p.train.data == p.synthesize.out
     assert _outs("validate") == {f"{p.validate.docs_dir}/synthetic"}
@@ -95,11 +100,14 @@ def test_paths_in_dvc_yaml_are_the_configured_ones():
     train_outs = {k: v for o in raw_stages["train"]["outs"] if isinstance(o, dict) for k, v in o.items()}
     assert train_outs["${train.state_dir}"] == {"persist": True}
     assert raw_stages["register"]["outs"] == [{"metrics/register.json": {"persist": True}}]
-    for name in ("base", "train", "evaluate"):
+    for name in ("language", "base", "train", "evaluate"):
         for m in raw_stages[name]["metrics"]:
             assert list(m.values())[0] == {"cache": False}, (name, m)
+    # The language model is committed with git, as a downloaded Vicuna would be kept: not in DVC's cache.
+    assert raw_stages["language"]["outs"] == [{"${language.out}": {"cache": False}}]
     # The receipt is an output, not a metric: `dvc metrics show` lists results only (and a fresh clone has no receipt).
-    assert set(DVC_YAML["metrics"]) == {"${base.metrics}", "${train.metrics}", "${evaluate.metrics}"}
+    assert set(DVC_YAML["metrics"]) == {"${language.metrics}", "${base.metrics}", "${train.metrics}",
+                                        "${evaluate.metrics}"}
 
 
 def test_every_cmd_is_a_cheetah_command_and_every_param_exists():
@@ -355,6 +363,9 @@ def test_a_corrupt_record_in_your_corpus_stops_the_pipeline_at_validation(tmp_pa
     lines = [json.dumps(r).encode() for r in rows]
     lines[3] = lines[3].replace(b'"caption": "', b'"caption": "\xff')
     (corpus / "captions.jsonl").write_bytes(b"".join(line + b"\n" for line in lines))
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["language"]["steps"] = 2  # base's other upstream stage, in case DVC runs it first
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
     done = run_dvc("repro", "base", root=repo, capture=True)
     out = done.stdout + done.stderr

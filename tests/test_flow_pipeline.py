@@ -43,6 +43,7 @@ COPY = ["cheetah", "configs", "flows", "dvc.yaml", "params.yaml", "data.dvc", "p
 # Every stage, shrunk: the whole pipeline in about a minute and a half on 2 cores.
 TINY = {
     "world": {"n": 32, "image_size": 32},
+    "language": {"steps": 4, "batch_size": 4, "warmup_steps": 1, "eval_scenes": 2, "threads": 1},
     "base": {"vision_steps": 4, "steps": 4, "batch_size": 4, "yes_no_batch": 4, "eval_scenes": 2, "probe_scenes": 16,
              "probe_heldout": 8, "warmup_steps": 1},
     "synthesize": {"n": 12, "captions": 12, "workers": 1, "shard_size": 4},  # 3 shards: 3 task runs
@@ -50,7 +51,7 @@ TINY = {
               "warmup_steps": 1, "log_every": 1, "heldout_fraction": 0.2},  # 2 of the 12 pairs held out
     "evaluate": {"demon_per_task": 1, "mme_per_subtask": 2, "max_new_tokens": 4, "batch_size": 16, "probe_scenes": 16},
 }
-DVC_STAGES = ["validate_source", "base", "synthesize", "validate", "train", "benchmarks", "validate_demon",
+DVC_STAGES = ["validate_source", "language", "base", "synthesize", "validate", "train", "benchmarks", "validate_demon",
               "validate_mme", "evaluate", "register"]
 STAGES = ["source", *DVC_STAGES]  # the flow's tasks: the source corpus (data.dvc), then the stages of dvc.yaml
 SHARD_TASKS = [f"synthesize shard {k}" for k in range(3)]  # made as task runs before the stage merges them

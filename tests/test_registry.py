@@ -138,7 +138,7 @@ def test_versions_carry_lineage_and_metric_tags(registered, world):
     assert logged["demon.average"] == 0.60 and logged["mme.perception"] == 103.0
 
 
-def test_predict_cli_and_pyfunc_answer_with_the_champion(registered, world, capsys):
+def test_predict_cli_and_pyfunc_answer_with_the_champion(registered, world, capsys, monkeypatch):
     import mlflow
     import pandas as pd
 
@@ -154,6 +154,7 @@ def test_predict_cli_and_pyfunc_answer_with_the_champion(registered, world, caps
     assert capsys.readouterr().out.strip() == cli_answer  # the default model is models:/<name>@champion
 
     pyfunc = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
+    monkeypatch.setenv("CHEETAH_IMAGE_ROOT", str(Path(images[0]).parent))  # the served model may read this folder
     frame = pd.DataFrame({"instruction": [instruction, "<image> Describe the image."],
                           "images": [images, [images[0]]]})
     answers = pyfunc.predict(frame)
@@ -209,13 +210,20 @@ def test_champion_serves_in_a_fresh_process_without_the_project_or_its_backbone(
         f"m = mlflow.pyfunc.load_model('models:/{NAME}@champion')\n"
         "import cheetah\n"
         f"rows = pd.DataFrame({{'instruction': [{instruction!r}] * 2, 'images': [{world['images']!r}, {inline!r}]}})\n"
-        "print(json.dumps({'answers': m.predict(rows), 'code': cheetah.__file__}))\n")
+        "answers = m.predict(rows)\n"
+        # Files outside the image folder the server was given are refused: one line, no stack trace.
+        "from cheetah.registry.pyfunc import RequestError\n"
+        "try:\n    m.predict(pd.DataFrame({'instruction': ['?'], 'images': [['/etc/passwd']]}))\n"
+        "    sys.exit('read a file outside CHEETAH_IMAGE_ROOT')\n"
+        "except RequestError as e:\n    refused = e.serialize_as_json()\n"
+        "print(json.dumps({'answers': answers, 'code': cheetah.__file__, 'refused': refused}))\n")
     backbone, moved = world["root"] / "backbone", world["root"] / "backbone.elsewhere"
     backbone.rename(moved)
     try:
         env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "MLFLOW_TRACKING_URI": os.environ["MLFLOW_TRACKING_URI"],
                "PYTHONPATH": sysconfig.get_paths()["purelib"], "CHEETAH_CACHE": str(tmp_path / "cache"),
-               "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+               "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+               "CHEETAH_IMAGE_ROOT": str(Path(world["images"][0]).parent)}
         done = subprocess.run([sys.executable, "-S", "-c", script], cwd=tmp_path, env=env, capture_output=True,
                               text=True, timeout=600)
     finally:
@@ -223,6 +231,9 @@ def test_champion_serves_in_a_fresh_process_without_the_project_or_its_backbone(
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["answers"] == [expected, expected]
+    refused = json.loads(result["refused"])
+    assert refused["error_code"] == "BAD_REQUEST" and "outside the image folder CHEETAH_IMAGE_ROOT" in refused["message"]
+    assert "stack_trace" not in refused
     assert str(REPO) not in result["code"] and "/code/cheetah/" in result["code"]  # the model's copy of the code
     assert any((tmp_path / "cache" / "backbones").iterdir())  # downloaded from the tracking server
 

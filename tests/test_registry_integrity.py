@@ -281,6 +281,21 @@ def test_a_nan_backbone_is_refused_by_evaluate_register_and_predict(reg, capsys,
         shutil.copytree(tmp_path / "good", backbone)
 
 
+def test_demote_never_promotes_a_version_the_gate_did_not_decide_on(reg, capsys):
+    """A `register` killed between registering version 2 and its gate decision leaves it with no `gate` tag."""
+    client = _client()
+    decision = client.get_model_version(NAME, "2").tags["gate"]
+    client.delete_model_version_tag(NAME, "2", "gate")
+    try:
+        assert main(["registry", "demote", "1", "--reason", "broken"]) == 0
+        assert json.loads(capsys.readouterr().out)["champion"] is None
+    finally:
+        client.set_model_version_tag(NAME, "2", "gate", decision)
+    client.set_registered_model_alias(NAME, "champion", "1")
+    assert main(["registry", "demote", "1", "--reason", "broken"]) == 0  # decided on: it takes over
+    assert json.loads(capsys.readouterr().out)["champion"] == 2
+
+
 def test_demote_passes_over_a_tampered_version(reg, capsys):
     with _tampering(reg) as stored:
         (stored / "served_model.py").write_text("raise SystemExit('planted')\n")

@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -486,3 +487,26 @@ def test_an_infinite_learning_rate_exits_non_zero_with_a_named_error(ws):
     assert "error: train: the update of step 1 made VPG-C weights non-finite" in done.stderr
     assert "Traceback" not in done.stderr
     assert not (ws / "inf" / "vpgc").exists() and not (ws / "inf" / "train.json").exists()
+
+
+def test_the_served_model_reads_images_sent_inline_or_under_its_image_root_only(tmp_path):
+    """A REST client could name any file of the serving machine as an image."""
+    from PIL import Image
+
+    from cheetah.registry.pyfunc import _as_images, image_data_uri
+
+    root, outside = tmp_path / "images", tmp_path / "private"
+    root.mkdir()
+    outside.mkdir()
+    Image.new("RGB", (4, 4), "red").save(root / "a.png")
+    Image.new("RGB", (4, 4), "blue").save(outside / "b.png")
+    (root / "link.png").symlink_to(outside / "b.png")
+    inline = image_data_uri(outside / "b.png")
+    assert _as_images([inline], 0, None)[0].getpixel((0, 0)) == (0, 0, 255)
+    with pytest.raises(DataError, match="row 0, image 0: this model reads images sent in the request"):
+        _as_images([str(root / "a.png")], 0, None)
+    assert _as_images(["a.png", str(root / "a.png")], 0, str(root)) == [str((root / "a.png").resolve())] * 2
+    for escape in ("../private/b.png", str(outside / "b.png"), "link.png"):
+        with pytest.raises(DataError, match=f"image 1: {re.escape(escape)}: outside the image folder"):
+            _as_images([inline, escape], 3, str(root))
+

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from cheetah.train.world_examples import (ObjectTokens, difference_example, language_example, object_phrases,
+from cheetah.train.language import language_example
+from cheetah.train.world_examples import (ObjectTokens, difference_example, object_phrases,
                                           primary_questions)
 from cheetah.world import IMAGE_TOKEN, generate_scene, train_tokenizer
 from cheetah.world.scene import N_LARGE, N_SMALL
@@ -45,8 +46,8 @@ def test_every_scene_and_its_edits_fit_the_visual_prompt(tokenizer):
     rng = np.random.default_rng(0)
     tokens = ObjectTokens(tokenizer, 8)
     scenes = [generate_scene(5, i) for i in range(50)]
-    for _ in range(200):
-        example = language_example(scenes, rng)
+    for k in range(200):
+        example = language_example(scenes[k % len(scenes)], rng)
         assert example.instruction.count(IMAGE_TOKEN) == len(example.scenes)
         tokens.embed(example.scenes, torch.zeros(len(tokenizer), 4), rng)
     with pytest.raises(ValueError, match="more than the 3 tokens"):

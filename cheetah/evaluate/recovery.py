@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from cheetah.evaluate.probes import linear_probe, object_targets
+from cheetah.model.prompts import position_ids_from_mask
 from cheetah.world import DIFFERENCE_INSTRUCTIONS, SIZES, Scene, edit_scene, render
 
 PROBE_INSTRUCTION = DIFFERENCE_INSTRUCTIONS[0]
@@ -38,8 +39,6 @@ def correction_features(model: Any, builder: Any, scenes: Sequence[Scene], seed:
         pixels = processor(images, return_tensors="pt")["pixel_values"]
         inputs, injection = model.prepare_inputs(batch["input_ids"], pixels, image_counts=batch["image_counts"],
                                                  guide_positions=batch["guide_positions"])
-        from cheetah.model.vpgc import position_ids_from_mask
-
         hidden = model.language_model.get_decoder()(
             inputs_embeds=inputs, attention_mask=batch["attention_mask"], output_hidden_states=True,
             position_ids=position_ids_from_mask(batch["attention_mask"])).hidden_states[model.update_layer]

@@ -34,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import gc
-import hashlib
 import logging
 import os
 import re

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -75,12 +76,19 @@ def rouge_l(pred: str, gt: str) -> float:
         raise ValueError(f"empty ground truth {gt!r}")
     if not p:
         return 0.0
+    # The package rebuilds the longest common subsequence recursively, one call per word of both texts: a
+    # 1,000-word answer passes Python's default limit. Raised for the call (pure-Python recursion costs no C stack
+    # from 3.11 on), so a long answer gets the package's own score.
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(limit, len(p.split()) + len(g.split()) + 1_000))
     try:
         return float(Rouge(metrics=["rouge-l"]).get_scores(p, g)[0]["rouge-l"]["f"])
     except ValueError:
         # The package splits sentences on the periods normalisation left (it removes only 32): an answer made of
         # periods alone has no sentence. Empty in substance, so 0 as for an empty prediction.
         return 0.0
+    finally:
+        sys.setrecursionlimit(limit)
 
 
 OptionRule = Literal["official", "strict"]

@@ -258,7 +258,7 @@ def random_backbone(preset: str, *, tokenizer_dir: str | Path | None = None, dev
 
 
 def _read_backbone_meta(path: Path) -> dict[str, Any]:
-    meta_file = path / "cheetah_backbone.json"
+    meta_file = path / BACKBONE_META_FILE
     return json.loads(meta_file.read_text()) if meta_file.exists() else {}
 
 
@@ -341,6 +341,8 @@ def load_backbone(spec: str | Path, *, device: str | torch.device = "cpu", dtype
 
 
 QFORMER_TOKENIZER_DIR = "qformer_tokenizer"
+BACKBONE_META_FILE = "cheetah_backbone.json"
+"""What the project records beside a backbone's weights (template, preset, how it was made, its base metrics)."""
 """Where an InstructBLIP directory keeps the Q-Former's tokenizer (as `InstructBlipProcessor.save_pretrained`)."""
 
 
@@ -389,7 +391,7 @@ def save_backbone(backbone: Backbone, directory: str | Path, extra_meta: dict[st
             backbone.qformer_tokenizer.save_pretrained(tmp / QFORMER_TOKENIZER_DIR)
         meta = {"template": backbone.template.name, "preset": backbone.source, "init": backbone.init,
                 **(extra_meta or {})}
-        (tmp / "cheetah_backbone.json").write_text(json.dumps(meta, indent=2) + "\n")
+        (tmp / BACKBONE_META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return Path(directory)
 
 

@@ -225,3 +225,8 @@ class PromptBuilder:
             ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
             mask[i, :len(r)] = 1
         return {"qformer_input_ids": ids, "qformer_attention_mask": mask}
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions count real tokens only, so left padding does not shift them (what `generate` does too)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)

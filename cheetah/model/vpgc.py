@@ -29,6 +29,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from cheetah.model.backbones import Backbone
+from cheetah.model.prompts import position_ids_from_mask
 
 
 class VPGC(nn.Module):
@@ -422,11 +423,6 @@ class LossReduction:
             total = total + out.token_sums.sum()
             tokens += int(out.token_counts.sum())
         return total * self.parts / max(self.step_tokens or 0.0, 1.0), (total.item(), float(tokens))
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions count real tokens only, so left padding does not shift them (what `generate` does too)."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def _qformer_text(ids: torch.Tensor | None, mask: torch.Tensor | None) -> dict[str, torch.Tensor] | None:

@@ -263,7 +263,8 @@ def _versions(client: Any, name: str) -> list[Any]:
 
 def demote(name: str, version: int | str, reason: str, metric: str = "demon.average") -> dict[str, Any]:
     """Mark a version broken (`demoted` tag with the reason) and, if it was champion, give `champion` to the best
-    remaining eligible version by its logged `metric` whose files are still those registered (or to none; the
+    remaining eligible version that the gate decided on, by its logged `metric`, whose files are still those
+    registered (or to none; the
     versions passed over for their files are listed under `skipped`). Returns what happened."""
     from mlflow.tracking import MlflowClient
 
@@ -281,7 +282,8 @@ def demote(name: str, version: int | str, reason: str, metric: str = "demon.aver
     candidates = []
     for mv in _versions(client, name):
         tags = mv.tags or {}
-        if "demoted" in tags or tags.get("champion_eligible") != "true":
+        # Never gated: its `register` did not finish (killed between registering and deciding).
+        if "demoted" in tags or tags.get("champion_eligible") != "true" or "gate" not in tags:
             continue
         value = logged_metric(client, mv, metric)
         if value is not None:

@@ -9,6 +9,7 @@ the backbone.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from importlib import metadata
@@ -17,14 +18,20 @@ from typing import Any
 
 import mlflow
 import mlflow.pyfunc
+from mlflow.protos.databricks_pb2 import BAD_REQUEST, INTERNAL_ERROR
 
 from cheetah.config import Params
 from cheetah.io import DataError, check_finite_weights
+
+log = logging.getLogger(__name__)
 
 MODEL_NAME_IN_RUN = "vpgc"  # the model's name inside its registering run
 BACKBONE_ENV = "CHEETAH_BACKBONE_DIR"
 CACHE_ENV = "CHEETAH_CACHE"  # where downloaded backbones are kept (default ~/.cache/cheetah)
 BACKBONE_RUN_TAG = "cheetah.backbone_sha256"  # the run holding a backbone's files as artifacts, by weights digest
+IMAGE_ROOT_ENV = "CHEETAH_IMAGE_ROOT"
+"""The one folder on the serving machine whose files a request may name as images (unset: none; a request sends
+its images inline as data URIs, which is what `cheetah predict` does with local files)."""
 _REQUIREMENTS = ("mlflow", "torch", "transformers", "tokenizers", "safetensors", "pillow", "numpy", "pandas",
                  "pydantic", "pyyaml")
 
@@ -177,20 +184,37 @@ class VPGCPyfunc(mlflow.pyfunc.PythonModel):
             raise DataError("predict: the input frame needs columns 'instruction' and 'images'; "
                             f"missing {sorted(missing)}")
         max_new_tokens = int((params or {}).get("max_new_tokens") or self.max_new_tokens)
+        root = os.environ.get(IMAGE_ROOT_ENV) or None
         answers = []
         for row, (instruction, images) in enumerate(zip(frame["instruction"], frame["images"])):
-            images = _as_images(images, row)
-            answers.append(answer_one(self.model, with_image_placeholders(str(instruction), len(images)), images,
-                                      max_new_tokens=max_new_tokens))
+            try:
+                images = _as_images(images, row, root)
+                answers.append(answer_one(self.model, with_image_placeholders(str(instruction), len(images)), images,
+                                          max_new_tokens=max_new_tokens))
+            except DataError as e:
+                raise RequestError(str(e)) from None
+            except Exception:
+                # A client gets one line; the traceback stays in the server's log.
+                log.exception("predict: row %d", row)
+                raise RequestError(f"predict: row {row}: the model failed to answer (the server's log has the "
+                                   "details)", error_code=INTERNAL_ERROR) from None
         return answers
+
+
+class RequestError(mlflow.exceptions.MlflowException, DataError):
+    """A request the model refuses (bad row, image, or an internal failure), as MLflow's scoring server reports it:
+    the message alone (HTTP 400, or 500 for a failure of the model), no stack trace; exit 2 on the command line."""
+
+    def __init__(self, message: str, error_code: str = BAD_REQUEST):
+        super().__init__(message, error_code=error_code)
 
 
 DATA_URI = "data:image/"
 
 
-def _as_images(images: Any, row: int) -> list[Any]:
-    """A row's images: paths on the serving machine, or inline `data:image/...;base64,...` URIs (what a REST
-    client sends), decoded to PIL images."""
+def _as_images(images: Any, row: int, root: str | None) -> list[Any]:
+    """A row's images: inline `data:image/...;base64,...` URIs (what a REST client sends), decoded to PIL images, or
+    paths of files under `root` (`IMAGE_ROOT_ENV`) on the serving machine; any other path is refused."""
     import base64
     import binascii
     import io
@@ -215,11 +239,27 @@ def _as_images(images: Any, row: int) -> list[Any]:
                     out.append(im.convert("RGB"))
             except (IndexError, binascii.Error, UnidentifiedImageError, OSError) as e:
                 raise DataError(f"predict: row {row}, image {k}: not a decodable base64 image data URI ({e})") from None
-        elif not Path(item).is_file():
-            raise DataError(f"predict: row {row}, image {k}: {item}: image not found")
+        elif root is None:
+            raise DataError(f"predict: row {row}, image {k}: this model reads images sent in the request (data:image/"
+                            f"...;base64 URIs), not files of the serving machine; set {IMAGE_ROOT_ENV} where it is "
+                            "served to let it read the files of one folder")
         else:
-            out.append(item)
+            path = Path(root, item).resolve()
+            if not path.is_relative_to(Path(root).resolve()):
+                raise DataError(f"predict: row {row}, image {k}: {item}: outside the image folder {IMAGE_ROOT_ENV}")
+            if not path.is_file():
+                raise DataError(f"predict: row {row}, image {k}: {item}: image not found under {IMAGE_ROOT_ENV}")
+            out.append(str(path))
     return out
+
+
+def image_data_uri(path: str | Path) -> str:
+    """A local image file as a data URI (how `cheetah predict` sends it: the model reads no path)."""
+    import base64
+    import mimetypes
+
+    kind = (mimetypes.guess_type(str(path))[0] or "image/png").removeprefix("image/")
+    return f"{DATA_URI}{kind};base64,{base64.b64encode(Path(path).read_bytes()).decode('ascii')}"
 
 
 def _example_images() -> list[str]:

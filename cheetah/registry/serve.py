@@ -46,14 +46,17 @@ def load(model_uri: str, backbone_dir: str | Path | None = None) -> Any:
 
 def predict(model_uri: str, instruction: str, images: Sequence[str | Path],
             backbone_dir: str | Path | None = None, max_new_tokens: int | None = None) -> str:
-    """One answer from a registered model (e.g. `models:/cheetah-vpgc@champion`)."""
+    """One answer from a registered model (e.g. `models:/cheetah-vpgc@champion`). The local image files are sent
+    to the model inline, as a REST client sends them (the served model reads no path)."""
     import pandas as pd
+
+    from cheetah.registry.pyfunc import image_data_uri
 
     for image in images:
         if not Path(image).is_file():
             raise DataError(f"{image}: image not found")
     model = load(model_uri, backbone_dir)
-    frame = pd.DataFrame({"instruction": [instruction], "images": [[str(p) for p in images]]})
+    frame = pd.DataFrame({"instruction": [instruction], "images": [[image_data_uri(p) for p in images]]})
     params = {"max_new_tokens": int(max_new_tokens)} if max_new_tokens else None
     return model.predict(frame, params=params)[0]
 

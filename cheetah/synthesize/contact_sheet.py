@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cheetah.formats import SYNTHETIC_PAIRS
-from cheetah.io import iter_jsonl, safe_join
+from cheetah.formats import SYNTHETIC_PAIRS, iter_jsonl
+from cheetah.io import safe_join
 from cheetah.pictures import SheetRow, render_sheet
 
 SHEETS_DIR = "contact_sheet"

@@ -5,11 +5,11 @@ captions, an instruction-tuned LLM joined to it by a projection), built in two p
 
 1. **Vision** (cheetah/train/vision.py): the ViT learns to see every object, small ones included; the Q-Former learns,
    from the same features, only what a caption says — the large objects and the background.
-2. **Language model**: from scratch, with the projection, on two inputs at once: the corpus images (captions and
-   questions about what captions cover), and fresh scenes given as object tokens — every object, large or small,
-   one input vector (cheetah/train/world_examples.py) — with every answer form (captions, questions, Yes/No,
-   two-image differences). It learns to talk about any object its input holds, as an instruction-tuned LLM can,
-   and the projection learns to turn the visual prompt into what it reads.
+2. **Language model**: the language stage's (cheetah/train/language.py: pretrained on scenes given as object tokens,
+   it can talk about any object its input holds, as an instruction-tuned LLM can), trained further with the
+   projection on two inputs at once: the corpus images (captions and questions about what captions cover), and
+   fresh scenes as object tokens with every answer form (so it keeps what it knew). The projection learns to turn
+   the visual prompt into what the language model reads.
 
 The result answers about what captions cover and misses the small details: its visual prompt dropped them, not its
 language model. That is the world the paper assumes, and each link is measured on held-out scenes
@@ -36,27 +36,26 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from cheetah.config import BaseConfig, ConfigError, Params
 from cheetah.formats import SOURCE_CAPTIONS, SOURCE_SCENES, read_records, source_problem
 from cheetah.io import (METRICS_KIND, DataError, atomic_dir, atomic_write_json, check_output, check_output_file,
                         lock_output, read_json, safe_join, write_metrics)
-from cheetah.model.backbones import BACKBONE_KIND, build_backbone, load_backbone, save_backbone
+from cheetah.model.backbones import (BACKBONE_KIND, BACKBONE_META_FILE, build_backbone, load_backbone,
+                                      save_backbone)
 from cheetah.evaluate.backbone import scene_pixels
 from cheetah.model.prompts import PromptBuilder
+from cheetah.progress import StageBar
 from cheetah.train.data import load_pixels
 from cheetah.train.vision import TagProbe, qformer_output, train_vision
 from cheetah.train.schedule import lr_lambda
+from cheetah.train.language import fresh_scenes, language_example, lm_loss, log_phase
 from cheetah.train.world_examples import (Example, ObjectTokens, caption_example, difference_example,
-                                          language_example, named_caption_example, primary_questions, yes_no_example)
+                                          named_caption_example, primary_questions, yes_no_example)
 from cheetah.world import Scene, generate_scene, heldout_scenes, read_scenes, render, train_tokenizer
 
 log = logging.getLogger(__name__)
 
-# The object-token scenes' own seed stream (the corpus uses world.seed, held-out scenes world.heldout_seed, probes
-# PROBE_STREAM), drawn afresh for every example: they cost no rendering, and must not be learned by heart.
-LANGUAGE_STREAM = 30_000
 
 
 def _read_source(source: Path) -> tuple[list[dict[str, Any]], dict[str, Scene]]:
@@ -68,37 +67,6 @@ def _read_source(source: Path) -> tuple[list[dict[str, Any]], dict[str, Scene]]:
         raise DataError(f"{source / SOURCE_SCENES}: no scene graph for image id(s) {missing[:5]} (the base stage "
                         "learns from the world's scene graphs)")
     return records, scenes
-
-
-def _lm_loss(model: Any, builder: PromptBuilder, samples: list[Any],
-             image_tokens: list[torch.Tensor] | None = None) -> torch.Tensor:
-    """The language model's token-mean loss on `samples` (`Encoded`), each with its images' tokens in the language
-    model's input space (`image_tokens`: one (images x queries, H) tensor per sample; None: text only). Computed in
-    two length buckets, so a short Yes/No question is not padded to the longest two-image sample: the same value as
-    one padded batch on fewer tokens."""
-    if not samples:
-        return torch.zeros(())
-    order = sorted(range(len(samples)), key=lambda i: len(samples[i].input_ids))
-    lengths = [len(samples[i].input_ids) for i in order]
-    n = len(order)
-    cut = min(range(1, n + 1), key=lambda k: k * lengths[k - 1] + (n - k) * lengths[-1])  # the least padding
-    targets = sum(s.num_targets for s in samples)
-    loss = torch.zeros(())
-    for part in (order[:cut], order[cut:]):
-        if not part:
-            continue
-        batch = builder.collate([samples[i] for i in part], "right")
-        if image_tokens is None:
-            inputs = {"input_ids": batch["input_ids"]}
-        else:
-            mask = (batch["input_ids"] == model.config.image_token_index).unsqueeze(-1)
-            tokens = torch.cat([image_tokens[i] for i in part])
-            inputs = {"inputs_embeds": model.get_input_embeddings()(batch["input_ids"]).masked_scatter(mask, tokens)}
-        # num_items_in_batch: each bucket's summed loss over the whole batch's targets, so the buckets add up to
-        # the batch's token mean.
-        loss = loss + model.language_model(**inputs, attention_mask=batch["attention_mask"], labels=batch["labels"],
-                                           num_items_in_batch=targets).loss
-    return loss
 
 
 def base_stage(params: Params) -> dict[str, Any]:
@@ -149,32 +117,32 @@ def checkpoint_base(params: Params) -> dict[str, Any]:
             except OSError:
                 shutil.copy2(f, target)
         meta = {"template": backbone.template.name, "preset": params.model.preset}
-        if (source / "cheetah_backbone.json").is_file():
-            meta.update(read_json(source / "cheetah_backbone.json"))
+        if (source / BACKBONE_META_FILE).is_file():
+            meta.update(read_json(source / BACKBONE_META_FILE))
         meta.update(init="checkpoint", checkpoint=str(source.resolve()))
-        atomic_write_json(tmp / "cheetah_backbone.json", meta)
+        atomic_write_json(tmp / BACKBONE_META_FILE, meta)
     return {"init": "checkpoint", "checkpoint": str(source.resolve()), "fingerprint": backbone.fingerprint(),
             "parameters": sum(p.numel() for p in backbone.model.parameters()), "files": len(files),
             "bytes": sum(f.stat().st_size for f in files)}
 
 
 def pretrain_base(params: Params) -> dict[str, Any]:
-    """Train the tiny backbone from scratch (vision, then the language model); write it to `base.out`."""
+    """Train the tiny backbone (vision from scratch, then the language model from the language stage's); write it to
+    `base.out`."""
     cfg, world = params.base, params.world
     if params.model.preset != "tiny":
         raise ConfigError(f"base.init `pretrain` trains the embedded `tiny` preset only; for {params.model.preset!r} "
                           "use base.init `checkpoint` (with base.checkpoint) or `random`")
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    source = Path(world.out)
+    source, language_dir = Path(world.out), Path(params.language.out)
     # Before any work: never replace what it did not write, and one writer at a time.
-    check_output(cfg.out, BACKBONE_KIND, protect=[source])
+    check_output(cfg.out, BACKBONE_KIND, protect=[source, language_dir])
     lock_output(cfg.out)
     check_output_file(cfg.metrics, METRICS_KIND)
 
-    tokenizer = train_tokenizer(cfg.vocab_size)
-    backbone = build_backbone("tiny", tokenizer=tokenizer, image_size=world.image_size, seed=cfg.seed)
-    model = backbone.model
+    backbone = language_backbone(language_dir, world.image_size, cfg.seed)
+    tokenizer, model = backbone.tokenizer, backbone.model
     builder = PromptBuilder.for_backbone(backbone, max_length=128)
     records, scene_by_id = _read_source(source)
     scenes = [scene_by_id[r["id"]] for r in records]  # image i shows scenes[i]
@@ -216,9 +184,24 @@ def pretrain_base(params: Params) -> dict[str, Any]:
         "parameters": sum(p.numel() for p in model.parameters()),
     }
     save_backbone(backbone, cfg.out, extra_meta={"init": "pretrain", "base_metrics": _headline(metrics)},
-                  protect=[source])
+                  protect=[source, language_dir])
     write_metrics(cfg.metrics, metrics)
     return _headline(metrics)
+
+
+def language_backbone(language_dir: Path, image_size: int, seed: int) -> Any:
+    """A fresh `tiny` backbone (vision side initialised by `seed`) holding the language stage's language model and
+    tokenizer (`language_dir`, `language.out`), as a BLIP-2 starts from a pretrained LLM."""
+    if not language_dir.is_dir():
+        raise DataError(f"{language_dir}: no pretrained language model here (language.out); run `cheetah language` "
+                        "first (`dvc repro` and `make run` do)")
+    language = load_backbone(language_dir)
+    backbone = build_backbone("tiny", tokenizer=language.tokenizer, image_size=image_size, seed=seed)
+    try:
+        backbone.model.language_model.load_state_dict(language.model.language_model.state_dict())
+    except RuntimeError as e:
+        raise DataError(f"{language_dir}: its language model does not fit the `tiny` preset ({str(e)[:200]})") from None
+    return backbone
 
 
 def _tail_mean(losses: list[float]) -> float | None:
@@ -239,36 +222,33 @@ def _optimizer(params: list[torch.nn.Parameter], lr: float, cfg: BaseConfig, ste
 def train_language_model(model: Any, builder: PromptBuilder, tokens: ObjectTokens, corpus: list[Scene],
                          pixel_examples: list[Example], prompts: dict[str, torch.Tensor], cfg: BaseConfig,
                          rng: np.random.Generator) -> list[tuple[float, float]]:
-    """Phase 2: the language model from scratch, its embeddings and the projection, on two kinds of input at once.
+    """Phase 2: the language model (the language stage's), its embeddings and the projection, on two kinds of input
+    at once.
 
     Per step, `batch_size` mixed examples: three quarters show **pixels** (the frozen visual prompts,
     `prompts[scene id]`) — captions of the corpus images, questions about their large objects, two-image prompts
     (`pixel_examples`, fixed) — and a quarter show **object tokens** of fresh scenes (`tokens`) — every answer form
-    about every object, large or small (`language_example`). So the language model learns the language of every object and answer form, and
-    the projection learns to turn the visual prompt into what it reads. And `yes_no_batch` Yes/No questions about the
-    large objects of the corpus images (drawn afresh), with a loss term of their own: mixed in, the one-token answers
-    weigh too little for the model to learn to compare (docs/base.md); from object tokens of either size it had not
-    learned to compare within 1,500 steps (docs/miniature.md). Returns (mixed loss, Yes/No loss) per step."""
+    about every object, large or small (`language_example`, the language stage's mix), so the language model keeps
+    what it knows, and the projection learns to turn the visual prompt into what it reads. And `yes_no_batch` Yes/No
+    questions about the large objects of the corpus images (drawn afresh), with a loss term of their own: mixed in,
+    the one-token answers weigh too little (docs/base.md). Returns (mixed loss, Yes/No loss) per step."""
     embedding = model.get_input_embeddings()
     params = [*model.language_projection.parameters(), *model.language_model.parameters()]
     optimizer, scheduler = _optimizer(params, cfg.align_lr, cfg, cfg.steps)
     model.language_model.train()
 
-    def fresh(n: int) -> list[Scene]:
-        return [generate_scene(LANGUAGE_STREAM + cfg.seed, int(i)) for i in rng.integers(2**31, size=n)]
-
     def loss_on(seen: list[Example], told: list[Example]) -> torch.Tensor:
         encoded = [builder.encode(e.instruction, len(e.scenes), e.response) for e in (*seen, *told)]
         shown = [model.language_projection(torch.cat([prompts[s.id] for s in e.scenes])) for e in seen]
         shown += [tokens.embed(e.scenes, embedding.weight, rng) for e in told]
-        return _lm_loss(model, builder, encoded, shown)
+        return lm_loss(model, builder, encoded, shown)
 
     losses = []
-    for step in tqdm(range(cfg.steps), desc="base: language model", dynamic_ncols=True):
+    bar = StageBar("base: language model", cfg.steps, "steps")
+    for step in range(cfg.steps):
         told = cfg.batch_size // 4
-        pool = fresh(told)
         mixed = loss_on([pixel_examples[int(i)] for i in rng.integers(len(pixel_examples), size=cfg.batch_size - told)],
-                        [language_example(pool, rng) for _ in range(told)])
+                        [language_example(s, rng) for s in fresh_scenes(cfg.seed, rng, told)])
         yes_no = loss_on([yes_no_example(corpus[int(i)], rng, "large")
                           for i in rng.integers(len(corpus), size=cfg.yes_no_batch)], [])
         (mixed + yes_no).backward()
@@ -277,7 +257,10 @@ def train_language_model(model: Any, builder: PromptBuilder, tokens: ObjectToken
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append((mixed.item(), yes_no.item()))
-        _log(step, cfg.steps, "language_model", losses[-1], scheduler)
+        log_phase(step, cfg.steps, "language_model", {"loss": losses[-1][0], "yes_no_loss": losses[-1][1]},
+                  scheduler)
+        bar.update()
+    bar.close()
     model.language_model.eval()
     return losses
 
@@ -299,20 +282,12 @@ def pixel_examples(corpus: list[Scene], captions: list[str], rng: np.random.Gene
     return examples, edited
 
 
-def _log(step: int, steps: int, phase: str, losses: tuple[float, float], scheduler: Any) -> None:
-    from cheetah.tracking import log_steps
-
-    if (step + 1) % 20 == 0 or step + 1 == steps:
-        log_steps([(step + 1, {f"{phase}_loss": losses[0], f"{phase}_yes_no_loss": losses[1],
-                               f"{phase}_lr": scheduler.get_last_lr()[0]})])
-
-
 def measure_backbone(backbone: Any, builder: PromptBuilder, tokens: ObjectTokens, world: Any, cfg: BaseConfig
                      ) -> dict[str, Any]:
     """The held-out measurements of metrics/base.json (cheetah/evaluate/backbone.py): the representation probes,
     captions, Yes/No from pixels and from object tokens, and descriptions of a small edit from object tokens."""
-    from cheetah.evaluate.backbone import (caption_quality, object_token_differences, object_token_yes_no,
-                                           representation_probes, yes_no_accuracy)
+    from cheetah.evaluate.backbone import caption_quality, representation_probes, yes_no_accuracy
+    from cheetah.evaluate.object_tokens import object_token_differences, object_token_yes_no
     from cheetah.evaluate.probes import PROBE_STREAM
 
     heldout = list(heldout_scenes(world, cfg.eval_scenes))

@@ -33,8 +33,9 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from cheetah.io import DataError, atomic_write_json, iter_jsonl_offsets, read_jsonl_at, safe_join
-from cheetah.formats import instruction_problem, where as record_where
+from cheetah.formats import instruction_problem, iter_jsonl_offsets, read_jsonl_at
+from cheetah.formats import where as record_where
+from cheetah.io import DataError, atomic_write_json, safe_join
 from cheetah.model.prompts import PromptBuilder, PromptError
 
 HELDOUT_SALT = "heldout"

@@ -1,17 +1,18 @@
-"""What the base stage's language model learns from: examples about world scenes, and scenes as object tokens.
+"""What the language model learns from (the language and base stages): examples about world scenes, and scenes as
+object tokens.
 
 An example is an instruction with one `<image>` per scene it shows, the scenes, and the response. The same example
 can show its scenes two ways:
 
-- as **object tokens** (`ObjectTokens`): each thing in the scene — every object, large or small, and the background —
-  is one input vector, the sum of the embeddings of the words that name it ("small red striped star at the top
-  left"), in random order, padded to the visual prompt's length. This is the language model's pretraining input:
-  with it, it learns the world's language and every answer form about every object, as an instruction-tuned LLM
-  knows them before it is given eyes. It stands in for Vicuna's general reading: whatever a visual prompt encodes,
-  the language model can talk about.
-- as **visual prompts**, the Q-Former's output for the scene's rendered image, projected (the alignment phase, and
-  every later stage). The caption-trained Q-Former keeps the large objects and drops the small ones, so the same
-  language model, given pixels, misses the details: the gap VPG-C closes.
+- as **object tokens** (`ObjectTokens`): each thing in the scene — every object, large or small, and the
+  background — is one input vector, the sum of the embeddings of the words that name it ("small red striped star at
+  the top left"), in random order, padded to the visual prompt's length. This is the language stage's input: with
+  it, the language model learns the world's language and every answer form about every object, as an
+  instruction-tuned LLM knows them before it is given eyes. It stands in for Vicuna's general reading: whatever a
+  visual prompt encodes, the language model can talk about.
+- as **visual prompts**, the Q-Former's output for the scene's rendered image, projected (the base stage's alignment
+  phase, and every later stage). The caption-trained Q-Former keeps the large objects and drops the small ones, so
+  the same language model, given pixels, misses the details: the gap VPG-C closes.
 
 Every builder draws from a numpy Generator only, so the same seed gives the same examples.
 """
@@ -29,12 +30,10 @@ from cheetah.world import (
     CAPTION_PROMPTS,
     DIFFERENCE_INSTRUCTIONS,
     PERCEPTION_KINDS,
-    SIZES,
     Scene,
     caption,
     edit_scene,
     questions,
-    sample_question,
     where,
     yes_no_pair,
 )
@@ -92,25 +91,6 @@ def named_caption_example(scene: Scene, other: Scene, rng: np.random.Generator) 
     shown = (scene, other)
     return Example(f"{IMAGE_TOKEN} {IMAGE_TOKEN} Describe the {('first', 'second')[which]} image briefly.",
                    caption(shown[which], int(rng.integers(len(CAPTION_TEMPLATES)))), shown)
-
-
-LANGUAGE_TASKS = ("caption", "question", "difference", "named_caption")
-
-
-def language_example(scenes: Sequence[Scene], rng: np.random.Generator) -> Example:
-    """One example of the language phase about random scenes of `scenes`: a caption (the large objects, as captions
-    go), a question about any object, the difference after an edit of an object of either size, or the caption of
-    the named one of two images."""
-    task = LANGUAGE_TASKS[int(rng.integers(len(LANGUAGE_TASKS)))]
-    scene = scenes[int(rng.integers(len(scenes)))]
-    if task == "caption":
-        return caption_example(scene, rng)
-    if task == "question":
-        qa = sample_question(scene, rng)
-        return Example(f"{IMAGE_TOKEN} {qa.question}", qa.answer, (scene,))
-    if task == "difference":
-        return difference_example(scene, rng, SIZES[int(rng.integers(len(SIZES)))])
-    return named_caption_example(scene, scenes[int(rng.integers(len(scenes)))], rng)
 
 
 def object_phrases(scene: Scene) -> list[str]:

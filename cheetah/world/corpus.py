@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from cheetah.config import WorldConfig
-from cheetah.formats import SOURCE_CAPTIONS, SOURCE_SCENES
-from cheetah.io import DataError, atomic_dir, iter_jsonl
+from cheetah.formats import SOURCE_CAPTIONS, SOURCE_SCENES, iter_jsonl
+from cheetah.io import DataError, atomic_dir
 from cheetah.world.language import CAPTION_TEMPLATES, caption
 from cheetah.world.render import png_bytes, render
 from cheetah.world.scene import Scene, generate_scene
