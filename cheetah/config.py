@@ -104,6 +104,7 @@ class LanguageConfig:
     lr: float = Field(default=1e-3, gt=0)
     """AdamW peak learning rate (cosine decay after `warmup_steps`)."""
     weight_decay: float = Field(default=0.01, ge=0)
+    """AdamW weight decay."""
     warmup_steps: int = Field(default=200, ge=0)
     """Linear warm-up steps."""
     vocab_size: int = Field(default=512, ge=64)

@@ -141,10 +141,10 @@ def pretrain_base(params: Params) -> dict[str, Any]:
     lock_output(cfg.out)
     check_output_file(cfg.metrics, METRICS_KIND)
 
+    records, scene_by_id = _read_source(source)  # a bad corpus is refused before anything is loaded
     backbone = language_backbone(language_dir, world.image_size, cfg.seed)
     tokenizer, model = backbone.tokenizer, backbone.model
     builder = PromptBuilder.for_backbone(backbone, max_length=128)
-    records, scene_by_id = _read_source(source)
     scenes = [scene_by_id[r["id"]] for r in records]  # image i shows scenes[i]
     pixels = torch.stack([load_pixels(safe_join(source, r["image"], what=f"{source / SOURCE_CAPTIONS} (id "
                                                 f"{r['id']!r}): image"), backbone.image_processor) for r in records])
