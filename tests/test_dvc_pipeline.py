@@ -277,6 +277,7 @@ def test_a_fresh_copy_regenerates_exactly_the_corpus_data_dvc_records(tmp_path):
     assert ensure_source(load_params(REPO / "params.yaml"), repo, echo=lines.append) == "up to date"
 
 
+@pytest.mark.slow
 def test_world_params_are_recorded_in_data_dvc_and_a_corpus_of_your_own_is_never_regenerated(tmp_path):
     repo = _dvc_repo(tmp_path / "repo")
     params = Params()
@@ -346,6 +347,7 @@ def test_stale_stages_names_the_code_and_parameters_that_differ_from_dvc_lock(tm
                                                                  "m.json: new appeared"]
 
 
+@pytest.mark.slow
 def test_a_corrupt_record_in_your_corpus_stops_the_pipeline_at_validation(tmp_path):
     """`dvc repro base` on a corpus of your own with a non-UTF-8 caption, a caption holding `<image>` and a missing
     image: the validate_source stage fails (exit 2) naming each record, writes the quarantine, and base never runs."""
