@@ -233,13 +233,19 @@ def test_model_specs_and_cli_errors(bench, models, tmp_path, capsys):
 
 # Rank 1 dies with kill -9 after its third answer (the other rank is then stopped by torchrun).
 _KILL_RANK_1 = """
-import os, signal, sys
+import glob, os, signal, sys, time
 from cheetah.evaluate import generation
 real = generation.Generator.iter_answers
 count = [0]
+def rank0_journaled():
+    return any(os.path.getsize(p) for p in glob.glob("**/.*partial-rank0.jsonl", recursive=True))
 def iter_answers(self, requests):
     for item in real(self, requests):
         if os.environ["RANK"] == "1" and count[0] == 3:
+            # Killed once rank 0 has journaled an answer too (it may start later): both journals are kept.
+            deadline = time.monotonic() + 120
+            while not rank0_journaled() and time.monotonic() < deadline:
+                time.sleep(0.2)
             os.kill(os.getpid(), signal.SIGKILL)
         count[0] += 1
         yield item
