@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from cheetah.config import STUDY_ARMS, ConfigError, Params, load_params
-from cheetah.errors import EXIT_USER_ERROR, CheetahError
+from cheetah.errors import EXIT_USER_ERROR, CheetahError, record_rank_error
 from cheetah.formats import DATASETS
 from cheetah.io import DataError, allow_overwrite, lock_scope
 from cheetah.pipeline import RECEIPT
@@ -315,7 +315,10 @@ def _add_validate(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from cheetah.devices import check_gpu
+
     p = _params(args)
+    check_gpu(p, "evaluate")  # before the tracking run starts
     _stage("evaluate", p, lambda: stages.evaluate(p, args.model, args.benchmark, args.data_dir, restart=args.restart),
            enabled=not args.no_track, system_metrics=True,
            extra_params={"models": ",".join(args.model or []) or "default"})
@@ -650,6 +653,7 @@ def _main(argv: list[str] | None) -> int:
             return int(args.func(args) or 0)
     except CheetahError as e:
         print(f"error: {e}", file=sys.stderr)
+        record_rank_error(str(e))
         return EXIT_USER_ERROR
     except OSError as e:
         if e.errno not in _USER_FIXABLE_ERRNO:

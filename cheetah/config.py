@@ -52,6 +52,10 @@ class ModelConfig:
     """`cheetah train` builds the preset's backbone with random weights (seeded by train.seed) instead of loading
     `backbone_dir` (whose tokenizer is used when it has one): planning and benchmarking at real shapes without a
     checkpoint. The weights card says `random_backbone: true`, and such weights are not for registration."""
+    require_gpu: bool = False
+    """`train` and `evaluate` refuse to start without a CUDA device, and `train` with more ranks per node than the
+    node has GPUs (exit 2, before any rank starts). The real presets default to true: a 7B backbone on a CPU is
+    days of compute nobody asked for; false runs it anyway."""
 
     def __post_init__(self) -> None:
         if self.update_layer is not None and self.update_layer < 1:
@@ -646,7 +650,7 @@ OFFICIAL_TRAINING: dict[str, Any] = {"loss_reduction": "token", "qformer_dropout
 # the official DEMON run did); each preset's stop string comes from its chat template (`stop_strings: null`).
 OFFICIAL_EVALUATION: dict[str, Any] = {"max_new_tokens": 300}
 _REAL = {"train": {**PAPER_RECIPE, **OFFICIAL_TRAINING}, "evaluate": OFFICIAL_EVALUATION,
-         "model": {"dtype": "bfloat16", "backbone_dir": None}, "base": {"init": "checkpoint"}}
+         "model": {"dtype": "bfloat16", "backbone_dir": None, "require_gpu": True}, "base": {"init": "checkpoint"}}
 PRESET_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
     "vicuna-7b": _REAL,
     "llama2-7b": _REAL,

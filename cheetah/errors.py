@@ -8,6 +8,10 @@ derive from `ValueError` where the Python API raised one before.
 
 from __future__ import annotations
 
+import contextlib
+import os
+from pathlib import Path
+
 EXIT_USER_ERROR = 2
 """Exit code of a `CheetahError`: the input, configuration or state must change; running again will not help."""
 
@@ -18,3 +22,16 @@ class CheetahError(Exception):
 
 class DivergenceError(CheetahError):
     """Training produced a non-finite loss or gradient (beyond the steps `train.max_skipped_steps` allows)."""
+
+
+RANK_ERRORS_ENV = "CHEETAH_RANK_ERRORS"
+"""A folder the process that starts the ranks (`cheetah.train.distributed.relaunch`) makes: a rank that stops on a
+`CheetahError` writes its one line there, so the launcher's exit 1 and failure dump end as exit 2 and that line."""
+
+
+def record_rank_error(message: str) -> None:
+    """Leave `message` for the process that launched this rank, if one asked (`RANK_ERRORS_ENV`)."""
+    folder, rank = os.environ.get(RANK_ERRORS_ENV), os.environ.get("RANK")
+    if folder and rank is not None:
+        with contextlib.suppress(OSError):
+            (Path(folder) / f"rank-{int(rank):05d}.txt").write_text(message)

@@ -89,17 +89,17 @@ def train(p: Params, restart: bool = False) -> StageResult | None:
 
 
 def train_launch(p: Params, argv: list[str]) -> int | None:
-    """Under `train.launcher`, run `cheetah <argv>` again under it (what `dvc repro` and the Prefect flow do) after
-    the checks that would otherwise fail on every rank, and return its exit status; None: train in this process."""
+    """After the checks that would otherwise fail on every rank (`preflight`, before the tracking run starts): under
+    `train.launcher`, run `cheetah <argv>` again under it (what `dvc repro` and the Prefect flow do) and return its
+    exit status; None: train in this process."""
     from cheetah.train import distributed
-    from cheetah.train.vpgc import micro_batch_size
+    from cheetah.train.vpgc import preflight
 
-    if not p.train.launcher or distributed.launched():
+    if distributed.launched():
         return None
-    world_size = distributed.launcher_world_size(p.train.launcher)
-    if world_size:
-        micro_batch_size(p.train, world_size)
-    return distributed.relaunch(p.train.launcher, argv)
+    preflight(p, distributed.launcher_world_size(p.train.launcher),
+              distributed.launcher_ranks_per_node(p.train.launcher))
+    return distributed.relaunch(p.train.launcher, argv) if p.train.launcher else None
 
 
 def train_plan(p: Params, world_size: int | None, lengths: str) -> dict[str, Any]:

@@ -95,3 +95,58 @@ def test_user_deepspeed_config_is_merged_and_disagreements_are_errors(tmp_path):
     with pytest.raises(ConfigError, match="no such DeepSpeed config"):
         _generated(user=tmp_path / "missing.json")
     assert "bf16" not in _generated(precision="fp32")
+
+
+def test_a_real_preset_refuses_the_cpu_before_any_rank_starts(tmp_path, monkeypatch, capsys):
+    """`model.require_gpu` (the real presets' default): no GPU here, so `train` and `evaluate` stop at once with one
+    line naming the setting, before the launcher starts 8 ranks and before anything is written."""
+    monkeypatch.chdir(tmp_path)
+    for command in ("train", "evaluate"):
+        assert main(["--params", str(VICUNA), command]) == 2
+        out, err = capsys.readouterr()
+        assert "launching" not in out and err.count("\n") == 1
+        assert f"`cheetah {command}` with model.preset 'vicuna-7b' needs a GPU" in err
+        assert "set model.require_gpu=false to run it on a CPU anyway" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_inputs_are_checked_before_any_rank_starts(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    allow = ["--set", "model.require_gpu=false"]
+    assert main(["--params", str(VICUNA), *allow, "train"]) == 2
+    assert capsys.readouterr().err == ("error: data/synthetic-cc3m/synthetic.jsonl: not found (train.data must be a "
+                                       "folder `cheetah synthesize` wrote)\n")
+    data = tmp_path / "data" / "synthetic-cc3m"
+    data.mkdir(parents=True)
+    for name in ("synthetic.jsonl", "captions.jsonl"):
+        (data / name).write_text("")
+    assert main(["--params", str(VICUNA), *allow, "--set", "model.backbone_dir=nowhere", "train"]) == 2
+    assert capsys.readouterr().err == "error: nowhere: backbone directory not found (model.backbone_dir)\n"
+
+
+def test_ranks_per_node_of_a_launcher():
+    assert [distributed.launcher_ranks_per_node(x) for x in (
+        None, "torchrun --standalone", "torchrun --nnodes 2 --nproc-per-node=4", "torchrun --nproc_per_node gpu",
+        "deepspeed --num_gpus 2", "deepspeed --hostfile h")] == [1, 1, 4, None, 2, None]
+
+
+@pytest.mark.slow
+def test_a_ranks_one_line_error_is_the_launchers_exit_2_and_last_line(tmp_path, monkeypatch):
+    """What only a rank can find (here: a backbone folder without its config) ends as exit 2 and that rank's line
+    at the bottom of torchrun's failure report, not as torchrun's exit 1."""
+    import subprocess
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "syn").mkdir()
+    for name in ("synthetic.jsonl", "captions.jsonl"):
+        (tmp_path / "syn" / name).write_text("")
+    (tmp_path / "backbone").mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    done = subprocess.run([sys.executable, "-m", "cheetah.cli", "--set", "train.data=syn",
+                           "--set", "model.backbone_dir=backbone", "--set", "train.out=out", "--set", "train.state_dir=state",
+                           "--set", "train.metrics=m.json", "--set", "train.curve=c.csv", "--set", "train.curve_image=c.png",
+                           "--set", "train.launcher=torchrun --standalone --nproc_per_node 2", "train"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.rstrip("\n").splitlines()[-1] == (
+        "error: rank 0: backbone: no config.json (expected a Hugging Face save_pretrained directory)")

@@ -287,8 +287,12 @@ def _evaluate(params: Params, specs: Mapping[str, str], benchmark: str, demon_di
     from cheetah.evaluate.report import write_report
     from cheetah.evaluate.scoring import score_demon, score_mme, score_mme_splits
 
+    from cheetah.devices import check_gpu
+
     cfg = params.evaluate
     device = ranks.device(cfg.device)
+    check_gpu(params, "evaluate", device=device)  # (evaluate.device `cpu` on a GPU node)
+    check_gpu(params, "evaluate", device=device)
     if ranks.world > 1:
         log.info("evaluate: rank %d of %d on %s", ranks.rank, ranks.world, device)
     results: dict[str, dict[str, Any]] = {}

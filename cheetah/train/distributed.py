@@ -17,12 +17,14 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from cheetah.config import ConfigError
+from cheetah.errors import EXIT_USER_ERROR, RANK_ERRORS_ENV
 
 # How each launcher is told to run `python -m cheetah.cli` (the arguments then follow unchanged).
 LAUNCHERS = {"torchrun": ["-m", "cheetah.cli"], "deepspeed": ["--module", "cheetah.cli"]}
@@ -40,9 +42,15 @@ _SET_BY_INIT: dict[str, str | None] = {}
 
 
 def device() -> torch.device:
+    """This rank's device: the GPU of its local rank (refused by name if the node has fewer), else the CPU."""
     if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        local_rank, count = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
+        if local_rank >= count:
+            raise ConfigError(f"local rank {local_rank} has no GPU of its own: this node shows {count} "
+                              "(start at most that many ranks per node, e.g. torchrun --nproc_per_node)")
+        return torch.device("cuda", local_rank)
     return torch.device("cpu")
+
 
 
 def init() -> tuple[int, int]:
@@ -142,20 +150,41 @@ def launcher_world_size(launcher: str | None) -> int | None:
     return None
 
 
+def launcher_ranks_per_node(launcher: str | None) -> int | None:
+    """The processes `train.launcher` starts on each node, where its options say it (None: cannot tell)."""
+    if not launcher:
+        return 1
+    parts = shlex.split(os.path.expandvars(launcher))
+    name = Path(parts[0]).name if parts else ""
+    given = _option(parts, "--nproc_per_node", "--nproc-per-node") if name == "torchrun" else \
+        _option(parts, "--num_gpus") if name == "deepspeed" else None
+    if name == "torchrun" and given is None:
+        return 1
+    return int(given) if given is not None and given.isdigit() else None
+
+
 def relaunch(launcher: str, argv: list[str]) -> int:
-    """Run `cheetah <argv>` under `launcher` and wait; returns the launcher's exit status. The processes it starts
-    have RANK set, so they run the command instead of launching again. SIGTERM and SIGINT (a cancelled Prefect run,
-    Ctrl-C) are passed on to the launcher, which stops its ranks."""
+    """Run `cheetah <argv>` under `launcher` and wait; returns the launcher's exit status, or 2 when a rank stopped
+    on a `CheetahError` (its one line is printed last, below the launcher's failure report). The processes it
+    starts have RANK set, so they run the command instead of launching again. SIGTERM and SIGINT (a cancelled
+    Prefect run, Ctrl-C) are passed on to the launcher, which stops its ranks."""
     cmd = launcher_command(launcher, argv)
     print("launching: " + shlex.join(cmd), flush=True)
-    proc = subprocess.Popen(cmd)
-    forwarded = (signal.SIGTERM, signal.SIGINT)
-    previous = {s: signal.signal(s, lambda signum, _: proc.send_signal(signum)) for s in forwarded}
-    try:
-        return proc.wait()
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+    with tempfile.TemporaryDirectory(prefix="cheetah-ranks-") as errors:
+        proc = subprocess.Popen(cmd, env={**os.environ, RANK_ERRORS_ENV: errors})
+        forwarded = (signal.SIGTERM, signal.SIGINT)
+        previous = {s: signal.signal(s, lambda signum, _: proc.send_signal(signum)) for s in forwarded}
+        try:
+            status = proc.wait()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        reported = sorted(Path(errors).glob("rank-*.txt"))
+        if status != 0 and reported:
+            rank = int(reported[0].stem.split("-")[1])
+            print(f"error: rank {rank}: {reported[0].read_text()}", file=sys.stderr, flush=True)
+            return EXIT_USER_ERROR
+        return status
 
 
 def barrier() -> None:

@@ -27,10 +27,11 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from cheetah.config import ConfigError, Params, TrainConfig
+from cheetah.devices import check_gpu
 from cheetah.errors import DivergenceError
 from cheetah.formats import SYNTHETIC_CAPTIONS, SYNTHETIC_PAIRS
-from cheetah.io import (METRICS_KIND, atomic_write_json, check_output, check_output_file, claim_dir, lock_output,
-                        lock_scope, write_metrics, write_output_file)
+from cheetah.io import (METRICS_KIND, DataError, atomic_write_json, check_output, check_output_file, claim_dir,
+                        lock_output, lock_scope, write_metrics, write_output_file)
 from cheetah.model.backbones import load_backbone, random_backbone
 from cheetah.model.prompts import IGNORE_INDEX, PromptBuilder
 from cheetah.model.vpgc import LossReduction, VPGCModel
@@ -135,16 +136,34 @@ def train_vpgc(params: Params, restart: bool = False) -> dict[str, Any] | None:
         distributed.shutdown()
 
 
-def _train(params: Params, restart: bool) -> dict[str, Any] | None:
-    import deepspeed
-
+def preflight(params: Params, world_size: int | None = None, ranks_per_node: int | None = None) -> None:
+    """What would stop every rank at once, checked before any work: by `cheetah train` before it starts the ranks
+    (`cheetah.stages.train_launch`), and by each rank. The weights folder replaces only earlier weights and never
+    holds the state or the inputs; the files written at the end can be written; the inputs are there; the GPU
+    `model.require_gpu` asks for is visible; the batches split over `world_size` ranks."""
     cfg = params.train
-    # Before any work: the weights folder replaces only earlier weights, and never holds the state or the inputs.
+    if world_size:
+        micro_batch_size(cfg, world_size)
     inputs = [p for p in (cfg.data, params.model.backbone_dir) if p]
     check_output(cfg.out, VPGC_KIND, protect=[cfg.state_dir, cfg.metrics, cfg.curve, cfg.curve_image, *inputs])
     claim_dir(cfg.state_dir, STATE_KIND, protect=inputs, create=False)
     for path, kind in ((cfg.metrics, METRICS_KIND), (cfg.curve, CURVE_KIND), (cfg.curve_image, CURVE_IMAGE_KIND)):
         check_output_file(path, kind)  # (not only when they are written, hours from now)
+    check_gpu(params, "train", ranks_per_node=ranks_per_node)
+    for path in (Path(cfg.data) / SYNTHETIC_PAIRS, Path(cfg.data) / SYNTHETIC_CAPTIONS):
+        if not path.is_file():
+            raise DataError(f"{path}: not found (train.data must be a folder `cheetah synthesize` wrote)")
+    backbone = params.model.backbone_dir
+    if backbone and not params.model.random_backbone and not Path(backbone).is_dir():
+        raise DataError(f"{backbone}: backbone directory not found (model.backbone_dir)")
+
+
+def _train(params: Params, restart: bool) -> dict[str, Any] | None:
+    import deepspeed
+
+    cfg = params.train
+    preflight(params, ranks_per_node=distributed.local_rank_and_size()[1])
+    inputs = [p for p in (cfg.data, params.model.backbone_dir) if p]
     rank, world = distributed.init()
     if rank == 0:  # one run at a time on these folders: a second one is refused here, before any work
         lock_output(cfg.state_dir)
