@@ -172,6 +172,10 @@ class BaseConfig:
     """Scenes (of a stream of their own) the representation probes are fitted on (cheetah/evaluate/probes.py)."""
     probe_heldout: int = Field(default=256, ge=1)
     """Held-out scenes the representation probes are scored on."""
+    threads: int | None = Field(default=None, ge=1)
+    """Torch CPU threads. Floating-point sums depend on the thread count, so the pipeline fixes it (params.yaml: 2):
+    the same parameters give the same numbers on any machine, whatever its core count or OMP_NUM_THREADS say.
+    None: torch's default (the core count or OMP_NUM_THREADS): numbers that depend on it."""
 
 
 @dataclass(config=_STRICT)
@@ -372,6 +376,10 @@ class TrainConfig:
     """Steps with a non-finite loss that are skipped (no update) before training stops with a DivergenceError.
     0: the first one stops it. Skipping needs gradient_accumulation 1 (a partly accumulated step cannot be undone).
     A non-finite weight after an update always stops training."""
+    threads: int | None = Field(default=None, ge=1)
+    """Torch CPU threads per rank. Floating-point sums depend on the thread count, so the pipeline fixes it
+    (params.yaml: 2): the same parameters give the same numbers on any machine, whatever its core count or
+    OMP_NUM_THREADS say. None: torch's default (the core count or OMP_NUM_THREADS): numbers that depend on it."""
 
     @model_validator(mode="after")
     def _skipping_needs_whole_steps(self) -> "TrainConfig":
@@ -447,6 +455,10 @@ class EvaluateConfig:
     `strict` judges them by exact match instead. Either way their number is reported per task (`no_option`)."""
     device: str = "auto"
     """`auto` (CUDA when available, else CPU), `cpu`, `cuda`, `cuda:1`, ...; the dtype is `model.dtype`."""
+    threads: int | None = Field(default=None, ge=1)
+    """Torch CPU threads per rank. Floating-point sums depend on the thread count, so the pipeline fixes it
+    (params.yaml: 2): the same parameters give the same numbers on any machine, whatever its core count or
+    OMP_NUM_THREADS say. None: torch's default (the core count or OMP_NUM_THREADS): numbers that depend on it."""
 
     @model_validator(mode="after")
     def _sampling_needs_seed(self) -> "EvaluateConfig":

@@ -150,3 +150,29 @@ def test_values_that_would_make_a_check_or_a_seed_meaningless_are_refused(capsys
             main(["pipeline", "check", "--tolerance", bad])
         assert e.value.code == 2 and "argument --tolerance" in capsys.readouterr().err
 
+
+
+def test_the_training_and_evaluation_stages_run_on_their_parameters_thread_count(monkeypatch):
+    """base, train and evaluate compute on `<section>.threads` torch threads whatever the process had (the machine's
+    core count, OMP_NUM_THREADS), and give the previous count back: the same parameters, the same numbers."""
+    import torch
+
+    from cheetah.evaluate import run as evaluate_run
+    from cheetah.train import base, vpgc
+
+    seen = []
+    monkeypatch.setattr(base, "pretrain_base", lambda p: seen.append(torch.get_num_threads()) or {})
+    monkeypatch.setattr(vpgc, "_train", lambda p, restart: seen.append(torch.get_num_threads()))
+    monkeypatch.setattr(evaluate_run, "_evaluate_locked", lambda p, *a: seen.append(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        p = load_params(None, ["base.threads=1", "train.threads=2", "evaluate.threads=1"])
+        base.base_stage(p)
+        vpgc.train_vpgc(p)
+        evaluate_run.evaluate(p)
+        assert seen == [1, 2, 1] and torch.get_num_threads() == 3
+        base.base_stage(load_params(None))  # None: as the process has it
+        assert seen[-1] == 3
+    finally:
+        torch.set_num_threads(before)

@@ -45,11 +45,12 @@ TINY = {
     "world": {"n": 32, "image_size": 32},
     "language": {"steps": 4, "batch_size": 4, "warmup_steps": 1, "eval_scenes": 2, "threads": 1},
     "base": {"vision_steps": 4, "steps": 4, "batch_size": 4, "yes_no_batch": 4, "eval_scenes": 2, "probe_scenes": 16,
-             "probe_heldout": 8, "warmup_steps": 1},
+             "probe_heldout": 8, "warmup_steps": 1, "threads": 1},
     "synthesize": {"n": 12, "captions": 12, "workers": 1, "shard_size": 4},  # 3 shards: 3 task runs
     "train": {"steps": 3, "synthetic_batch": 2, "caption_batch": 2, "checkpoint_every": 3, "eval_every": 3,
-              "warmup_steps": 1, "log_every": 1, "heldout_fraction": 0.2},  # 2 of the 12 pairs held out
-    "evaluate": {"demon_per_task": 1, "mme_per_subtask": 2, "max_new_tokens": 4, "batch_size": 16, "probe_scenes": 16},
+              "warmup_steps": 1, "log_every": 1, "heldout_fraction": 0.2, "threads": 1},  # 2 of the 12 pairs held out
+    "evaluate": {"demon_per_task": 1, "mme_per_subtask": 2, "max_new_tokens": 4, "batch_size": 16, "probe_scenes": 16,
+                 "threads": 1},
 }
 DVC_STAGES = ["validate_source", "language", "base", "synthesize", "validate", "train", "benchmarks", "validate_demon",
               "validate_mme", "evaluate", "register"]

@@ -245,7 +245,9 @@ def evaluate(params: Params, model_specs: Mapping[str, str] | None = None, bench
     """
     if benchmark not in ("all", *BENCHMARKS):
         raise ValueError(f"benchmark must be 'demon', 'mme' or 'all', got {benchmark!r}")
-    with lock_scope():  # the report folder's lock is released when the evaluation ends
+    from cheetah.devices import torch_threads
+
+    with lock_scope(), torch_threads(params.evaluate.threads):  # (the report folder's lock ends with it)
         return _evaluate_locked(params, model_specs, benchmark, restart)
 
 

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from cheetah.config import BaseConfig, ConfigError, Params
+from cheetah.devices import torch_threads
 from cheetah.formats import SOURCE_CAPTIONS, SOURCE_SCENES, read_records, source_problem
 from cheetah.io import (METRICS_KIND, DataError, atomic_dir, atomic_write_json, check_output, check_output_file,
                         lock_output, read_json, safe_join, write_metrics)
@@ -73,7 +74,8 @@ def base_stage(params: Params) -> dict[str, Any]:
     """`cheetah base`: write the backbone to `base.out` as `base.init` says; returns the metrics."""
     cfg = params.base
     if cfg.init == "pretrain":
-        return pretrain_base(params)
+        with torch_threads(cfg.threads):
+            return pretrain_base(params)
     metrics = random_base(params) if cfg.init == "random" else checkpoint_base(params)
     write_metrics(cfg.metrics, metrics)
     return metrics

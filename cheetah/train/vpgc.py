@@ -27,7 +27,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from cheetah.config import ConfigError, Params, TrainConfig
-from cheetah.devices import check_gpu
+from cheetah.devices import check_gpu, torch_threads
 from cheetah.errors import DivergenceError
 from cheetah.formats import SYNTHETIC_CAPTIONS, SYNTHETIC_PAIRS
 from cheetah.io import (METRICS_KIND, DataError, atomic_write_json, check_output, check_output_file, claim_dir,
@@ -130,7 +130,8 @@ def train_vpgc(params: Params, restart: bool = False) -> dict[str, Any] | None:
     at the end, so nothing of it outlives the run (`distributed.shutdown`).
     """
     try:
-        with lock_scope():  # the output and state folders are this run's alone until it ends (cheetah.io.lock_output)
+        # (the output and state folders are this run's alone until it ends: cheetah.io.lock_output)
+        with lock_scope(), torch_threads(params.train.threads):
             return _train(params, restart)
     finally:
         distributed.shutdown()
