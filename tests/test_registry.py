@@ -382,8 +382,15 @@ def test_dirty_tree_and_experiments_take_challenger_only_until_promoted_by_hand(
     rows = {r["version"]: r for r in history("eligibility")}
     assert rows[2]["promoted_by_hand"].startswith("reviewed the experiment by hand (champion was version 3)")
     assert rows[2]["demoted"] == "answers are garbage on real images" and rows[3]["demoted"] == "broken too"
-    assert rows[1]["gate"].startswith("kept: not eligible") and all(not r["aliases"] or r["aliases"] == ["challenger"]
-                                                                    for r in rows.values())
+    assert rows[1]["gate"].startswith("kept: not eligible")
+    # The current aliases (challenger stays on the last registered version; no champion is left) ...
+    assert {v: r["aliases"] for v, r in rows.items()} == {1: [], 2: [], 3: ["challenger"]}
+    # ... and every decision, in order: version 3's second gate decision did not replace its first.
+    assert [(e["event"], e["reason"].split(":")[0]) for e in rows[3]["events"]] == [
+        ("gate", "promoted"), ("gate", "promoted"), ("demoted", "broken too")]
+    assert rows[3]["events"][1]["reason"].startswith("promoted: best remaining eligible")
+    assert [e["event"] for e in rows[2]["events"]] == ["gate", "promoted_by_hand", "demoted"]
+    assert all(e["at"].endswith("Z") and e["by"] for r in rows.values() for e in r["events"])
 
 
 def test_gate_compares_the_champions_logged_metric_not_its_tags(world, tmp_path):

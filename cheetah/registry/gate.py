@@ -248,13 +248,28 @@ def _log_datasets(params: Params, root: Path, model_id: str) -> None:
                          model=LoggedModelInput(model_id=model_id))
 
 
+EVENT_TAG = "event."
+"""Prefix of the version tags that keep its history, one per decision (`event.001`, ...): JSON of its kind, reason,
+time and who made it. The tags `gate`, `demoted` and `promoted_by_hand` hold the latest of each kind."""
+
+
 def _record(client: Any, name: str, version: str, event: str, text: str) -> None:
-    """One gate event on a version's tags (`gate`, `demoted`, `promoted_by_hand`), with the time it happened."""
+    """One gate event on a version's tags (`gate`, `demoted`, `promoted_by_hand`): the latest of its kind, with the
+    time it happened, and appended to the version's history (`EVENT_TAG`)."""
     import datetime
+    import getpass
 
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     client.set_model_version_tag(name, version, event, text)
     client.set_model_version_tag(name, version, f"{event}_at", stamp)
+    tags = client.get_model_version(name, version).tags or {}
+    number = 1 + sum(1 for key in tags if key.startswith(EVENT_TAG))
+    try:
+        who = getpass.getuser()
+    except (KeyError, OSError):  # (no user name in a container without a passwd entry)
+        who = "unknown"
+    client.set_model_version_tag(name, version, f"{EVENT_TAG}{number:03d}",
+                                 json.dumps({"event": event, "reason": text, "at": stamp, "by": who}))
 
 
 def _versions(client: Any, name: str) -> list[Any]:
@@ -336,17 +351,21 @@ def _get_version(client: Any, name: str, version: int | str) -> Any:
 
 
 def history(name: str) -> list[dict[str, Any]]:
-    """Every version of `name` with its aliases, lineage and every gate event (what `cheetah registry history`
-    prints)."""
+    """Every version of `name` with its current aliases, lineage, the latest gate event of each kind and every event
+    in order (`events`: what `cheetah registry history` prints)."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
+    aliases: dict[str, list[str]] = {}
+    for alias, version in (client.get_registered_model(name).aliases or {}).items():
+        aliases.setdefault(str(version), []).append(alias)
     rows = []
     for mv in _versions(client, name):
         tags = mv.tags or {}
         rows.append({
             "version": int(mv.version),
-            "aliases": sorted(getattr(mv, "aliases", []) or []),
+            "aliases": sorted(aliases.get(str(mv.version), [])),
+            "events": [json.loads(tags[k]) for k in sorted(tags) if k.startswith(EVENT_TAG)],
             "metric": tags.get("metric"),
             "value": tags.get(f"metric.{tags.get('metric')}"),
             "git_commit": tags.get("git_commit", "")[:12],
