@@ -159,6 +159,30 @@ def test_planted_code_in_the_stored_model_never_runs(reg, capsys, rel):
         _refused_everywhere(reg, capsys, f"{rel} changed", marker)
 
 
+def test_bytecode_caches_in_the_store_neither_block_nor_run(reg, capsys):
+    """Loading a model in place (plain `mlflow.pyfunc.load_model` on a local store) writes Python's bytecode caches
+    into the store: the version still serves. A planted cache, valid for the stored source (so that an in-place load
+    would run it), never runs: the verified copy is loaded without caches."""
+    import importlib._bootstrap_external as bootstrap
+    import sys
+
+    from cheetah.registry import predict
+
+    marker = reg["root"] / "planted-bytecode-ran"
+    with _tampering(reg) as stored:
+        source = stored / "served_model.py"
+        planted = compile(source.read_text() + f"\nopen({str(marker)!r}, 'w').close()\n", str(source), "exec")
+        st = source.stat()
+        cache = stored / "__pycache__" / f"served_model.{sys.implementation.cache_tag}.pyc"
+        cache.parent.mkdir()
+        cache.write_bytes(bytes(bootstrap._code_to_timestamp_pyc(planted, int(st.st_mtime), st.st_size)))
+        (stored / "code" / "cheetah" / "__pycache__").mkdir(exist_ok=True)
+        (stored / "code" / "cheetah" / "__pycache__" / "x.pyc").write_bytes(b"\0")
+        assert isinstance(predict(f"models:/{NAME}/2", "What is it?", [reg["image"]]), str)
+        assert main(["predict", "--model", f"models:/{NAME}/2", "--image", reg["image"], "--instruction", "?"]) == 0
+    assert not marker.exists()
+
+
 class _Planted:
     """Unpickling this object creates `marker`."""
 

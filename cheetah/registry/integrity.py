@@ -9,8 +9,8 @@ card's hash with them) still cannot make them match what the version says it hol
 
 Before a version is loaded (`cheetah predict`, `cheetah.registry.load`), served (`cheetah serve`) or made champion
 (`cheetah registry promote`, `demote`), `verified_copy` downloads its files into a fresh local folder and checks
-that copy: every file recorded, none changed, none added or missing, and the model a "models from code" one (no
-pickled Python object in it, ever). MLflow then loads that very copy, so nothing can change between the check and
+that copy: every file recorded, none changed, none added or missing (Python's bytecode caches are removed from the
+copy, not checked), and the model a "models from code" one (no pickled Python object in it, ever). MLflow then loads that very copy, so nothing can change between the check and
 the load. A mismatch is a `DataError` naming the version and the file. A version registered before these tags
 existed is refused too: register it again. (`mlflow.pyfunc.load_model` called directly checks nothing: serve through
 `cheetah predict`, `cheetah serve` or `cheetah.registry.load`.)
@@ -40,16 +40,22 @@ DOWNLOAD_NOTE = "registered_model_meta"
 copy): the one file of a downloaded model that is not the stored model's, so neither recorded nor checked."""
 
 
+BYTECODE_CACHE = "__pycache__"
+"""Python's bytecode caches: written into the store when the model is loaded in place (`mlflow.pyfunc.load_model` on
+a local store), so not part of the model: neither recorded nor checked, and removed from a verified copy before it
+is loaded, so that a planted one is never run."""
+
+
 def file_hashes(folder: str | Path) -> dict[str, str]:
-    """{relative path: SHA-256} of every file under `folder`. A symbolic link is refused: what it points to is not
-    part of the model, and could change without the model changing."""
+    """{relative path: SHA-256} of every file under `folder` but Python's bytecode caches. A symbolic link is
+    refused: what it points to is not part of the model, and could change without the model changing."""
     folder = Path(folder)
     out = {}
     for p in sorted(folder.rglob("*")):
         rel = p.relative_to(folder).as_posix()
         if p.is_symlink():
             raise DataError(f"{rel}: a symbolic link in the model's files; a registered model holds only files")
-        if p.is_file() and rel != DOWNLOAD_NOTE:
+        if p.is_file() and rel != DOWNLOAD_NOTE and BYTECODE_CACHE not in p.relative_to(folder).parts:
             out[rel] = sha256_file(p)
     return out
 
@@ -165,6 +171,8 @@ def verified_copy(model_uri: str, dst: str | Path) -> Path:
                                                              dst_path=str(folder)))
         except mlflow.exceptions.MlflowException as e:
             raise DataError(f"{where}: cannot download its files from the tracking store ({e})") from None
+        for cache in sorted(local.rglob(BYTECODE_CACHE), reverse=True):
+            shutil.rmtree(cache)
         verify(local, mv.tags or {}, where)
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
