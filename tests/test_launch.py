@@ -130,23 +130,32 @@ def test_ranks_per_node_of_a_launcher():
         "deepspeed --num_gpus 2", "deepspeed --hostfile h")] == [1, 1, 4, None, 2, None]
 
 
-@pytest.mark.slow
-def test_a_ranks_one_line_error_is_the_launchers_exit_2_and_last_line(tmp_path, monkeypatch):
-    """What only a rank can find (here: a backbone folder without its config) ends as exit 2 and that rank's line
-    at the bottom of torchrun's failure report, not as torchrun's exit 1."""
-    import subprocess
+def test_a_ranks_one_line_error_is_the_launchers_exit_2_and_last_line(tmp_path, monkeypatch, capfd):
+    """What only a rank can find ends as exit 2 and that rank's one line below the launcher's failure report, not as
+    the launcher's exit 1. Both halves: a rank's `cheetah` leaves its line where the launching process asked
+    (`CHEETAH_RANK_ERRORS`), and `relaunch` turns a failed launcher with such a line into exit 2 and the line (here
+    under a stand-in `torchrun` that runs the command as rank 1 and fails as torchrun does)."""
+    from cheetah.errors import RANK_ERRORS_ENV
 
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "syn").mkdir()
-    for name in ("synthetic.jsonl", "captions.jsonl"):
-        (tmp_path / "syn" / name).write_text("")
-    (tmp_path / "backbone").mkdir()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-    done = subprocess.run([sys.executable, "-m", "cheetah.cli", "--set", "train.data=syn",
-                           "--set", "model.backbone_dir=backbone", "--set", "train.out=out", "--set", "train.state_dir=state",
-                           "--set", "train.metrics=m.json", "--set", "train.curve=c.csv", "--set", "train.curve_image=c.png",
-                           "--set", "train.launcher=torchrun --standalone --nproc_per_node 2", "train"],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 2, done.stderr[-2000:]
-    assert done.stderr.rstrip("\n").splitlines()[-1] == (
-        "error: rank 0: backbone: no config.json (expected a Hugging Face save_pretrained directory)")
+    errors = tmp_path / "errors"
+    errors.mkdir()
+    monkeypatch.setenv(RANK_ERRORS_ENV, str(errors))
+    monkeypatch.setenv("RANK", "3")
+    assert main(["--set", "train.data=nowhere", "train"]) == 2
+    assert (errors / "rank-00003.txt").read_text() == capfd.readouterr().err.removeprefix("error: ").rstrip("\n")
+    monkeypatch.delenv(RANK_ERRORS_ENV)
+    monkeypatch.delenv("RANK")
+
+    fake = tmp_path / "bin" / "torchrun"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\n"
+                    'shift 2  # --nproc_per_node 2\n'
+                    f'RANK=1 {sys.executable} "$@" >/dev/null 2>&1\n'
+                    'echo "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: ..." >&2\n'
+                    "exit 1\n")
+    fake.chmod(0o755)
+    status = distributed.relaunch(f"{fake} --nproc_per_node 2",
+                                  ["--set", "train.data=nowhere", "--set", "model.backbone_dir=nowhere", "train"])
+    assert status == 2
+    err = capfd.readouterr().err.rstrip("\n").splitlines()
+    assert err[-1].startswith("error: rank 1: nowhere/synthetic.jsonl: not found") and "ChildFailedError" in err[-2]

@@ -106,8 +106,8 @@ def launcher_command(launcher: str, argv: list[str]) -> list[str]:
     if name not in LAUNCHERS:
         raise ConfigError(f"train.launcher {launcher!r} must start with one of {sorted(LAUNCHERS)} "
                           "(e.g. `torchrun --nproc_per_node 8` or `deepspeed --hostfile hostfile`)")
-    local = Path(sys.executable).with_name(parts[0])
-    executable = str(local) if "/" not in parts[0] and local.exists() else parts[0]
+    local = Path(sys.executable).with_name(parts[0]) if "/" not in parts[0] else None  # (a path is taken as it is)
+    executable = str(local) if local is not None and local.exists() else parts[0]
     return [executable, *parts[1:], *LAUNCHERS[name], *argv]
 
 
