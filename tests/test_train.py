@@ -106,6 +106,7 @@ update by the gradient's own scale, so on a near-zero gradient a rounding differ
 one step (lr 0.01 here; one element measured 1.9e-4 apart). Weights move by ~0.05 in these runs."""
 
 
+@pytest.mark.slow  # ~47 s: `make test` runs it, `make test-fast` (the edit-test loop) leaves it out
 def test_golden_losses_and_zero_stages_agree(workspace):
     """torchtune-style recipe test: the loss of a few steps against golden values (CPU, fp32), and the same curve
     under ZeRO-2 and ZeRO-3. Tolerances: losses 1e-5 relative; weights WEIGHT_ATOL."""
