@@ -90,8 +90,11 @@ class StageBar:
         self.stage, self.unit, self.total = stage, unit, total
         self.initial = initial
         self._lock = threading.Lock()
+        # Redirected to a file or a pipe (DVC, Prefect, CI), a bar redrawn every 0.1 s is a line per step: there it
+        # is redrawn every `log_every` seconds, beside the progress lines.
         self._bar = tqdm(total=total, initial=initial, desc=stage, unit=f" {unit}", dynamic_ncols=True,
-                         disable=disable, file=sys.stderr)
+                         disable=disable, file=sys.stderr,
+                         mininterval=0.1 if sys.stderr.isatty() else log_every)
         self._started = time.perf_counter()
         self._log_every = log_every
         self._last_log = self._started
