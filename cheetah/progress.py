@@ -111,6 +111,11 @@ class StageBar:
                 self._last_log = now
                 log.info(progress_line(self.stage, int(self._bar.n), self.total))
 
+    def postfix(self, **values: str) -> None:
+        """Show `values` beside the count on the terminal's bar (the progress lines stay counts)."""
+        with self._lock:
+            self._bar.set_postfix(refresh=False, **values)
+
     def set(self, done: int) -> None:
         """Set the count (e.g. to the exact total once every shard has reported)."""
         with self._lock:

@@ -24,7 +24,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 from cheetah.config import ConfigError, Params, TrainConfig
 from cheetah.devices import check_gpu, torch_threads
@@ -36,6 +35,7 @@ from cheetah.model.backbones import load_backbone, random_backbone
 from cheetah.model.prompts import IGNORE_INDEX, PromptBuilder
 from cheetah.model.vpgc import LossReduction, VPGCModel
 from cheetah.model.weights import VPGC_KIND, save_vpgc, weights_digest
+from cheetah.progress import StageBar
 from cheetah.train import distributed
 from cheetah.train.data import (
     FEATURE_DTYPES,
@@ -256,11 +256,10 @@ def _train(params: Params, restart: bool) -> dict[str, Any] | None:
 
     if start == 0 and len(heldout):
         evals.append({"step": 0, "heldout_loss": heldout_loss(engine, held, device, cfg.workers)})
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=rank != 0, desc="train VPG-C",
-               dynamic_ncols=True)
+    bar = StageBar("train VPG-C", cfg.steps, "steps", initial=start, disable=rank != 0)
     pending_metrics: list[tuple[int, dict[str, float]]] = []
     step_batches = batches(steps_data, range(start, cfg.steps), cfg.workers, pin_memory=device.type == "cuda")
-    for step in bar:
+    for step in range(start, cfg.steps):
         t0 = time.perf_counter()
         micro_batches = next(step_batches)  # this rank's share of the step, built ahead by the workers
         reduce = LossReduction.for_step(cfg.loss_reduction, world * cfg.gradient_accumulation,
@@ -297,6 +296,7 @@ def _train(params: Params, restart: bool) -> dict[str, Any] | None:
             if rank == 0:
                 log.warning("train: skipped step %d: non-finite loss on %s (%d of %d skips allowed)", step + 1,
                             ", ".join(nonfinite[:8]), len(skipped), cfg.max_skipped_steps)
+            bar.update()
             continue
         if _on_any_rank(_nonfinite_weights(model), device):
             raise DivergenceError(f"train: the update of step {step + 1} made VPG-C weights non-finite (a "
@@ -310,8 +310,7 @@ def _train(params: Params, restart: bool) -> dict[str, Any] | None:
                   # parameters), as benchmarks/train_step.py and the GPU anchors count.
                   "model_tflops": 3 * llm_parameters * float(stats[2]) / elapsed / 1e12}
         history.append(record)
-        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                        samples_s=f"{record['samples_per_s']:.1f}")
+        bar.postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", samples_s=f"{record['samples_per_s']:.1f}")
         pending_metrics.append((step + 1, {k: v for k, v in record.items() if k != "step"}))
         if len(heldout) and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
             evals.append({"step": step + 1, "heldout_loss": heldout_loss(engine, held, device, cfg.workers)})
@@ -324,6 +323,8 @@ def _train(params: Params, restart: bool) -> dict[str, Any] | None:
             pending_metrics = []
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
             checkpoint(step + 1)
+        bar.update()
+    bar.close()
 
     # -- export ------------------------------------------------------------------------------------------
     weights = _full_fp32(model)
