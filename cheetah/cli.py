@@ -659,7 +659,9 @@ def _main(argv: list[str] | None) -> int:
         if e.errno not in _USER_FIXABLE_ERRNO:
             raise
         # A full or read-only disk, or a folder without permission: the atomic writers left nothing half-written.
-        print(f"error: {e.filename or ''}{': ' if e.filename else ''}{e.strerror}", file=sys.stderr)
+        message = f"{e.filename or ''}{': ' if e.filename else ''}{e.strerror}"
+        print(f"error: {message}", file=sys.stderr)
+        record_rank_error(message)
         return EXIT_USER_ERROR
 
 

@@ -52,7 +52,6 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
-
 def init() -> tuple[int, int]:
     """Join (or create) the process group; returns (rank, world size). A process no launcher started becomes a
     group of one: the rank variables DeepSpeed reads are set until `shutdown`."""
@@ -101,8 +100,7 @@ def local_rank_and_size() -> tuple[int, int]:
 def launcher_command(launcher: str, argv: list[str]) -> list[str]:
     """`train.launcher` + `python -m cheetah.cli <argv>` as the launcher spells it. The launcher's executable is
     taken from this interpreter's environment when it is there (so the same installation runs every rank)."""
-    parts = shlex.split(os.path.expandvars(launcher))
-    name = Path(parts[0]).name if parts else ""
+    name, parts = _launcher_parts(launcher)
     if name not in LAUNCHERS:
         raise ConfigError(f"train.launcher {launcher!r} must start with one of {sorted(LAUNCHERS)} "
                           "(e.g. `torchrun --nproc_per_node 8` or `deepspeed --hostfile hostfile`)")
@@ -121,23 +119,40 @@ def _option(parts: list[str], *names: str) -> str | None:
     return None
 
 
+def _launcher_parts(launcher: str) -> tuple[str, list[str]]:
+    """(the launcher's program name, its words, with environment variables expanded)."""
+    parts = shlex.split(os.path.expandvars(launcher))
+    return (Path(parts[0]).name if parts else ""), parts
+
+
+def launcher_ranks_per_node(launcher: str | None) -> int | None:
+    """The processes `train.launcher` starts on each node, where its options say it (None: cannot tell)."""
+    if not launcher:
+        return 1
+    name, parts = _launcher_parts(launcher)
+    if name == "torchrun":
+        given = _option(parts, "--nproc_per_node", "--nproc-per-node") or "1"
+    elif name == "deepspeed":
+        given = _option(parts, "--num_gpus")
+    else:
+        given = None
+    return int(given) if given is not None and given.isdigit() else None
+
+
 def launcher_world_size(launcher: str | None) -> int | None:
     """The number of processes `train.launcher` starts, where its options say it (None: cannot tell, e.g. a
     torchrun node range or a DeepSpeed hostfile that is not here)."""
     if not launcher:
         return 1
-    parts = shlex.split(os.path.expandvars(launcher))
-    name = Path(parts[0]).name if parts else ""
+    name, parts = _launcher_parts(launcher)
+    per_node, nodes = launcher_ranks_per_node(launcher), _option(parts, "--nnodes" if name == "torchrun" else
+                                                                 "--num_nodes")
     if name == "torchrun":
-        per_node, nodes = _option(parts, "--nproc_per_node", "--nproc-per-node") or "1", _option(parts, "--nnodes")
         nodes = nodes or "1"
-        if not per_node.isdigit() or not nodes.isdigit():
-            return None
-        return int(per_node) * int(nodes)
+        return per_node * int(nodes) if per_node is not None and nodes.isdigit() else None
     if name == "deepspeed":
-        gpus, nodes, hostfile = (_option(parts, "--num_gpus"), _option(parts, "--num_nodes"),
-                                 _option(parts, "--hostfile", "-H"))
-        if hostfile is not None and gpus is None:
+        hostfile = _option(parts, "--hostfile", "-H")
+        if hostfile is not None and _option(parts, "--num_gpus") is None:
             try:
                 slots = [int(_option(line.split(), "slots") or line.split("slots=")[1])
                          for line in Path(hostfile).read_text().splitlines() if "slots=" in line and
@@ -145,22 +160,9 @@ def launcher_world_size(launcher: str | None) -> int | None:
             except (OSError, ValueError, IndexError):
                 return None
             return sum(slots[: int(nodes)] if nodes and nodes.isdigit() else slots) or None
-        if gpus is not None and gpus.isdigit():
-            return int(gpus) * (int(nodes) if nodes and nodes.isdigit() else 1)
+        if per_node is not None:
+            return per_node * (int(nodes) if nodes and nodes.isdigit() else 1)
     return None
-
-
-def launcher_ranks_per_node(launcher: str | None) -> int | None:
-    """The processes `train.launcher` starts on each node, where its options say it (None: cannot tell)."""
-    if not launcher:
-        return 1
-    parts = shlex.split(os.path.expandvars(launcher))
-    name = Path(parts[0]).name if parts else ""
-    given = _option(parts, "--nproc_per_node", "--nproc-per-node") if name == "torchrun" else \
-        _option(parts, "--num_gpus") if name == "deepspeed" else None
-    if name == "torchrun" and given is None:
-        return 1
-    return int(given) if given is not None and given.isdigit() else None
 
 
 def relaunch(launcher: str, argv: list[str]) -> int:
