@@ -57,7 +57,8 @@ def _print_json(obj: object) -> None:
 STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "world": ("world",),
     "language": ("language", "base.init", "world.image_size", "world.heldout_seed", "model.preset"),
-    "base": ("base", "language.out", "world", "model"),
+    "middle": ("middle", "language.out", "base.init", "model.update_layer", "world.heldout_seed"),
+    "base": ("base", "middle.out", "middle.scale", "world", "model"),
     "synthesize": ("synthesize", "model"),
     "validate": ("validate",),
     "train": ("train", "model"),
@@ -210,6 +211,12 @@ def _cmd_language(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_middle(args: argparse.Namespace) -> int:
+    p = _params(args)
+    _stage("middle", p, lambda: stages.middle(p), system_metrics=True)
+    return 0
+
+
 def _cmd_base(args: argparse.Namespace) -> int:
     p = _params(args)
     _stage("base", p, lambda: stages.base(p), system_metrics=True)
@@ -233,6 +240,12 @@ def _add_training(sub: argparse._SubParsersAction) -> None:
                  help="pretrain the embedded `tiny` language model on the world's language, in language.out (the "
                       "part Vicuna plays; the base stage starts from it; params: language)")
     g.set_defaults(func=_cmd_language)
+
+    m = _command(sub, "middle", STAGE_SECTIONS["middle"], {"out": "middle.out", "steps": "middle.steps"},
+                 help="train the language stage's model further to read the small objects arriving at its middle "
+                      "layer, the form of VPG-C's correction, in middle.out (the base stage starts from it; params: "
+                      "middle)")
+    m.set_defaults(func=_cmd_middle)
 
     b = _command(sub, "base", STAGE_SECTIONS["base"], {"out": "base.out"},
                  help="the backbone every later stage reads, in base.out: pretrain the embedded `tiny` one, bring in "

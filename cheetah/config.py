@@ -123,6 +123,44 @@ class LanguageConfig:
 
 
 @dataclass(config=_STRICT)
+class MiddleConfig:
+    """The middle stage (embedded default): the language stage's language model trained further to read the small
+    objects arriving at its middle layer (`model.update_layer`), the form of VPG-C's correction; the base stage starts
+    from it. Per step `batch_size` examples split like the pipeline splits a scene — large objects and background as
+    object tokens at the input, the small objects' vectors added at the middle layer — and `input_batch` ordinary
+    object-token examples (cheetah/train/middle_layer.py; docs/miniature.md point 12)."""
+
+    out: str = "data/language-middle"
+    """Where the language model is written (a backbone directory, like `language.out`)."""
+    metrics: str = "metrics/middle.json"
+    """The middle stage's metrics JSON (held-out Yes/No and difference descriptions, the small objects arriving at
+    the middle layer, and at the input)."""
+    steps: int = Field(default=12000, ge=1)
+    """Training steps. Reading the middle layer starts after ~5,000 and reached the input's level by ~10,000
+    (docs/miniature.md point 12)."""
+    batch_size: int = Field(default=16, ge=1)
+    """Split examples per step (the small objects at the middle layer)."""
+    input_batch: int = Field(default=16, ge=0)
+    """Ordinary object-token examples per step (every object at the input), so the language model keeps reading
+    its input."""
+    scale: float = Field(default=30.0, gt=0)
+    """Factor of the small objects' vectors at the middle layer: the hidden states there are ~30 times an object
+    token's norm. The base stage adds them at the same scale."""
+    lr: float = Field(default=5e-4, gt=0)
+    """AdamW learning rate (constant after `warmup_steps`)."""
+    weight_decay: float = Field(default=0.01, ge=0)
+    """AdamW weight decay."""
+    warmup_steps: int = Field(default=100, ge=0)
+    """Linear warm-up steps."""
+    seed: int = 0
+    """Seed of the examples."""
+    eval_scenes: int = Field(default=64, ge=1)
+    """Held-out scenes the language model is asked about for its metrics."""
+    threads: int = Field(default=2, ge=1)
+    """Torch threads (fixed, as `language.threads`)."""
+
+
+@dataclass(config=_STRICT)
 class BaseConfig:
     """The base stage: the frozen backbone every later stage reads, written to `out` (= `model.backbone_dir`)."""
 
@@ -149,6 +187,10 @@ class BaseConfig:
     questions about the images."""
     batch_size: int = Field(default=32, ge=1)
     """Examples per step (pretraining)."""
+    middle_batch: int = Field(default=16, ge=0)
+    """Phase 2: examples per step shown as pixels with the small objects' vectors added at the middle layer
+    (`middle.scale`; cheetah/train/middle_layer.py `PromptWithDetails`), so the base keeps reading details arriving
+    there on its visual prompt — the form of VPG-C's correction."""
     yes_no_batch: int = Field(default=32, ge=0)
     """Phase 2: Yes/No questions per step, beside the `batch_size` mixed examples (their own loss term: in the mix
     the one-token answers weigh too little for the language model to learn to compare)."""
@@ -533,6 +575,7 @@ class Params:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     world: WorldConfig = dataclasses.field(default_factory=WorldConfig)
     language: LanguageConfig = dataclasses.field(default_factory=LanguageConfig)
+    middle: MiddleConfig = dataclasses.field(default_factory=MiddleConfig)
     base: BaseConfig = dataclasses.field(default_factory=BaseConfig)
     synthesize: SynthesizeConfig = dataclasses.field(default_factory=SynthesizeConfig)
     validate: ValidateConfig = dataclasses.field(default_factory=ValidateConfig)

@@ -67,6 +67,14 @@ def language(p: Params) -> StageResult:
     return StageResult(metrics, [(p.language.metrics, "language")], printed=metrics)
 
 
+def middle(p: Params) -> StageResult:
+    """`cheetah middle`: the embedded language model, reading the middle layer too, in `middle.out`."""
+    from cheetah.train.middle_layer import train_middle
+
+    metrics = train_middle(p)
+    return StageResult(metrics, [(p.middle.metrics, "middle")], printed=metrics)
+
+
 def base(p: Params) -> StageResult:
     """`cheetah base`: the backbone in `base.out` (pretrained, random or a checkpoint brought in)."""
     from cheetah.train.base import base_stage

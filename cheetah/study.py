@@ -98,7 +98,7 @@ def step_code(root: str | Path = CODE_ROOT) -> dict[str, tuple[str, ...]]:
 
 BACKBONE_METRICS = ("probe.vit_large", "probe.vit_small", "probe.qformer_large", "probe.qformer_small",
                     "yes_no_primary_accuracy", "yes_no_detail_accuracy", "object_tokens_yes_no_detail_accuracy",
-                    "object_tokens_differences_content",
+                    "object_tokens_differences_content", "middle_yes_no_detail_accuracy", "middle_differences_content",
                     "caption_exact_match", "caption_rouge_l")
 """What `arms.base.backbone` summarises over seeds from each seed's base-stage metrics (held-out scenes, %)."""
 BLANK_RGB = (122, 116, 104)
@@ -335,8 +335,8 @@ def run_study(params: Params, root: str | Path = ".", restart: bool = False, tra
 
         ensure_source(params, root)
     corpus = _corpus_digest(source)
-    # The language stage's model is every seed's starting point, as the paper's Vicuna is: not varied by seed.
-    language = weights_digest(params.language.out) if Path(params.language.out).is_dir() else None
+    # The middle stage's language model is every seed's starting point, as the paper's Vicuna is: not varied by seed.
+    language = weights_digest(params.middle.out) if Path(params.middle.out).is_dir() else None
     steps = Steps(work, restart)
     code = {k: code_digest(v, CODE_ROOT) for k, v in step_code().items()}
 
@@ -358,7 +358,8 @@ def run_study(params: Params, root: str | Path = ".", restart: bool = False, tra
         folder = work / f"seed{seed}"
         p = _seeded(params, seed, folder)
         fp: dict[str, str] = {}
-        fp["base"] = fingerprint(code["base"], corpus, language, to_dict(p.world), to_dict(p.base), p.model.preset)
+        fp["base"] = fingerprint(code["base"], corpus, language, to_dict(p.world), to_dict(p.base), p.middle.scale,
+                                 p.model.preset, p.model.update_layer)
         steps.run(f"seed{seed}/base", fp["base"], lambda stale: pretrain_base(p))
         for selector in sorted({ARMS[a].data for a in arms if ARMS[a].data}):
             syn = dataclasses.replace(p.synthesize, selector=selector, out=str(folder / f"synthetic-{selector}"))

@@ -65,6 +65,7 @@ def _language(tmp_path, name: str):
 
 
 def _pretrain(tmp_path, name: str):
+    from cheetah.train.middle_layer import train_middle
     from cheetah.world import write_corpus
 
     source = tmp_path / "source"
@@ -73,19 +74,24 @@ def _pretrain(tmp_path, name: str):
         write_corpus(params.world)
     if not (tmp_path / "language").exists():
         _language(tmp_path, "language")
+        train_middle(load_params(None, [f"language.out={tmp_path / 'language'}", f"middle.out={tmp_path / 'middle'}",
+                                        f"middle.metrics={tmp_path / 'middle.json'}", "middle.steps=2",
+                                        "middle.batch_size=2", "middle.input_batch=2", "middle.warmup_steps=1",
+                                        "middle.eval_scenes=2", "middle.threads=1"]))
     return base_stage(load_params(None, [
         f"world.out={source}", "world.n=24", "world.image_size=32", f"base.out={tmp_path / name}",
-        f"language.out={tmp_path / 'language'}",
+        f"middle.out={tmp_path / 'middle'}", "base.middle_batch=2",
         f"base.metrics={tmp_path / name}.json", "base.vision_steps=4", "base.steps=4", "base.batch_size=4",
         "base.yes_no_batch=4", "base.warmup_steps=1", "base.eval_scenes=2", "base.probe_scenes=24",
         "base.probe_heldout=8"]))
 
 
-# Losses of 4 steps of `cheetah language` and 4 + 4 steps of `cheetah base` at the settings above (means over the
-# steps; recorded with this code, fp32, one thread): a change to the examples, the object tokens, the tag probe, the
-# optimiser or the order of random draws moves them.
+# Losses of 4 steps of `cheetah language`, 2 of `cheetah middle` and 4 + 4 steps of `cheetah base` at the settings
+# above (means over the steps; recorded with this code, fp32, one thread): a change to the examples, the object
+# tokens, the middle layer's vectors, the tag probe, the optimiser or the order of random draws moves them.
 GOLDEN_LANGUAGE = {"final_loss": 6.194649}
-GOLDEN_BASE = {"final_vision_loss": 37.90176, "final_loss": 5.338058, "final_yes_no_loss": 2.923779}
+GOLDEN_BASE = {"final_vision_loss": 37.90176, "final_loss": 5.578401, "final_yes_no_loss": 3.024377,
+               "final_middle_loss": 4.079171}
 
 
 def test_language_pretraining_golden_loss_determinism_and_link_0_metrics(tmp_path, one_thread):
@@ -112,16 +118,17 @@ def test_base_pretraining_starts_from_the_language_model_golden_losses_and_deter
     assert set(first["probe"]) == {"vit_large", "vit_small", "qformer_large", "qformer_small"}
     a, b = load_backbone(tmp_path / "a"), load_backbone(tmp_path / "b")
     assert a.fingerprint() == b.fingerprint()
-    # The language model it started from: its tokenizer, and its weights (moved by the base's 4 steps only).
-    language = load_backbone(tmp_path / "language")
+    # The language model it started from (the middle stage's): its tokenizer, and its weights (moved by the base's
+    # 4 steps only).
+    language = load_backbone(tmp_path / "middle")
     assert a.tokenizer.get_vocab() == language.tokenizer.get_vocab()
     start, end = language.model.language_model.state_dict(), a.model.language_model.state_dict()
     assert max((end[k] - start[k]).abs().max().item() for k in start) < 0.05
     # Without one, the stage says which folder and what to run.
-    with pytest.raises(DataError, match=r"nowhere: no pretrained language model here .*cheetah language"):
+    with pytest.raises(DataError, match=r"nowhere: no pretrained language model here .*cheetah middle"):
         base_stage(load_params(None, [f"world.out={tmp_path / 'source'}", "world.image_size=32",
                                       f"base.out={tmp_path / 'c'}", f"base.metrics={tmp_path / 'c'}.json",
-                                      f"language.out={tmp_path / 'nowhere'}"]))
+                                      f"middle.out={tmp_path / 'nowhere'}"]))
 
 
 def test_bucketed_language_loss_equals_the_padded_batch_loss(tiny_backbone):

@@ -38,15 +38,18 @@ def _outs(name: str, stages: dict = STAGES) -> set[str]:
 
 
 def test_stages_run_in_order_and_each_depends_on_what_it_reads():
-    assert stage_order(REPO) == list(STAGES) == ["validate_source", "language", "base", "synthesize", "validate",
+    assert stage_order(REPO) == list(STAGES) == ["validate_source", "language", "middle", "base", "synthesize",
+                                                 "validate",
                                                  "train", "benchmarks", "validate_demon", "validate_mme", "evaluate",
                                                  "register"]
     deps = {n: set(s["deps"]) for n, s in STAGES.items()}
-    assert {"data/source", "data/language"} <= deps["base"] and {"data/source", "data/backbone"} <= deps["synthesize"]
-    # The language model reads no data; its code dependencies are file by file, so that a change to VPG-C or to the
-    # base's measurements does not retrain it (40 minutes).
+    assert "data/language" in deps["middle"] and {"data/source", "data/language-middle"} <= deps["base"]
+    assert {"data/source", "data/backbone"} <= deps["synthesize"]
+    # The language model reads no data; its code dependencies (and the middle stage's) are file by file, so that a
+    # change to VPG-C or to the base's measurements does not retrain it (40 and 50 minutes).
     assert all(d.startswith("cheetah/") for d in deps["language"])
-    assert not {"cheetah/model", "cheetah/evaluate", "cheetah/model/vpgc.py"} & deps["language"]
+    for name in ("language", "middle"):
+        assert not {"cheetah/model", "cheetah/evaluate", "cheetah/model/vpgc.py", "cheetah/train/base.py"} & deps[name]
     assert "data/synthetic" in deps["validate"]
     # Every input is validated before it is used: a stage waits for a passing suite (its deterministic result file).
     assert "data/source" in deps["validate_source"]
@@ -76,6 +79,7 @@ def test_paths_in_dvc_yaml_are_the_configured_ones():
     p = load_params(REPO / "params.yaml")
     assert p.world.out == p.synthesize.source == SOURCE
     assert _outs("language") == {p.language.out, p.language.metrics}
+    assert _outs("middle") == {p.middle.out, p.middle.metrics}
     assert _outs("base") == {p.base.out, p.base.metrics} and p.model.backbone_dir == p.base.out
     assert _outs("synthesize") == {p.synthesize.out} and p.train.data == p.synthesize.out
     assert _outs("validate") == {f"{p.validate.docs_dir}/synthetic"}
@@ -100,13 +104,14 @@ def test_paths_in_dvc_yaml_are_the_configured_ones():
     train_outs = {k: v for o in raw_stages["train"]["outs"] if isinstance(o, dict) for k, v in o.items()}
     assert train_outs["${train.state_dir}"] == {"persist": True}
     assert raw_stages["register"]["outs"] == [{"metrics/register.json": {"persist": True}}]
-    for name in ("language", "base", "train", "evaluate"):
+    for name in ("language", "middle", "base", "train", "evaluate"):
         for m in raw_stages[name]["metrics"]:
             assert list(m.values())[0] == {"cache": False}, (name, m)
     # The language model is committed with git, as a downloaded Vicuna would be kept: not in DVC's cache.
     assert raw_stages["language"]["outs"] == [{"${language.out}": {"cache": False}}]
+    assert raw_stages["middle"]["outs"] == [{"${middle.out}": {"cache": False}}]
     # The receipt is an output, not a metric: `dvc metrics show` lists results only (and a fresh clone has no receipt).
-    assert set(DVC_YAML["metrics"]) == {"${language.metrics}", "${base.metrics}", "${train.metrics}",
+    assert set(DVC_YAML["metrics"]) == {"${language.metrics}", "${middle.metrics}", "${base.metrics}", "${train.metrics}",
                                         "${evaluate.metrics}"}
 
 
@@ -366,7 +371,8 @@ def test_a_corrupt_record_in_your_corpus_stops_the_pipeline_at_validation(tmp_pa
     lines[3] = lines[3].replace(b'"caption": "', b'"caption": "\xff')
     (corpus / "captions.jsonl").write_bytes(b"".join(line + b"\n" for line in lines))
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["language"]["steps"] = 2  # base's other upstream stage, in case DVC runs it first
+    params["language"]["steps"] = 2  # base's other upstream stages, in case DVC runs them first
+    params["middle"]["steps"] = 2
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
     done = run_dvc("repro", "base", root=repo, capture=True)

@@ -44,6 +44,7 @@ COPY = ["cheetah", "configs", "flows", "dvc.yaml", "params.yaml", "data.dvc", "p
 TINY = {
     "world": {"n": 32, "image_size": 32},
     "language": {"steps": 4, "batch_size": 4, "warmup_steps": 1, "eval_scenes": 2, "threads": 1},
+    "middle": {"steps": 2, "batch_size": 2, "input_batch": 2, "warmup_steps": 1, "eval_scenes": 2, "threads": 1},
     "base": {"vision_steps": 4, "steps": 4, "batch_size": 4, "yes_no_batch": 4, "eval_scenes": 2, "probe_scenes": 16,
              "probe_heldout": 8, "warmup_steps": 1, "threads": 1},
     "synthesize": {"n": 12, "captions": 12, "workers": 1, "shard_size": 4},  # 3 shards: 3 task runs
@@ -52,8 +53,8 @@ TINY = {
     "evaluate": {"demon_per_task": 1, "mme_per_subtask": 2, "max_new_tokens": 4, "batch_size": 16, "probe_scenes": 16,
                  "threads": 1},
 }
-DVC_STAGES = ["validate_source", "language", "base", "synthesize", "validate", "train", "benchmarks", "validate_demon",
-              "validate_mme", "evaluate", "register"]
+DVC_STAGES = ["validate_source", "language", "middle", "base", "synthesize", "validate", "train", "benchmarks",
+              "validate_demon", "validate_mme", "evaluate", "register"]
 STAGES = ["source", *DVC_STAGES]  # the flow's tasks: the source corpus (data.dvc), then the stages of dvc.yaml
 SHARD_TASKS = [f"synthesize shard {k}" for k in range(3)]  # made as task runs before the stage merges them
 

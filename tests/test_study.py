@@ -20,6 +20,8 @@ from cheetah.world import write_corpus
 TOY = {
     "world": {"out": "source", "n": 24, "image_size": 32},
     "language": {"out": "language", "steps": 2, "batch_size": 4, "warmup_steps": 1, "eval_scenes": 2, "threads": 1},
+    "middle": {"out": "middle", "steps": 2, "batch_size": 2, "input_batch": 2, "warmup_steps": 1, "eval_scenes": 2,
+               "threads": 1},
     "base": {"vision_steps": 2, "steps": 2, "batch_size": 4, "yes_no_batch": 4, "eval_scenes": 2, "probe_scenes": 16,
              "probe_heldout": 4, "out": "unused-backbone"},
     "synthesize": {"n": 8, "captions": 8, "shard_size": 8},
@@ -64,13 +66,17 @@ def test_blank_copy(tmp_path):
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     from cheetah.train.language import pretrain_language
+    from cheetah.train.middle_layer import train_middle
 
     root = tmp_path_factory.mktemp("study")
     write_corpus(WorldConfig(out=str(root / "source"), n=24, image_size=32))
     (root / "params.yaml").write_text(yaml.safe_dump(TOY))
-    # The language stage's model, which every seed's base starts from (in the project: committed in data/language).
+    # The language and middle stages' model, which every seed's base starts from (in the project: committed in
+    # data/language-middle).
     pretrain_language(load_params(root / "params.yaml", [f"language.out={root / 'language'}",
                                                          f"language.metrics={root / 'language.json'}"]))
+    train_middle(load_params(root / "params.yaml", [f"language.out={root / 'language'}", f"middle.out={root / 'middle'}",
+                                                    f"middle.metrics={root / 'middle.json'}"]))
     return root
 
 

@@ -5,11 +5,13 @@ captions, an instruction-tuned LLM joined to it by a projection), built in two p
 
 1. **Vision** (cheetah/train/vision.py): the ViT learns to see every object, small ones included; the Q-Former learns,
    from the same features, only what a caption says — the large objects and the background.
-2. **Language model**: the language stage's (cheetah/train/language.py: pretrained on scenes given as object tokens,
-   it can talk about any object its input holds, as an instruction-tuned LLM can), trained further with the
-   projection on two inputs at once: the corpus images (captions and questions about what captions cover), and
-   fresh scenes as object tokens with every answer form (so it keeps what it knew). The projection learns to turn
-   the visual prompt into what the language model reads.
+2. **Language model**: the middle stage's (cheetah/train/language.py, cheetah/train/middle_layer.py: pretrained on
+   scenes given as object tokens, it can talk about any object its input holds, as an instruction-tuned LLM can, and
+   about small objects whose vectors arrive at its middle layer), trained further with the projection on three
+   inputs at once: the corpus images (captions and questions about what captions cover), fresh scenes as object
+   tokens with every answer form (so it keeps what it knew), and fresh images whose small objects' vectors are
+   added at the middle layer (`PromptWithDetails`: so it reads there, on its visual prompt, what VPG-C will add).
+   The projection learns to turn the visual prompt into what the language model reads.
 
 The result answers about what captions cover and misses the small details: its visual prompt dropped them, not its
 language model. That is the world the paper assumes, and each link is measured on held-out scenes
@@ -31,6 +33,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +54,7 @@ from cheetah.train.data import load_pixels
 from cheetah.train.vision import TagProbe, qformer_output, train_vision
 from cheetah.train.schedule import lr_lambda
 from cheetah.train.language import fresh_scenes, language_example, lm_loss, log_phase
+from cheetah.train.middle_layer import MiddleLayer, detail_phrases, late_vectors, middle_layer_index, shown_loss
 from cheetah.train.world_examples import (Example, ObjectTokens, caption_example, difference_example,
                                           named_caption_example, primary_questions, yes_no_example)
 from cheetah.world import Scene, generate_scene, heldout_scenes, read_scenes, render, train_tokenizer
@@ -129,7 +133,7 @@ def checkpoint_base(params: Params) -> dict[str, Any]:
 
 
 def pretrain_base(params: Params) -> dict[str, Any]:
-    """Train the tiny backbone (vision from scratch, then the language model from the language stage's); write it to
+    """Train the tiny backbone (vision from scratch, then the language model from the middle stage's); write it to
     `base.out`."""
     cfg, world = params.base, params.world
     if params.model.preset != "tiny":
@@ -137,7 +141,7 @@ def pretrain_base(params: Params) -> dict[str, Any]:
                           "use base.init `checkpoint` (with base.checkpoint) or `random`")
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    source, language_dir = Path(world.out), Path(params.language.out)
+    source, language_dir = Path(world.out), Path(params.middle.out)
     # Before any work: never replace what it did not write, and one writer at a time.
     check_output(cfg.out, BACKBONE_KIND, protect=[source, language_dir])
     lock_output(cfg.out)
@@ -170,21 +174,25 @@ def pretrain_base(params: Params) -> dict[str, Any]:
                              for i in range(0, len(shown), 128)])
     prompts_by_id = {s.id: p for s, p in zip([*scenes, *edited], prompts, strict=True)}
     tokens = ObjectTokens(tokenizer, backbone.num_query_tokens)
-    losses = train_language_model(model, builder, tokens, scenes, examples, prompts_by_id, cfg, rng)
-    train_seconds = time.perf_counter() - t_start
+    with MiddleLayer(model, middle_layer_index(model, params.model.update_layer)) as middle:
+        with_details = PromptWithDetails(model, backbone.image_processor, tokens, middle, params.middle.scale)
+        losses = train_language_model(model, builder, tokens, with_details, scenes, examples, prompts_by_id, cfg,
+                                      rng)
+        train_seconds = time.perf_counter() - t_start
 
-    model.eval()
-    model.requires_grad_(False)
-    metrics = {
-        "vision_steps": cfg.vision_steps,
-        "steps": cfg.steps,
-        "train_seconds": round(train_seconds, 1),
-        "final_vision_loss": _tail_mean(vision_losses),
-        "final_loss": _tail_mean([a for a, _ in losses]),
-        "final_yes_no_loss": _tail_mean([b for _, b in losses]),
-        **measure_backbone(backbone, builder, tokens, world, cfg),
-        "parameters": sum(p.numel() for p in model.parameters()),
-    }
+        model.eval()
+        model.requires_grad_(False)
+        metrics = {
+            "vision_steps": cfg.vision_steps,
+            "steps": cfg.steps,
+            "train_seconds": round(train_seconds, 1),
+            "final_vision_loss": _tail_mean(vision_losses),
+            "final_loss": _tail_mean([a for a, _, _ in losses]),
+            "final_yes_no_loss": _tail_mean([b for _, b, _ in losses]),
+            "final_middle_loss": _tail_mean([c for _, _, c in losses]),
+            **measure_backbone(backbone, builder, tokens, with_details, world, cfg),
+            "parameters": sum(p.numel() for p in model.parameters()),
+        }
     save_backbone(backbone, cfg.out, extra_meta={"init": "pretrain", "base_metrics": _headline(metrics)},
                   protect=[source, language_dir])
     write_metrics(cfg.metrics, metrics)
@@ -192,11 +200,11 @@ def pretrain_base(params: Params) -> dict[str, Any]:
 
 
 def language_backbone(language_dir: Path, image_size: int, seed: int) -> Any:
-    """A fresh `tiny` backbone (vision side initialised by `seed`) holding the language stage's language model and
-    tokenizer (`language_dir`, `language.out`), as a BLIP-2 starts from a pretrained LLM."""
+    """A fresh `tiny` backbone (vision side initialised by `seed`) holding the middle stage's language model and
+    tokenizer (`language_dir`, `middle.out`), as a BLIP-2 starts from a pretrained LLM."""
     if not language_dir.is_dir():
-        raise DataError(f"{language_dir}: no pretrained language model here (language.out); run `cheetah language` "
-                        "first (`dvc repro` and `make run` do)")
+        raise DataError(f"{language_dir}: no pretrained language model here (middle.out); run `cheetah language` "
+                        "and `cheetah middle` first (`dvc repro` and `make run` do)")
     language = load_backbone(language_dir)
     backbone = build_backbone("tiny", tokenizer=language.tokenizer, image_size=image_size, seed=seed)
     try:
@@ -206,6 +214,29 @@ def language_backbone(language_dir: Path, image_size: int, seed: int) -> Any:
     return backbone
 
 
+class PromptWithDetails:
+    """Scenes as the base shows them — the visual prompt of the rendered scene (its frozen ViT and Q-Former, then its
+    projection) — with the small objects' vectors (x `scale`) added at the middle layer (`middle`) on random image
+    positions: what a perfect VPG-C adds to what the caption-trained visual prompt kept."""
+
+    def __init__(self, model: Any, image_processor: Any, tokens: ObjectTokens, middle: MiddleLayer, scale: float):
+        self.model, self.image_processor = model, image_processor
+        self.tokens, self.middle, self.scale = tokens, middle, scale
+
+    def embed(self, scenes: Sequence[Scene], embedding: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+        n = self.tokens.num_tokens
+        later: list[str | None] = []
+        for scene in scenes:
+            details = detail_phrases(scene)[:n]
+            slots = details + [None] * (n - len(details))
+            later += [slots[k] for k in rng.permutation(n)]
+        self.middle.queue(late_vectors(self.tokens, later, embedding, self.scale))
+        with torch.no_grad():  # the vision side is frozen
+            prompt = qformer_output(self.model, self.model.vision_model(
+                pixel_values=scene_pixels(scenes, self.image_processor)).last_hidden_state)
+        return self.model.language_projection(prompt).flatten(0, 1)
+
+
 def _tail_mean(losses: list[float]) -> float | None:
     return float(np.mean(losses[-20:])) if losses else None
 
@@ -213,7 +244,8 @@ def _tail_mean(losses: list[float]) -> float | None:
 def _headline(metrics: dict[str, Any]) -> dict[str, Any]:
     """The metrics without their long tails (examples, per-kind tables)."""
     return {k: v for k, v in metrics.items()
-            if k not in ("examples", "yes_no", "yes_no_object_tokens", "differences_object_tokens", "probes")}
+            if k not in ("examples", "yes_no", "yes_no_object_tokens", "differences_object_tokens", "probes",
+                         "yes_no_middle", "differences_middle")}
 
 
 def _optimizer(params: list[torch.nn.Parameter], lr: float, cfg: BaseConfig, steps: int):
@@ -221,10 +253,10 @@ def _optimizer(params: list[torch.nn.Parameter], lr: float, cfg: BaseConfig, ste
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, steps, "cosine"))
 
 
-def train_language_model(model: Any, builder: PromptBuilder, tokens: ObjectTokens, corpus: list[Scene],
-                         pixel_examples: list[Example], prompts: dict[str, torch.Tensor], cfg: BaseConfig,
-                         rng: np.random.Generator) -> list[tuple[float, float]]:
-    """Phase 2: the language model (the language stage's), its embeddings and the projection, on two kinds of input
+def train_language_model(model: Any, builder: PromptBuilder, tokens: ObjectTokens, with_details: PromptWithDetails,
+                         corpus: list[Scene], pixel_examples: list[Example], prompts: dict[str, torch.Tensor],
+                         cfg: BaseConfig, rng: np.random.Generator) -> list[tuple[float, float, float]]:
+    """Phase 2: the language model (the middle stage's), its embeddings and the projection, on three kinds of input
     at once.
 
     Per step, `batch_size` mixed examples: three quarters show **pixels** (the frozen visual prompts,
@@ -233,7 +265,10 @@ def train_language_model(model: Any, builder: PromptBuilder, tokens: ObjectToken
     about every object, large or small (`language_example`, the language stage's mix), so the language model keeps
     what it knows, and the projection learns to turn the visual prompt into what it reads. And `yes_no_batch` Yes/No
     questions about the large objects of the corpus images (drawn afresh), with a loss term of their own: mixed in,
-    the one-token answers weigh too little (docs/base.md). Returns (mixed loss, Yes/No loss) per step."""
+    the one-token answers weigh too little (docs/base.md). And `middle_batch` examples of fresh scenes shown as
+    pixels with their small objects added at the middle layer (`with_details`), every answer form: the language
+    model keeps reading details that arrive there (the middle stage taught it), now on its visual prompt, where
+    VPG-C adds them. Returns (mixed loss, Yes/No loss, middle-layer loss) per step."""
     embedding = model.get_input_embeddings()
     params = [*model.language_projection.parameters(), *model.language_model.parameters()]
     optimizer, scheduler = _optimizer(params, cfg.align_lr, cfg, cfg.steps)
@@ -253,14 +288,17 @@ def train_language_model(model: Any, builder: PromptBuilder, tokens: ObjectToken
                         [language_example(s, rng) for s in fresh_scenes(cfg.seed, rng, told)])
         yes_no = loss_on([yes_no_example(corpus[int(i)], rng, "large")
                           for i in rng.integers(len(corpus), size=cfg.yes_no_batch)], [])
-        (mixed + yes_no).backward()
+        late = shown_loss(model, builder, [language_example(s, rng) for s in
+                                           fresh_scenes(cfg.seed, rng, cfg.middle_batch)], with_details, rng) \
+            if cfg.middle_batch else torch.zeros(())
+        (mixed + yes_no + late).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append((mixed.item(), yes_no.item()))
-        log_phase(step, cfg.steps, "language_model", {"loss": losses[-1][0], "yes_no_loss": losses[-1][1]},
-                  scheduler)
+        losses.append((mixed.item(), yes_no.item(), late.item()))
+        log_phase(step, cfg.steps, "language_model",
+                  {"loss": losses[-1][0], "yes_no_loss": losses[-1][1], "middle_loss": losses[-1][2]}, scheduler)
         bar.update()
     bar.close()
     model.language_model.eval()
@@ -284,10 +322,12 @@ def pixel_examples(corpus: list[Scene], captions: list[str], rng: np.random.Gene
     return examples, edited
 
 
-def measure_backbone(backbone: Any, builder: PromptBuilder, tokens: ObjectTokens, world: Any, cfg: BaseConfig
-                     ) -> dict[str, Any]:
+def measure_backbone(backbone: Any, builder: PromptBuilder, tokens: ObjectTokens, with_details: PromptWithDetails,
+                     world: Any, cfg: BaseConfig) -> dict[str, Any]:
     """The held-out measurements of metrics/base.json (cheetah/evaluate/backbone.py): the representation probes,
-    captions, Yes/No from pixels and from object tokens, and descriptions of a small edit from object tokens."""
+    captions, Yes/No from pixels and from object tokens, descriptions of a small edit from object tokens, and
+    Yes/No and small-edit descriptions from pixels with the small objects added at the middle layer (what the base
+    does with a perfect VPG-C's correction: the ceiling of links 4-5)."""
     from cheetah.evaluate.backbone import caption_quality, representation_probes, yes_no_accuracy
     from cheetah.evaluate.object_tokens import object_token_differences, object_token_yes_no
     from cheetah.evaluate.probes import PROBE_STREAM
@@ -301,6 +341,8 @@ def measure_backbone(backbone: Any, builder: PromptBuilder, tokens: ObjectTokens
     yes_no = yes_no_accuracy(backbone, heldout, images)
     told = object_token_yes_no(backbone.model, builder, tokens, heldout)
     told_differences = object_token_differences(backbone.model, builder, tokens, heldout, "small")
+    middle = object_token_yes_no(backbone.model, builder, with_details, heldout)
+    middle_differences = object_token_differences(backbone.model, builder, with_details, heldout, "small")
     return {
         "heldout_scenes": quality["n"],
         "caption_exact_match": quality["caption_exact_match"],
@@ -309,10 +351,14 @@ def measure_backbone(backbone: Any, builder: PromptBuilder, tokens: ObjectTokens
         "yes_no_detail_accuracy": yes_no["detail"]["accuracy"],
         "object_tokens_yes_no_detail_accuracy": told["detail"]["accuracy"],
         "object_tokens_differences_content": told_differences["content"],
+        "middle_yes_no_detail_accuracy": middle["detail"]["accuracy"],
+        "middle_differences_content": middle_differences["content"],
         "probe": {name: result["mean"] for name, result in probes.items()},
         "probes": probes,
         "yes_no": yes_no,
         "yes_no_object_tokens": told,
+        "yes_no_middle": middle,
+        "differences_middle": middle_differences,
         "differences_object_tokens": told_differences,
         "examples": quality["examples"],
     }
