@@ -20,11 +20,12 @@ import yaml
 from conftest import make_tokenizer, write_instruction_set
 from safetensors.torch import load_file
 
-from cheetah.config import load_params
+from cheetah.config import TrainConfig, load_params
 from cheetah.model.backbones import build_backbone, save_backbone
+from cheetah.model.vpgc import VPGCModel
 from cheetah.train.data import JointSampler
 from cheetah.train.schedule import lr_lambda
-from cheetah.train.vpgc import train_vpgc
+from cheetah.train.vpgc import make_optimizer, train_vpgc
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "cheetah.cli"]
@@ -98,6 +99,26 @@ def test_schedule_and_sampler_are_pure_functions_of_the_step():
     assert first == [JointSampler(10, 7, 4, 3, seed=1).step(i) for i in range(6)]
     seen = [i for syn, _ in first[:5] for i in syn][:10]
     assert sorted(seen) == list(range(10))  # one epoch is a permutation: every example once
+
+
+
+def test_query_and_guide_learning_rates_reach_their_parameters_only():
+    model = VPGCModel(build_backbone("tiny", tokenizer=make_tokenizer(), image_size=32, seed=0))
+    vpgc = model.vpgc
+
+    def groups(cfg: TrainConfig) -> dict[int, tuple[float, float]]:
+        return {id(p): (g["lr"], g["weight_decay"]) for g in make_optimizer(model, cfg).param_groups for p in g["params"]}
+
+    official = groups(TrainConfig(lr=1e-4, weight_decay=0.05))  # one rate; LAVIS's decay rule
+    assert official[id(vpgc.query_tokens)] == official[id(vpgc.llm_proj.weight)] == (1e-4, 0.05)
+    assert official[id(vpgc.llm_proj.bias)] == official[id(vpgc.qformer_proj.bias)] == (1e-4, 0.0)
+    cfg = TrainConfig(lr=3e-3, query_lr=1e-3, guide_lr=1e-5, weight_decay=0.0)
+    split = groups(cfg)
+    assert split[id(vpgc.query_tokens)] == (1e-3, 0.0)
+    assert split[id(vpgc.qformer_proj.weight)] == split[id(vpgc.qformer_proj.bias)] == (1e-5, 0.0)
+    assert split[id(vpgc.llm_proj.weight)] == split[id(vpgc.llm_proj.bias)] == (3e-3, 0.0)
+    assert len(split) == sum(1 for _ in vpgc.parameters())
+    assert make_optimizer(model, cfg).param_groups[0]["lr"] == 3e-3  # the logged rate is `train.lr`
 
 
 WEIGHT_ATOL = 3e-4

@@ -57,11 +57,18 @@ CURVE_IMAGE_KIND = "learning curve image"  # train.curve_image
 
 
 def make_optimizer(model: VPGCModel, cfg: TrainConfig) -> torch.optim.Optimizer:
-    # LAVIS's rule: no weight decay for biases and vectors; the (1, Q, D) query tokens are decayed.
-    decay = [p for n, p in model.vpgc.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.vpgc.named_parameters() if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), foreach=False)
+    """AdamW over VPG-C's parameters, one group per (learning rate, weight decay) pair."""
+    rates = {"query_tokens": cfg.query_lr, "qformer_proj": cfg.guide_lr}
+    groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
+    for name, param in model.vpgc.named_parameters():
+        lr = rates.get(name.split(".")[0]) or cfg.lr
+        # LAVIS's rule: no weight decay for biases and vectors; the (1, Q, D) query tokens are decayed.
+        decay = cfg.weight_decay if param.ndim >= 2 else 0.0
+        groups.setdefault((lr, decay), []).append(param)
+    # The groups at `lr` first: the logged learning rate is the first group's.
+    ordered = sorted(groups.items(), key=lambda item: item[0][0] != cfg.lr)
+    return torch.optim.AdamW([{"params": params, "lr": lr, "weight_decay": decay} for (lr, decay), params in ordered],
+                             lr=cfg.lr, betas=tuple(cfg.betas), foreach=False)
 
 
 def micro_batch_size(cfg: TrainConfig, world: int) -> int:
