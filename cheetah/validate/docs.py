@@ -28,6 +28,11 @@ _REMOTE = re.compile(r"""(?:<script[^>]*\ssrc|<link[^>]*\shref|<img[^>]*\ssrc)=[
                      r"""|url\(\s*["']?(https?://[^"')\s]+)""", re.IGNORECASE)
 
 
+# Subresource-integrity attributes of a <script> or <link> tag.
+_SRI = re.compile(r"""\s(?:integrity|crossorigin)(?:=(?:"[^"]*"|'[^']*'|[^\s>]+))?""", re.IGNORECASE)
+_LOADING_TAG = re.compile(r"<(?:script|link)\b[^>]*>", re.IGNORECASE)
+
+
 def vendor_manifest() -> dict[str, Any]:
     return json.loads(VENDOR_MANIFEST.read_text(encoding="utf-8"))
 
@@ -62,6 +67,9 @@ def make_offline(site: str | Path) -> list[str]:
             page = re.sub(re.escape(url) + r"""(\?[^"')\s]*)?""", up + local, page)
         # The site's own static folder, at the right depth (GX links the favicon of validation pages one level short).
         page = re.sub(r"""(?<=["'])(?:\.\./)*static/""", up + "static/", page)
+        # GX keeps the CDN tags' integrity/crossorigin attributes; on a page opened from file:// Chromium then refuses
+        # the local scripts (tabs and modals dead). The vendored copies are pinned by SHA-256 in vendor.json instead.
+        page = _LOADING_TAG.sub(lambda tag: _SRI.sub("", tag.group(0)), page)
         page_path.write_text(page, encoding="utf-8")
         remaining += [f"{page_path.relative_to(site)}: {u}" for u in remote_resources(page)]
     if remaining:
