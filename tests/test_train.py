@@ -101,7 +101,6 @@ def test_schedule_and_sampler_are_pure_functions_of_the_step():
     assert sorted(seen) == list(range(10))  # one epoch is a permutation: every example once
 
 
-
 def test_query_and_guide_learning_rates_reach_their_parameters_only():
     model = VPGCModel(build_backbone("tiny", tokenizer=make_tokenizer(), image_size=32, seed=0))
     vpgc = model.vpgc
