@@ -44,6 +44,7 @@ from cheetah.formats import SOURCE_CAPTIONS, SOURCE_SCENES
 from cheetah.evaluate.demon import CATEGORIES
 from cheetah.io import atomic_dir, atomic_write_json, read_json, write_metrics, write_output_file
 from cheetah.model.weights import weights_digest
+from cheetah.provenance import PACKAGE_ROOT, code_digest, lineage
 
 log = logging.getLogger(__name__)
 
@@ -80,11 +81,7 @@ STUDY_CODE = "cheetah/study.py"
 """The steps' own code beside their stage's: the blank copies (benchmarks; the blind arm's held-out pairs)."""
 
 
-CODE_ROOT = Path(__file__).resolve().parents[1]
-"""The checkout the package runs from: its dvc.yaml says which code each stage runs."""
-
-
-def step_code(root: str | Path = CODE_ROOT) -> dict[str, tuple[str, ...]]:
+def step_code(root: str | Path = PACKAGE_ROOT) -> dict[str, tuple[str, ...]]:
     """The code each step runs: its dvc.yaml stage's code dependencies (the paths under cheetah/), so that a change
     there makes the step's results stale exactly when it reruns the stage; the benchmarks and evaluate steps also
     run STUDY_CODE."""
@@ -115,19 +112,6 @@ def needed_arms(arms: Sequence[str]) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------------
 # Fingerprints and steps
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def code_digest(paths: Sequence[str], root: str | Path = ".") -> str:
-    """SHA-256 over the Python files under `paths` (names and contents), relative to `root` (the project)."""
-    root = Path(root)
-    h = hashlib.sha256()
-    for rel in paths:
-        base = root / rel
-        files = sorted(base.rglob("*.py")) if base.is_dir() else [base]
-        for f in files:
-            if f.is_file():
-                h.update(f"{f.relative_to(root).as_posix()}\0".encode() + f.read_bytes() + b"\0")
-    return h.hexdigest()
 
 
 def fingerprint(*parts: Any) -> str:
@@ -338,7 +322,7 @@ def run_study(params: Params, root: str | Path = ".", restart: bool = False, tra
     # The middle stage's language model is every seed's starting point, as the paper's Vicuna is: not varied by seed.
     language = weights_digest(params.middle.out) if Path(params.middle.out).is_dir() else None
     steps = Steps(work, restart)
-    code = {k: code_digest(v, CODE_ROOT) for k, v in step_code().items()}
+    code = {k: code_digest(v) for k, v in step_code().items()}
 
     # -- the benchmarks, and their blank copy ------------------------------------------------------------------
     bench = work / "benchmarks"
@@ -423,8 +407,6 @@ def _arm_record(folder: Path, arm: str) -> dict[str, Any]:
 def _aggregate(params: Params, arms: Sequence[str], cells: Mapping[str, Mapping[int, Mapping[str, Any]]],
                extra: Mapping[str, Any], steps: Steps, corpus: str, code: Mapping[str, str], root: Path
                ) -> dict[str, Any]:
-    from cheetah.registry import lineage
-
     seeds = list(params.study.seeds)
     out: dict[str, Any] = {"seeds": seeds, "arms": {}}
     for arm in arms:

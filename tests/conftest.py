@@ -187,6 +187,11 @@ def registry_workspace(root):
         mp.undo()
 
 
+COMMITTED = {"provenance": {"git_commit": "0" * 40, "git_dirty": "false"}}
+"""What a card (`save_vpgc(..., extra=COMMITTED)`) or evaluation metrics record when trained or measured on committed
+code: the champion gate's condition besides the registering checkout's state."""
+
+
 def committed_lock_repo(repo, lock_text: str):
     """A git checkout at `repo` whose one commit holds `dvc.lock` (what `register` reads its provenance from)."""
     repo.mkdir()

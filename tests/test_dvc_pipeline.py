@@ -75,6 +75,15 @@ def test_stages_run_in_order_and_each_depends_on_what_it_reads():
             assert producers, f"{name}: {dep} is produced by no earlier stage"
 
 
+def test_the_train_stage_reruns_on_exactly_the_code_a_training_state_is_resumed_under():
+    """A change DVC reruns `train` for must not resume the previous code's finished state (it would export the old
+    weights), and a state stays resumable across changes DVC ignores: one list, cheetah.train.state.TRAINING_CODE."""
+    from cheetah.train.state import TRAINING_CODE
+
+    code = [d for d in DVC_YAML["stages"]["train"]["deps"] if d.startswith("cheetah/")]
+    assert sorted(code) == sorted(TRAINING_CODE)
+
+
 def test_paths_in_dvc_yaml_are_the_configured_ones():
     p = load_params(REPO / "params.yaml")
     assert p.world.out == p.synthesize.source == SOURCE

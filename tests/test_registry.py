@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import committed_lock_repo, make_tokenizer, registry_workspace, sharpen_parameters
+from conftest import COMMITTED, committed_lock_repo, make_tokenizer, registry_workspace, sharpen_parameters
 
 from cheetah.config import Params, RegisterConfig
 from cheetah.io import DataError
@@ -43,7 +43,7 @@ def world(tmp_path_factory):
         for seed in (1, 2, 3):
             model = VPGCModel(load_backbone("backbone"))
             sharpen_parameters(model.vpgc.parameters(), seed=10 + seed)
-            vpgc[seed] = save_vpgc(model, f"vpgc{seed}")
+            vpgc[seed] = save_vpgc(model, f"vpgc{seed}", extra=COMMITTED)
         images = []
         for k in range(2):
             path = root / f"image{k}.png"
@@ -67,7 +67,8 @@ def _metrics_file(world, name: str, seed: int, value: float, **extra) -> Path:
     path.write_text(json.dumps({"demon": {"average": value, "tasks": {"t": 1.0}},
                                 "mme": {"perception": extra.get("perception", 100.0)},
                                 "vpgc_sha256": extra.get("sha", read_card(world["vpgc"][seed])["sha256"]),
-                                "baselines": {"base": {"demon": {"average": 0.1}}}}))
+                                "baselines": {"base": {"demon": {"average": 0.1}}},
+                                **extra.get("recorded", COMMITTED)}))
     return path
 
 
@@ -391,6 +392,45 @@ def test_dirty_tree_and_experiments_take_challenger_only_until_promoted_by_hand(
     assert rows[3]["events"][1]["reason"].startswith("promoted: best remaining eligible")
     assert [e["event"] for e in rows[2]["events"]] == ["gate", "promoted_by_hand", "demoted"]
     assert all(e["at"].endswith("Z") and e["by"] for r in rows.values() for e in r["events"])
+
+
+def test_eligibility_comes_from_what_training_and_evaluation_recorded_not_the_registering_checkout(world, tmp_path):
+    """Weights trained (or metrics measured) on uncommitted code never become champion by being registered from a
+    clean checkout afterwards (`git stash`, then `cheetah register`), nor do weights that recorded no provenance."""
+    import shutil
+
+    from cheetah.registry import register
+
+    params, repo = _gate_params("recorded-provenance"), world["repo"]
+    dirty = {"git_commit": "1" * 40, "git_dirty": "true", "git_uncommitted": "cheetah/train/vpgc.py"}
+    trained_dirty = tmp_path / "trained-dirty"
+    shutil.copytree(world["vpgc"][1], trained_dirty)
+    card = json.loads((trained_dirty / "vpgc.json").read_text())
+    (trained_dirty / "vpgc.json").write_text(json.dumps(card | {"provenance": dirty}))
+    first = register(params, _metrics_file(world, "p1.json", 1, 0.9), trained_dirty, out=tmp_path / "r1.json",
+                     root=repo)
+    assert not first["promoted"] and first["aliases"]["champion"] is None
+    assert first["reason"] == ("not eligible for champion: the code, parameters or data of its training were not "
+                               "committed (cheetah/train/vpgc.py)")
+    tags = _client().get_model_version("recorded-provenance", "1").tags
+    assert tags["git_dirty"] == "false"  # the registering checkout was clean: only the card tells
+    assert tags["training.git_dirty"] == "true" and tags["training.git_commit"] == "1" * 40
+    assert tags["evaluation.git_dirty"] == "false" and tags["champion_eligible"] == "false"
+
+    measured_dirty = register(params, _metrics_file(world, "p2.json", 2, 0.9, recorded={"provenance": dirty}),
+                              world["vpgc"][2], out=tmp_path / "r2.json", root=repo)
+    assert not measured_dirty["promoted"] and "of its evaluation were not committed" in measured_dirty["reason"]
+
+    unrecorded = tmp_path / "unrecorded"
+    shutil.copytree(world["vpgc"][3], unrecorded)
+    recorded = json.loads((unrecorded / "vpgc.json").read_text())
+    (unrecorded / "vpgc.json").write_text(json.dumps({k: v for k, v in recorded.items() if k != "provenance"}))
+    none = register(params, _metrics_file(world, "p3.json", 3, 0.9), unrecorded, out=tmp_path / "r3.json", root=repo)
+    assert not none["promoted"] and "its training recorded no provenance" in none["reason"]
+    # The same weights with a clean record are eligible: the record, not the weights, decided.
+    clean = register(params, _metrics_file(world, "p4.json", 3, 0.9), world["vpgc"][3], out=tmp_path / "r4.json",
+                     root=repo)
+    assert clean["promoted"] and clean["reason"] == "no champion yet"
 
 
 def test_gate_compares_the_champions_logged_metric_not_its_tags(world, tmp_path):

@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import committed_lock_repo, make_tokenizer, registry_workspace, sharpen_parameters
+from conftest import COMMITTED, committed_lock_repo, make_tokenizer, registry_workspace, sharpen_parameters
 
 from cheetah.cli import main
 from cheetah.config import Params, RegisterConfig
@@ -43,10 +43,10 @@ def reg(tmp_path_factory):
         for version, value in ((1, 0.6), (2, 0.5)):
             model = VPGCModel(load_backbone("backbone"))
             sharpen_parameters(model.vpgc.parameters(), seed=10 + version)
-            save_vpgc(model, f"vpgc{version}")
+            save_vpgc(model, f"vpgc{version}", extra=COMMITTED)
             metrics = root / f"eval{version}.json"
             metrics.write_text(json.dumps({"demon": {"average": value}, "mme": {"perception": 1.0},
-                                           "vpgc_sha256": read_card(f"vpgc{version}")["sha256"]}))
+                                           "vpgc_sha256": read_card(f"vpgc{version}")["sha256"], **COMMITTED}))
             register(Params(register=RegisterConfig()), metrics, f"vpgc{version}",
                      out=root / f"register{version}.json", root=repo)
         yield {"root": root, "image": str(image)}

@@ -285,6 +285,18 @@ def test_state_on_other_backbone_weights_is_not_resumed(workspace, tmp_path, cap
     assert any(not torch.equal(first[k], second[k]) for k in first)
 
 
+def test_state_written_by_other_training_code_is_not_resumed(workspace, monkeypatch, capsys):
+    """DVC reruns `train` when its code changes: the finished state of the old code must not be resumed."""
+    import cheetah.train.state as state
+
+    _run(workspace, "recoded", steps=3, checkpoint_every=3)
+    _run(workspace, "recoded", steps=3, checkpoint_every=3)
+    assert "resuming VPG-C training" in capsys.readouterr().out  # the same code: the finished state is taken
+    monkeypatch.setattr(state, "code_digest", lambda paths: "other code")
+    _run(workspace, "recoded", steps=3, checkpoint_every=3)
+    assert "starting afresh" in capsys.readouterr().out
+
+
 def test_uneven_batch_split_is_refused(workspace):
     with pytest.raises(ValueError, match="synthetic_batch=3 must be divisible"):
         _run(workspace, "uneven", synthetic_batch=3, gradient_accumulation=2)

@@ -48,6 +48,7 @@ from cheetah.config import Params, to_dict
 from cheetah.io import DataError, atomic_write_json, claim_dir, lock_scope, write_metrics
 from cheetah.model.weights import weights_digest
 from cheetah.progress import StageBar
+from cheetah.provenance import PROVENANCE_FIELD, code_state, lineage
 
 log = logging.getLogger(__name__)
 
@@ -355,9 +356,11 @@ def _evaluate(params: Params, specs: Mapping[str, str], benchmark: str, demon_di
     written = {**write_report(out, results, title="Evaluation: " + ", ".join(specs), sections=[shown],
                               reference=reference, provenance=provenance(params, runs)), **examples}
     champion = "vpgc" if "vpgc" in results else list(results)[-1]
-    # The hash of the weights these numbers measured: registration refuses weights they were not measured on.
+    # The hash of the weights these numbers measured: registration refuses weights they were not measured on; the
+    # code they were measured with: the champion gate requires it committed.
     metrics = {**_model_metrics(results[champion]), "model": champion,
                "vpgc_sha256": runs[champion]["identity"]["vpgc_sha256"],
+               PROVENANCE_FIELD: code_state(),
                "baselines": {n: _model_metrics(r) for n, r in results.items() if n != champion}}
     written["metrics"] = write_metrics(cfg.metrics, metrics)
     summary = {"benchmark": benchmark, "data": {"demon": demon_dir, "mme": mme_dir}, "batch_size": cfg.batch_size,
@@ -423,7 +426,6 @@ def provenance(params: Params, runs: Mapping[str, Mapping[str, Any]], root: str 
     training record) and decoding settings."""
     from cheetah.evaluate.generation import is_vpgc_dir
     from cheetah.model.weights import read_card
-    from cheetah.registry import lineage
 
     models: dict[str, Any] = {}
     for name, run in runs.items():

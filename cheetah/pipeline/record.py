@@ -24,7 +24,7 @@ def parent_run(root: str | Path = ".", experiment: str = "cheetah", run_name: st
     """A parent MLflow run for one pipeline run; its id is exported in CHEETAH_PARENT_RUN_ID while it is open."""
     import mlflow
 
-    from cheetah.registry import lineage
+    from cheetah.provenance import lineage
     from cheetah.tracking import configure
 
     root = Path(root).resolve()
@@ -57,7 +57,7 @@ def log_record(run_id: str, root: str | Path = ".", params: Any = None,
 
     from cheetah.config import flatten
     from cheetah.io import read_json
-    from cheetah.registry import lineage
+    from cheetah.provenance import lineage
     from cheetah.tracking import flat_metrics
 
     from cheetah.config import load_params

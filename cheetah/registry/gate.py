@@ -5,7 +5,8 @@ values, come from a real backbone (not random planning weights) and load on the 
 metrics must be finite and name the weights they measured (`vpgc_sha256`, written by `cheetah evaluate`).
 
 Promotion is MLflow 3 aliases: the new version always takes `challenger`; it takes `champion` when it is eligible
-(`cheetah.registry.provenance.champion_eligibility`: committed code, parameters and data, not a `dvc exp run`
+(`cheetah.registry.provenance.champion_eligibility`: committed code, parameters and data when it was trained,
+evaluated and registered, as the card, the metrics and the registering checkout record; not a `dvc exp run`
 experiment) and there is no champion, or its `register.metric` beats the champion's, as logged with the champion's
 MLflow model, by more than `register.margin` (higher is better). Every decision is recorded on the version (`gate`,
 `gate_at`); `demote`, `promote` and `history` are `cheetah registry demote|promote|history`.
@@ -27,7 +28,8 @@ from cheetah.config import Params
 from cheetah.io import DataError, atomic_write_json, check_finite_weights, nonfinite_paths, read_json
 from cheetah.pipeline.dag import RECEIPT
 import cheetah.registry.integrity as integrity
-from cheetah.registry.provenance import champion_eligibility, config_tags, lineage, load_yaml, out_md5
+from cheetah.provenance import PROVENANCE_FIELD, lineage, load_yaml, out_md5
+from cheetah.registry.provenance import champion_eligibility, config_tags, recorded_tags
 from cheetah.registry.pyfunc import log_backbone, log_model, resolve_backbone_dir
 from cheetah.tracking import flat_metrics
 
@@ -163,7 +165,9 @@ def register(params: Params, metrics_path: str | Path | None = None, vpgc_dir: s
             "metric": cfg.metric, **{f"metric.{k}": repr(v) for k, v in headline.items()}}
     tags[f"metric.{cfg.metric}"] = repr(value)
     tags.update(config_tags(card))
-    eligible, eligibility = champion_eligibility(tags)
+    recorded = {"training": card.get(PROVENANCE_FIELD), "evaluation": metrics.get(PROVENANCE_FIELD)}
+    tags.update(recorded_tags(recorded))
+    eligible, eligibility = champion_eligibility(tags, recorded)
     tags["champion_eligible"] = str(eligible).lower()
 
     with stage_run("register", {"register": to_dict(cfg)}, experiment=cfg.experiment) as run:

@@ -1,112 +1,28 @@
-"""Lineage: the code, parameters and data a registered model came from, and whether it may become champion.
+"""Whether a model may become champion, from the provenance recorded when it was trained and evaluated, and the
+configuration tags of a version. The lineage itself (git commit, uncommitted files, dvc.lock and data hashes) is
+`cheetah.provenance`.
 
-Tags of every version:
-
-    git_commit, git_dirty     the code (the commit `dvc exp run` or `make run` ran on; dirty: uncommitted edits,
-                              listed in git_uncommitted); dvc_experiment: the `dvc exp run` experiment, if any
-    dvc_lock_hash             sha256 of the dvc.lock entries of every stage upstream of `register` (canonical JSON),
-                              i.e. of the exact data, parameters and code hashes that produced this model
-    data_hash                 DVC's md5 of data/source (data.dvc if there is one, else the `world` stage in dvc.lock)
-    backbone_hash             DVC's md5 of the backbone directory (the `base` stage), when DVC produced it
-    config.*                  the configuration it was trained in (preset, backbone init, world size, ...)
+Tags of every version: the lineage at registration (`git_commit`, `git_dirty`, `dvc_lock_hash`, `data_hash`,
+`backbone_hash`, ...), the lineage recorded at training and at evaluation (`training.git_commit`,
+`training.git_dirty`, `evaluation.git_commit`, ...), and `config.*`: the configuration it was trained in (preset,
+backbone init, world size, ...).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import subprocess
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
-DVC_EXPERIMENT_ENV = "DVC_EXP_NAME"  # set by `dvc exp run` in every stage's environment
+RECORDED_AT = ("training", "evaluation")
+"""The moments whose code state a version carries besides its registration's lineage: the card's and the metrics'
+`provenance` (cheetah.provenance.PROVENANCE_FIELD)."""
 
 
-def _git(root: Path, *args: str) -> str | None:
-    try:
-        done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return done.stdout.strip() if done.returncode == 0 else None
-
-
-def load_yaml(path: Path) -> Any:
-    import yaml
-
-    return yaml.safe_load(path.read_text()) if path.is_file() else None
-
-
-def out_md5(entry: Mapping[str, Any] | None, path: str) -> str | None:
-    for out in (entry or {}).get("outs", []) or []:
-        if out.get("path") == path:
-            return out.get("md5")
-    return None
-
-
-def uncommitted_changes(root: str | Path = ".") -> list[str] | None:
-    """Files that differ from the commit (modified, staged, deleted or untracked, not ignored), except what the
-    pipeline itself writes from committed inputs before it registers: `dvc.lock` and every output it lists
-    (metrics, plots, the receipt), the `.gitignore` files DVC keeps, the lock files of folders being written and the marks of single-file outputs, and `data.dvc` when it records the embedded
-    world (regenerated from the committed `world.*` parameters; a corpus of your own in it counts). None when
-    `root` is not a git checkout."""
-    from cheetah.io import FILE_MARK_SUFFIX, LOCK_SUFFIX
-    from cheetah.pipeline.source import DATA_DVC, read_data_dvc
-
-    try:
-        done = subprocess.run(["git", "status", "--porcelain=v1", "-z", "--untracked-files=all"], cwd=root,
-                              capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    if done.returncode != 0:
-        return None
-    entries = done.stdout.split("\0")
-    changed, i = [], 0
-    while i < len(entries):
-        entry = entries[i]
-        i += 1
-        if len(entry) < 4:
-            continue
-        changed.append(entry[3:])
-        if entry[0] in "RC":  # a rename or copy is followed by its source path
-            i += 1
-    lock = load_yaml(Path(root) / "dvc.lock") or {}
-    outputs = {"dvc.lock"} | {str(o.get("path", "")).rstrip("/") for st in (lock.get("stages") or {}).values()
-                              for o in (st or {}).get("outs") or [] if isinstance(o, Mapping)}
-    if read_data_dvc(root)["world"] is not None:
-        outputs.add(DATA_DVC)
-    return sorted(c for c in changed if Path(c).name != ".gitignore" and not Path(c).name.endswith((LOCK_SUFFIX, FILE_MARK_SUFFIX)) and
-                  not any(c == o or c.startswith(o + "/") for o in outputs if o))
-
-
-def lineage(root: str | Path = ".", stage: str = "register") -> dict[str, str]:
-    """The lineage tags of a model produced in `root` (see the module docstring). Missing facts are "unknown"."""
-    root = Path(root)
-    tags: dict[str, str] = {}
-    commit = _git(root, "rev-parse", "HEAD")
-    tags["git_commit"] = commit or "unknown"
-    changes = uncommitted_changes(root)
-    tags["git_dirty"] = "unknown" if changes is None else str(bool(changes)).lower()
-    if changes:
-        tags["git_uncommitted"] = ", ".join(changes[:20]) + (f" and {len(changes) - 20} more" if len(changes) > 20
-                                                             else "")
-    experiment = os.environ.get(DVC_EXPERIMENT_ENV)
-    if experiment:
-        tags["dvc_experiment"] = experiment
-
-    lock = load_yaml(root / "dvc.lock") or {}
-    stages = dict(lock.get("stages") or {})
-    upstream = {name: entry for name, entry in stages.items() if name != stage}
-    tags["dvc_lock_hash"] = (hashlib.sha256(json.dumps(upstream, sort_keys=True, default=str).encode()).hexdigest()
-                             if upstream else "unknown")
-    data_dvc = load_yaml(root / "data.dvc")
-    data_md5 = out_md5(data_dvc, "data/source") if data_dvc else None
-    tags["data_hash"] = data_md5 or out_md5(stages.get("world"), "data/source") or "unknown"
-    base_outs = (stages.get("base") or {}).get("outs") or []  # the backbone: the base stage's directory output
-    tags["backbone_hash"] = next((o.get("md5") for o in base_outs if str(o.get("md5", "")).endswith(".dir")),
-                                 None) or "unknown"
-    return tags
+def recorded_tags(recorded: Mapping[str, Any]) -> dict[str, str]:
+    """`training.git_commit`, `evaluation.git_dirty`, ...: the code state (cheetah.provenance.code_state) recorded at
+    training and at evaluation, as tags."""
+    return {f"{moment}.{k}": str(v) for moment in RECORDED_AT for tags in [recorded.get(moment)]
+            if isinstance(tags, Mapping) for k, v in tags.items()}
 
 
 def config_tags(card: Mapping[str, Any]) -> dict[str, str]:
@@ -120,13 +36,21 @@ def config_tags(card: Mapping[str, Any]) -> dict[str, str]:
     return tags
 
 
-def champion_eligibility(tags: Mapping[str, str]) -> tuple[bool, str]:
-    """Whether a version with these lineage tags may take `champion` automatically: only from committed code,
-    parameters and data (`git_dirty` false), and not from a `dvc exp run` experiment nobody committed. The rest
-    become `challenger`; `cheetah registry promote` moves `champion` by hand, recorded with its reason."""
-    if tags.get("dvc_experiment"):
-        return False, f"it comes from the DVC experiment {tags['dvc_experiment']!r}, not from committed parameters"
-    if tags.get("git_dirty") != "false":
-        what = tags.get("git_uncommitted") or "git status unknown"
-        return False, f"the code, parameters or data it was trained from are not committed ({what})"
-    return True, "committed code, parameters and data"
+def champion_eligibility(now: Mapping[str, str], recorded: Mapping[str, Any]) -> tuple[bool, str]:
+    """Whether a version may take `champion` automatically: its weights were trained, its metrics measured and it is
+    registered from committed code, parameters and data (`git_dirty` false each time), none of it in a `dvc exp run`
+    experiment nobody committed. `now` is the lineage at registration; `recorded` maps "training" and "evaluation"
+    to the lineage the card and the metrics recorded (None when they recorded none: weights imported or trained
+    before provenance was recorded). The rest become `challenger`; `cheetah registry promote` moves `champion` by
+    hand, recorded with its reason."""
+    for moment, tags in (*((m, recorded.get(m)) for m in RECORDED_AT), ("registration", now)):
+        if not isinstance(tags, Mapping):
+            return False, (f"its {moment} recorded no provenance (weights or metrics not written by this version "
+                           "of `cheetah train` / `cheetah evaluate`)")
+        if tags.get("dvc_experiment"):
+            return False, (f"its {moment} ran in the DVC experiment {tags['dvc_experiment']!r}, not from committed "
+                           "parameters")
+        if tags.get("git_dirty") != "false":
+            what = tags.get("git_uncommitted") or "git status unknown"
+            return False, f"the code, parameters or data of its {moment} were not committed ({what})"
+    return True, "committed code, parameters and data at training, evaluation and registration"

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from cheetah.config import SynthesizeConfig, to_dict
+from cheetah import provenance
 from cheetah.io import DataError, claim_dir, read_json, remove_output, sha256_file
 from cheetah.synthesize.common import SourceItem
 
@@ -87,13 +88,7 @@ def item_digest(item: SourceItem) -> str:
 
 def code_digest() -> str:
     """The source of the packages a shard runs (a code change must not reuse shards made by the old code)."""
-    root = Path(__file__).resolve().parents[1]
-    h = hashlib.sha256()
-    for package in _CODE_PACKAGES:
-        for path in sorted((root / package).glob("*.py")):
-            h.update(f"{package}/{path.name}\0".encode())
-            h.update(path.read_bytes())
-    return h.hexdigest()
+    return provenance.code_digest([f"cheetah/{package}" for package in _CODE_PACKAGES])
 
 
 def backbone_digest(backbone: Any) -> str | None:

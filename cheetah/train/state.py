@@ -29,11 +29,17 @@ import torch
 from cheetah.config import Params, to_dict
 from cheetah.errors import CheetahError
 from cheetah.io import DataError, atomic_write_json, atomic_write_text, sha256_file
+from cheetah.provenance import code_digest
 from cheetah.train import distributed
 
 log = logging.getLogger(__name__)
 
 RECORD = "cheetah_state.json"
+TRAINING_CODE = ("cheetah/train/vpgc.py", "cheetah/train/schedule.py", "cheetah/train/data.py",
+                 "cheetah/train/distributed.py", "cheetah/train/state.py", "cheetah/model", "cheetah/formats.py",
+                 "cheetah/provenance.py")
+"""The code `cheetah train` runs (the train stage's code dependencies in dvc.yaml, a test keeps them equal): a state
+written by other code is not resumed, so a rerun after a code change trains with the new code."""
 STATE_KIND = "training state"  # the kind of folder `train.state_dir` is (cheetah.io.claim_dir)
 # train.* keys that do not change what a resumed run computes: a state written under other values is still resumed
 # (a run stopped by a DivergenceError resumes with a larger max_skipped_steps).
@@ -85,10 +91,11 @@ class _TensorsOnly:
 def fingerprint(params: Params, world: int, data_files: list[Path], engine_config: dict[str, Any] | None = None,
                 backbone: str | None = None) -> str:
     """What a resumable state depends on: a state written under other settings, data, backbone weights (`backbone`:
-    their digest) or DeepSpeed config (the merged one the engine runs with) is not resumed."""
+    their digest), DeepSpeed config (the merged one the engine runs with) or training code is not resumed."""
     train = {k: v for k, v in to_dict(params.train).items() if k not in VOLATILE_KEYS}
     key = {"train": train, "model": to_dict(params.model), "world": world,
-           "data": [sha256_file(f) for f in data_files], "deepspeed": engine_config, "backbone": backbone}
+           "data": [sha256_file(f) for f in data_files], "deepspeed": engine_config, "backbone": backbone,
+           "code": code_digest(TRAINING_CODE)}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 

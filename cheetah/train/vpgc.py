@@ -36,6 +36,7 @@ from cheetah.model.prompts import IGNORE_INDEX, PromptBuilder
 from cheetah.model.vpgc import LossReduction, VPGCModel
 from cheetah.model.weights import VPGC_KIND, save_vpgc, weights_digest
 from cheetah.progress import StageBar
+from cheetah.provenance import PROVENANCE_FIELD, code_state
 from cheetah.train import distributed
 from cheetah.train.data import (
     FEATURE_DTYPES,
@@ -176,6 +177,8 @@ def _train(params: Params, restart: bool) -> dict[str, Any] | None:
     if rank == 0:  # one run at a time on these folders: a second one is refused here, before any work
         lock_output(cfg.state_dir)
         lock_output(cfg.out)
+    # The code this training runs on, recorded in the weights' card: the registry's champion gate reads it.
+    provenance = code_state() if rank == 0 else None
     device = distributed.device()
     micro = micro_batch_size(cfg, world)
     random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
@@ -356,7 +359,7 @@ def _train(params: Params, restart: bool) -> dict[str, Any] | None:
         "offload_optimizer": ds_config["zero_optimization"].get("offload_optimizer", {}).get("device", "none"),
     }
     if rank == 0:
-        save_vpgc(model, cfg.out, state_dict=weights, extra={"training": metrics},
+        save_vpgc(model, cfg.out, state_dict=weights, extra={"training": metrics, PROVENANCE_FIELD: provenance},
                   protect=[cfg.state_dir, cfg.metrics, cfg.curve, cfg.curve_image, *inputs])
         write_metrics(cfg.metrics, metrics)
         _write_curve(cfg.curve, cfg.curve_image, history, evals)
