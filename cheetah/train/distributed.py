@@ -10,6 +10,7 @@ flow start distributed training. The DeepSpeed config is generated from the `tra
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import os
 import shlex
@@ -68,6 +69,12 @@ def init() -> tuple[int, int]:
         if not dist.is_initialized():
             import deepspeed
 
+            if not torch.cuda.is_available():
+                # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce when it starts (about a minute on
+                # 2 cores) that only `inference_all_reduce` (tensor-parallel inference) uses: ZeRO training
+                # all-reduces through torch.distributed. Not building it changes no number and no message.
+                # (By module name: the package attribute `deepspeed.comm.torch` is torch itself.)
+                importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
             deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     except BaseException:
         _restore_env()
