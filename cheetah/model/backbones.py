@@ -262,6 +262,23 @@ def _read_backbone_meta(path: Path) -> dict[str, Any]:
     return json.loads(meta_file.read_text()) if meta_file.exists() else {}
 
 
+PICKLED_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+"""Weight files that are Python pickles: a backbone folder is shared and downloaded, so it is read from safetensors
+only (unpickling runs whatever code the file names, and even PyTorch's weights-only reader is a pickle parser)."""
+
+
+def _check_weight_files(directory: Path) -> None:
+    """A backbone folder must hold safetensors weights; pickled ones alone are refused by file, nothing unpickled."""
+    if any(directory.glob("*.safetensors")):
+        return  # the safetensors weights are what is read; a pickled copy beside them is never opened
+    pickled = sorted(p.name for p in directory.iterdir() if p.is_file() and p.suffix in PICKLED_WEIGHTS)
+    if pickled:
+        raise DataError(f"{directory / pickled[0]}: pickled weights; a backbone is read from safetensors only (a "
+                        "pickle can run code when it is loaded); save it as model.safetensors (save_pretrained "
+                        "with safe_serialization=True) where the file is trusted")
+    raise DataError(f"{directory}: no model.safetensors (expected a Hugging Face save_pretrained directory)")
+
+
 def load_backbone(spec: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                   random_init: bool = False, backbone_dir: str | Path | None = None,
                   template: str | None = None) -> Backbone:
@@ -311,9 +328,11 @@ def load_backbone(spec: str | Path, *, device: str | torch.device = "cpu", dtype
     else:
         # Read where they are used: a diverged, truncated or corrupted backbone is refused by file, never evaluated,
         # registered or served (it would answer with garbage, or nothing, and exit 0).
+        _check_weight_files(directory)
         check_finite_weights(directory, "backbone weights")
+        # use_safetensors: transformers would otherwise fall back to unpickling a pytorch_model.bin.
         model = cls.from_pretrained(directory, local_files_only=True, dtype=dtype or torch.float32,
-                                    device_map=None).to(device)
+                                    device_map=None, use_safetensors=True).to(device)
     model.eval()
     if model.config.image_token_index is None:
         raise DataError(f"{directory}/config.json: image_token_index is not set; VPG-C places image tokens by it")
