@@ -537,6 +537,16 @@ class RegisterConfig:
     margin: float = Field(default=0.0, ge=0)
     """The challenger becomes champion only if it beats the champion's metric by more than this."""
 
+    @model_validator(mode="after")
+    def _name_is_usable(self) -> "RegisterConfig":
+        # The registry finds a model's versions with an MLflow filter string (name='...'), whose grammar has no
+        # escape for quotes; MLflow itself refuses / and : in a name. Refused here, before any work.
+        bad = sorted({c for c in self.model_name if c in "'\"/:"})
+        if not self.model_name.strip() or bad:
+            raise ValueError(f"model_name {self.model_name!r}: a registered model's name must be non-empty and hold "
+                             f"none of ' \" / : (found {' '.join(bad) or 'only spaces'})")
+        return self
+
 
 StudyArm = Literal["base", "vpgc_captions", "vpgc_synthetic", "vpgc_random_target", "blind"]
 """An arm of the ablation study (cheetah/study.py ARMS says what each is, in this order)."""

@@ -51,8 +51,20 @@ def _umask() -> int:
     return mask
 
 
+def check_parent_folders(path: str | Path) -> None:
+    """Refuse (DataError) an output path below a regular file (`--out notes.txt/sub`): mkdir would fail with a bare
+    FileExistsError or NotADirectoryError that names neither the output nor the file in its way."""
+    path = Path(path)
+    for parent in path.parents:
+        if parent.exists():  # the nearest existing ancestor: what the missing folders would be made in
+            if not parent.is_dir():
+                raise DataError(f"{path}: cannot be written: {parent} is a file, not a folder")
+            return
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     path = Path(path)
+    check_parent_folders(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the permissions open() would
@@ -136,6 +148,7 @@ def check_output_file(path: str | Path, kind: str) -> None:
     be missing, an earlier `kind` output unchanged since (its mark says so), or a file git holds as it is; never a
     folder or a symbolic link. Under `allow_overwrite()` (`--overwrite`) any regular file is replaced (logged)."""
     path = Path(path)
+    check_parent_folders(path)
     if path.is_symlink():
         raise DataError(f"{path}: is a symbolic link; refusing to write a {kind} output through it")
     if path.exists() and not path.is_file():
@@ -269,6 +282,7 @@ def _foreign_files(path: Path, kind: str) -> list[str]:
 
 
 def _check_location(path: Path, protect: Iterable[str | Path]) -> None:
+    check_parent_folders(path)
     if path.is_symlink():
         raise DataError(f"{path}: output folder is a symbolic link; give the real folder")
     full = path.resolve()

@@ -510,3 +510,127 @@ def test_the_served_model_reads_images_sent_inline_or_under_its_image_root_only(
         with pytest.raises(DataError, match=f"image 1: {re.escape(escape)}: outside the image folder"):
             _as_images([inline, escape], 3, str(root))
 
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Minor items of issue 26
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_a_full_disk_while_writing_a_checkpoint_is_one_named_error_and_loses_nothing(ws, finished, monkeypatch, capsys):
+    """The disk fills while step 3's checkpoint is written (a file-size limit: the kernel refuses the writes, as on a
+    full disk, and PyTorch's zip writer raises a RuntimeError naming no file). The earlier checkpoints are kept, the
+    partial one removed, and the next run resumes."""
+    import resource
+    import signal
+
+    from cheetah.errors import CheetahError
+    from cheetah.train.state import TrainingState
+
+    save = TrainingState.save
+
+    def filling(self, engine, step, client_state):
+        if step != 3:
+            return save(self, engine, step, client_state)
+        limits, handler = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (16 << 10, limits[1]))
+        try:
+            return save(self, engine, step, client_state)
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+            signal.signal(signal.SIGXFSZ, handler)
+
+    monkeypatch.setattr(TrainingState, "save", filling)
+    state = ws / "disk-full" / "state"
+    with pytest.raises(CheetahError, match=rf"^{state}: writing the checkpoint of step 3 failed \(.*inline_container"
+                                           r".*MiB free there\): is the disk full\? .*earlier ones are kept") as e:
+        _train(ws, "disk-full")
+    assert "\n" not in str(e.value)
+    assert sorted(p.name for p in state.iterdir() if p.name.startswith(("step-", ".tmp"))) == \
+        ["step-000001", "step-000002"]
+    assert not (ws / "disk-full" / "vpgc").exists()
+    monkeypatch.setattr(TrainingState, "save", save)  # space freed: the run resumes and ends as one never stopped
+    capsys.readouterr()
+    _train(ws, "disk-full")
+    assert f"resuming VPG-C training from {state}/step-000002" in capsys.readouterr().out
+    _same_weights(ws, "reference", "disk-full")
+
+
+def test_a_registered_model_name_with_a_quote_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    """The registry looks a name up with an MLflow filter string (name='...'), which has no escape for a quote."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"register: model_name \"it's\": .* must be non-empty and hold none of "
+                                          r"' \" / : \(found '\)"):
+        load_params(None, ["register.model_name=it's"])
+    for bad in ('a"b', "team/model", "models:x"):
+        with pytest.raises(ConfigError, match="register: model_name"):
+            load_params(None, [f"register.model_name={bad}"])
+    assert load_params(None, ["register.model_name=Cheetah VPG-C v1.2"]).register.model_name == "Cheetah VPG-C v1.2"
+    assert main(["--params", os.devnull, "--set", "register.model_name=it's", "registry", "history"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "model_name \"it's\"" in err
+    assert list(tmp_path.iterdir()) == []  # no tracking store, no output
+
+
+def test_an_output_below_a_regular_file_is_one_line_naming_the_file(tmp_path, monkeypatch, capsys):
+    """mkdir's FileExistsError / NotADirectoryError was a traceback naming neither the output nor the file."""
+    from cheetah.evaluate.mme import results_line
+    from cheetah.io import write_metrics
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "somefile.txt").write_text("mine")
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "existence.txt").write_text(results_line("a", "q1", "Yes", "yes") +
+                                                       results_line("a", "q2", "No", "no"))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for argv in (["world", "--out", "somefile.txt/sub", "--n", "2"],
+                 ["world", "--out", "somefile.txt/sub/deeper", "--n", "2"],
+                 ["score", "mme", "--results-dir", "results", "--out", "somefile.txt/scores.json"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        out = argv[argv.index("--out") + 1]
+        assert err.count("\n") == 1 and f"{out}: cannot be written: somefile.txt is a file, not a folder" in err
+    metrics = tmp_path / "somefile.txt" / "train.json"
+    with pytest.raises(DataError, match=rf"{metrics}: cannot be written: {tmp_path}/somefile\.txt is a file"):
+        write_metrics(metrics, {"loss": 1.0})
+    assert (tmp_path / "somefile.txt").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+@pytest.mark.parametrize("feature_cache", [None, "memory"])
+def test_an_error_in_a_dataloader_worker_is_the_one_line_it_was_raised_with(ws, tmp_path, feature_cache):
+    """PyTorch re-raises a worker's exception with the worker's traceback in its message (17 lines on exit 2). Both
+    loaders: the steps' batches (images decoded per step) and the vision-feature precompute."""
+    data = shutil.copytree(ws / "syn", tmp_path / "syn")
+    for image in (data / "images").iterdir():
+        image.write_bytes(image.read_bytes()[:100])  # the header survives: the corpus check passes
+    with pytest.raises(DataError) as e:
+        _train(ws, f"worker-{feature_cache}", data=str(data), workers=1, feature_cache=feature_cache, steps=1)
+    assert re.fullmatch(rf"{data}/images/\d+\.png: cannot decode image \(image file is truncated\)", str(e.value))
+    assert not (ws / f"worker-{feature_cache}" / "vpgc").exists()
+
+
+def test_mme_files_reached_through_a_link_out_of_its_folder_are_refused(tmp_path):
+    """DEMON's images are held to their root; an MME copy could make the evaluation read (and a served report show)
+    any file of the machine."""
+    from cheetah.evaluate.mme import load_mme, write_mme_subtask
+
+    png = b"\x89PNG\r\n\x1a\n" + b"\0" * 16
+    qas = [("Is there a cube? Please answer yes or no.", "Yes"), ("Is there a ball? Please answer yes or no.", "No")]
+    root, outside = tmp_path / "mme", tmp_path / "private"
+    folder = write_mme_subtask(root, "existence", [("0001.png", png, qas)])
+    write_mme_subtask(outside, "count", [("0001.png", png, qas)])
+    (folder / "0002.png").symlink_to(folder / "0001.png")  # a link inside the folder is fine
+    (folder / "0002.txt").write_text((folder / "0001.txt").read_text())
+    assert len(load_mme(root)["existence"]) == 4
+    for link, target in (("0003.png", outside / "count" / "0001.png"), ("0003.txt", outside / "count" / "0001.txt")):
+        other = {"0003.png": "0003.txt", "0003.txt": "0003.png"}[link]
+        (folder / other).write_bytes((folder / ("0001" + Path(other).suffix)).read_bytes())
+        (folder / link).symlink_to(target)
+        with pytest.raises(DataError, match=rf"{folder}/{link} \(-> {target}\): 'existence/{link}' escapes its root "
+                                            rf"folder {root}"):
+            load_mme(root)
+        (folder / link).unlink()
+        (folder / other).unlink()
+    (root / "count").symlink_to(outside / "count")  # a whole subtask folder
+    with pytest.raises(DataError, match="'count/0001.png' escapes its root folder"):
+        load_mme(root)

@@ -1,5 +1,5 @@
 """VPG-C training with DeepSpeed on CPU: golden losses, ZeRO stages, every launcher (2 ranks under torchrun as two
-nodes, 2 ranks under DeepSpeed's launcher) against one process, the user's DeepSpeed config, random backbones, and
+nodes, 2 ranks under DeepSpeed's launcher with the token-mean loss) against one process, the user's DeepSpeed config, random backbones, and
 resume after SIGKILL."""
 
 from __future__ import annotations
@@ -189,32 +189,21 @@ def test_torchrun_two_nodes_match_one(workspace, one_process):
 
 
 @pytest.mark.slow
-def test_deepspeed_launcher_matches_one(workspace, one_process):
-    """`deepspeed --num_gpus 2 --module cheetah.cli ... train`: the launcher appends --local_rank=N to each rank's
-    arguments, which the CLI accepts."""
-    params = _write_params(workspace, "ds", zero_stage=2)
+def test_deepspeed_launcher_with_the_token_loss_matches_one(workspace):
+    """`deepspeed --num_gpus 2 --module cheetah.cli ... train` (the launcher appends --local_rank=N to each rank's
+    arguments, which the CLI accepts), with the official token-mean loss (issue 12): 2 ranks = 1 process, because
+    the step's target-token count is all-reduced (the ranks' halves hold different counts)."""
+    one = _write_params(workspace, "one-token", zero_stage=2, loss_reduction="token")
+    two = _write_params(workspace, "ds-token", zero_stage=2, loss_reduction="token")
+    env = _clean_env()
+    _cli("--params", str(one), "train", env=env)
     deepspeed = str(Path(sys.executable).with_name("deepspeed"))
     proc = subprocess.run([deepspeed, "--num_gpus", "2", "--master_port", str(_free_port()), "--module",
-                           "cheetah.cli", "--params", str(params), "train"], cwd=REPO, env=_clean_env(),
+                           "cheetah.cli", "--params", str(two), "train"], cwd=REPO, env=env,
                           capture_output=True, text=True)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert "--local_rank=1" in proc.stdout + proc.stderr  # (the launcher's log of the command it ran)
-    _assert_matches(workspace, "ds", one_process, world=2)
-
-
-@pytest.mark.slow
-def test_token_loss_reduction_two_processes_match_one(workspace):
-    """The official token-mean loss (issue 12) keeps 2 ranks = 1 process: the step's target-token count is
-    all-reduced (the ranks' halves hold different counts)."""
-    one = _write_params(workspace, "one-token", zero_stage=2, loss_reduction="token")
-    two = _write_params(workspace, "two-token", zero_stage=2, loss_reduction="token")
-    env = _clean_env()
-    _cli("--params", str(one), "train", env=env)
-    torchrun = Path(sys.executable).with_name("torchrun")
-    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "cheetah.cli",
-                           "--params", str(two), "train"], cwd=REPO, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    _assert_matches(workspace, "two-token", "one-token", world=2)
+    _assert_matches(workspace, "ds-token", "one-token", world=2)
     # A loss other than the sample mean's: the equality above is not the same run twice.
     sample = _run(workspace, "one-sample", zero_stage=2, loss_reduction="sample", steps=1)
     assert abs(_curve(workspace, "one-token")[0] - _curve(workspace, "one-sample")[0]) > 1e-3, sample

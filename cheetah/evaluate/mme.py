@@ -152,7 +152,13 @@ def subtask_files(folder: Path) -> SubtaskFiles:
     return SubtaskFiles(image_dir, text_dir, images, texts)
 
 
-def _load_subtask(name: str, folder: Path) -> list[MMESample]:
+def _under_root(root: Path, path: Path) -> Path:
+    """`path` resolved; DataError when a symbolic link on its way leads out of the MME folder `root` (DEMON's
+    images are held to their root the same way): a benchmark copy must not make the evaluation read any file."""
+    return safe_join(root, path.relative_to(root).as_posix(), what=f"{path} (-> {path.resolve()})")
+
+
+def _load_subtask(name: str, folder: Path, root: Path) -> list[MMESample]:
     files = subtask_files(folder)
     image_dir, text_dir, images, texts = files.image_dir, files.text_dir, files.images, files.texts
     orphans = sorted(set(images) - set(texts))
@@ -164,8 +170,10 @@ def _load_subtask(name: str, folder: Path) -> list[MMESample]:
     for stem, txt in texts.items():
         if stem not in images:
             raise DataError(f"{txt}: no image {stem}.jpg/.png in {image_dir}")
+        image = _under_root(root, images[stem])
+        _under_root(root, txt)
         for i, (question, answer) in enumerate(read_question_file(txt)):
-            samples.append(MMESample(name, images[stem].name, i, question, answer, images[stem].resolve()))
+            samples.append(MMESample(name, images[stem].name, i, question, answer, image))
     if not samples:
         raise DataError(f"{folder}: no question files")
     return samples
@@ -181,7 +189,7 @@ def load_mme(root: str | Path, subtasks: list[str] | None = None) -> dict[str, l
     missing = [s for s in wanted if s not in dirs]
     if missing:
         raise DataError(f"{base}: subtask folder(s) not found: {', '.join(missing)}")
-    return {s: _load_subtask(s, dirs[s]) for s in SUBTASKS if s in wanted}
+    return {s: _load_subtask(s, dirs[s], base) for s in SUBTASKS if s in wanted}
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from cheetah.errors import CheetahError
 from cheetah.formats import instruction_problem, iter_jsonl_offsets, read_jsonl_at
 from cheetah.formats import where as record_where
 from cheetah.io import DataError, atomic_write_json, safe_join
@@ -372,11 +373,12 @@ def build_feature_store(setting: str | None, files: Sequence[ExampleFile], *,
                    for lo in range(s * shard_size, hi, batch_size)]
         if not batches:
             return
-        loader = torch.utils.data.DataLoader(images, batch_sampler=batches, num_workers=workers,
-                                             collate_fn=torch.stack)
+        loader = torch.utils.data.DataLoader(_ErrorsAsItems(images), batch_sampler=batches, num_workers=workers,
+                                             collate_fn=_stack_images)
         t0 = time.perf_counter()
         with torch.no_grad():
             for done, (batch, pixels) in enumerate(zip(batches, loader), start=1):
+                pixels = _unwrap(pixels)
                 sink(batch[0] // shard_size, batch[0] % shard_size, encode(pixels).to("cpu", dtype))
                 if done % 50 == 0 or done == len(batches):
                     log(f"vision features: {done}/{len(batches)} batches of this rank "
@@ -501,6 +503,42 @@ class ExampleBatches(torch.utils.data.Dataset):
         return self.collate(self.file, self.rows[i * self.batch_size:(i + 1) * self.batch_size])
 
 
+class _Raised:
+    """A CheetahError raised in a DataLoader worker, sent back in place of the item it was building. PyTorch
+    re-raises a worker's exception with the worker's traceback pasted into its message (17 lines where the CLI
+    prints one); sent as a value, it reaches the training process as it was raised (`_unwrap`)."""
+
+    def __init__(self, error: CheetahError):
+        self.error = error
+
+
+class _ErrorsAsItems(torch.utils.data.Dataset):
+    """`dataset` whose items are a `_Raised` where building them raised a CheetahError (bad data, named by it)."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Any:
+        try:
+            return self.dataset[index]
+        except CheetahError as e:
+            return _Raised(e)
+
+
+def _unwrap(item: Any) -> Any:
+    if isinstance(item, _Raised):
+        raise item.error
+    return item
+
+
+def _stack_images(items: list[Any]) -> Any:
+    raised = [x for x in items if isinstance(x, _Raised)]
+    return raised[0] if raised else torch.stack(items)
+
+
 def _as_is(item: Any) -> Any:
     return item
 
@@ -533,8 +571,8 @@ def batches(dataset: torch.utils.data.Dataset, indices: Sequence[int], workers: 
             pin_memory: bool = False) -> Iterator[Any]:
     """Items `indices` of `dataset`, in order, built `workers` processes ahead (0: in this process), numpy arrays
     turned into tensors."""
-    loader = torch.utils.data.DataLoader(dataset, batch_size=None, sampler=list(indices), num_workers=workers,
-                                         collate_fn=_as_is, pin_memory=pin_memory,
+    loader = torch.utils.data.DataLoader(_ErrorsAsItems(dataset), batch_size=None, sampler=list(indices),
+                                         num_workers=workers, collate_fn=_as_is, pin_memory=pin_memory,
                                          prefetch_factor=4 if workers else None,
                                          worker_init_fn=_die_with_parent if workers else None)
-    return (_tensors(item) for item in loader)
+    return (_tensors(_unwrap(item)) for item in loader)

@@ -183,8 +183,14 @@ class TrainingState:
         if self.rank == 0 and (self.dir / tmp).exists():
             shutil.rmtree(self.dir / tmp)
         distributed.barrier()
-        engine.save_checkpoint(str(self.dir), tag=tmp, client_state=client_state, save_latest=False,
-                               exclude_frozen_parameters=True)
+        try:
+            engine.save_checkpoint(str(self.dir), tag=tmp, client_state=client_state, save_latest=False,
+                                   exclude_frozen_parameters=True)
+        except RuntimeError as e:
+            # A full disk reaches us from PyTorch's zip writer as a RuntimeError (no errno, no file name).
+            if "inline_container" not in str(e) and "PytorchStreamWriter" not in str(e):
+                raise
+            self._failed_write(tmp, step, e)
         distributed.barrier()
         if self.rank == 0:
             folder = self.dir / tmp
@@ -200,6 +206,19 @@ class TrainingState:
             for old in ours[self.keep:]:
                 shutil.rmtree(self.dir / old, ignore_errors=True)
         distributed.barrier()
+
+    def _failed_write(self, tmp: str, step: int, error: Exception) -> None:
+        """The checkpoint of `step` could not be written (a full disk): its partial folder is removed (the space is
+        what the user needs) and a CheetahError says so; the earlier checkpoints are left as they were."""
+        shutil.rmtree(self.dir / tmp, ignore_errors=True)
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        try:
+            free = f"{shutil.disk_usage(self.dir).free / 2**20:.1f} MiB free there"
+        except OSError:
+            free = "free space unknown"
+        raise CheetahError(f"{self.dir}: writing the checkpoint of step {step} failed ({reason}; {free}): is the "
+                           "disk full? The partial checkpoint was removed and the earlier ones are kept; free some "
+                           "space and run again to resume") from None
 
     def _fingerprint_of(self, tag: str) -> str | None:
         try:
