@@ -326,3 +326,10 @@ def test_demote_passes_over_a_tampered_version(reg, capsys):
         assert main(["registry", "demote", "1", "--reason", "broken"]) == 0
         result = json.loads(capsys.readouterr().out)
         assert result["champion"] is None and "served_model.py changed" in result["skipped"]["2"]
+
+
+def test_history_of_a_model_that_is_not_registered_is_one_line(reg, capsys):
+    assert main(["registry", "history", "--model-name", "cheetah-nope"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cheetah-nope: no such registered model" in err
+    assert main(["registry", "history"]) == 0 and len(json.loads(capsys.readouterr().out)) == 2

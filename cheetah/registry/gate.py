@@ -359,9 +359,15 @@ def history(name: str) -> list[dict[str, Any]]:
     in order (`events`: what `cheetah registry history` prints)."""
     from mlflow.tracking import MlflowClient
 
+    from mlflow.exceptions import MlflowException
+
     client = MlflowClient()
+    try:
+        registered = client.get_registered_model(name)
+    except MlflowException:
+        raise DataError(f"{name}: no such registered model in the registry at {mlflow.get_tracking_uri()}") from None
     aliases: dict[str, list[str]] = {}
-    for alias, version in (client.get_registered_model(name).aliases or {}).items():
+    for alias, version in (registered.aliases or {}).items():
         aliases.setdefault(str(version), []).append(alias)
     rows = []
     for mv in _versions(client, name):
