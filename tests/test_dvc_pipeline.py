@@ -380,8 +380,9 @@ def test_a_corrupt_record_in_your_corpus_stops_the_pipeline_at_validation(tmp_pa
     lines[3] = lines[3].replace(b'"caption": "', b'"caption": "\xff')
     (corpus / "captions.jsonl").write_bytes(b"".join(line + b"\n" for line in lines))
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["language"]["steps"] = 2  # base's other upstream stages, in case DVC runs them first
-    params["middle"]["steps"] = 2
+    # base's other upstream stages, which DVC may run first: seconds, not the committed minutes of evaluation.
+    params["language"].update(steps=2, batch_size=4, warmup_steps=1, eval_scenes=2, threads=1)
+    params["middle"].update(steps=2, batch_size=2, input_batch=2, warmup_steps=1, eval_scenes=2, threads=1)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
     done = run_dvc("repro", "base", root=repo, capture=True)
