@@ -122,9 +122,16 @@ def stage_run(stage: str, params: dict[str, Any] | None = None, experiment: str 
         _log_params(params)
         yield active
         return
+    from cheetah.provenance import code_state
+
     configure(experiment)
     parent = os.environ.get(PARENT_ENV)
-    tags = {"cheetah.stage": stage}
+    # The code it ran, on every run (`dvc repro` and `dvc exp run` too, not only under `make run`'s parent run):
+    # git_commit, git_dirty, git_uncommitted, dvc_experiment; the commit also as MLflow's own source tag.
+    code = code_state()
+    tags = {"cheetah.stage": stage, **code}
+    if code["git_commit"] != "unknown":
+        tags["mlflow.source.git.commit"] = code["git_commit"]
     if parent:
         tags["mlflow.parentRunId"] = parent
     log_system = system_metrics and _system_metrics_wanted()

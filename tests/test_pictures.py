@@ -209,6 +209,31 @@ def test_system_metrics_are_logged_for_a_stage_and_can_be_turned_off(monkeypatch
     assert not [k for k in mlflow.get_run(run.info.run_id).data.metrics if k.startswith("system/")]
 
 
+def test_every_stage_run_names_its_code_and_dvc_experiment(tmp_path, monkeypatch):
+    """A stage run outside `make run` (`dvc repro`, `dvc exp run`) is not anonymous: the commit it ran on, whether the
+    tree was dirty, and the DVC experiment it belongs to."""
+    import subprocess
+
+    import mlflow
+
+    from cheetah.tracking import stage_run
+
+    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
+    for args in (["init", "-q"], ["commit", "-q", "--allow-empty", "-m", "x"]):
+        subprocess.run(git + args, cwd=tmp_path, check=True)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, check=True, capture_output=True,
+                            text=True).stdout.strip()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CHEETAH_PARENT_RUN_ID", raising=False)
+    monkeypatch.setenv("DVC_EXP_NAME", "lucky-seed")
+    (tmp_path / "edit.py").write_text("x = 1\n")
+    with stage_run("train", experiment="named-runs") as run:
+        pass
+    tags = mlflow.get_run(run.info.run_id).data.tags
+    assert (tags["git_commit"], tags["mlflow.source.git.commit"]) == (commit, commit)
+    assert (tags["git_dirty"], tags["git_uncommitted"], tags["dvc_experiment"]) == ("true", "edit.py", "lucky-seed")
+
+
 def test_every_stage_is_logged_the_same_way_by_the_boundary(tmp_path, monkeypatch, capsys):
     """`track_stage` (what the CLI runs every stage in) logs the params of the stage's sections as `section.key`,
     every finite number of the result flattened, and its artifacts; the stage function itself tracks nothing, and
