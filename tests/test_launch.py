@@ -53,11 +53,12 @@ def test_launcher_command_and_world_size(tmp_path, monkeypatch):
 
 
 def test_a_launcher_whose_ranks_cannot_split_the_batch_fails_once_before_launching(capsys):
-    # 24 + 64 over 16 ranks: refused by the parent process (exit 2), no launcher started.
-    code = main(["--params", str(VICUNA), "--set", "train.launcher=torchrun --nnodes 2 "
+    # 24 + 64 over 16 ranks split unevenly; over 128, some ranks would get no example: refused by the parent
+    # process (exit 2), no launcher started.
+    code = main(["--params", str(VICUNA), "--set", "train.launcher=torchrun --nnodes 16 "
                  "--nproc_per_node 8", "train"])
-    assert code == 2 and "synthetic_batch=24 must be divisible by world size x gradient_accumulation = 16 x 1" in \
-        capsys.readouterr().err
+    assert code == 2 and "world size x gradient_accumulation = 128 x 1 micro-batches leave some without an " \
+        "example (at most 64)" in capsys.readouterr().err
 
 
 def _generated(**kw):

@@ -322,18 +322,21 @@ def test_token_reduction_is_hugging_faces_batch_mean_and_sample_the_mean_of_mean
     batch = _train_batch(builder)
     out = model(**batch, return_sample_losses=True)
     hf_loss = model(**batch).loss  # the language model's own loss over all target tokens of the batch
-    torch.testing.assert_close(LossReduction.for_step("token", 1, int(out.token_counts.sum()))([out])[0], hf_loss)
-    torch.testing.assert_close(LossReduction.for_step("sample", 1, 0)([out])[0], out.sample_losses.mean())
+    tokens = int(out.token_counts.sum())
+    torch.testing.assert_close(LossReduction.for_step("token", 1, 3, tokens)([out])[0], hf_loss)
+    torch.testing.assert_close(LossReduction.for_step("sample", 1, 3, tokens)([out])[0], out.sample_losses.mean())
     assert not torch.allclose(hf_loss, out.sample_losses.mean())  # the prompts' answers differ in length
-    # Three micro-batches of one sample each (as 3 ranks or 3 accumulation steps): DeepSpeed averages them.
-    parts = [model(**_one(batch, i), return_sample_losses=True) for i in range(3)]
-    for mode, whole in (("token", hf_loss), ("sample", out.sample_losses.mean())):
-        reduce = LossReduction.for_step(mode, 3, int(out.token_counts.sum()))
-        torch.testing.assert_close(sum(reduce([p])[0] for p in parts) / 3, whole)
+    # Three micro-batches of one sample each (as 3 ranks or 3 accumulation steps), and two uneven ones of 2 and 1
+    # (as 2 ranks sharing 3 samples): DeepSpeed averages them over the parts.
+    for split in ([(0, 1), (1, 2), (2, 3)], [(0, 2), (2, 3)]):
+        parts = [model(**_rows(batch, lo, hi), return_sample_losses=True) for lo, hi in split]
+        for mode, whole in (("token", hf_loss), ("sample", out.sample_losses.mean())):
+            reduce = LossReduction.for_step(mode, len(split), 3, tokens)
+            torch.testing.assert_close(sum(reduce([p])[0] for p in parts) / len(split), whole)
 
 
-def _one(batch, i):
-    """Sample i of a training batch, with its own images."""
-    first, n = int(batch["image_counts"][:i].sum()), int(batch["image_counts"][i])
-    return {**{k: v[i:i + 1] for k, v in batch.items() if k != "pixel_values"},
-            "pixel_values": batch["pixel_values"][first:first + n]}
+def _rows(batch, lo, hi):
+    """Samples lo..hi-1 of a training batch, with their own images."""
+    first, last = int(batch["image_counts"][:lo].sum()), int(batch["image_counts"][:hi].sum())
+    return {**{k: v[lo:hi] for k, v in batch.items() if k != "pixel_values"},
+            "pixel_values": batch["pixel_values"][first:last]}

@@ -1,5 +1,5 @@
 """VPG-C training with DeepSpeed on CPU: golden losses, ZeRO stages, every launcher (2 ranks under torchrun as two
-nodes, 2 ranks under DeepSpeed's launcher with the token-mean loss) against one process, the user's DeepSpeed config, random backbones, and
+nodes, 3 ranks sharing uneven batches under DeepSpeed's launcher with the token-mean loss) against one process, the user's DeepSpeed config, random backbones, and
 resume after SIGKILL."""
 
 from __future__ import annotations
@@ -189,24 +189,30 @@ def test_torchrun_two_nodes_match_one(workspace, one_process):
 
 
 @pytest.mark.slow
-def test_deepspeed_launcher_with_the_token_loss_matches_one(workspace):
-    """`deepspeed --num_gpus 2 --module cheetah.cli ... train` (the launcher appends --local_rank=N to each rank's
-    arguments, which the CLI accepts), with the official token-mean loss (issue 12): 2 ranks = 1 process, because
-    the step's target-token count is all-reduced (the ranks' halves hold different counts)."""
+def test_three_ranks_under_the_deepspeed_launcher_match_one_and_resume_on_no_other_count(workspace):
+    """`train.launcher: deepspeed --num_gpus 3`: `cheetah train` relaunches itself under DeepSpeed's launcher (which
+    appends --local_rank=N to each rank's arguments, which the CLI accepts), 3 ranks share steps of 4 + 4 examples
+    unevenly (3 + 3 + 2), with the official token-mean loss (issue 12): the step's target-token count is all-reduced,
+    so 3 ranks = 1 process. Its finished state is then refused by name by a run on another number of ranks."""
     one = _write_params(workspace, "one-token", zero_stage=2, loss_reduction="token")
-    two = _write_params(workspace, "ds-token", zero_stage=2, loss_reduction="token")
+    launcher = f"deepspeed --num_gpus 3 --master_port {_free_port()}"
+    three = _write_params(workspace, "ds-token", zero_stage=2, loss_reduction="token", launcher=launcher)
     env = _clean_env()
     _cli("--params", str(one), "train", env=env)
-    deepspeed = str(Path(sys.executable).with_name("deepspeed"))
-    proc = subprocess.run([deepspeed, "--num_gpus", "2", "--master_port", str(_free_port()), "--module",
-                           "cheetah.cli", "--params", str(two), "train"], cwd=REPO, env=env,
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    assert "--local_rank=1" in proc.stdout + proc.stderr  # (the launcher's log of the command it ran)
-    _assert_matches(workspace, "ds-token", "one-token", world=2)
+    out = _cli("--params", str(three), "train", env=env)
+    assert "--local_rank=2" in out.stdout + out.stderr  # (the launcher's log of the command it ran)
+    _assert_matches(workspace, "ds-token", "one-token", world=3)
     # A loss other than the sample mean's: the equality above is not the same run twice.
     sample = _run(workspace, "one-sample", zero_stage=2, loss_reduction="sample", steps=1)
     assert abs(_curve(workspace, "one-token")[0] - _curve(workspace, "one-sample")[0]) > 1e-3, sample
+
+    alone = subprocess.run([*CLI, "--params", str(_write_params(workspace, "ds-token", zero_stage=2,
+                                                                  loss_reduction="token")), "train"],
+                           cwd=REPO, env=env, capture_output=True, text=True)
+    assert alone.returncode == 2, alone.stderr[-3000:]
+    assert alone.stderr.strip().splitlines()[-1].endswith(
+        "step-000006: written by 3 rank(s), and this run has 1: its optimiser state is partitioned over 3. Resume "
+        "with 3 rank(s), or start over with `cheetah train --restart`")
 
 
 @pytest.mark.slow
@@ -286,9 +292,12 @@ def test_state_written_by_other_training_code_is_not_resumed(workspace, monkeypa
     assert "starting afresh" in capsys.readouterr().out
 
 
-def test_uneven_batch_split_is_refused(workspace):
-    with pytest.raises(ValueError, match="synthetic_batch=3 must be divisible"):
-        _run(workspace, "uneven", synthetic_batch=3, gradient_accumulation=2)
+def test_batches_split_unevenly_unless_a_micro_batch_would_be_empty(workspace):
+    from cheetah.train.vpgc import micro_batch_size
+
+    assert micro_batch_size(TrainConfig(synthetic_batch=24, caption_batch=64), world=10) == 9  # 88 over 10 ranks
+    with pytest.raises(ValueError, match=r"1 x 6 micro-batches leave some without an example \(at most 5\)"):
+        _run(workspace, "empty", synthetic_batch=3, caption_batch=5, gradient_accumulation=6)
 
 
 def test_random_backbone_trains_at_the_preset_shapes_and_is_marked(workspace):

@@ -379,50 +379,48 @@ def response_losses(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Modu
 @dataclasses.dataclass(frozen=True)
 class LossReduction:
     """How one optimiser step averages its losses (`train.loss_reduction`), whatever its split into `parts`
-    equal micro-batches (data-parallel ranks x gradient-accumulation steps).
+    micro-batches (data-parallel ranks x gradient-accumulation steps), even or not.
 
     - `sample`: each sample's mean token loss, averaged over the step's samples: every sample weighs the same.
-    - `token`: every target token's loss, averaged over all target tokens of the step (`step_tokens`, counted over
-      every rank): the official model's loss, Hugging Face's `CrossEntropyLoss()` mean over the batch
-      (`modeling_llama.py` L736-746), where long answers weigh more.
+    - `token`: every target token's loss, averaged over all target tokens of the step (counted over every rank):
+      the official model's loss, Hugging Face's `CrossEntropyLoss()` mean over the batch (`modeling_llama.py`
+      L736-746), where long answers weigh more.
 
-    DeepSpeed divides each micro-batch's loss by the accumulation steps and averages gradients over ranks. A sample
-    mean per equal micro-batch already sums to the step's mean that way; a token sum is scaled by `parts` and
-    divided by the step's token count, so the micro-batches add up to the step's token mean too."""
+    DeepSpeed divides each micro-batch's loss by the accumulation steps and averages gradients over ranks, i.e.
+    divides their sum by `parts`. So each micro-batch back-propagates its sum (of sample losses, or of token losses)
+    times `parts` over the step's total (`step_total`: samples, or target tokens): the micro-batches add up to the
+    step's mean however many examples each holds."""
 
     mode: str = "sample"
     parts: int = 1
-    step_tokens: float | None = None
+    step_total: float = 1.0
 
     @classmethod
-    def for_step(cls, mode: str, parts: int, local_tokens: int, device: torch.device | str = "cpu"
-                 ) -> "LossReduction":
-        """The reduction of one step; for `token`, all-reduces this rank's target-token count (a collective: every
-        rank calls it)."""
+    def for_step(cls, mode: str, parts: int, step_samples: int, local_tokens: int,
+                 device: torch.device | str = "cpu") -> "LossReduction":
+        """The reduction of one step of `step_samples` samples; for `token`, all-reduces this rank's target-token
+        count (a collective: every rank calls it)."""
         if mode == "sample":
-            return cls("sample", parts)
+            return cls("sample", parts, float(step_samples))
         if mode != "token":
             raise ValueError(f"loss reduction must be 'sample' or 'token', got {mode!r}")
         count = torch.tensor([float(local_tokens)], dtype=torch.float64, device=device)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(count)
-        return cls("token", parts, float(count.item()))
+        return cls("token", parts, max(float(count.item()), 1.0))
 
     def __call__(self, outputs: list[SampleLosses]) -> tuple[torch.Tensor, tuple[float, float]]:
         """(the micro-batch's loss to back-propagate, (numerator, denominator) of the step's loss for logging)."""
         total: Any = 0.0
-        if self.mode == "sample":
-            n = 0
-            for out in outputs:
-                total = total + out.sample_losses.sum()
-                n += len(out.token_sums)
-            loss = total / n
-            return loss, (loss.item() * n, float(n))
-        tokens = 0
+        count = 0
         for out in outputs:
-            total = total + out.token_sums.sum()
-            tokens += int(out.token_counts.sum())
-        return total * self.parts / max(self.step_tokens or 0.0, 1.0), (total.item(), float(tokens))
+            if self.mode == "sample":
+                total = total + out.sample_losses.sum()
+                count += len(out.token_sums)
+            else:
+                total = total + out.token_sums.sum()
+                count += int(out.token_counts.sum())
+        return total * self.parts / self.step_total, (float(total.item()), float(count))
 
 
 def _qformer_text(ids: torch.Tensor | None, mask: torch.Tensor | None) -> dict[str, torch.Tensor] | None:

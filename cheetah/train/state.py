@@ -88,14 +88,19 @@ class _TensorsOnly:
         return load_tensors_only(path, map_location)
 
 
-def fingerprint(params: Params, world: int, data_files: list[Path], engine_config: dict[str, Any] | None = None,
+# DeepSpeed settings that follow from the train.* settings and the number of ranks: the ranks are compared apart.
+_PER_WORLD_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu")
+
+
+def fingerprint(params: Params, data_files: list[Path], engine_config: dict[str, Any] | None = None,
                 backbone: str | None = None) -> str:
-    """What a resumable state depends on: a state written under other settings, data, backbone weights (`backbone`:
-    their digest), DeepSpeed config (the merged one the engine runs with) or training code is not resumed."""
+    """What a resumable state depends on, the number of ranks aside (`TrainingState` compares it apart): a state
+    written under other settings, data, backbone weights (`backbone`: their digest), DeepSpeed config (the merged one
+    the engine runs with) or training code is not resumed."""
     train = {k: v for k, v in to_dict(params.train).items() if k not in VOLATILE_KEYS}
-    key = {"train": train, "model": to_dict(params.model), "world": world,
-           "data": [sha256_file(f) for f in data_files], "deepspeed": engine_config, "backbone": backbone,
-           "code": code_digest(TRAINING_CODE)}
+    engine = {k: v for k, v in (engine_config or {}).items() if k not in _PER_WORLD_KEYS}
+    key = {"train": train, "model": to_dict(params.model), "data": [sha256_file(f) for f in data_files],
+           "deepspeed": engine, "backbone": backbone, "code": code_digest(TRAINING_CODE)}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -116,11 +121,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
 class TrainingState:
     """The checkpoints of one training run in `directory` (see the module docstring)."""
 
-    def __init__(self, directory: str | Path, keep: int, rank: int, fingerprint: str):
+    def __init__(self, directory: str | Path, keep: int, rank: int, fingerprint: str, world: int = 1):
         self.dir = Path(directory)
         self.keep = keep
         self.rank = rank
         self.fingerprint = fingerprint
+        self.world = world
 
     def _tags(self) -> list[str]:
         return sorted((p.name for p in self.dir.glob("step-*") if p.is_dir()), reverse=True)
@@ -138,6 +144,11 @@ class TrainingState:
             return f"its {RECORD} is unreadable ({type(e).__name__}: {e})"
         if written_under != self.fingerprint:
             return "it was written under other settings or data"
+        ranks = record.get("world", self.world)
+        if ranks != self.world:  # the same run on another number of ranks: never restarted silently
+            raise CheetahError(f"{folder}: written by {ranks} rank(s), and this run has {self.world}: its optimiser "
+                               f"state is partitioned over {ranks}. Resume with {ranks} rank(s), or start over with "
+                               "`cheetah train --restart`")
         if not isinstance(files, dict) or not files:
             return f"its {RECORD} lists no files"
         for rel, digest in sorted(files.items()):
@@ -196,7 +207,8 @@ class TrainingState:
             folder = self.dir / tmp
             files = {p.relative_to(folder).as_posix(): sha256_file(p) for p in sorted(folder.rglob("*"))
                      if p.is_file()}
-            atomic_write_json(folder / RECORD, {"fingerprint": self.fingerprint, "step": step, "files": files})
+            atomic_write_json(folder / RECORD, {"fingerprint": self.fingerprint, "world": self.world, "step": step,
+                                              "files": files})
             if (self.dir / tag).exists():
                 shutil.rmtree(self.dir / tag)
             folder.rename(self.dir / tag)

@@ -73,13 +73,16 @@ def make_optimizer(model: VPGCModel, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 
 def micro_batch_size(cfg: TrainConfig, world: int) -> int:
-    """Examples per micro-batch per rank; refuses batches that do not split evenly (the loss would differ)."""
+    """The most examples one rank's micro-batch holds. A step's examples are dealt over the world size x
+    gradient_accumulation micro-batches one by one (`StepBatches`), so the batches need not divide evenly: the loss
+    is the step's mean whatever the split (`LossReduction`). Refused only when a micro-batch would get no example."""
     parts = world * cfg.gradient_accumulation
-    for name in ("synthetic_batch", "caption_batch"):
-        if getattr(cfg, name) % parts:
-            raise ConfigError(f"train.{name}={getattr(cfg, name)} must be divisible by world size x "
-                              f"gradient_accumulation = {world} x {cfg.gradient_accumulation}")
-    return (cfg.synthetic_batch + cfg.caption_batch) // parts
+    largest = max(cfg.synthetic_batch, cfg.caption_batch)
+    if parts > largest:
+        raise ConfigError(f"train.synthetic_batch={cfg.synthetic_batch} and train.caption_batch={cfg.caption_batch}: "
+                          f"world size x gradient_accumulation = {world} x {cfg.gradient_accumulation} micro-batches "
+                          f"leave some without an example (at most {largest}); use fewer ranks or larger batches")
+    return -(-(cfg.synthetic_batch + cfg.caption_batch) // parts)
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -245,7 +248,7 @@ def _train(params: Params, restart: bool) -> dict[str, Any] | None:
     directory = params.model.backbone_dir
     digest = weights_digest(directory) if directory and not params.model.random_backbone else None
     state = TrainingState(cfg.state_dir, cfg.keep_checkpoints, rank,
-                          fingerprint(params, world, data_files, ds_config, backbone=digest))
+                          fingerprint(params, data_files, ds_config, backbone=digest), world=world)
     if restart:
         state.restart()
     start, history, evals, skipped = 0, [], [], []
@@ -273,6 +276,7 @@ def _train(params: Params, restart: bool) -> dict[str, Any] | None:
         t0 = time.perf_counter()
         micro_batches = next(step_batches)  # this rank's share of the step, built ahead by the workers
         reduce = LossReduction.for_step(cfg.loss_reduction, world * cfg.gradient_accumulation,
+                                        cfg.synthetic_batch + cfg.caption_batch,
                                         sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum())
                                             for groups in micro_batches for b in groups), device)
         stats = torch.zeros(3, dtype=torch.float64, device=device)  # loss numerator, denominator, tokens
