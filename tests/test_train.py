@@ -254,6 +254,45 @@ def test_sigkill_then_resume_ends_with_identical_weights(workspace):
     assert _curve(workspace, "killed") == _curve(workspace, "straight")
 
 
+def test_the_loop_reads_the_device_once_per_optimiser_step(workspace, monkeypatch):
+    """A device-to-host read stalls a GPU's queue. Counted (`.item()`, `.tolist()`, `float()`, `int()`, `bool()` of
+    a tensor): the training loop reads one tensor of the step's numbers per optimiser step, the periodic evaluation
+    and checkpoint steps aside, and the model one per forward (its input checks); both loss reductions, with
+    gradient accumulation (2 micro-batches of 2 sources: 4 forwards per step)."""
+    import cheetah.model.vpgc
+    import cheetah.train.vpgc as recipe
+    from cheetah.progress import StageBar
+
+    files = {recipe.__file__: "loop", cheetah.model.vpgc.__file__: "model"}
+    reads, per_step = {"loop": 0, "model": 0}, []
+
+    def counted(name):
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            where = files.get(sys._getframe(1).f_code.co_filename)
+            if where:
+                reads[where] += 1
+            return original(self, *args, **kwargs)
+        return read
+
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
+        monkeypatch.setattr(torch.Tensor, name, counted(name))
+    update = StageBar.update
+
+    def step_done(self, *args, **kwargs):  # the loop's last call of each step
+        per_step.append(dict(reads))
+        reads.update(loop=0, model=0)
+        return update(self, *args, **kwargs)
+
+    monkeypatch.setattr(StageBar, "update", step_done)
+    for reduction in ("sample", "token"):
+        per_step.clear()
+        _run(workspace, f"syncs-{reduction}", steps=6, eval_every=6, checkpoint_every=6, log_every=6,
+             gradient_accumulation=2, loss_reduction=reduction)
+        assert len(per_step) == 6 and per_step[1:5] == [{"loop": 1, "model": 4}] * 4, (reduction, per_step)
+
+
 def test_state_from_other_settings_is_not_resumed(workspace, capsys):
     _run(workspace, "changed", steps=3, checkpoint_every=3)
     _run(workspace, "changed", steps=3, checkpoint_every=3, lr=0.02)

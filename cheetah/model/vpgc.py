@@ -221,20 +221,27 @@ class VPGCModel(nn.Module):
 
     def _image_layout(self, input_ids: torch.Tensor, num_images: int,
                       image_counts: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Image-token mask and the owning sample of every image; refuses any mismatch with the images given."""
+        """Image-token mask and the owning sample of every image; refuses any mismatch with the images given. The
+        checks read the device once (a GPU's queue is not stalled more than that); a failure is then described."""
         mask = input_ids == self.image_token_id
         per_sample = mask.sum(dim=1)
-        if bool((per_sample % self.num_query_tokens != 0).any()):
-            bad = int(torch.nonzero(per_sample % self.num_query_tokens)[0])
-            raise ValueError(f"sample {bad} has {int(per_sample[bad])} image tokens, not a multiple of "
-                             f"num_query_tokens={self.num_query_tokens}")
         counts = per_sample // self.num_query_tokens
-        if image_counts is not None and not torch.equal(counts.cpu(), image_counts.cpu()):
-            raise ValueError(f"image placeholders per sample {counts.tolist()} differ from the images given "
-                             f"{image_counts.tolist()}")
-        if int(counts.sum()) != num_images:
+        if image_counts is not None and len(image_counts) != len(counts):
+            raise ValueError(f"{len(image_counts)} image counts for {len(counts)} samples")
+        wrong = ((per_sample % self.num_query_tokens) != 0).any() | (counts.sum() != num_images)
+        if image_counts is not None:
+            wrong = wrong | (counts != image_counts.to(counts.device)).any()
+        if bool(wrong):
+            if bool((per_sample % self.num_query_tokens != 0).any()):
+                bad = int(torch.nonzero(per_sample % self.num_query_tokens)[0])
+                raise ValueError(f"sample {bad} has {int(per_sample[bad])} image tokens, not a multiple of "
+                                 f"num_query_tokens={self.num_query_tokens}")
+            if image_counts is not None and not torch.equal(counts.cpu(), image_counts.cpu()):
+                raise ValueError(f"image placeholders per sample {counts.tolist()} differ from the images given "
+                                 f"{image_counts.tolist()}")
             raise ValueError(f"the prompts hold {int(counts.sum())} image blocks but {num_images} images were given")
-        owner = torch.repeat_interleave(torch.arange(len(counts), device=input_ids.device), counts.to(input_ids.device))
+        owner = torch.repeat_interleave(torch.arange(len(counts), device=input_ids.device), counts,
+                                        output_size=num_images)
         return mask, owner
 
     def prepare_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
@@ -393,34 +400,40 @@ class LossReduction:
 
     mode: str = "sample"
     parts: int = 1
-    step_total: float = 1.0
+    step_total: float | torch.Tensor = 1.0
 
     @classmethod
     def for_step(cls, mode: str, parts: int, step_samples: int, local_tokens: int,
                  device: torch.device | str = "cpu") -> "LossReduction":
         """The reduction of one step of `step_samples` samples; for `token`, all-reduces this rank's target-token
-        count (a collective: every rank calls it)."""
+        count (a collective: every rank calls it; the count stays on the device, nothing waits for it)."""
         if mode == "sample":
             return cls("sample", parts, float(step_samples))
         if mode != "token":
             raise ValueError(f"loss reduction must be 'sample' or 'token', got {mode!r}")
-        count = torch.tensor([float(local_tokens)], dtype=torch.float64, device=device)
+        count = torch.tensor(float(local_tokens), dtype=torch.float64, device=device)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(count)
-        return cls("token", parts, max(float(count.item()), 1.0))
+        return cls("token", parts, count.clamp_min(1.0))
 
-    def __call__(self, outputs: list[SampleLosses]) -> tuple[torch.Tensor, tuple[float, float]]:
-        """(the micro-batch's loss to back-propagate, (numerator, denominator) of the step's loss for logging)."""
+    def __call__(self, outputs: list[SampleLosses]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the micro-batch's loss to back-propagate, [numerator, denominator] of the step's loss for logging: a
+        float64 tensor on the loss's device, read by the caller when it reads the step's other numbers)."""
         total: Any = 0.0
-        count = 0
+        count: Any = 0.0
         for out in outputs:
             if self.mode == "sample":
                 total = total + out.sample_losses.sum()
-                count += len(out.token_sums)
+                count = count + len(out.token_sums)
             else:
                 total = total + out.token_sums.sum()
-                count += int(out.token_counts.sum())
-        return total * self.parts / self.step_total, (float(total.item()), float(count))
+                count = count + out.token_counts.sum()
+        logged = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=total.device).detach().reshape(())
+                              for v in (total, count)])
+        step_total = self.step_total
+        if isinstance(step_total, torch.Tensor):  # (in the loss's precision: a float64 count would promote it)
+            step_total = step_total.to(total.dtype)
+        return total * self.parts / step_total, logged
 
 
 def _qformer_text(ids: torch.Tensor | None, mask: torch.Tensor | None) -> dict[str, torch.Tensor] | None:

@@ -116,10 +116,20 @@ def _on_any_rank(local: list[str], device: torch.device) -> list[str]:
     return [x for part in everyone for x in part or []]
 
 
-def _nonfinite_weights(model: VPGCModel) -> list[str]:
-    """VPG-C parameters with a NaN or inf (this rank's partition under ZeRO-3)."""
-    return [name for name, p in model.vpgc.named_parameters()
-            if not torch.isfinite(getattr(p, "ds_tensor", p).detach()).all()]
+def _nonfinite_weight_count(model: VPGCModel) -> torch.Tensor:
+    """How many VPG-C weights are NaN or inf (this rank's partition under ZeRO-3), on the device: no host read."""
+    return sum(((~torch.isfinite(getattr(p, "ds_tensor", p).detach())).sum() for p in model.vpgc.parameters()),
+               torch.zeros((), dtype=torch.int64, device=next(model.vpgc.parameters()).device)).double()
+
+
+def _check_weights(count: torch.Tensor, step: int, cfg: TrainConfig, device: torch.device) -> None:
+    """Stop (DivergenceError) if the update of `step` left a non-finite VPG-C weight on any rank (collective)."""
+    total = count.detach().clone().to(device)
+    dist.all_reduce(total)
+    if total.item():
+        raise DivergenceError(f"train: the update of step {step} made VPG-C weights non-finite (a non-finite "
+                              f"gradient; train.lr={cfg.lr}). Lower train.lr or train.grad_clip; no weights or "
+                              "metrics were written")
 
 
 def _full_fp32(model: VPGCModel) -> dict[str, torch.Tensor]:
@@ -272,39 +282,56 @@ def _train(params: Params, restart: bool) -> dict[str, Any] | None:
     bar = StageBar("train VPG-C", cfg.steps, "steps", initial=start, disable=rank != 0)
     pending_metrics: list[tuple[int, dict[str, float]]] = []
     step_batches = batches(steps_data, range(start, cfg.steps), cfg.workers, pin_memory=device.type == "cuda")
+    # One host synchronisation per optimiser step: everything the loop decides or logs about a step (its loss,
+    # tokens, non-finite losses, and whether the previous update left non-finite weights) is gathered into
+    # `stats` on the device and read once, after the step's last forward. Batch sizes are read on the host from
+    # the batches themselves (numpy), before they move to the device.
+    weights_bad = torch.zeros((), dtype=torch.float64, device=device)  # the last update's non-finite weights
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
         micro_batches = next(step_batches)  # this rank's share of the step, built ahead by the workers
         reduce = LossReduction.for_step(cfg.loss_reduction, world * cfg.gradient_accumulation,
                                         cfg.synthetic_batch + cfg.caption_batch,
-                                        sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum())
+                                        sum(int((b["labels"][:, 1:].numpy() != IGNORE_INDEX).sum())
                                             for groups in micro_batches for b in groups), device)
-        stats = torch.zeros(3, dtype=torch.float64, device=device)  # loss numerator, denominator, tokens
-        for groups in micro_batches:
+        # loss numerator, denominator, tokens, non-finite losses, non-finite weights after the previous update
+        stats = torch.zeros(5, dtype=torch.float64, device=device)
+        stats[4] = weights_bad
+        checked: list[tuple[list[str], torch.Tensor]] = []  # (example ids, their losses are finite)
+        for m, groups in enumerate(micro_batches):
             # One forward per source: synthetic and caption examples differ in length, so padding them into
             # one batch would waste compute. The loss still averages over the whole micro-batch.
-            outputs, nonfinite = [], []
+            outputs = []
             for batch in groups:
                 names = batch.pop("example_ids")
+                stats[2] += int(batch["attention_mask"].numpy().sum())
                 batch = _to_device(batch, device)
                 outputs.append(engine(**batch, return_sample_losses=True))
-                finite = torch.isfinite(outputs[-1].sample_losses.detach()).tolist()
-                nonfinite += [n for n, ok in zip(names, finite) if not ok]
-                stats[2] += float(batch["attention_mask"].sum())
-            nonfinite = _on_any_rank(nonfinite, device)
-            if nonfinite:  # every rank sees the same list, so every rank skips (or stops) together
-                if len(skipped) >= cfg.max_skipped_steps:
-                    raise DivergenceError(
-                        f"train: non-finite loss at step {step + 1} on example(s) {', '.join(nonfinite[:8])}"
-                        f"{' ...' if len(nonfinite) > 8 else ''} (after {len(skipped)} skipped step(s); "
-                        f"train.max_skipped_steps={cfg.max_skipped_steps}). Lower train.lr, check these "
-                        "examples, or allow skipping; no weights or metrics were written")
-                break
+                finite = torch.isfinite(outputs[-1].sample_losses.detach())
+                stats[3] += (~finite).sum()
+                checked.append((names, finite))
             loss, logged = reduce(outputs)
+            stats[:2] += logged
+            if m == len(micro_batches) - 1:  # before the update: a step with a non-finite loss is never applied
+                dist.all_reduce(stats)
+                numerator, denominator, tokens, bad_losses, bad_weights = stats.tolist()  # the step's one sync
+                if bad_weights:
+                    raise DivergenceError(
+                        f"train: the update of step {step} made VPG-C weights non-finite (a non-finite gradient; "
+                        f"train.lr={cfg.lr}). Lower train.lr or train.grad_clip; no weights or metrics were written")
+                if bad_losses:
+                    nonfinite = _on_any_rank([n for names, ok in checked for n, fine in zip(names, ok.tolist())
+                                              if not fine], device)
+                    if len(skipped) >= cfg.max_skipped_steps or len(micro_batches) > 1:
+                        raise DivergenceError(
+                            f"train: non-finite loss at step {step + 1} on example(s) {', '.join(nonfinite[:8])}"
+                            f"{' ...' if len(nonfinite) > 8 else ''} (after {len(skipped)} skipped step(s); "
+                            f"train.max_skipped_steps={cfg.max_skipped_steps}). Lower train.lr, check these "
+                            "examples, or allow skipping; no weights or metrics were written")
+                    break
             engine.backward(loss)
             engine.step()
-            stats[:2] += torch.tensor(logged, dtype=torch.float64, device=device)
-        if nonfinite:  # skipped (accumulation is 1, so nothing was applied): the schedule still follows the step
+        if bad_losses:  # skipped (accumulation is 1, so nothing was applied): the schedule still follows the step
             skipped.append({"step": step + 1, "examples": nonfinite})
             scheduler.step()
             if rank == 0:
@@ -312,21 +339,21 @@ def _train(params: Params, restart: bool) -> dict[str, Any] | None:
                             ", ".join(nonfinite[:8]), len(skipped), cfg.max_skipped_steps)
             bar.update()
             continue
-        if _on_any_rank(_nonfinite_weights(model), device):
-            raise DivergenceError(f"train: the update of step {step + 1} made VPG-C weights non-finite (a "
-                                  f"non-finite gradient; train.lr={cfg.lr}). Lower train.lr or "
-                                  "train.grad_clip; no weights or metrics were written")
-        dist.all_reduce(stats)
+        weights_bad = _nonfinite_weight_count(model)  # read with the next step's stats (or below, before use)
         elapsed = time.perf_counter() - t0
-        record = {"step": step + 1, "loss": float(stats[0] / stats[1]), "lr": scheduler.get_last_lr()[0],
-                  "samples_per_s": float(stats[1]) / elapsed, "tokens_per_s": float(stats[2]) / elapsed,
+        record = {"step": step + 1, "loss": numerator / denominator, "lr": scheduler.get_last_lr()[0],
+                  "samples_per_s": denominator / elapsed, "tokens_per_s": tokens / elapsed,
                   # 2N FLOPs per token forward + N for the input gradients of the upper half (N = LLM
                   # parameters), as benchmarks/train_step.py and the GPU anchors count.
-                  "model_tflops": 3 * llm_parameters * float(stats[2]) / elapsed / 1e12}
+                  "model_tflops": 3 * llm_parameters * tokens / elapsed / 1e12}
         history.append(record)
         bar.postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", samples_s=f"{record['samples_per_s']:.1f}")
         pending_metrics.append((step + 1, {k: v for k, v in record.items() if k != "step"}))
-        if len(heldout) and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
+        evaluate_now = len(heldout) and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps)
+        checkpoint_now = (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps
+        if evaluate_now or checkpoint_now:  # (periodic) weights are read or kept: they must be finite now
+            _check_weights(weights_bad, step + 1, cfg, device)
+        if evaluate_now:
             evals.append({"step": step + 1, "heldout_loss": heldout_loss(engine, held, device, cfg.workers)})
             if not math.isfinite(evals[-1]["heldout_loss"]):
                 raise DivergenceError(f"train: the held-out loss after step {step + 1} is "
@@ -335,7 +362,7 @@ def _train(params: Params, restart: bool) -> dict[str, Any] | None:
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             log_steps(pending_metrics)
             pending_metrics = []
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+        if checkpoint_now:
             checkpoint(step + 1)
         bar.update()
     bar.close()
