@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from cheetah.config import STUDY_ARMS, ConfigError, Params, load_params
+from cheetah.cpu_kernels import pin_cpu_kernels
 from cheetah.errors import EXIT_USER_ERROR, CheetahError, record_rank_error
 from cheetah.formats import DATASETS
 from cheetah.io import DataError, allow_overwrite, lock_scope
@@ -637,6 +638,7 @@ def main(argv: list[str] | None = None) -> int:
     written to $CHEETAH_EXIT_STATUS_FILE when it is set: how `cheetah pipeline run` and the Prefect flow tell bad
     input from a crash in a stage that DVC ran."""
     status = 1  # a crash (an exception that escapes) exits 1, as Python does
+    pin_cpu_kernels()  # before any command imports torch: the same numbers on any x86-64 machine
     try:
         status = _main(argv)
         return status

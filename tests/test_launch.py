@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -160,3 +161,22 @@ def test_a_ranks_one_line_error_is_the_launchers_exit_2_and_last_line(tmp_path, 
     assert status == 2
     err = capfd.readouterr().err.rstrip("\n").splitlines()
     assert err[-1].startswith("error: rank 1: nowhere/synthetic.jsonl: not found") and "ChildFailedError" in err[-2]
+
+
+@pytest.mark.skipif(not __import__("cheetah.cpu_kernels", fromlist=["_has_avx2"])._has_avx2(),
+                    reason="an x86-64 CPU with AVX2 (elsewhere nothing is pinned)")
+def test_every_command_holds_torchs_cpu_kernels_to_avx2_unless_the_user_chose():
+    """The same numbers on any x86-64 machine: ATen, MKL and oneDNN on their AVX2 paths whatever the CPU offers
+    beyond (AVX-512 rounds differently), set before torch is imported; a user's own choice is kept."""
+    from cheetah.cpu_kernels import PINNED
+
+    code = ("import json, os; from cheetah.cpu_kernels import pin_cpu_kernels; pin_cpu_kernels(); import torch; "
+            "print(json.dumps([torch.backends.cpu.get_cpu_capability(), {k: os.environ[k] for k in %r}]))"
+            % sorted(PINNED))
+    clean = {k: v for k, v in os.environ.items() if k not in PINNED}
+    out = subprocess.run([sys.executable, "-c", code], env=clean, capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout) == ["AVX2", {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2",
+                                                "ONEDNN_MAX_CPU_ISA": "AVX2"}]
+    out = subprocess.run([sys.executable, "-c", code], env={**clean, "ATEN_CPU_CAPABILITY": "default"},
+                         capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout)[0] == "DEFAULT"

@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 RECORD = "cheetah_state.json"
 TRAINING_CODE = ("cheetah/train/vpgc.py", "cheetah/train/schedule.py", "cheetah/train/data.py",
                  "cheetah/train/distributed.py", "cheetah/train/state.py", "cheetah/model", "cheetah/formats.py",
-                 "cheetah/provenance.py")
+                 "cheetah/provenance.py", "cheetah/cpu_kernels.py")
 """The code `cheetah train` runs (the train stage's code dependencies in dvc.yaml, a test keeps them equal): a state
 written by other code is not resumed, so a rerun after a code change trains with the new code."""
 STATE_KIND = "training state"  # the kind of folder `train.state_dir` is (cheetah.io.claim_dir)
