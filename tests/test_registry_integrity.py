@@ -73,9 +73,12 @@ def _no_server(monkeypatch):
     import cheetah.registry.serve  # noqa: F401 (the module, for the line below)
 
     serve = sys.modules["cheetah.registry.serve"]
+    run = serve.subprocess.run  # (the subprocess module itself: every other command, e.g. git, still runs)
 
-    def started(cmd, check):
-        raise AssertionError(f"the server was started: {cmd}")
+    def started(cmd, *args, **kwargs):
+        if "serve" in map(str, cmd):
+            raise AssertionError(f"the server was started: {cmd}")
+        return run(cmd, *args, **kwargs)
 
     monkeypatch.setattr(serve.subprocess, "run", started)
 

@@ -120,10 +120,11 @@ def test_query_and_guide_learning_rates_reach_their_parameters_only():
     assert make_optimizer(model, cfg).param_groups[0]["lr"] == 3e-3  # the logged rate is `train.lr`
 
 
-WEIGHT_ATOL = 3e-4
+WEIGHT_ATOL = 1e-3
 """Weights of two runs that differ only in the order of a sum (ZeRO stage, ranks, threads): Adam divides each
 update by the gradient's own scale, so on a near-zero gradient a rounding difference becomes a visible fraction of
-one step (lr 0.01 here; one element measured 1.9e-4 apart). Weights move by ~0.05 in these runs."""
+one step (lr 0.01 here; one element of 12,288 measured 1.9e-4 apart, and 6.5e-4 under the AVX2 kernels every command
+now runs with). Weights move by ~0.05 in these runs; the loss curves must still agree to 1e-5."""
 
 
 @pytest.mark.slow  # ~47 s: `make test` runs it, `make test-fast` (the edit-test loop) leaves it out

@@ -255,6 +255,9 @@ def evaluate(params: Params, model_specs: Mapping[str, str] | None = None, bench
 def _evaluate_locked(params: Params, model_specs: Mapping[str, str] | None, benchmark: str, restart: bool
                      ) -> dict[str, Any]:
     cfg = params.evaluate
+    # The code it runs on, before its outputs exist (a first run's reports are not yet DVC's, and would count as
+    # uncommitted): recorded in the metrics, whose champion gate requires it committed, and in the report.
+    code = code_state()
     specs = dict(model_specs) if model_specs else default_model_specs(params)
     if not specs:
         raise DataError("no model to evaluate")
@@ -273,13 +276,13 @@ def _evaluate_locked(params: Params, model_specs: Mapping[str, str] | None, benc
         claim_dir(out, REPORT_KIND, protect=inputs)
     ranks.barrier()
     # (On an error the process ends with it, and the launcher stops the other ranks: no barrier to wait at.)
-    result = _evaluate(params, specs, benchmark, demon_dir, mme_dir, out, ranks, restart)
+    result = _evaluate(params, specs, benchmark, demon_dir, mme_dir, out, ranks, restart, code)
     ranks.close()
     return result
 
 
 def _evaluate(params: Params, specs: Mapping[str, str], benchmark: str, demon_dir: str | None, mme_dir: str | None,
-              out: Path, ranks: Ranks, restart: bool) -> dict[str, Any]:
+              out: Path, ranks: Ranks, restart: bool, code: Mapping[str, str]) -> dict[str, Any]:
     import torch
 
     from cheetah.evaluate.content import demon_content
@@ -354,13 +357,13 @@ def _evaluate(params: Params, specs: Mapping[str, str], benchmark: str, demon_di
     reference = {"demon": constant_reference(demon_dir, datasets, cfg.demon_option_rule) if demon_dir else {},
                  "mme": MME_CONSTANT_SCORE}
     written = {**write_report(out, results, title="Evaluation: " + ", ".join(specs), sections=[shown],
-                              reference=reference, provenance=provenance(params, runs)), **examples}
+                              reference=reference, provenance=provenance(params, runs, code)), **examples}
     champion = "vpgc" if "vpgc" in results else list(results)[-1]
     # The hash of the weights these numbers measured: registration refuses weights they were not measured on; the
     # code they were measured with: the champion gate requires it committed.
     metrics = {**_model_metrics(results[champion]), "model": champion,
                "vpgc_sha256": runs[champion]["identity"]["vpgc_sha256"],
-               PROVENANCE_FIELD: code_state(),
+               PROVENANCE_FIELD: code,
                "baselines": {n: _model_metrics(r) for n, r in results.items() if n != champion}}
     written["metrics"] = write_metrics(cfg.metrics, metrics)
     summary = {"benchmark": benchmark, "data": {"demon": demon_dir, "mme": mme_dir}, "batch_size": cfg.batch_size,
@@ -420,7 +423,8 @@ def _tasks(generated: Mapping[str, int], benchmark: str) -> list[str]:
     return [t.split("/", 1)[1] for t in generated if t.startswith(benchmark + "/")]
 
 
-def provenance(params: Params, runs: Mapping[str, Mapping[str, Any]], root: str | Path = ".") -> dict[str, Any]:
+def provenance(params: Params, runs: Mapping[str, Mapping[str, Any]], code: Mapping[str, str] | None = None,
+               root: str | Path = ".") -> dict[str, Any]:
     """What produced a report: the code (git commit, uncommitted changes), the pipeline state (`dvc.lock` hash, data
     and backbone hashes), the evaluation and model parameters, and per model its weights (hashes, the VPG-C card's
     training record) and decoding settings."""
@@ -434,6 +438,10 @@ def provenance(params: Params, runs: Mapping[str, Mapping[str, Any]], root: str 
             card = read_card(run["spec"])
             info["training"] = card.get("training")
         models[name] = info
-    return {"lineage": lineage(root, stage="evaluate"), "params": {"evaluate": to_dict(params.evaluate),
+    # The code state recorded when the stage started (`code`), with what DVC recorded upstream of it.
+    code = dict(code or code_state(root))
+    ended = code_state(root)  # (lineage's own code state: taken now, after the stage wrote its outputs)
+    upstream = {k: v for k, v in lineage(root, stage="evaluate").items() if k not in ended and k not in code}
+    return {"lineage": {**code, **upstream}, "params": {"evaluate": to_dict(params.evaluate),
                                                                    "model": to_dict(params.model)},
             "models": models}
