@@ -9,19 +9,16 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from cheetah.tracking import PARENT_ENV
 
 
-def stage_env(parent_run_id: str | None = None, base: Mapping[str, str] | None = None) -> dict[str, str]:
+def stage_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment of a stage process: this interpreter's bin directory first on PATH (so `cheetah` in
-    dvc.yaml is this installation's) and the parent run id. (`cheetah.tracking.configure`, called by
-    `parent_run`, has already put the absolute tracking URI into the environment.)"""
+    dvc.yaml is this installation's). (`cheetah.pipeline.run` adds the parent run's id; `cheetah.tracking.configure`,
+    called by `parent_run`, has already put the absolute tracking URI into the environment.)"""
     env = dict(os.environ if base is None else base)
     bindir = str(Path(sys.executable).parent)
     env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
     env.setdefault("DVC_NO_ANALYTICS", "1")
-    if parent_run_id:
-        env[PARENT_ENV] = parent_run_id
     return env
 
 

@@ -32,6 +32,7 @@ from cheetah.pipeline.dag import RECEIPT, reads_source, stage_order, with_upstre
 from cheetah.pipeline.dvc import is_up_to_date, repro_command, stage_env
 from cheetah.pipeline.record import forget_stale_receipt, log_record, parent_run
 from cheetah.pipeline.source import ensure_source
+from cheetah.tracking import PARENT_ENV
 
 EXIT_STATUS_ENV = "CHEETAH_EXIT_STATUS_FILE"
 """A file a `cheetah` command writes its exit status into (set for the stage processes DVC starts)."""
@@ -93,7 +94,8 @@ def dvc_stage(root: str | Path, stage: str, parent_run_id: str | None = None, fo
     ran = force or not is_up_to_date(root, [stage], with_deps=False)
     with tempfile.TemporaryDirectory(prefix="cheetah-stage-") as tmp:
         status_file = Path(tmp) / "exit-status"
-        env = {**stage_env(parent_run_id), EXIT_STATUS_ENV: str(status_file)}
+        env = {**stage_env(), EXIT_STATUS_ENV: str(status_file),
+               **({PARENT_ENV: parent_run_id} if parent_run_id else {})}
         returncode, tail = _stream([sys.executable, "-m", "dvc", *repro_command(stage, force=force)], root, env,
                                    on_line)
         if returncode != 0:
