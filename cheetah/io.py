@@ -199,10 +199,21 @@ def nonfinite_tensors(path: str | Path) -> tuple[list[str], int]:
     return bad, total
 
 
+PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+"""Weight files that are pickles: loading one can run any code written into it."""
+
+
 def check_finite_weights(directory: str | Path, what: str = "weights") -> None:
     """Refuse (DataError naming the file and tensors) a folder whose `*.safetensors` files hold a NaN or infinite
-    value: a diverged or corrupted model is never evaluated, registered, served, nor written over a good one."""
-    for path in sorted(Path(directory).rglob("*.safetensors")):
+    value: a diverged or corrupted model is never evaluated, registered, served, nor written over a good one. A
+    folder with pickled weights and no safetensors is refused too: the loaders would unpickle them (many Hugging
+    Face snapshots hold both formats; the loaders then read the safetensors)."""
+    tensors = sorted(Path(directory).rglob("*.safetensors"))
+    pickled = sorted(p for pattern in PICKLED_WEIGHTS for p in Path(directory).rglob(pattern))
+    if pickled and not tensors:
+        raise DataError(f"{pickled[0]}: pickled {what} are never loaded (unpickling can run code); convert them to "
+                        "safetensors (e.g. save_pretrained(..., safe_serialization=True)) and remove the pickle")
+    for path in tensors:
         bad, total = nonfinite_tensors(path)
         if bad:
             raise DataError(f"{path}: {len(bad)} of {total} tensors hold NaN or infinite values ({', '.join(bad[:3])}"

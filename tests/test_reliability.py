@@ -197,6 +197,22 @@ def test_diverged_weights_never_replace_a_good_output_and_a_broken_backbone_is_r
         load_backbone(tmp_path / "backbone")
 
 
+def test_a_pickled_backbone_is_refused_by_file_and_never_unpickled(tmp_path):
+    """A backbone folder whose weights are a pickle (`pytorch_model.bin`) is one DataError naming the file, and its
+    code never runs; beside safetensors weights (as many Hugging Face snapshots ship) the pickle is never read."""
+    from cheetah.model.backbones import load_backbone
+
+    folder = tmp_path / "backbone"
+    save_backbone(build_backbone("tiny", tokenizer=make_tokenizer(), image_size=32, seed=0), folder)
+    torch.save({"x": _Planted(tmp_path / "ran")}, folder / "pytorch_model.bin")
+    load_backbone(folder)  # the safetensors are read, the pickle is not
+    assert not (tmp_path / "ran").exists()
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(DataError, match=rf"{folder / 'pytorch_model.bin'}: pickled backbone weights are never loaded"):
+        load_backbone(folder)
+    assert not (tmp_path / "ran").exists()
+
+
 def test_single_file_outputs_never_replace_a_file_the_project_did_not_write(tmp_path, monkeypatch, capsys):
     """`score --out` (and every metrics file) replaces only a file it wrote itself and nobody changed since, or one
     git holds as it is; anything else only with --overwrite."""
