@@ -106,11 +106,12 @@ def code_state(root: str | Path = ".") -> dict[str, str]:
     return tags
 
 
-def lineage(root: str | Path = ".", stage: str = "register") -> dict[str, str]:
-    """The lineage tags of a result produced in `root` by `stage` (see the module docstring): `code_state` and the
-    hashes of what DVC recorded upstream of `stage`. Missing facts are "unknown"."""
+def lineage(root: str | Path = ".", stage: str = "register", code: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The lineage tags of a result produced in `root` by `stage` (see the module docstring): the code state (`code`,
+    as recorded when the stage started; None: `code_state` now) and the hashes of what DVC recorded upstream of
+    `stage`. Missing facts are "unknown"."""
     root = Path(root)
-    tags = code_state(root)
+    tags = dict(code) if code is not None else code_state(root)
     lock = load_yaml(root / "dvc.lock") or {}
     stages = dict(lock.get("stages") or {})
     upstream = {name: entry for name, entry in stages.items() if name != stage}

@@ -439,9 +439,6 @@ def provenance(params: Params, runs: Mapping[str, Mapping[str, Any]], code: Mapp
             info["training"] = card.get("training")
         models[name] = info
     # The code state recorded when the stage started (`code`), with what DVC recorded upstream of it.
-    code = dict(code or code_state(root))
-    ended = code_state(root)  # (lineage's own code state: taken now, after the stage wrote its outputs)
-    upstream = {k: v for k, v in lineage(root, stage="evaluate").items() if k not in ended and k not in code}
-    return {"lineage": {**code, **upstream}, "params": {"evaluate": to_dict(params.evaluate),
-                                                                   "model": to_dict(params.model)},
+    return {"lineage": lineage(root, stage="evaluate", code=code),
+            "params": {"evaluate": to_dict(params.evaluate), "model": to_dict(params.model)},
             "models": models}
