@@ -32,7 +32,8 @@ from typing import Any
 
 from cheetah.config import SynthesizeConfig, to_dict
 from cheetah import provenance
-from cheetah.io import DataError, claim_dir, read_json, remove_output, sha256_file
+from cheetah.io import DataError, claim_dir, read_json, remove_output
+from cheetah.model.weights import weights_digest
 from cheetah.synthesize.common import SourceItem
 
 WORK_KIND = "synthesis work area"  # the kind of the work area folder (cheetah.io.claim_dir)
@@ -98,8 +99,7 @@ def backbone_digest(backbone: Any) -> str | None:
     if isinstance(backbone, (str, Path)):
         path = Path(backbone)
         if path.is_dir():
-            files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in (".safetensors", ".bin", ".json"))
-            return _sha([[p.name, sha256_file(p)] for p in files])
+            return weights_digest(path) or _sha(["empty", str(path)])  # the one folder digest (training's, too)
         return _sha(["name", str(backbone)])
     import torch
 
