@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import signal
 import socket
@@ -25,7 +26,7 @@ from cheetah.model.backbones import build_backbone, save_backbone
 from cheetah.model.vpgc import VPGCModel
 from cheetah.train.data import JointSampler
 from cheetah.train.schedule import lr_lambda
-from cheetah.train.vpgc import make_optimizer, train_vpgc
+from cheetah.train.vpgc import make_optimizer, query_geometry, train_vpgc
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "cheetah.cli"]
@@ -120,6 +121,25 @@ def test_query_and_guide_learning_rates_reach_their_parameters_only():
     assert make_optimizer(model, cfg).param_groups[0]["lr"] == 3e-3  # the logged rate is `train.lr`
 
 
+def test_query_geometry_measures_the_guide_against_the_queries(tiny_backbone):
+    """`query_geometry`: a zero guide leaves the queries' own pairwise cosine; a guide that outgrows the queries
+    makes every query the same vector (cosine 1), the failure of docs/miniature.md point 14."""
+    vpgc = VPGCModel(tiny_backbone).vpgc
+    tokens = vpgc.query_tokens[0].detach()  # (L, Q)
+    length = tokens.shape[0]
+    unit = torch.nn.functional.normalize(tokens, dim=-1)
+    own_cosine = (unit @ unit.T)[~torch.eye(length, dtype=torch.bool)].mean()
+    at_zero = query_geometry(vpgc.query_tokens, torch.zeros(2, tokens.shape[1]))
+    torch.testing.assert_close(at_zero[:, 0], torch.zeros(2))
+    torch.testing.assert_close(at_zero[:, 1], tokens.norm(dim=-1).mean().expand(2))
+    torch.testing.assert_close(at_zero[:, 2], own_cosine.expand(2))
+    assert float(own_cosine) < 0.5  # the backbone's queries point different ways
+    shift = 1e4 * torch.randn(3, tokens.shape[1], generator=torch.Generator().manual_seed(0))
+    swamped = query_geometry(vpgc.query_tokens, shift)
+    torch.testing.assert_close(swamped[:, 0], shift.norm(dim=-1))
+    assert bool((swamped[:, 2] > 0.999).all())
+
+
 WEIGHT_ATOL = 1e-3
 """Weights of two runs that differ only in the order of a sum (ZeRO stage, ranks, threads): Adam divides each
 update by the gradient's own scale, so on a near-zero gradient a rounding difference becomes a visible fraction of
@@ -146,6 +166,10 @@ def test_golden_losses_and_zero_stages_agree(workspace):
                                    rtol=1e-5, atol=0)
         for k, v in _weights(workspace, "zero0").items():
             torch.testing.assert_close(_weights(workspace, f"zero{stage}")[k], v, rtol=1e-4, atol=WEIGHT_ATOL)
+    # The held-out guide geometry reads whole query tokens under every stage (ZeRO-3 keeps them unpartitioned).
+    m3 = json.loads((workspace / "zero3" / "train.json").read_text())
+    for name in ("heldout_guide_norm_final", "heldout_query_norm_final", "heldout_query_cosine_final"):
+        assert m0[name] > 0 and math.isclose(m3[name], m0[name], rel_tol=1e-3), name
     card = json.loads((workspace / "zero3" / "vpgc" / "vpgc.json").read_text())
     assert card["training"]["zero_stage"] == 3 and card["update_layer"] == 2
     assert card["random_backbone"] is False  # a checkpoint directory, not weights built in the process

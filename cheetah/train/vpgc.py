@@ -89,20 +89,52 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
+def query_geometry(query_tokens: torch.Tensor, guide_shift: torch.Tensor) -> torch.Tensor:
+    """VPG-C's (1, L, Q) queries and (B, Q) guide shifts `qformer_proj(guide)` -> (B, 3): per sample the shift's
+    norm, the queries' mean norm and the guided queries' mean pairwise cosine. A shift that outgrows the queries makes every query the same vector,
+    and no query can keep to a region of the image (docs/miniature.md point 14)."""
+    with torch.no_grad():
+        shift = guide_shift.float()
+        queries = query_tokens.float() + shift.unsqueeze(1)  # (B, L, Q)
+        unit = torch.nn.functional.normalize(queries, dim=-1)
+        length = queries.shape[1]
+        cosine = ((unit @ unit.transpose(1, 2)).sum((1, 2)) - length) / max(length * (length - 1), 1)
+        query_norm = query_tokens.float().norm(dim=-1).mean().expand(shift.shape[0])
+        return torch.stack([shift.norm(dim=-1), query_norm, cosine], dim=-1)
+
+
+HELDOUT_FIELDS = ("heldout_loss", "guide_norm", "query_norm", "query_cosine")
+
+
 @torch.no_grad()
-def heldout_loss(engine: Any, held: ExampleBatches, device: torch.device, workers: int) -> float:
-    """Mean per-sample loss over held-out examples (`held`: this rank's share), summed over ranks (in eval mode:
-    no Q-Former dropout)."""
+def heldout_eval(engine: Any, held: ExampleBatches, device: torch.device, workers: int) -> dict[str, float]:
+    """Over the held-out examples (`held`: this rank's share; summed over ranks; eval mode, no Q-Former dropout):
+    the mean per-sample loss, and how the instruction guide sits against the queries (`query_geometry`:
+    mean guide-shift norm, query norm, guided queries' pairwise cosine), the measure of docs/miniature.md point 14."""
+    import deepspeed
+
+    vpgc = engine.module.vpgc
+    with deepspeed.zero.GatheredParameters([vpgc.query_tokens]):  # whole under ZeRO-3; a no-op otherwise
+        query_tokens = vpgc.query_tokens.detach().clone()
+    shifts: list[torch.Tensor] = []  # qformer_proj's output, once per forward (the update layer)
+    hook = vpgc.qformer_proj.register_forward_hook(lambda module, args, out: shifts.append(out.detach()))
     engine.module.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=device)
-    for batch in batches(held, range(len(held)), workers, pin_memory=device.type == "cuda"):
-        batch.pop("example_ids")
-        batch = _to_device(batch, device)
-        losses = engine(**batch, return_sample_losses=True).sample_losses
-        total += torch.stack([losses.double().sum(), torch.tensor(float(len(losses)), device=device)])
-    engine.module.train()
+    total = torch.zeros(len(HELDOUT_FIELDS) + 1, dtype=torch.float64, device=device)
+    try:
+        for batch in batches(held, range(len(held)), workers, pin_memory=device.type == "cuda"):
+            batch.pop("example_ids")
+            batch = _to_device(batch, device)
+            losses = engine(**batch, return_sample_losses=True).sample_losses
+            geometry = query_geometry(query_tokens, torch.cat(shifts)).double().sum(0)
+            shifts.clear()
+            total += torch.cat([losses.double().sum().view(1), geometry,
+                                torch.tensor([float(len(losses))], dtype=torch.float64, device=device)])
+    finally:
+        hook.remove()
+        engine.module.train()
     dist.all_reduce(total)
-    return float(total[0] / total[1]) if total[1] > 0 else float("nan")
+    count = float(total[-1])
+    return {name: float(value) / count if count > 0 else float("nan") for name, value in zip(HELDOUT_FIELDS, total)}
 
 
 def _on_any_rank(local: list[str], device: torch.device) -> list[str]:
@@ -122,14 +154,17 @@ def _nonfinite_weight_count(model: VPGCModel) -> torch.Tensor:
                torch.zeros((), dtype=torch.int64, device=next(model.vpgc.parameters()).device)).double()
 
 
+def _weights_diverged(step: int, cfg: TrainConfig) -> DivergenceError:
+    return DivergenceError(f"train: the update of step {step} made VPG-C weights non-finite (a non-finite gradient; "
+                           f"train.lr={cfg.lr}). Lower train.lr or train.grad_clip; no weights or metrics were written")
+
+
 def _check_weights(count: torch.Tensor, step: int, cfg: TrainConfig, device: torch.device) -> None:
     """Stop (DivergenceError) if the update of `step` left a non-finite VPG-C weight on any rank (collective)."""
     total = count.detach().clone().to(device)
     dist.all_reduce(total)
     if total.item():
-        raise DivergenceError(f"train: the update of step {step} made VPG-C weights non-finite (a non-finite "
-                              f"gradient; train.lr={cfg.lr}). Lower train.lr or train.grad_clip; no weights or "
-                              "metrics were written")
+        raise _weights_diverged(step, cfg)
 
 
 def _full_fp32(model: VPGCModel) -> dict[str, torch.Tensor]:
@@ -278,7 +313,7 @@ def _train(params: Params, restart: bool) -> dict[str, Any] | None:
     from cheetah.tracking import log_steps
 
     if start == 0 and len(heldout):
-        evals.append({"step": 0, "heldout_loss": heldout_loss(engine, held, device, cfg.workers)})
+        evals.append({"step": 0, **heldout_eval(engine, held, device, cfg.workers)})
     bar = StageBar("train VPG-C", cfg.steps, "steps", initial=start, disable=rank != 0)
     pending_metrics: list[tuple[int, dict[str, float]]] = []
     step_batches = batches(steps_data, range(start, cfg.steps), cfg.workers, pin_memory=device.type == "cuda")
@@ -316,9 +351,7 @@ def _train(params: Params, restart: bool) -> dict[str, Any] | None:
                 dist.all_reduce(stats)
                 numerator, denominator, tokens, bad_losses, bad_weights = stats.tolist()  # the step's one sync
                 if bad_weights:
-                    raise DivergenceError(
-                        f"train: the update of step {step} made VPG-C weights non-finite (a non-finite gradient; "
-                        f"train.lr={cfg.lr}). Lower train.lr or train.grad_clip; no weights or metrics were written")
+                    raise _weights_diverged(step, cfg)
                 if bad_losses:
                     nonfinite = _on_any_rank([n for names, ok in checked for n, fine in zip(names, ok.tolist())
                                               if not fine], device)
@@ -354,11 +387,11 @@ def _train(params: Params, restart: bool) -> dict[str, Any] | None:
         if evaluate_now or checkpoint_now:  # (periodic) weights are read or kept: they must be finite now
             _check_weights(weights_bad, step + 1, cfg, device)
         if evaluate_now:
-            evals.append({"step": step + 1, "heldout_loss": heldout_loss(engine, held, device, cfg.workers)})
+            evals.append({"step": step + 1, **heldout_eval(engine, held, device, cfg.workers)})
             if not math.isfinite(evals[-1]["heldout_loss"]):
                 raise DivergenceError(f"train: the held-out loss after step {step + 1} is "
                                       f"{evals[-1]['heldout_loss']}; no weights or metrics were written")
-            pending_metrics.append((step + 1, {"heldout_loss": evals[-1]["heldout_loss"]}))
+            pending_metrics.append((step + 1, {k: v for k, v in evals[-1].items() if k != "step"}))
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             log_steps(pending_metrics)
             pending_metrics = []
@@ -375,6 +408,8 @@ def _train(params: Params, restart: bool) -> dict[str, Any] | None:
         "heldout_loss_init": evals[0]["heldout_loss"] if evals and evals[0]["step"] == 0 else None,
         "heldout_loss_final": evals[-1]["heldout_loss"] if evals else None,
         "heldout_examples": len(heldout),
+        # The guide against the queries at the end (point 14): a guided-query cosine near 1 means no query can fetch.
+        **{f"heldout_{name}_final": evals[-1][name] if evals else None for name in HELDOUT_FIELDS[1:]},
         "train_examples": {"synthetic": len(train_syn), "caption": len(train_cap)},
         "samples_per_s": _median(history, "samples_per_s"),
         "model_tflops": _median(history, "model_tflops"),
