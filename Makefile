@@ -45,11 +45,12 @@ run: setup
 	$(VENV)/bin/cheetah pipeline run
 
 # Two pytest-xdist workers, one per core of the CI machine; whole files per worker, so a file's module fixtures
-# (a pipeline run, a Prefect server) are built once. `pytest tests/x.py` alone runs in one process. In file order
-# (pytest-randomly off): the tests also pass shuffled (`-p randomly`, README "Tests"), but a fixed order keeps the
-# slow files first and the timing stable.
+# (a pipeline run, a Prefect server) are built once. `pytest tests/x.py` alone runs in one process. In the order
+# tests/conftest.py gives (longest files first; pytest-randomly off, and xdist's own reorder by number of tests off,
+# which sent the 2-test Prefect scenario out among the last): the tests also pass shuffled (`-p randomly`, README
+# "Tests"), but a fixed order keeps the timing stable.
 test: setup
-	$(PY) -m pytest -q -n 2 --dist loadfile -p no:randomly
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder -p no:randomly
 
 # The edit-test loop: the tests not marked `slow` (no pipeline, launcher, Prefect or study runs), both cores.
 test-fast: setup
