@@ -357,6 +357,11 @@ class TrainConfig:
     guide_lr: float | None = Field(default=None, gt=0)
     """Peak learning rate of `qformer_proj`, the instruction guide added to every query; None: `lr`. At the
     projections' rate in the miniature it shifts all queries alike and VPG-C stops fetching (point 14)."""
+    query_init: Literal["copy", "random"] = "copy"
+    """VPG-C's new queries at the start: "copy", the backbone's caption-trained queries (the official code's
+    `init_query_tokens_value`), or "random", drawn from a normal distribution of their standard deviation (seeded by
+    `seed`; the paper's "a new set of learnable queries"). In the miniature the copy holds VPG-C to what the caption
+    queries read, and on some bases it never fetches the details (docs/miniature.md point 16)."""
     weight_decay: float = Field(default=0.05, ge=0)
     """AdamW weight decay."""
     warmup_steps: int = Field(default=30, ge=0)

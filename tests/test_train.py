@@ -26,7 +26,7 @@ from cheetah.model.backbones import build_backbone, save_backbone
 from cheetah.model.vpgc import VPGCModel
 from cheetah.train.data import JointSampler
 from cheetah.train.schedule import lr_lambda
-from cheetah.train.vpgc import make_optimizer, query_geometry, train_vpgc
+from cheetah.train.vpgc import init_queries, make_optimizer, query_geometry, train_vpgc
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "cheetah.cli"]
@@ -139,6 +139,24 @@ def test_query_geometry_measures_the_guide_against_the_queries(tiny_backbone):
     torch.testing.assert_close(swamped[:, 0], shift.norm(dim=-1))
     assert bool((swamped[:, 2] > 0.999).all())
 
+
+
+def test_new_queries_are_the_caption_queries_or_drawn_at_their_scale(tiny_backbone):
+    """`train.query_init`: "copy" keeps the backbone's caption-trained queries (the official code); "random" redraws
+    them at their standard deviation, the same for the same seed (every rank), other for another."""
+    caption = VPGCModel(tiny_backbone).backbone.query_tokens.detach().clone()
+    model = VPGCModel(tiny_backbone)
+    init_queries(model, "copy", 0)
+    assert torch.equal(model.vpgc.query_tokens.detach(), caption)
+    init_queries(model, "random", 0)
+    drawn = model.vpgc.query_tokens.detach().clone()
+    assert not torch.allclose(drawn, caption) and drawn.shape == caption.shape
+    assert abs(float(drawn.std()) - float(caption.std())) < 0.2 * float(caption.std())
+    again = VPGCModel(tiny_backbone)
+    init_queries(again, "random", 0)
+    assert torch.equal(again.vpgc.query_tokens.detach(), drawn)
+    init_queries(again, "random", 1)
+    assert not torch.equal(again.vpgc.query_tokens.detach(), drawn)
 
 WEIGHT_ATOL = 1e-3
 """Weights of two runs that differ only in the order of a sum (ZeRO stage, ranks, threads): Adam divides each

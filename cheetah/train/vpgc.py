@@ -72,6 +72,19 @@ def make_optimizer(model: VPGCModel, cfg: TrainConfig) -> torch.optim.Optimizer:
                              lr=cfg.lr, betas=tuple(cfg.betas), foreach=False)
 
 
+def init_queries(model: VPGCModel, how: str, seed: int) -> None:
+    """VPG-C's new queries at the start (`train.query_init`): kept as the copy of the backbone's caption-trained queries
+    the model is built with, or redrawn from a normal distribution of their standard deviation (the same on every
+    rank: a generator of its own, seeded by `seed`)."""
+    if how == "copy":
+        return
+    queries = model.vpgc.query_tokens
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        drawn = torch.randn(queries.shape, generator=generator) * queries.detach().float().std().item()
+        queries.copy_(drawn.to(queries.device, queries.dtype))
+
+
 def micro_batch_size(cfg: TrainConfig, world: int) -> int:
     """The most examples one rank's micro-batch holds. A step's examples are dealt over the world size x
     gradient_accumulation micro-batches one by one (`StepBatches`), so the batches need not divide evenly: the loss
@@ -243,6 +256,7 @@ def _train(params: Params, restart: bool) -> dict[str, Any] | None:
         backbone = load_backbone(params.model.preset, backbone_dir=params.model.backbone_dir,
                                  template=params.model.template, dtype=dtype)
     model = VPGCModel(backbone, update_layer=params.model.update_layer, qformer_dropout=cfg.qformer_dropout).to(device)
+    init_queries(model, cfg.query_init, cfg.seed)
     if rank == 0:  # created once the inputs have loaded: a missing backbone leaves no empty state folder behind
         claim_dir(cfg.state_dir, STATE_KIND, protect=inputs)
     if cfg.gradient_checkpointing:
