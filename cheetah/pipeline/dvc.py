@@ -10,7 +10,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 
-
 def stage_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment of a stage process: this interpreter's bin directory first on PATH (so `cheetah` in
     dvc.yaml is this installation's). (`cheetah.pipeline.run` adds the parent run's id; `cheetah.tracking.configure`,
